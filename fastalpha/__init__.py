@@ -1,0 +1,26 @@
+"""fastalpha: pair-weighted contrastive losses (α-CL, Tian 2022) with fused kernels.
+
+    import fastalpha
+    loss = fastalpha.alpha_cl_loss(z1, z2, rule="direct")       # or AlphaCLLoss(...)(z1, z2)
+    loss = fastalpha.alpha_cl_loss(z1, z2, **fastalpha.PAPER_LOSSES["nce"])
+"""
+from . import ops as _ops  # registers the fastalpha::alpha_cl_fused custom op
+from .dispatch import available_backends
+from .functional import alpha_cl_loss, contrastive_covariance, energy, pair_weights
+from .losses import AlphaCLLoss, InfoNCELoss, NTXentLoss
+from .rules import PAPER_LOSSES, RULES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "alpha_cl_loss",
+    "AlphaCLLoss",
+    "InfoNCELoss",
+    "NTXentLoss",
+    "pair_weights",
+    "energy",
+    "contrastive_covariance",
+    "available_backends",
+    "PAPER_LOSSES",
+    "RULES",
+]

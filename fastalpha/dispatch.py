@@ -1,0 +1,87 @@
+"""Backend choice: which implementation of the fused op runs for a given tensor.
+
+Every backend implements one contract (the kernel behind `fastalpha::alpha_cl_fused`):
+
+    impl(z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad) -> (loss_rows, grad)
+
+    z          (M, D) stacked and already normalised rows, M = 2N even, any float dtype
+    rows       the anchors i in [row_lo, row_hi); all M rows are columns (negatives, partners)
+    row_weight None (all ones) or an (R,) tensor w of dtype promote(z.dtype, float32)
+    loss_rows  (R,) per-anchor losses, dtype promote(z.dtype, float32)
+    grad       (M, D) in z.dtype: ∂(Σ_i w_i loss_i)/∂Z (rows and columns), or (0, D) if not need_grad
+
+A backend module exposes `status() -> (available, reason)` and `alpha_cl_fused(...)` with the
+signature above. `backend="auto"` picks, for CUDA tensors, triton, then cuda, then eager; for
+CPU tensors, cpp, then eager. An automatic fallback is logged once at INFO; an explicit
+backend that is unavailable raises with the reason.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+
+import torch
+
+logger = logging.getLogger("fastalpha")
+
+BACKENDS = ("eager", "cpp", "cuda", "triton")
+_MODULES = {
+    "eager": "fastalpha.eager_backend",
+    "cpp": "fastalpha.cpp_backend",
+    "cuda": "fastalpha.cuda_backend",
+    "triton": "fastalpha.kernels",
+}
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpp", "eager")}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def backend_status(name: str, device: torch.device | None = None) -> tuple[bool, str]:
+    """(available, reason) for one backend, optionally for tensors on `device`."""
+    try:
+        module = _module(name)
+    except ImportError as err:
+        return False, f"{_MODULES[name]} cannot be imported: {err}"
+    if device is not None and hasattr(module, "device_status"):
+        return module.device_status(device)
+    return module.status()
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Map each backend name to (available, reason) on this machine."""
+    return {name: backend_status(name) for name in BACKENDS}
+
+
+_fallbacks_logged: set = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn the user's `backend` into a concrete backend name for tensors on `device`."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
+    if backend == "auto":
+        skipped = []
+        for name in _AUTO_ORDER.get(device.type, ("eager",)):
+            ok, reason = backend_status(name, device)
+            if ok:
+                if skipped and (device.type, name) not in _fallbacks_logged:
+                    _fallbacks_logged.add((device.type, name))
+                    logger.info("fastalpha: backend='auto' uses %r on %s (%s)", name, device.type, "; ".join(skipped))
+                return name
+            skipped.append(f"{name}: {reason}")
+        return "eager"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend={backend!r}; expected 'auto' or one of {BACKENDS}")
+    ok, reason = backend_status(backend, device)
+    if not ok:
+        raise RuntimeError(f"backend={backend!r} is not available for {device.type} tensors: {reason}")
+    return backend
+
+
+def implementation(name: str):
+    """The `alpha_cl_fused` function of a concrete backend."""
+    return _module(name).alpha_cl_fused

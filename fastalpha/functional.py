@@ -1,0 +1,97 @@
+r"""Functional API of fastalpha.
+
+    loss = alpha_cl_loss(z1, z2, rule="direct")      # (N, D) views → scalar
+
+For two views z1, z2 (N × D) stacked into Z (M = 2N rows, L2-normalised when
+`normalize=True`), the loss of an anchor i with partner p(i) and negatives J_i is
+
+    loss_i = Σ_{j∈J_i} α_ij (d2_i − d2_ij)        (the negative α-CL energy of row i),
+    loss_i = log(ε + Σ_{j∈J_i} e^{(d2_i − d2_ij)/τ})   for rule="infonce",
+
+with d2_ij = ||z_i − z_j||²/2 and α given by the rule (fastalpha.rules). Unset parameters
+(None) take the rule's default: τ = 0.5 (5 for `square`), p = 4, γ = 2, ε = 0 (1 for `infonce`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, reference
+from .checks import check_flag, check_views
+from .ops import FusedAlphaCL
+from .rules import check_reduction, resolve_rule
+
+
+def alpha_cl_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    rule: str = "direct",
+    temperature: float | None = None,
+    p: float | None = None,
+    gamma: float | None = None,
+    eps: float | None = None,
+    normalize: bool = True,
+    detach_alpha: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Pair-weighted contrastive loss of two views, averaged over the M = 2N anchors.
+
+    Args:
+        z1, z2: (N, D) embeddings of the two views; row k of z1 and row k of z2 are positives.
+        rule: quadratic | entropy | direct | inverse | square | infonce (see fastalpha.rules).
+        temperature, p, gamma, eps: rule parameters (None → the rule's default).
+        normalize: L2-normalise rows first (autograd flows through the normalisation).
+        detach_alpha: α as stop-gradient (the paper's α-CL). False also differentiates α
+            (Table 1's "backprop" with rule="entropy"); for infonce both are the same gradient.
+        reduction: "mean" over the M anchors, "sum", or "none" (vector of M losses).
+        backend: auto | eager | cpp | cuda | triton (see fastalpha.available_backends()).
+    """
+    check_views(z1, z2)
+    params = resolve_rule(rule, temperature, p, gamma, eps)
+    check_flag("normalize", normalize)
+    check_flag("detach_alpha", detach_alpha)
+    check_reduction(reduction)
+    name = dispatch.resolve_backend(backend, z1.device)
+    if name == "eager":
+        return reference.alpha_cl_loss(z1, z2, params, normalize, detach_alpha, reduction)
+    z = reference.stack_views(z1, z2, normalize)
+    return FusedAlphaCL.apply(z, params, detach_alpha, reduction, name)
+
+
+def pair_weights(z1, z2, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True) -> torch.Tensor:
+    """Dense (M × M) pair weights α, zero outside J_i, without gradient. O(M²): for small M."""
+    check_views(z1, z2)
+    params = resolve_rule(rule, temperature, p, gamma, eps)
+    return reference.pair_weights(z1, z2, params, check_flag("normalize", normalize))
+
+
+def _check_alpha(alpha, z) -> None:
+    if not isinstance(alpha, torch.Tensor):
+        raise TypeError(f"alpha must be a torch.Tensor, got {type(alpha).__name__}")
+    if alpha.dtype != z.dtype:
+        raise TypeError(f"alpha must have the dtype of the embeddings ({z.dtype}), got {alpha.dtype}")
+    if alpha.device != z.device:
+        raise ValueError(f"alpha must be on the device of the embeddings ({z.device}), got {alpha.device}")
+    m = 2 * z.shape[0]
+    if alpha.shape != (m, m):
+        raise ValueError(f"alpha must have shape (M, M) = ({m}, {m}), got {tuple(alpha.shape)}")
+
+
+def energy(z1, z2, alpha, normalize: bool = False) -> torch.Tensor:
+    """E_α(Z) = Σ_i Σ_{j∈J_i} α_ij d2_ij − Σ_i A_i d2_i (Theorem 1), differentiable in z and α."""
+    check_views(z1, z2)
+    _check_alpha(alpha, z1)
+    return reference.energy(z1, z2, alpha, check_flag("normalize", normalize))
+
+
+def contrastive_covariance(a1, a2, alpha, b1=None, b2=None) -> torch.Tensor:
+    """C_α[a, b] (d_a × d_b) of the paper, with b = a by default; E_α = ½ tr C_α[z, z]."""
+    check_views(a1, a2, ("a1", "a2"))
+    _check_alpha(alpha, a1)
+    if (b1 is None) != (b2 is None):
+        raise ValueError("b1 and b2 must be given together")
+    if b1 is not None:
+        check_views(b1, b2, ("b1", "b2"))
+        if b1.shape[0] != a1.shape[0]:
+            raise ValueError(f"b1 must have as many rows as a1 ({a1.shape[0]}), got {b1.shape[0]}")
+    return reference.contrastive_covariance(a1, a2, alpha, b1, b2)

@@ -1,0 +1,55 @@
+"""nn.Module wrappers of fastalpha.alpha_cl_loss."""
+from __future__ import annotations
+
+import torch
+
+from .checks import check_flag
+from .functional import alpha_cl_loss
+from .rules import check_reduction, resolve_rule
+
+
+class AlphaCLLoss(torch.nn.Module):
+    """α-CL loss module: `AlphaCLLoss(rule="direct")(z1, z2)`; see fastalpha.alpha_cl_loss.
+
+    With `gather_distributed=True` (under an initialised torch.distributed) the loss is that
+    of the global batch: every rank's rows are negatives for every anchor, each rank computes
+    its own anchors, and with reduction="mean" plus DDP's gradient averaging the parameter
+    gradients equal those of one process seeing the whole batch (fastalpha.distributed).
+    """
+
+    def __init__(self, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True,
+                 detach_alpha=True, reduction="mean", backend="auto", gather_distributed=False, group=None):
+        super().__init__()
+        resolve_rule(rule, temperature, p, gamma, eps)  # fail at construction, not at the first step
+        check_reduction(reduction)
+        self.kwargs = dict(rule=rule, temperature=temperature, p=p, gamma=gamma, eps=eps, normalize=check_flag("normalize", normalize),
+                           detach_alpha=check_flag("detach_alpha", detach_alpha), reduction=reduction, backend=backend)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.group = group
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        if self.gather_distributed:
+            from .distributed import alpha_cl_loss_distributed
+
+            return alpha_cl_loss_distributed(z1, z2, group=self.group, **self.kwargs)
+        return alpha_cl_loss(z1, z2, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        shown = {k: v for k, v in self.kwargs.items() if v is not None}
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items()) + f", gather_distributed={self.gather_distributed}"
+
+
+class InfoNCELoss(AlphaCLLoss):
+    """InfoNCE / NT-Xent: loss_i = −log(e^{−d2_i/τ} / (ε e^{−d2_i/τ} + Σ_{j∈J_i} e^{−d2_ij/τ})).
+
+    With ε = 1 and normalised rows this is SimCLR's NT-Xent (positive in the denominator);
+    ε = 0 is the decoupled form. d2 = 1 − cos, so −d2/τ equals cos/τ up to a constant.
+    """
+
+    def __init__(self, temperature=0.5, eps=1.0, normalize=True, reduction="mean", backend="auto",
+                 gather_distributed=False, group=None):
+        super().__init__(rule="infonce", temperature=temperature, eps=eps, normalize=normalize, reduction=reduction,
+                         backend=backend, gather_distributed=gather_distributed, group=group)
+
+
+NTXentLoss = InfoNCELoss

@@ -1,0 +1,241 @@
+r"""Dense eager reference of the α-CL family: the oracle every fused backend is checked against.
+
+Everything here builds the (R × M) block of pair quantities explicitly, so it is exact in
+whatever dtype it is given (tests run it in float64) and costs O(R·M) memory.
+
+Notation (DESIGN.md §1). Z = [z1; z2] has M = 2N rows; the partner of row i is
+p(i) = (i + N) mod M and its negatives are J_i = {j : j ≠ i, j ≠ p(i)}.
+
+    d2_ij = ||z_i − z_j||² / 2 = (n_i + n_j)/2 − z_i·z_j,   clamped at 0,
+    d2_i  = d2_{i, p(i)}                                      (the positive pair),
+    loss_i = Σ_{j∈J_i} α_ij (d2_i − d2_ij)                    (every rule but infonce),
+    loss_i = log(ε + ξ_i),  ξ_i = Σ_{j∈J_i} e^{(d2_i − d2_ij)/τ}  (infonce).
+
+With `detach_alpha=True` α is computed from detached distances (the paper's α-CL: the min
+player's choice is a constant for the max player); with False autograd also differentiates α.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rules import RuleParams
+
+
+def partner_index(m: int, device=None) -> torch.Tensor:
+    """p(i) = (i + M/2) mod M for i in [0, M)."""
+    return (torch.arange(m, device=device) + m // 2) % m
+
+
+def negative_mask(m: int, row_lo: int = 0, row_hi: int | None = None, device=None) -> torch.Tensor:
+    """Boolean (R, M) mask of J_i for the rows i in [row_lo, row_hi): False at i and p(i)."""
+    row_hi = m if row_hi is None else row_hi
+    rows = torch.arange(row_lo, row_hi, device=device)[:, None]
+    cols = torch.arange(m, device=device)[None, :]
+    return (cols != rows) & (cols != (rows + m // 2) % m)
+
+
+def squared_distances(z_rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """d2 = ||z_i − z_j||² / 2 for rows of `z_rows` against rows of `z`, clamped at 0.
+
+    Uses the Gram form (n_i + n_j)/2 − z_i·z_j, which is what the fused kernels compute,
+    so that reference and kernels round the same way in low precision.
+    """
+    n_rows = (z_rows * z_rows).sum(1)
+    n_cols = (z * z).sum(1)
+    d2 = (n_rows[:, None] + n_cols[None, :]) / 2 - z_rows @ z.T
+    return d2.clamp_min(0)
+
+
+def sparsemax_threshold(d2: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Exact μ_i with Σ_j [(μ_i − d2_ij)/τ]_+ = 1 over the masked entries (no gradient).
+
+    Sorted ascending, s_1 ≤ s_2 ≤ …, the support size k_i is the largest k with
+    τ + Σ_{l≤k} s_l > k·s_k (the valid k form a prefix), and μ_i = (τ + Σ_{l≤k_i} s_l) / k_i.
+    Maximality of k_i gives s_{k_i+1} ≥ μ_i, so the support is exactly {j : d2_ij < μ_i}.
+    """
+    with torch.no_grad():
+        s = torch.where(mask, d2, torch.full_like(d2, math.inf)).sort(dim=1).values
+        finite = torch.isfinite(s)
+        csum = torch.where(finite, s, torch.zeros_like(s)).cumsum(1)
+        k = torch.arange(1, d2.shape[1] + 1, device=d2.device, dtype=d2.dtype)
+        k_star = ((temperature + csum > k * s) & finite).sum(1)
+        picked = csum.gather(1, (k_star - 1)[:, None])[:, 0]
+        return (temperature + picked) / k_star.to(d2.dtype)
+
+
+def alpha_from_distances(d2: torch.Tensor, d2_pos: torch.Tensor, mask: torch.Tensor, params: RuleParams) -> torch.Tensor:
+    """α (R × M) over J_i for a block of rows; exactly 0 off the mask.
+
+    `d2` is the (R, M) block of squared distances, `d2_pos` the (R,) positive distances and
+    `mask` the J_i mask of the same rows. Differentiable in d2 (and d2_pos for infonce).
+    """
+    m = d2.shape[1]
+    rule, tau = params.rule, params.temperature
+    zero = torch.zeros_like(d2)
+    if rule == "quadratic":
+        return torch.where(mask, torch.full_like(d2, 1.0 / (m - 2)), zero)
+    if rule == "square":
+        support = mask & (d2.detach() < sparsemax_threshold(d2, mask, tau)[:, None])
+        # μ rebuilt from the support, μ = (τ + Σ_S d2) / |S|, so autograd sees the sparsemax Jacobian.
+        size = support.sum(1).to(d2.dtype)
+        mu = (tau + torch.where(support, d2, zero).sum(1)) / size
+        return torch.where(support, (mu[:, None] - d2) / tau, zero)
+    if rule == "infonce":
+        logits = torch.where(mask, (d2_pos[:, None] - d2) / tau, torch.full_like(d2, -math.inf))
+        log_norm = torch.logaddexp(torch.logsumexp(logits, 1), _log_eps(params.eps, d2))
+        return torch.exp(logits - log_norm[:, None])
+    # Log-weight rules: α = e^{t} / (Σ e^{t} + ε(M−2)), evaluated with the row max for range.
+    safe_d2 = torch.where(mask, d2, torch.ones_like(d2))
+    t = torch.where(mask, params.log_weight(safe_d2), torch.full_like(d2, -math.inf))
+    row_max = t.amax(1, keepdim=True)
+    e = torch.exp(t - row_max)
+    denom = e.sum(1, keepdim=True)
+    if params.eps > 0:
+        denom = denom + params.eps * (m - 2) * torch.exp(-row_max)
+    return e / denom
+
+
+def _log_eps(eps: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(math.log(eps) if eps > 0 else -math.inf, dtype=like.dtype, device=like.device)
+
+
+def loss_rows(z: torch.Tensor, params: RuleParams, detach_alpha: bool = True, row_lo: int = 0, row_hi: int | None = None) -> torch.Tensor:
+    """Per-anchor losses loss_i for the rows i in [row_lo, row_hi) of Z (already normalised)."""
+    m = z.shape[0]
+    row_hi = m if row_hi is None else row_hi
+    mask = negative_mask(m, row_lo, row_hi, device=z.device)
+    d2 = squared_distances(z[row_lo:row_hi], z)
+    partners = partner_index(m, device=z.device)[row_lo:row_hi]
+    d2_pos = d2.gather(1, partners[:, None])[:, 0]
+    if params.rule == "infonce":
+        # log(ε + ξ_i); its gradient is the α-form of Theorem 1 whatever detach_alpha says.
+        logits = torch.where(mask, (d2_pos[:, None] - d2) / params.temperature, torch.full_like(d2, -math.inf))
+        return torch.logaddexp(torch.logsumexp(logits, 1), _log_eps(params.eps, d2))
+    if detach_alpha:
+        alpha = alpha_from_distances(d2.detach(), d2_pos.detach(), mask, params)
+    else:
+        alpha = alpha_from_distances(d2, d2_pos, mask, params)
+    return (alpha * (d2_pos[:, None] - d2)).sum(1)
+
+
+def stack_views(z1: torch.Tensor, z2: torch.Tensor, normalize: bool) -> torch.Tensor:
+    z = torch.cat([z1, z2], 0)
+    return torch.nn.functional.normalize(z, dim=1) if normalize else z
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def alpha_cl_loss(z1, z2, params: RuleParams, normalize=True, detach_alpha=True, reduction="mean"):
+    """The loss by dense autograd (inputs assumed validated; see fastalpha.alpha_cl_loss)."""
+    return reduce_rows(loss_rows(stack_views(z1, z2, normalize), params, detach_alpha), reduction)
+
+
+def pair_weights(z1, z2, params: RuleParams, normalize=True) -> torch.Tensor:
+    """Dense (M × M) α with zeros off J_i, detached (for inspection at small M)."""
+    with torch.no_grad():
+        z = stack_views(z1, z2, normalize)
+        m = z.shape[0]
+        mask = negative_mask(m, device=z.device)
+        d2 = squared_distances(z, z)
+        d2_pos = d2.gather(1, partner_index(m, device=z.device)[:, None])[:, 0]
+        return alpha_from_distances(d2, d2_pos, mask, params)
+
+
+def _masked_alpha(alpha: torch.Tensor, m: int) -> torch.Tensor:
+    if alpha.shape != (m, m):
+        raise ValueError(f"alpha must have shape ({m}, {m}) for M = {m} stacked rows, got {tuple(alpha.shape)}")
+    return alpha * negative_mask(m, device=alpha.device)
+
+
+def energy(z1: torch.Tensor, z2: torch.Tensor, alpha: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """E_α(Z) = Σ_i Σ_{j∈J_i} α_ij d2_ij − Σ_i A_i d2_i, A_i = Σ_j α_ij (Theorem 1).
+
+    Differentiable in z (and α). Entries of α outside J_i are ignored.
+    """
+    z = stack_views(z1, z2, normalize)
+    m = z.shape[0]
+    alpha = _masked_alpha(alpha, m)
+    d2 = squared_distances(z, z)
+    d2_pos = d2.gather(1, partner_index(m, device=z.device)[:, None])[:, 0]
+    return (alpha * d2).sum() - (alpha.sum(1) * d2_pos).sum()
+
+
+def contrastive_covariance(a1, a2, alpha, b1=None, b2=None) -> torch.Tensor:
+    r"""C_α[a, b] = Σ_i Σ_{j∈J_i} α_ij (a_i−a_j)(b_i−b_j)ᵀ − Σ_i A_i (a_i−a_{p(i)})(b_i−b_{p(i)})ᵀ.
+
+    a = [a1; a2] is (M × d_a); b defaults to a. Computed without the M×M×d tensor: the pair
+    term is aᵀ (diag(A + C) − α − αᵀ) b with C_j = Σ_i α_ij, i.e. a graph Laplacian of
+    W = α + αᵀ. E_α = ½ tr C_α[z, z].
+    """
+    a = torch.cat([a1, a2], 0)
+    b = a if b1 is None else torch.cat([b1, b2], 0)
+    m = a.shape[0]
+    alpha = _masked_alpha(alpha, m)
+    row_sum, col_sum = alpha.sum(1), alpha.sum(0)
+    pair = a.T @ ((row_sum + col_sum)[:, None] * b) - a.T @ (alpha @ b) - a.T @ (alpha.T @ b)
+    partners = partner_index(m, device=a.device)
+    da, db = a - a[partners], b - b[partners]
+    return pair - da.T @ (row_sum[:, None] * db)
+
+
+def closed_form_gradient(z: torch.Tensor, params: RuleParams, detach_alpha: bool = True, row_weight: torch.Tensor | None = None,
+                         row_lo: int = 0, row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-row losses and ∂(Σ_i w_i loss_i)/∂Z by the formula the fused kernels implement.
+
+    For the anchors i in [row_lo, row_hi) (all rows by default) and weights w (default 1):
+
+        ∂/∂z_i     +=  w_i A_i (z_i − z_{p(i)}) − Σ_j ω_ij (z_i − z_j)      (row side)
+        ∂/∂z_{p(i)} +=  w_i A_i (z_{p(i)} − z_i)                            (positive partner)
+        ∂/∂z_j     += −Σ_i ω_ij (z_j − z_i)                                 (column side)
+
+    with A_i = Σ_j α_ij and ω = w_i α_ij; over all rows this is DESIGN.md §1's
+    G_k = (A_k + A_{p(k)})(z_k − z_{p(k)}) − Σ_j W_kj (z_k − z_j), W = ω + ωᵀ, i.e. it needs
+    only A, the row and column sums of ω, ωZ and ωᵀZ. For `detach_alpha=False`, α in the
+    pair term is replaced by β:
+      * log-weight rules: β_ij = α_ij (1 − t'_ij (v_ij − c_i)), v_ij = d2_i − d2_ij, c_i = Σ_k α_ik v_ik;
+      * square: β_ij = 2 α_ij − 1/k_i on the support (k_i its size), 0 elsewhere;
+      * quadratic and infonce: β = α (α is constant / Theorem 1 is exact).
+    For infonce every term is multiplied by 1/τ (and A_i = ξ_i / (ε + ξ_i)).
+    Dense: O(R·M) memory; the eager backend of the fused op and the tests' specification.
+    """
+    m = z.shape[0]
+    row_hi = m if row_hi is None else row_hi
+    mask = negative_mask(m, row_lo, row_hi, device=z.device)
+    partners = partner_index(m, device=z.device)[row_lo:row_hi]
+    z_rows = z[row_lo:row_hi]
+    d2 = squared_distances(z_rows, z)
+    d2_pos = d2.gather(1, partners[:, None])[:, 0]
+    alpha = alpha_from_distances(d2, d2_pos, mask, params)
+    if params.rule == "infonce":
+        logits = torch.where(mask, (d2_pos[:, None] - d2) / params.temperature, torch.full_like(d2, -math.inf))
+        rows = torch.logaddexp(torch.logsumexp(logits, 1), _log_eps(params.eps, d2))
+    else:
+        rows = (alpha * (d2_pos[:, None] - d2)).sum(1)
+    omega = alpha
+    if not detach_alpha:
+        if params.is_log_weight:
+            v = torch.where(mask, d2_pos[:, None] - d2, torch.zeros_like(d2))
+            c = (alpha * v).sum(1, keepdim=True)
+            slope = params.log_weight_slope(torch.where(mask, d2, torch.ones_like(d2)))
+            omega = alpha * (1 - slope * (v - c))
+        elif params.rule == "square":
+            support = alpha > 0
+            k = support.sum(1, keepdim=True).to(z.dtype)
+            omega = torch.where(support, 2 * alpha - 1 / k, torch.zeros_like(alpha))
+    w = torch.ones(row_hi - row_lo, dtype=z.dtype, device=z.device) if row_weight is None else row_weight.to(z.dtype)
+    wa = (w * alpha.sum(1))[:, None] * (z_rows - z[partners])
+    omega = w[:, None] * omega
+    grad = -(omega.sum(0)[:, None] * z - omega.T @ z_rows)
+    grad[row_lo:row_hi] += wa - (omega.sum(1)[:, None] * z_rows - omega @ z)
+    grad.index_add_(0, partners, -wa)
+    if params.rule == "infonce":
+        grad = grad / params.temperature
+    return rows, grad

@@ -1,0 +1,28 @@
+"""Packaging for fastalpha.
+
+Nothing here imports torch: the C++/CUDA parts in csrc/ are compiled on first use with
+ninja (see fastalpha/cpp_build.py), so `pip install -e .` works on a machine with no torch.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="fastalpha",
+    version="0.1.0",
+    description="Pair-weighted contrastive losses (alpha-CL) with fused kernels that never build the NxN matrix",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastalpha", "fastalpha.*"]),
+    include_package_data=True,
+    install_requires=[
+        # The pair these machines install from their local cache; torchvision must match it.
+        "torch>=2.4,<=2.14.1",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "ninja",
+    ],
+    extras_require={
+        "train": ["torchvision<=0.29.1", "scikit-learn", "tqdm", "matplotlib"],
+        "test": ["pytest", "hypothesis", "scipy", "torchvision<=0.29.1", "scikit-learn", "tqdm", "matplotlib"],
+    },
+)

@@ -1,0 +1,31 @@
+import os
+import random
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Fresh random inputs every run; FASTALPHA_TEST_SEED=<n> replays a run (printed in the header).
+RUN_SEED = int(os.environ.get("FASTALPHA_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"fastalpha test seed: FASTALPHA_TEST_SEED={RUN_SEED}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the run seed and the test id."""
+    return torch.Generator().manual_seed(RUN_SEED ^ zlib.crc32(request.node.nodeid.encode()))

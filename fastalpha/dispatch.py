@@ -78,7 +78,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown backend={backend!r}; expected 'auto' or one of {BACKENDS}")
     ok, reason = backend_status(backend, device)
     if not ok:
-        raise RuntimeError(f"backend={backend!r} is not available for {device.type} tensors: {reason}")
+        raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {reason}")
     return backend
 
 

@@ -8,6 +8,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The flag is read when a
+# kernel is decorated, so it must be set before fastalpha.kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Fresh random inputs every run; FASTALPHA_TEST_SEED=<n> replays a run (printed in the header).
 RUN_SEED = int(os.environ.get("FASTALPHA_TEST_SEED", random.randrange(2**31)))
 

@@ -61,6 +61,14 @@ _fallbacks_logged: set = set()
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn the user's `backend` into a concrete backend name for tensors on `device`."""
+    return _resolve_backend(backend, device.type, device.index)
+
+
+# The choice depends only on the machine, never on tensor values: under torch.compile it is
+# evaluated once at trace time and baked into the graph instead of tracing imports and logging.
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device_type: str, device_index) -> str:
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
     if backend == "auto":

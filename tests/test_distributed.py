@@ -1,0 +1,423 @@
+"""Global-batch α-CL over gloo ranks equals one process on the whole batch (fastalpha.distributed).
+
+For each world size W the W ranks are started ONCE, as subprocesses of this file (gloo on
+127.0.0.1, a free port, a wall-clock timeout). They run every case below and write what they
+got (per-rank loss, input gradients, which anchor rows each fused call computed, errors) to a
+file; the tests here compare those with the float64 dense reference — autograd of
+fastalpha.reference on the global batch — at the tolerances of tests/tolerances.py.
+
+Semantics under test (fastalpha/distributed.py): with reduction "mean"/"sum" rank r returns
+W × its anchors' share of the global loss and receives W × the global gradient of its rows,
+so DDP's average is exact; with "none" it returns its 2N_r anchor losses and receives the
+gradient of Σ over ranks of what the ranks backpropagate.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+import zlib
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from tolerances import assert_close, precision_of
+from torch.nn.parallel import DistributedDataParallel
+
+import fastalpha
+from fastalpha import AlphaCLLoss, InfoNCELoss, dispatch, reference
+from fastalpha.distributed import alpha_cl_loss_distributed
+from fastalpha.rules import resolve_rule
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD_SIZES = (2, 3)
+#: Pairs per rank: unequal by default (N_r = 1 included), and an equal split.
+RANK_SIZES = {2: {"unequal": (3, 5), "equal": (3, 3)}, 3: {"unequal": (2, 4, 1), "equal": (2, 2, 2)}}
+DIM = 5
+RULES = ("quadratic", "entropy", "direct", "inverse", "square", "infonce")
+#: Rules whose fused kernels may raise NotImplementedError for detach_alpha=False (DESIGN.md §1).
+NO_BETA_RULES = ("square", "quadratic")
+WORKER_TIMEOUT_S = 240
+DDP_STEPS, DDP_LR, DDP_IN = 3, 0.2, 6
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: str
+    rule: str
+    detach_alpha: bool = True
+    reduction: str = "mean"
+    dtype: str = "float64"
+    split: str = "unequal"
+    normalize: bool = True
+    grad: bool = True
+
+    @property
+    def name(self) -> str:
+        flags = [] if self.detach_alpha else ["backprop-alpha"]
+        flags += [] if self.normalize else ["unnormalised"]
+        flags += [] if self.grad else ["no-grad"]
+        return "-".join([self.backend, self.rule, self.reduction, self.dtype, self.split] + flags)
+
+
+@dataclass(frozen=True)
+class DDPCase:
+    backend: str
+    rule: str
+    detach_alpha: bool = True
+    dtype: str = "float64"
+    module: str = "AlphaCLLoss"
+
+    @property
+    def name(self) -> str:
+        flags = [] if self.detach_alpha else ["backprop-alpha"]
+        return "-".join(["ddp", self.module, self.backend, self.rule, self.dtype] + flags)
+
+
+def _loss_cases() -> list:
+    cases = [Case("eager", rule, detach, reduction) for rule in RULES for detach in (True, False)
+             for reduction in ("mean", "sum", "none")]
+    cases += [Case("eager", rule, dtype="float32", split="equal") for rule in RULES]
+    cases += [Case("eager", "direct", normalize=False), Case("eager", "infonce", reduction="none", normalize=False),
+              Case("eager", "entropy", grad=False), Case("eager", "square", detach_alpha=False, split="equal")]
+    cases += [Case("cpp", rule, detach, reduction, "float32") for rule in RULES for detach in (True, False)
+              for reduction in ("mean", "none")]
+    cases += [Case("cpp", rule) for rule in RULES]
+    cases += [Case("triton", rule, dtype="float32") for rule in RULES]
+    cases += [Case("triton", "direct", reduction="none", dtype="float32"),
+              Case("triton", "entropy", detach_alpha=False, dtype="float32", split="equal")]
+    # `auto` may pick a kernel without β for square and must then fall back to eager.
+    cases += [Case("auto", "direct", dtype="float32"), Case("auto", "square", detach_alpha=False, dtype="float32")]
+    return cases
+
+
+LOSS_CASES = _loss_cases()
+DDP_CASES = [DDPCase("eager", "direct"), DDPCase("eager", "entropy", detach_alpha=False),
+             DDPCase("eager", "infonce", module="InfoNCELoss"), DDPCase("auto", "square", dtype="float32"),
+             DDPCase("cpp", "direct", dtype="float32"), DDPCase("triton", "inverse", dtype="float32")]
+#: Bad inputs on some ranks: every rank must raise (none may hang in a later collective).
+ERROR_CASES = ("columns-differ", "one-rank-int", "dtype-differs", "grad-differs", "empty-rank")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _worker_main(cases_path: str, out_path: str) -> None:
+    """One rank: run every case of `cases_path` inside one gloo group, save results to `out_path`."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['FASTALPHA_TEST_PORT']}",
+                            rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    spec = torch.load(cases_path, weights_only=False)  # written by the parent test
+    calls = []
+    real_implementation = dispatch.implementation
+
+    def recording_implementation(name):  # records which rows each fused call computes
+        kernel = real_implementation(name)
+
+        def recorded(z, row_lo, row_hi, row_weight, *rest):
+            calls.append((z.shape[0], row_lo, row_hi, row_weight is not None))
+            return kernel(z, row_lo, row_hi, row_weight, *rest)
+
+        return recorded
+
+    dispatch.implementation = recording_implementation
+    results = {"status": {}}
+    for backend in ("eager", "cpp", "triton"):
+        try:  # a backend still being written must not take the eager cases down with it
+            results["status"][backend] = dispatch.backend_status(backend, torch.device("cpu"))
+        except Exception as err:
+            results["status"][backend] = (backend == "eager", f"status() raised {type(err).__name__}: {err}")
+    for name in ERROR_CASES:
+        results[name] = _guarded(lambda: _run_error_case(name, rank, world))
+    for fields, data in spec["loss"]:
+        case = Case(**fields)
+        if case.backend != "auto" and not results["status"][case.backend][0]:
+            continue
+        calls.clear()
+        results[case.name] = _guarded(lambda: _run_loss_case(case, data, rank))
+        results[case.name]["calls"] = list(calls)
+    for fields, data in spec["ddp"]:
+        case = DDPCase(**fields)
+        if case.backend != "auto" and not results["status"][case.backend][0]:
+            continue
+        results[case.name] = _guarded(lambda: _run_ddp_case(case, data, rank))
+    torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+def _guarded(run) -> dict:
+    try:
+        return run()
+    except Exception as err:  # reported to the parent, which fails (or skips) the test
+        return {"error": (type(err).__name__, str(err), traceback.format_exc())}
+
+
+def _run_loss_case(case: Case, data: dict, rank: int) -> dict:
+    z1 = data["z1"][rank].clone().requires_grad_(case.grad)
+    z2 = data["z2"][rank].clone().requires_grad_(case.grad)
+    with torch.set_grad_enabled(case.grad):
+        loss = alpha_cl_loss_distributed(z1, z2, rule=case.rule, detach_alpha=case.detach_alpha, normalize=case.normalize,
+                                         reduction=case.reduction, backend=case.backend)
+    if not case.grad:
+        return {"value": loss.detach(), "requires_grad": loss.requires_grad}
+    loss.backward(data["weights"][rank] if case.reduction == "none" else None)
+    return {"value": loss.detach(), "g1": z1.grad, "g2": z2.grad}
+
+
+def _run_ddp_case(case: DDPCase, data: dict, rank: int) -> dict:
+    dtype = getattr(torch, case.dtype)
+    model = torch.nn.Linear(DDP_IN, DIM, dtype=dtype)
+    model.load_state_dict(data["init"])
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
+    if case.module == "InfoNCELoss":
+        loss_fn = InfoNCELoss(backend=case.backend, gather_distributed=True)
+    else:
+        loss_fn = AlphaCLLoss(rule=case.rule, detach_alpha=case.detach_alpha, backend=case.backend, gather_distributed=True)
+    losses = []
+    for x1, x2 in data["batches"][rank]:
+        y = ddp(torch.cat([x1, x2]))
+        loss = loss_fn(*y.split(x1.shape[0]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return {"losses": torch.stack(losses), "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _run_error_case(name: str, rank: int, world: int) -> dict:
+    z1, z2 = torch.randn(3, DIM, dtype=torch.float64), torch.randn(3, DIM, dtype=torch.float64)
+    if name == "columns-differ" and rank == 0:
+        z1, z2 = z1[:, :-1], z2[:, :-1]
+    if name == "one-rank-int" and rank == world - 1:
+        z1 = z1.long()
+    if name == "dtype-differs" and rank == 0:
+        z1, z2 = z1.float(), z2.float()
+    if name == "grad-differs" and rank == 0:
+        z1.requires_grad_()
+    if name == "empty-rank" and rank == 1:
+        z1, z2 = z1[:0], z2[:0]
+    alpha_cl_loss_distributed(z1, z2, backend="eager")
+    return {"error": None}
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _split(tensor: torch.Tensor, sizes) -> list:
+    return [piece.clone() for piece in tensor.split(list(sizes))]
+
+
+def _make_inputs(world: int, gen: torch.Generator) -> dict:
+    """Fresh global batches for every case, already split by rank as the workers receive them."""
+    loss = []
+    for case in LOSS_CASES:
+        sizes = RANK_SIZES[world][case.split]
+        n, dtype = sum(sizes), getattr(torch, case.dtype)
+        z1 = torch.randn(n, DIM, generator=gen, dtype=torch.float64).to(dtype)
+        z2 = (z1.double() + 0.7 * torch.randn(n, DIM, generator=gen, dtype=torch.float64)).to(dtype)
+        weights = torch.randn(2 * n, generator=gen, dtype=torch.float64).to(torch.promote_types(dtype, torch.float32))
+        own = [torch.cat([weights[:n].split(list(sizes))[r], weights[n:].split(list(sizes))[r]]) for r in range(world)]
+        loss.append((case, {"z1": _split(z1, sizes), "z2": _split(z2, sizes), "weights": own,
+                            "global": {"z1": z1, "z2": z2, "weights": weights}}))
+    ddp = []
+    sizes = RANK_SIZES[world]["unequal"]
+    for case in DDP_CASES:
+        dtype = getattr(torch, case.dtype)
+        init = {"weight": torch.randn(DIM, DDP_IN, generator=gen, dtype=torch.float64).to(dtype) / math.sqrt(DDP_IN),
+                "bias": 0.1 * torch.randn(DIM, generator=gen, dtype=torch.float64).to(dtype)}
+        steps = []
+        for _ in range(DDP_STEPS):
+            x1 = torch.randn(sum(sizes), DDP_IN, generator=gen, dtype=torch.float64).to(dtype)
+            steps.append((x1, (x1.double() + 0.5 * torch.randn(x1.shape, generator=gen, dtype=torch.float64)).to(dtype)))
+        per_rank = [[(_split(x1, sizes)[r], _split(x2, sizes)[r]) for x1, x2 in steps] for r in range(world)]
+        ddp.append((case, {"init": init, "batches": per_rank, "global": steps}))
+    return {"loss": loss, "ddp": ddp}
+
+
+_RUNS: dict = {}
+
+
+def _world_results(world: int, tmp_dir) -> tuple[dict, list]:
+    """Start the W ranks once per world size; (inputs, per-rank results)."""
+    if world in _RUNS:
+        return _RUNS[world]
+    from conftest import RUN_SEED
+
+    gen = torch.Generator().manual_seed(RUN_SEED ^ zlib.crc32(f"test_distributed W={world}".encode()))
+    inputs = _make_inputs(world, gen)
+    folder = tmp_dir / f"world{world}"
+    folder.mkdir()
+    cases_path = folder / "cases.pt"
+    # Cases travel as plain dicts: this file runs as __main__ in the workers.
+    torch.save({kind: [(asdict(c), {k: v for k, v in d.items() if k != "global"}) for c, d in inputs[kind]]
+                for kind in ("loss", "ddp")}, cases_path)
+    env = dict(os.environ, WORLD_SIZE=str(world), FASTALPHA_TEST_PORT=str(_free_port()), TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+               OMP_NUM_THREADS="1")
+    procs = []
+    for rank in range(world):
+        log = open(folder / f"rank{rank}.log", "w")
+        command = [sys.executable, os.path.abspath(__file__), str(cases_path), str(folder / f"rank{rank}.pt")]
+        procs.append((subprocess.Popen(command, env=dict(env, RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + WORKER_TIMEOUT_S  # bounds a hang in a collective
+    failures = []
+    for rank, (proc, log) in enumerate(procs):
+        try:
+            code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for other, _ in procs:
+                other.kill()
+            code = f"timeout after {WORKER_TIMEOUT_S} s"
+        log.close()
+        if code != 0:
+            failures.append(f"rank {rank} exited with {code}:\n" + (folder / f"rank{rank}.log").read_text()[-3000:])
+    if failures:
+        raise RuntimeError(f"world size {world}: worker failure\n" + "\n".join(failures))
+    _RUNS[world] = inputs, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return _RUNS[world]
+
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    return lambda world: _world_results(world, folder)
+
+
+def _results_or_skip(world: int, world_results, case) -> tuple[dict, list]:
+    inputs, results = world_results(world)
+    status = results[0]["status"]
+    if case.backend != "auto" and not status[case.backend][0]:
+        pytest.skip(f"backend {case.backend!r} unavailable in the workers: {status[case.backend][1]}")
+    per_rank = [r[case.name] for r in results]
+    errors = [r["error"] for r in per_rank if r.get("error")]
+    if errors:
+        kind, message, trace = errors[0]
+        if kind == "NotImplementedError" and not case.detach_alpha and case.rule in NO_BETA_RULES and case.backend != "auto":
+            pytest.skip(f"backend {case.backend!r} does not implement detach_alpha=False for {case.rule}: {message}")
+        pytest.fail(f"{len(errors)} rank(s) raised; first:\n{trace}")
+    return inputs, per_rank
+
+
+def _anchor_rows(sizes, rank: int) -> torch.Tensor:
+    n, offset = sum(sizes), sum(sizes[:rank])
+    own = torch.arange(offset, offset + sizes[rank])
+    return torch.cat([own, own + n])
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c.name)
+def test_rank_losses_and_gradients_equal_global_batch(world, case, world_results):
+    inputs, per_rank = _results_or_skip(world, world_results, case)
+    data = dict(inputs["loss"])[case]["global"]
+    sizes = RANK_SIZES[world][case.split]
+    n, m = sum(sizes), 2 * sum(sizes)
+    precision = precision_of(getattr(torch, case.dtype))
+
+    z1, z2 = data["z1"].double().requires_grad_(), data["z2"].double().requires_grad_()
+    rows = reference.loss_rows(reference.stack_views(z1, z2, case.normalize), resolve_rule(case.rule), case.detach_alpha)
+    if case.reduction == "none":
+        objective = (rows * data["weights"].double()).sum()
+    else:
+        objective = rows.mean() if case.reduction == "mean" else rows.sum()
+    g1, g2 = torch.autograd.grad(objective, (z1, z2))
+    # mean/sum: rank r returns and is differentiated as W × its share (module doc).
+    scale = {"mean": world / m, "sum": world, "none": 1.0}[case.reduction]
+    grad_scale = 1.0 if case.reduction == "none" else world
+
+    for rank, got in enumerate(per_rank):
+        own = _anchor_rows(sizes, rank)
+        expected = rows.detach()[own] if case.reduction == "none" else scale * rows.detach()[own].sum()
+        assert_close(got["value"], expected, precision, f"rank {rank} loss")
+        if not case.grad:
+            assert not got["requires_grad"], f"rank {rank}: loss requires grad under no_grad"
+            continue
+        lo = sum(sizes[:rank])
+        assert_close(got["g1"], grad_scale * g1[lo:lo + sizes[rank]], precision, f"rank {rank} ∂/∂z1")
+        assert_close(got["g2"], grad_scale * g2[lo:lo + sizes[rank]], precision, f"rank {rank} ∂/∂z2")
+        # Each fused call computes only this rank's anchors, against the gathered M columns.
+        blocks = {(lo, lo + sizes[rank]), (n + lo, n + lo + sizes[rank])}
+        assert got["calls"], f"rank {rank}: the fused op was never called"
+        assert {(row_lo, row_hi) for _, row_lo, row_hi, _ in got["calls"]} == blocks, got["calls"]
+        assert all(rows_in_z == m for rows_in_z, *_ in got["calls"]), got["calls"]
+    if case.reduction != "none":
+        mean_over_ranks = torch.stack([got["value"].double() for got in per_rank]).mean()
+        assert_close(mean_over_ranks, objective.detach(), precision, "mean over ranks of the loss vs the global loss")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("case", DDP_CASES, ids=lambda c: c.name)
+def test_ddp_training_equals_single_process_on_global_batch(world, case, world_results):
+    inputs, per_rank = _results_or_skip(world, world_results, case)
+    data = dict(inputs["ddp"])[case]
+    precision = precision_of(getattr(torch, case.dtype))
+    params = resolve_rule(case.rule)
+
+    model = torch.nn.Linear(DDP_IN, DIM, dtype=torch.float64)
+    model.load_state_dict({k: v.double() for k, v in data["init"].items()})
+    optimizer = torch.optim.SGD(model.parameters(), lr=DDP_LR, momentum=0.9)
+    losses = []
+    for x1, x2 in data["global"]:
+        y = model(torch.cat([x1, x2]).double())
+        loss = reference.alpha_cl_loss(*y.split(x1.shape[0]), params, True, case.detach_alpha, "mean")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+
+    mean_losses = torch.stack([got["losses"].double() for got in per_rank]).mean(0)
+    assert_close(mean_losses, torch.stack(losses), precision, "mean over ranks of the step losses")
+    for rank, got in enumerate(per_rank):
+        for key, value in model.state_dict().items():
+            assert_close(got["state"][key], value, precision, f"rank {rank} {key} after {DDP_STEPS} steps")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("name", ERROR_CASES)
+def test_bad_input_on_some_ranks_raises_on_every_rank(world, name, world_results):
+    _, results = world_results(world)
+    expected = {  # (error on the offending rank, error elsewhere, words in the message)
+        "columns-differ": ("ValueError", "ValueError", "same number of columns"),
+        "one-rank-int": ("TypeError", "ValueError", "floating dtype"),
+        "dtype-differs": ("TypeError", "TypeError", "same dtype"),
+        "grad-differs": ("ValueError", "ValueError", "agree on whether"),
+        "empty-rank": ("ValueError", "ValueError", "N_r >= 1"),
+    }[name]
+    offender = {"one-rank-int": world - 1, "empty-rank": 1}.get(name, 0)
+    for rank, result in enumerate(results):
+        assert result[name]["error"] is not None, f"rank {rank} did not raise for {name}"
+        kind, message, _ = result[name]["error"]
+        if rank == offender or name not in ("one-rank-int", "empty-rank"):
+            assert kind == expected[0] and expected[2] in message, (rank, kind, message)
+        else:
+            assert kind == expected[1] and f"[{offender}]" in message, (rank, kind, message)
+
+
+def test_without_process_group_is_the_local_loss_and_warns_once(gen, monkeypatch):
+    import fastalpha.distributed as distributed
+
+    monkeypatch.setattr(distributed, "_warned_not_initialised", False)
+    z1 = torch.randn(5, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(5, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="not initialised"):
+        got = fastalpha.AlphaCLLoss(rule="inverse", backend="eager", gather_distributed=True)(z1, z2)
+    expected = fastalpha.alpha_cl_loss(z1, z2, rule="inverse", backend="eager")
+    assert_close(got, expected, "float64", "loss without a process group")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alpha_cl_loss_distributed(z1, z2, rule="inverse", backend="eager")
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1], sys.argv[2])

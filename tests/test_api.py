@@ -105,14 +105,6 @@ def test_modules_match_functional():
     assert "infonce" in repr(nce)
 
 
-def test_gather_distributed_without_process_group_is_local():
-    a, b = pair(5, 3)
-    module = fastalpha.AlphaCLLoss(rule="entropy", backend="eager", gather_distributed=True)
-    with pytest.warns(RuntimeWarning, match="not initialised"):
-        value = module(a, b)
-    assert_close(value, fastalpha.alpha_cl_loss(a, b, rule="entropy", backend="eager"), "float64")
-
-
 def test_non_contiguous_inputs(gen):
     big = torch.randn(7, 10, generator=gen, dtype=torch.float64)
     a, b = big[:, ::2], big.flip(0)[:, 1::2]

@@ -78,8 +78,9 @@ def pair_sq_distances(z: Tensor) -> Tensor:
     return 0.5 * (diff * diff).sum(-1)
 
 
-def _margins(z: Tensor) -> tuple[Tensor, Tensor]:
-    """(v, mask): v_ij = d2_i − d2_ij (all pairs; meaningful on J_i) and the J_i mask."""
+def pair_margins(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(v, mask) for stacked rows Z: v_ij = d2_i − d2_ij for all pairs (meaningful on J_i only)
+    and the boolean J_i mask. v_ij > 0 means negative j is closer to i than i's partner."""
     m = z.shape[0]
     d2 = pair_sq_distances(z)
     d2_pos = d2.gather(1, partner_index(m, z.device)[:, None])
@@ -151,7 +152,7 @@ def elementwise_derivative(f: ScalarFn, x: Tensor) -> Tensor:
 
 def phi_psi_xi(z1: Tensor, z2: Tensor, psi: ScalarFn, normalize: bool = False) -> Tensor:
     """ξ_i = Σ_{j∈J_i} ψ(d2_i − d2_ij), shape (M,)."""
-    v, mask = _margins(stack_views(z1, z2, normalize))
+    v, mask = pair_margins(stack_views(z1, z2, normalize))
     return torch.where(mask, psi(v), torch.zeros_like(v)).sum(1)
 
 
@@ -194,7 +195,7 @@ def alpha_phi_psi(
     """
     phi, psi = _unpack(phi, psi)
     with torch.no_grad():
-        v, mask = _margins(stack_views(z1, z2, normalize))
+        v, mask = pair_margins(stack_views(z1, z2, normalize))
         xi = torch.where(mask, psi(v), torch.zeros_like(v)).sum(1)
     dphi = elementwise_derivative(phi, xi)
     dpsi = elementwise_derivative(psi, v)
@@ -302,7 +303,8 @@ def modified_triplet(c: float = 2.0) -> PhiPsi:
 def quadratic(scale: float = 1.0) -> PhiPsi:
     r"""Quadratic / linear member: φ(x) = x, ψ(x) = s·x, i.e. L = s Σ_i Σ_{j∈J_i} (d2_i − d2_ij),
     with constant α_ij = s. With s = 1/(M − 2) it is DESIGN.md's rule `quadratic` summed over
-    anchors. (This is also the "triplet contrastive" row of the paper, φ and ψ both linear.)
+    anchors (E_α is then quadratic in z, hence the name), and L = −E_α exactly, not only in
+    gradient.
     """
     return PhiPsi(f"quadratic(scale={scale})", lambda x: x, lambda x: scale * x, "φ(x) = x, ψ(x) = s x")
 
@@ -443,8 +445,13 @@ def deep_linear_flow(
 def rank_one_optimum(x_alpha: Tensor, dims: Sequence[int], generator: torch.Generator | None = None) -> list[Tensor]:
     r"""A maximiser of Theorem 3: W_l = u_l u_{l−1}ᵀ with u_0 the top eigenvector of X_α and
     u_1..u_L arbitrary unit vectors (`dims` = [n_0, n_1, …, n_L]). Then ||W_l||_F = 1 and
-    E_α = ½ λ_max(X_α)."""
-    evals, evecs = torch.linalg.eigh(x_alpha)
+    E_α = ½ λ_max(X_α).
+
+    The bound it attains (λ_max(X_α) > 0): tr(W X_α Wᵀ) ≤ λ_max ||W||_F² and
+    ||W||_F ≤ Π_l ||W_l||_F = 1, with equality iff W's rows lie along u_0 and every W_l is
+    rank 1 with matching singular vectors.
+    """
+    _, evecs = torch.linalg.eigh(x_alpha)
     us = [evecs[:, -1]]
     for n in dims[1:]:
         u = torch.randn(n, dtype=x_alpha.dtype, generator=generator)
@@ -455,6 +462,32 @@ def rank_one_optimum(x_alpha: Tensor, dims: Sequence[int], generator: torch.Gene
 # ----------------------------------------------------------------------------------------
 # Two-layer ReLU networks on the orthogonal mixture (Section 5)
 # ----------------------------------------------------------------------------------------
+#
+# Setting: z = W_2 σ(W_1 x) (K hidden nodes, rows w_k of W_1), inputs x = a e_m with a > 0
+# (the orthogonal mixture below), α ≥ 0 fixed, X_α = C_α[x], U = [W_1]_+, B = W_2ᵀ W_2.
+# Then E_α = ½ tr(B U X_α Uᵀ) exactly, and the statements checked in tests/test_theory_relu.py
+# (reconstructed from first principles; each is proved in a line or two here) are:
+#
+#   Lemma (orthogonal mixture). X_α[m, m'] ≤ 0 for m ≠ m': a pair (i, j) contributes
+#     −α_ij a_i a_j when i, j are in components m, m', and the positive-pair term vanishes
+#     off the diagonal because both views of a sample share its component.
+#   Theorem 4 (sticky weights). ∂E_α/∂W_1[k, m] = 0 whenever W_1[k, m] ≤ 0 (node k's gate
+#     is closed on all of component m). Under the normalised flow such an entry is only
+#     rescaled by the positive normaliser: once ≤ 0, always ≤ 0 (and it decays to 0).
+#   Theorem 5 (one node, K = 1). Then E_α = ½ ||W_2||² uᵀ X_α u, and with X_α's off-diagonal
+#     ≤ 0 the maximum over unit u ≥ 0 is ½ ||W_2||² max_m X_mm at u = e_m; the projected flow
+#     from any start with a positive entry converges to W_1 ∝ e_{m*} (plus sticky entries
+#     decaying to 0) for an m* that was positive at the start — a local maximum, so m* may
+#     depend on the initialisation; E_α → ½ ||W_2||² X_{m*m*}.
+#   Theorem 6 (K > 1 nodes, B fixed). (a) B entrywise ≥ 0 (nodes cooperate): the global
+#     maximum over ||W_1||_F = 1 is W_1 = v e_{m*}ᵀ (v the Perron vector of B, m* = argmax
+#     X_mm), because every cross-component term X_mm' c_mᵀ B c_m' (c_m = U e_m ≥ 0) is ≤ 0;
+#     every v e_mᵀ with Bv ∝ v is a fixed point, and the seeded runs end at such a rank-1
+#     W_1. (b) B diagonal (W_2 with orthogonal columns: nodes decoupled) and per-node
+#     normalisation: row k evolves exactly as Theorem 5 alone, so node k converges to its own
+#     e_{m_k}, and rank(W_1) = #{distinct m_k}, > 1 in general.
+#     With W_2 trained jointly (both layers Frobenius-normalised) the runs collapse to
+#     W_1 = v e_mᵀ with W_2ᵀW_2 ∝ v vᵀ: reported as a measured outcome, not a theorem.
 
 
 def orthogonal_mixture(
@@ -514,13 +547,21 @@ def relu2_gradients(w1: Tensor, w2: Tensor, x_alpha: Tensor) -> tuple[Tensor, Te
 
 @dataclass
 class ReluRun:
-    """Trajectory of `relu2_flow`: final weights, E_α at the recorded steps, and W_1 snapshots."""
+    """Trajectory of `relu2_flow`: final weights, E_α and W_1 at the recorded steps."""
 
     w1: Tensor
     w2: Tensor
     steps: list[int] = field(default_factory=list)
     objective: list[float] = field(default_factory=list)
     w1_history: list[Tensor] = field(default_factory=list)
+
+
+def _renormalize(w: Tensor, mode: str, target: Tensor) -> Tensor:
+    if mode == "layer":
+        return w * (target / torch.linalg.matrix_norm(w))
+    if mode == "row":
+        return w * (target / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
+    return w
 
 
 def relu2_flow(
@@ -530,25 +571,34 @@ def relu2_flow(
     steps: int,
     lr: float,
     train_w2: bool = True,
-    normalize: bool = True,
+    w1_norm: str = "layer",
+    w2_norm: str = "layer",
     record_every: int = 1,
     alpha_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     views: tuple[Tensor, Tensor] | None = None,
 ) -> ReluRun:
-    r"""Projected gradient ascent of E_α in (W_1, W_2) with per-layer Frobenius normalisation.
+    r"""Projected gradient ascent of E_α in (W_1, W_2) for one-hot-supported data.
 
-    Fixed α: pass X_α = C_α[x]. Coordinate-wise α-CL (the min player refreshed every step):
-    pass `alpha_fn(z1, z2) -> α` and `views = (x1, x2)`; then X_α(t) = C_{α(t)}[x] with α(t)
-    computed from the current outputs. Each step is W ← normalise(W + lr ∂E/∂W) per layer,
-    keeping ||W_l||_F at its initial value. W_2 is held fixed when `train_w2` is False.
+    Each step is W ← normalise(W + lr ∂E/∂W) (`relu2_gradients`), where normalise keeps
+    the initial norms: "layer" = per-layer Frobenius norm (as Eqn. 11 for deep linear nets),
+    "row" = the norm of every row (for W_1: each hidden node ||w_k|| fixed), "none" = plain
+    ascent. W_2 is held fixed when `train_w2` is False (then B = W_2ᵀW_2 is a constant).
+
+    Fixed α (the paper's max player): pass X_α = C_α[x]. Coordinate-wise α-CL (the min player
+    refreshed every step): pass `alpha_fn(z1, z2) -> α` and `views = (x1, x2)`; then
+    X_α(t) = C_{α(t)}[x] with α(t) computed from the current outputs z = W_2 σ(W_1 x).
     """
-    w1, w2 = w1.clone(), w2.clone()
-    r1, r2 = float(torch.linalg.matrix_norm(w1)), float(torch.linalg.matrix_norm(w2))
-    run = ReluRun(w1=w1, w2=w2)
+    for name, mode in (("w1_norm", w1_norm), ("w2_norm", w2_norm)):
+        if mode not in ("layer", "row", "none"):
+            raise ValueError(f"{name} must be 'layer', 'row' or 'none', got {mode!r}")
     if (alpha_fn is None) == (x_alpha is None):
         raise ValueError("pass exactly one of x_alpha (fixed α) or alpha_fn (α refreshed each step)")
     if alpha_fn is not None and views is None:
         raise ValueError("alpha_fn needs views=(x1, x2) to compute α and C_α[x]")
+    w1, w2 = w1.clone(), w2.clone()
+    t1 = torch.linalg.matrix_norm(w1) if w1_norm == "layer" else torch.linalg.vector_norm(w1, dim=1)
+    t2 = torch.linalg.matrix_norm(w2) if w2_norm == "layer" else torch.linalg.vector_norm(w2, dim=1)
+    run = ReluRun(w1=w1, w2=w2)
 
     def current_x_alpha():
         if alpha_fn is None:
@@ -566,19 +616,19 @@ def relu2_flow(
         if t == steps:
             break
         g1, g2 = relu2_gradients(w1, w2, xa)
-        w1 = w1 + lr * g1
+        w1 = _renormalize(w1 + lr * g1, w1_norm, t1)
         if train_w2:
-            w2 = w2 + lr * g2
-        if normalize:
-            w1 = w1 * (r1 / torch.linalg.matrix_norm(w1))
-            w2 = w2 * (r2 / torch.linalg.matrix_norm(w2))
+            w2 = _renormalize(w2 + lr * g2, w2_norm, t2)
     run.w1, run.w2 = w1, w2
     return run
 
 
 def row_concentration(w1: Tensor) -> Tensor:
-    r"""For each hidden node k: max_m [w_km]_+ / ||w_k||₂ ∈ [0, 1]; 1 iff w_k = c e_m, c > 0."""
-    return torch.relu(w1).amax(1) / torch.linalg.vector_norm(w1, dim=1).clamp_min(1e-300)
+    r"""For each hidden node k: max_m u_km / ||u_k||₂ with u_k = [w_k]_+ (what the ReLU sees on
+    one-hot data); 1 iff the live part of w_k is c e_m, c > 0; 0 for a dead node (u_k = 0)."""
+    u = torch.relu(w1)
+    n = torch.linalg.vector_norm(u, dim=1)
+    return torch.where(n > 0, u.amax(1) / n.clamp_min(torch.finfo(u.dtype).tiny), torch.zeros_like(n))
 
 
 def max_nonneg_quadratic(x_alpha: Tensor) -> float:
@@ -612,6 +662,7 @@ __all__ = [
     "negative_mask",
     "stack_views",
     "pair_sq_distances",
+    "pair_margins",
     "energy",
     "contrastive_covariance",
     "chain",

@@ -1,0 +1,216 @@
+r"""Section 5 of the paper: the max player on a two-layer ReLU net z = W_2 σ(W_1 x), fixed α,
+inputs from the orthogonal mixture x = a e_m (a > 0). The statements are written out in
+fastalpha/theory.py (comment block above `orthogonal_mixture`); each test names the one it
+checks. Everything is float64 and seeded.
+"""
+import pytest
+import torch
+
+from fastalpha import theory as T
+
+DT = torch.float64
+D = 8  # components / input dimension
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _mixture(seed=0, n=96, aug=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return T.orthogonal_mixture(n, torch.linspace(2.0, 1.0, D).tolist(), aug_std=aug, generator=g)
+
+
+def _random_alpha(m, seed):
+    return torch.rand(m, m, dtype=DT, generator=torch.Generator().manual_seed(seed)) * T.negative_mask(m)
+
+
+def _uniform_x_alpha(seed=0):
+    x1, x2, _ = _mixture(seed)
+    m = 2 * x1.shape[0]
+    x_alpha = T.contrastive_covariance(x1, x2, T.negative_mask(m).to(DT) / (m - 2))
+    assert float(torch.diagonal(x_alpha).min()) > 0  # every component is worth representing
+    return x_alpha
+
+
+def test_orthogonal_mixture_has_nonpositive_off_diagonal_contrastive_covariance():
+    x1, x2, labels = _mixture(1)
+    assert torch.all(x1 >= 0) and torch.all((x1 > 0).sum(1) == 1) and torch.equal(x1 > 0, x2 > 0)
+    for seed in range(3):
+        x_alpha = T.contrastive_covariance(x1, x2, _random_alpha(2 * x1.shape[0], seed))
+        off = x_alpha[~torch.eye(D, dtype=torch.bool)]
+        assert float(off.max()) <= 0.0
+        assert float(off.min()) < 0.0
+    # Control: without orthogonality (every sample also lights coordinate 0) positive
+    # off-diagonals appear.
+    x1c, x2c = x1.clone(), x2.clone()
+    x1c[:, 0] += x1.sum(1)
+    x2c[:, 0] += x2.sum(1)
+    x_alpha = T.contrastive_covariance(x1c, x2c, _random_alpha(2 * x1.shape[0], 0))
+    assert float(x_alpha[~torch.eye(D, dtype=torch.bool)].max()) > 0
+
+
+def test_closed_form_energy_and_gradients_match_autograd_of_the_network():
+    x1, x2, _ = _mixture(2, n=20)
+    alpha = _random_alpha(40, 3)
+    g = torch.Generator().manual_seed(4)
+    w1 = torch.randn(5, D, dtype=DT, generator=g).requires_grad_(True)
+    w2 = torch.randn(3, 5, dtype=DT, generator=g).requires_grad_(True)
+    e = T.energy(T.relu2_forward(w1, w2, x1), T.relu2_forward(w1, w2, x2), alpha)
+    x_alpha = T.contrastive_covariance(x1, x2, alpha)
+    torch.testing.assert_close(T.relu2_objective(w1, w2, x_alpha), e, rtol=1e-12, atol=0)
+    auto1, auto2 = torch.autograd.grad(e, (w1, w2))
+    g1, g2 = T.relu2_gradients(w1.detach(), w2.detach(), x_alpha)
+    torch.testing.assert_close(g1, auto1, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(g2, auto2, rtol=1e-11, atol=1e-12)
+
+
+def test_theorem4_gradient_vanishes_on_nonpositive_first_layer_weights():
+    x1, x2, _ = _mixture(5, n=24)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        w1 = torch.randn(6, D, dtype=DT, generator=g).requires_grad_(True)
+        w2 = torch.randn(4, 6, dtype=DT, generator=g)
+        alpha = _random_alpha(48, 10 + seed)
+        e = T.energy(T.relu2_forward(w1, w2, x1), T.relu2_forward(w1, w2, x2), alpha)
+        (grad,) = torch.autograd.grad(e, w1)
+        dead = w1.detach() <= 0
+        assert dead.any() and (~dead).any()
+        assert torch.all(grad[dead] == 0)  # exactly: the gate is closed on the whole component
+        assert float(grad[~dead].abs().max()) > 1e-3  # …while live weights do move
+
+
+def test_theorem4_nonpositive_weights_stay_nonpositive_along_the_flow():
+    x_alpha = _uniform_x_alpha(6)
+    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    g = torch.Generator().manual_seed(7)
+    w1 = torch.randn(6, D, dtype=DT, generator=g)
+    w2 = torch.randn(5, 6, dtype=DT, generator=g)
+    run = T.relu2_flow(w1, w2, x_alpha, steps=400, lr=0.05 / lam)
+    hist = run.w1_history
+    newly_dead = 0
+    for before, after in zip(hist, hist[1:]):
+        dead = before <= 0
+        assert torch.all(after[dead] <= 0), "a non-positive weight became positive"
+        # The only change of a dead weight is the (common, positive) layer renormalisation.
+        ratio = after[dead] / before[dead]
+        assert float(ratio.min()) > 0 and float(ratio.max() - ratio.min()) < 1e-12
+        newly_dead += int(((after <= 0) & ~dead).sum())
+    assert newly_dead > 0, "the run should also show live weights dying (winner-take-all)"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_theorem5_single_hidden_node_converges_to_one_component(seed):
+    x_alpha = _uniform_x_alpha(8)
+    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(1, D, dtype=DT, generator=g)
+    w1 = w1 / w1.norm()
+    w2 = torch.randn(4, 1, dtype=DT, generator=g)
+    w2 = w2 / w2.norm()
+    run = T.relu2_flow(w1, w2, x_alpha, steps=3000, lr=0.2 / lam, record_every=3000)
+    w = run.w1[0]
+    m_star = int(w.argmax())
+    assert w1[0, m_star] > 0, "the winner must have been live at the start (Theorem 4)"
+    assert float(T.row_concentration(run.w1)[0]) > 1 - 1e-12
+    assert float(w[m_star]) > 1 - 1e-9 and float(w.abs().sort().values[-2]) < 1e-5  # W_1 → e_{m*}
+    e_final = run.objective[-1]
+    assert abs(e_final - 0.5 * float(x_alpha[m_star, m_star])) < 1e-9 * lam
+    assert e_final <= 0.5 * T.max_nonneg_quadratic(x_alpha) * (1 + 1e-12)
+
+
+def test_theorem5_winner_depends_on_initialisation_and_global_value_is_max_diagonal():
+    x_alpha = _uniform_x_alpha(8)
+    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    winners = set()
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        w1 = torch.rand(1, D, dtype=DT, generator=g)
+        run = T.relu2_flow(w1 / w1.norm(), torch.ones(1, 1, dtype=DT), x_alpha, steps=1500, lr=0.2 / lam, record_every=1500)
+        winners.add(int(run.w1.argmax()))
+    assert len(winners) >= 2, winners  # local maxima: not always the best component
+    # The bound max_{u ≥ 0, |u| = 1} uᵀXu = max_m X_mm, checked on random feasible points.
+    u = torch.rand(2000, D, dtype=DT, generator=torch.Generator().manual_seed(9))
+    u = u / u.norm(dim=1, keepdim=True)
+    assert float(((u @ x_alpha) * u).sum(1).max()) <= T.max_nonneg_quadratic(x_alpha)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_theorem6a_cooperating_nodes_collapse_to_rank_one(seed):
+    x_alpha = _uniform_x_alpha(10)
+    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    g = torch.Generator().manual_seed(seed)
+    k = 6
+    w1 = torch.rand(k, D, dtype=DT, generator=g)
+    w2 = 1 + 0.5 * torch.rand(5, k, dtype=DT, generator=g)  # B = W_2ᵀW_2 entrywise > 0
+    run = T.relu2_flow(w1 / w1.norm(), w2 / w2.norm(), x_alpha, steps=4000, lr=0.05 / lam, train_w2=False, record_every=4000)
+    u = torch.relu(run.w1)
+    m = int(u.sum(0).argmax())
+    assert torch.all(T.row_concentration(run.w1) > 1 - 1e-9)
+    assert torch.all(u.argmax(1) == m)  # every node on the same component
+    s = torch.linalg.svdvals(u)
+    assert float(s[1] / s[0]) < 1e-8  # W_1 = v e_mᵀ
+    # v is the Perron vector of B, and E = ½ X_mm vᵀBv = ½ X_mm λ_max(B).
+    b = run.w2.T @ run.w2
+    v = u[:, m] / u[:, m].norm()
+    evals, evecs = torch.linalg.eigh(b)
+    assert abs(float(v @ evecs[:, -1])) > 1 - 1e-9
+    assert abs(run.objective[-1] - 0.5 * float(x_alpha[m, m] * evals[-1])) < 1e-9 * lam
+
+
+def test_theorem6a_global_bound_for_nonnegative_b():
+    x_alpha = _uniform_x_alpha(11)
+    g = torch.Generator().manual_seed(12)
+    w2 = torch.rand(5, 6, dtype=DT, generator=g)
+    lam_b = float(torch.linalg.eigvalsh(w2.T @ w2)[-1])
+    bound = 0.5 * T.max_nonneg_quadratic(x_alpha) * lam_b
+    for _ in range(300):
+        w1 = torch.randn(6, D, dtype=DT, generator=g)
+        assert float(T.relu2_objective(w1 / w1.norm(), w2, x_alpha)) <= bound * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_theorem6b_decoupled_nodes_each_pick_their_own_component(seed):
+    x_alpha = _uniform_x_alpha(13)
+    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    g = torch.Generator().manual_seed(seed)
+    k = 6
+    w1 = torch.randn(k, D, dtype=DT, generator=g).abs()
+    w1 = w1 / w1.norm(dim=1, keepdim=True)
+    w2, _ = torch.linalg.qr(torch.randn(10, k, dtype=DT, generator=g))  # B = I
+    steps, lr = 3000, 0.2 / lam
+    run = T.relu2_flow(w1, w2, x_alpha, steps=steps, lr=lr, train_w2=False, w1_norm="row", record_every=steps)
+    assert torch.all(T.row_concentration(run.w1) > 1 - 1e-12)
+    picks = run.w1.argmax(1)
+    # Exact decoupling: each row ends where Theorem 5's single-node flow from that row ends.
+    for row in range(k):
+        alone = T.relu2_flow(w1[row : row + 1], torch.ones(1, 1, dtype=DT), x_alpha, steps=steps, lr=lr, record_every=steps)
+        torch.testing.assert_close(run.w1[row], alone.w1[0], rtol=0, atol=1e-12)
+    distinct = len(set(picks.tolist()))
+    s = torch.linalg.svdvals(torch.relu(run.w1))
+    assert distinct >= 2 and int((s > 1e-6 * s[0]).sum()) == distinct  # rank(W_1) = #components picked > 1
+    expected = 0.5 * sum(float(x_alpha[m, m]) for m in picks.tolist())
+    assert abs(run.objective[-1] - expected) < 1e-9 * lam * k
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_joint_training_collapses_to_rank_one_with_rank_one_w2tw2(seed):
+    """Measured outcome (not a theorem): W_2 trained too, both layers Frobenius-normalised."""
+    x_alpha = _uniform_x_alpha(14)
+    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    g = torch.Generator().manual_seed(seed)
+    k = 6
+    w1 = torch.randn(k, D, dtype=DT, generator=g)
+    w2 = torch.randn(5, k, dtype=DT, generator=g)
+    run = T.relu2_flow(w1 / w1.norm(), w2 / w2.norm(), x_alpha, steps=6000, lr=0.05 / lam, record_every=6000)
+    u = torch.relu(run.w1)
+    s = torch.linalg.svdvals(u)
+    assert float(s[1] / s[0]) < 1e-6
+    live = u.sum(1) > 1e-6 * float(u.max())
+    assert int(u[live].argmax(1).unique().numel()) == 1
+    sb = torch.linalg.svdvals(run.w2)
+    assert float(sb[1] / sb[0]) < 1e-6  # W_2ᵀW_2 = v vᵀ (up to scale)

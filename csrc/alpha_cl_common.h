@@ -1,0 +1,74 @@
+// What the CPU and CUDA launchers share: input checks and the assembly of the gradient from
+// the per-row and per-column statistics a chunked pass produces.
+//
+// For anchors i ∈ [row_lo, row_hi) with weights w_i, ω_ij = w_i α_ij (or w_i β_ij) and
+// A_i = Σ_j α_ij, the gradient of Σ_i w_i loss_i is (reference.closed_form_gradient)
+//
+//   G_k = Σ_i ω_ik (z_i − z_k)                                   column side: (ωᵀZ)_k − C_k z_k
+//       + [k a row]      ( w_k A_k (z_k − z_p(k)) − Σ_j ω_kj (z_k − z_j) )     row side
+//       − [p(k) a row]   w_p(k) A_p(k) (z_p(k) − z_k)                          partner side
+//
+// so a kernel needs, per row, coef_i = w_i A_i, the row sum of ω and (ωZ)_i, and per column
+// C_k = Σ_i ω_ik and (ωᵀZ)_k. All of it is O(M·D): the M × M matrix is never stored.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+
+#include <ATen/ATen.h>
+
+namespace fastalpha {
+
+inline void check_fused_inputs(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
+                               const std::optional<at::Tensor>& row_weight, c10::DeviceType device) {
+  TORCH_CHECK(z.dim() == 2, "fastalpha: z must be 2-D (M, D), got ", z.dim(), " dimensions");
+  TORCH_CHECK(z.device().type() == device, "fastalpha: this kernel takes ", c10::DeviceTypeName(device),
+              " tensors, got z on ", z.device());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "fastalpha: the kernel computes in float32 or float64 (upcast half types first), got ", z.scalar_type());
+  const int64_t m = z.size(0);
+  TORCH_CHECK(m >= 4 && m % 2 == 0, "fastalpha: z must stack two views of N >= 2 rows (M = 2N even, >= 4), got M = ", m);
+  TORCH_CHECK(z.size(1) >= 1, "fastalpha: z needs D >= 1 columns");
+  TORCH_CHECK(0 <= row_lo && row_lo <= row_hi && row_hi <= m, "fastalpha: need 0 <= row_lo <= row_hi <= M = ", m,
+              ", got [", row_lo, ", ", row_hi, ")");
+  if (row_weight.has_value()) {
+    const at::Tensor& w = *row_weight;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == row_hi - row_lo, "fastalpha: row_weight must have shape (",
+                row_hi - row_lo, ",), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == z.scalar_type(), "fastalpha: row_weight must have dtype ", z.scalar_type(),
+                ", got ", w.scalar_type());
+    TORCH_CHECK(w.device() == z.device(), "fastalpha: row_weight must be on ", z.device(), ", got ", w.device());
+  }
+}
+
+// p(i) = (i + M/2) mod M for i ∈ [row_lo, row_hi), as an index tensor on z's device.
+inline at::Tensor partner_rows(const at::Tensor& z, int64_t row_lo, int64_t row_hi) {
+  const int64_t m = z.size(0);
+  return at::arange(row_lo, row_hi, z.options().dtype(at::kLong)).add_(m / 2).remainder_(m);
+}
+
+// G from the statistics above; `omega_t_z` is (ωᵀZ) and `colsum` is C, both summed over all rows.
+inline at::Tensor assemble_gradient(const at::Tensor& z, int64_t row_lo, int64_t row_hi, at::Tensor omega_t_z,
+                                    const at::Tensor& colsum, const at::Tensor& coef, const at::Tensor& omega_rowsum,
+                                    const at::Tensor& omega_z) {
+  at::Tensor grad = omega_t_z.sub_(colsum.unsqueeze(1) * z);
+  if (row_hi == row_lo) return grad;
+  const at::Tensor partners = partner_rows(z, row_lo, row_hi);
+  const at::Tensor rows = z.narrow(0, row_lo, row_hi - row_lo);
+  const at::Tensor positive_pull = coef.unsqueeze(1) * (rows - z.index_select(0, partners));
+  grad.narrow(0, row_lo, row_hi - row_lo).add_(positive_pull).sub_(omega_rowsum.unsqueeze(1) * rows).add_(omega_z);
+  grad.index_add_(0, partners, positive_pull, -1);
+  return grad;
+}
+
+// Rows per chunk from FASTALPHA_CHUNK_ROWS (for tuning), else from `fallback`.
+inline int64_t chunk_rows_from_env(int64_t fallback) {
+  if (const char* env = std::getenv("FASTALPHA_CHUNK_ROWS")) {
+    const long long value = std::atoll(env);
+    if (value > 0) return static_cast<int64_t>(value);
+  }
+  return fallback;
+}
+
+}  // namespace fastalpha

@@ -1,0 +1,104 @@
+// CUDA launcher of fastalpha::alpha_cl_fused: the CPU kernel's chunked pass on the GPU.
+//
+// Per chunk of R full rows (all M columns, so the row statistics are complete):
+//
+//   S    = Z_r Zᵀ       cuBLAS (at::mm; tf32 when torch allows it for float32)
+//   ω    = rule(S)      row_sweep_kernel: one block per row (alpha_cl_cuda_kernel.cu)
+//   ωZ   = ω Z          cuBLAS, into the chunk's rows of an R_total × D buffer
+//   ωᵀZ += ωᵀ Z_r       cuBLAS, one M × D accumulator (the stream orders the chunks: no atomics)
+//   C   += Σ_i ω_i·     column sums
+//
+// Everything runs on the current stream, deterministically. Memory: two R × M buffers plus
+// O(M·D); R is chosen so a buffer holds about 2^25 elements.
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "alpha_cl_common.h"
+#include "alpha_cl_cuda_kernel.h"
+#include "alpha_cl_rule.h"
+
+namespace fastalpha {
+namespace {
+
+constexpr int64_t kChunkElements = int64_t{1} << 25;
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
+                                              const std::optional<at::Tensor>& row_weight, const RuleConfig& cfg,
+                                              bool need_grad) {
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z.device().index()).stream();
+  const int64_t m = z.size(0), dim = z.size(1), rows = row_hi - row_lo;
+  const auto opts = z.options();
+  const at::Tensor half = z.square().sum(1).mul_(0.5).contiguous();
+  const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
+  at::Tensor loss = at::empty({rows}, opts);
+  at::Tensor coef = at::empty({rows}, opts), omega_rowsum = at::empty({rows}, opts);
+  at::Tensor omega_z = need_grad ? at::empty({rows, dim}, opts) : at::Tensor();
+  at::Tensor omega_t_z = need_grad ? at::zeros({m, dim}, opts) : at::Tensor();
+  at::Tensor colsum = need_grad ? at::zeros({m}, opts) : at::Tensor();
+
+  const int64_t chunk = std::max<int64_t>(1, std::min(rows, chunk_rows_from_env(std::clamp<int64_t>(kChunkElements / m, 64, 8192))));
+  at::Tensor sim = at::empty({chunk, m}, opts);
+  at::Tensor omega = need_grad ? at::empty({chunk, m}, opts) : at::Tensor();
+
+  for (int64_t r0 = row_lo; r0 < row_hi; r0 += chunk) {
+    const int64_t n = std::min(chunk, row_hi - r0), out = r0 - row_lo;
+    const at::Tensor z_rows = z.narrow(0, r0, n);
+    at::Tensor s = sim.narrow(0, 0, n);
+    at::mm_out(s, z_rows, z.t());
+    at::Tensor o = need_grad ? omega.narrow(0, 0, n) : at::Tensor();
+    cuda::RowSweepArgs<T> args{
+        s.data_ptr<T>(),
+        need_grad ? o.data_ptr<T>() : nullptr,
+        half.data_ptr<T>(),
+        weight.defined() ? weight.data_ptr<T>() + out : nullptr,
+        loss.data_ptr<T>() + out,
+        coef.data_ptr<T>() + out,
+        omega_rowsum.data_ptr<T>() + out,
+        r0,
+        n,
+        m,
+        need_grad,
+    };
+    cuda::launch_row_sweep<T>(cfg, args, stream);
+    if (need_grad) {
+      at::Tensor oz = omega_z.narrow(0, out, n);
+      at::mm_out(oz, o, z);
+      omega_t_z.addmm_(o.t(), z_rows);
+      colsum.add_(o.sum(0));
+    }
+  }
+  if (!need_grad) return {loss, at::empty({0, dim}, opts)};
+  return {loss, assemble_gradient(z, row_lo, row_hi, omega_t_z, colsum, coef, omega_rowsum, omega_z)};
+}
+
+std::tuple<at::Tensor, at::Tensor> alpha_cl_fused_cuda(const at::Tensor& z_in, int64_t row_lo, int64_t row_hi,
+                                                       const std::optional<at::Tensor>& row_weight, c10::string_view rule,
+                                                       double temperature, double p, double gamma, double eps,
+                                                       bool detach_alpha, bool need_grad) {
+  check_fused_inputs(z_in, row_lo, row_hi, row_weight, c10::DeviceType::CUDA);
+  const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps, detach_alpha);
+  const at::Tensor z = z_in.contiguous();
+  if (z.scalar_type() == at::kDouble) return fused_cuda<double>(z, row_lo, row_hi, row_weight, cfg, need_grad);
+  return fused_cuda<float>(z, row_lo, row_hi, row_weight, cfg, need_grad);
+}
+
+}  // namespace
+}  // namespace fastalpha
+
+TORCH_LIBRARY(fastalpha_cuda, m) {
+  m.def(
+      "alpha_cl_fused(Tensor z, int row_lo, int row_hi, Tensor? row_weight, str rule, float temperature, float p, "
+      "float gamma, float eps, bool detach_alpha, bool need_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastalpha_cuda, CUDA, m) { m.impl("alpha_cl_fused", &fastalpha::alpha_cl_fused_cuda); }

@@ -1,0 +1,39 @@
+// The CUDA row sweep of fastalpha::alpha_cl_fused (see alpha_cl_cuda_kernel.cu), callable
+// from host code that does not go through nvcc.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "alpha_cl_rule.h"
+
+namespace fastalpha {
+namespace cuda {
+
+// Pointers to one chunk of `rows` anchors starting at global row `row0`, all on the device:
+//   sim        rows × m   S = Z_r Zᵀ on entry, d2 on exit
+//   omega      rows × m   receives ω (zeros at i and p(i)); untouched if !need_grad
+//   half       m          n_j / 2
+//   weight     rows       w_i, or nullptr for all ones
+//   loss, coef, omega_rowsum   rows   outputs: loss_i, w_i A_i (× 1/τ for infonce), Σ_j ω_ij
+template <typename T>
+struct RowSweepArgs {
+  T* sim;
+  T* omega;
+  const T* half;
+  const T* weight;
+  T* loss;
+  T* coef;
+  T* omega_rowsum;
+  int64_t row0;
+  int64_t rows;
+  int64_t m;
+  bool need_grad;
+};
+
+template <typename T>
+void launch_row_sweep(const RuleConfig& cfg, const RowSweepArgs<T>& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastalpha

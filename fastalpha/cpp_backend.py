@@ -1,0 +1,55 @@
+r"""Backend "cpp": the fused C++ CPU kernel of csrc/alpha_cl_cpu.cpp (built on first use).
+
+Implements the fused-op contract of fastalpha.dispatch for CPU tensors: for anchors
+i ∈ [row_lo, row_hi) of the stacked, normalised Z (M × D) it returns loss_i and
+∂(Σ_i w_i loss_i)/∂Z in one pass over chunks of full rows, three matrix products per chunk
+(S = Z_r Zᵀ, ωZ, ωᵀZ) and one fused sweep per row for the rule, in O(M·D) memory per thread.
+
+float32 and float64 run natively; bfloat16/float16 are upcast to float32 (the gradient is
+returned in the input dtype, the losses in float32, as the contract says).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cpp_build
+from .rules import RuleParams
+
+
+def status() -> tuple[bool, str]:
+    """(available, reason); compiles the library on the first call (cached afterwards)."""
+    return cpp_build.status("cpu")
+
+
+def device_status(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, f"the cpp backend runs on CPU tensors only, got {device.type} tensors"
+    return status()
+
+
+def alpha_cl_fused(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params: RuleParams, detach_alpha: bool, need_grad: bool):
+    return call_compiled("cpu", z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad)
+
+
+def call_compiled(kind: str, z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params: RuleParams,
+                  detach_alpha: bool, need_grad: bool):
+    """Run the compiled `kind` ("cpu" or "cuda") kernel under the fused-op contract.
+
+    Half types are upcast to float32 (statistics and products in float32), the gradient is
+    cast back to z's dtype; the losses stay in promote(z.dtype, float32).
+    """
+    backend, device_type = ("cpp", "cpu") if kind == "cpu" else ("cuda", "cuda")
+    if z.device.type != device_type:
+        raise ValueError(f"backend {backend!r} takes {device_type} tensors, got z on {z.device}")
+    try:
+        ops = cpp_build.ops(kind)
+    except cpp_build.BuildError as err:
+        raise RuntimeError(f"backend {backend!r} is not available: {err}") from err
+    compute_dtype = torch.promote_types(z.dtype, torch.float32)
+    zc = z.detach().to(compute_dtype).contiguous()
+    weight = None if row_weight is None else row_weight.detach().to(device=z.device, dtype=compute_dtype).contiguous()
+    loss_rows, grad = ops.alpha_cl_fused(
+        zc, row_lo, row_hi, weight, params.rule, params.temperature, params.p, params.gamma, params.eps,
+        detach_alpha, need_grad,
+    )
+    return loss_rows, grad.to(z.dtype)

@@ -1,0 +1,72 @@
+r"""Fused Triton kernels of the α-CL family: the `triton` backend of `fastalpha::alpha_cl_fused`.
+
+For Z (M × D) they compute, tile by tile and without any M × M buffer, the per-anchor losses
+and the gradient ∂(Σ_i w_i loss_i)/∂Z of every rule (fastalpha.dispatch has the contract):
+
+    row_pass.py      online row statistics (flash-attention forward with Q = K = V = Z),
+                     loss, A_i, row side Σ_j β_ij and βZ
+    column_pass.py   column side Σ_i β_ij and βᵀZ (flash-attention's dK/dV loop)
+    sparsemax.py     exact sparsemax threshold of `square` (Michelot's iteration)
+    quadratic.py     `quadratic` in closed form (no pair loop)
+    tiles.py         Gram tile, masks, log-weights, α and β of a tile
+    blocks.py        the block-size rule (keyed on D and dtype)
+    launch.py        the launcher implementing the contract
+    aot_check.py     compiles every kernel variant for a GPU target without a GPU
+
+Kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1
+is set before this package is first imported (tests do that). float64 inputs are computed in
+float64 (float64 tile products and statistics).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    _IMPORT_ERROR = None
+except ImportError as err:
+    _IMPORT_ERROR = err
+if _IMPORT_ERROR is None:
+    from .launch import fused_loss_and_grad, interpreted
+
+__all__ = ["status", "device_status", "alpha_cl_fused"]
+
+
+def status() -> tuple[bool, str]:
+    """(available, reason) of the Triton backend on this machine."""
+    if _IMPORT_ERROR is not None:
+        return False, f"triton is not importable: {_IMPORT_ERROR}"
+    import triton
+    if interpreted():
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for tests"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "no CUDA device, and TRITON_INTERPRET=1 was set after fastalpha.kernels was imported (set it before)"
+    return False, "no CUDA device and TRITON_INTERPRET is not set"
+
+
+def device_status(device: torch.device) -> tuple[bool, str]:
+    """(available, reason) for tensors on `device`: CUDA devices, or CPU under the interpreter."""
+    ok, reason = status()
+    if not ok:
+        return ok, reason
+    device = torch.device(device)
+    if device.type == "cuda":
+        if interpreted():
+            return True, reason + " (CUDA tensors are copied through the interpreter)"
+        return True, reason
+    if device.type == "cpu":
+        if interpreted():
+            return True, reason
+        return False, "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing fastalpha"
+    return False, f"the triton backend runs on CUDA devices, not {device.type}"
+
+
+def alpha_cl_fused(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params, detach_alpha: bool, need_grad: bool):
+    """The fused-op contract of fastalpha.dispatch, by the Triton kernels."""
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"the triton backend is unavailable: triton is not importable: {_IMPORT_ERROR}")
+    return fused_loss_and_grad(z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad)

@@ -1,0 +1,69 @@
+r"""Column pass: the column side of the gradient, Σ_i ω_ij and (ωᵀ Z)_j with ω_ij = w_i β_ij.
+
+One program owns BLOCK_N columns j (any of the M rows of Z) and one chunk of BLOCK_DO
+output features, and loops over the anchor rows i in [row_lo, row_hi) in tiles of BLOCK_M,
+like flash-attention's dK/dV loop: the row statistics (lse_i, c_i or μ_i, 1/k_i) are known
+from the row pass, so α_ij = e^{t_ij − lse_i} (or [(μ_i − d2_ij)/τ]_+) is recomputed per tile
+without any rescaling. Tiles are computed transposed (columns × rows) so that the product
+ωᵀ Z_rows is a plain `tl.dot`. Every column is written by exactly one program: no atomics,
+deterministic.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import _gram, _join, _mma, _negatives, _pair_weights
+
+
+@triton.jit
+def column_pass_kernel(
+    z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
+    col_sum_ptr, col_acc_ptr,
+    stride_z, stride_acc, M, D, half, row_lo, row_hi,
+    tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo,
+    WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_d = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < M
+    feats = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    feat_ok = feats < D
+
+    tau = _join(tau_hi, tau_lo, ACC)
+    k = _join(k_hi, k_lo, ACC)
+    inv_gamma = _join(inv_gamma_hi, inv_gamma_lo, ACC)
+    n_j = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
+    if SINGLE_CHUNK:
+        z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
+                      mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
+
+    col_sum = tl.zeros((BLOCK_N,), ACC)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
+    for i0 in range(row_lo, row_hi, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_hi
+        local = rows - row_lo
+        z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
+                      mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
+        if SINGLE_CHUNK:
+            s_t = _mma(z_j, tl.trans(z_i), tl.zeros((BLOCK_N, BLOCK_M), ACC), PRECISION, UPCAST)
+        else:
+            s_t = _gram(z_ptr, stride_z, cols, col_ok, rows, row_ok, D, BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, UPCAST, ACC)
+        n_i = tl.load(norm_ptr + rows, mask=row_ok, other=0.0)
+        d2_pos = tl.load(d2_pos_ptr + local, mask=row_ok, other=0.0)
+        stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
+        stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
+        d2 = tl.maximum((n_j[:, None] + n_i[None, :]) * 0.5 - s_t, 0.0)
+        valid = _negatives(rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], half, M)
+        alpha, omega = _pair_weights(d2, valid, d2_pos[None, :], stat_a[None, :], stat_b[None, :],
+                                     tau, k, inv_gamma, WEIGHT, POWER, BETA)
+        if HAS_WEIGHT:
+            omega = omega * tl.load(weight_ptr + local, mask=row_ok, other=0.0).to(ACC)[None, :]
+        col_sum += tl.sum(omega, 1)
+        acc = _mma(omega.to(z_ptr.dtype.element_ty), z_i, acc, PRECISION, UPCAST)
+
+    if pid_d == 0:
+        tl.store(col_sum_ptr + cols, col_sum, mask=col_ok)
+    tl.store(col_acc_ptr + cols.to(tl.int64)[:, None] * stride_acc + feats[None, :], acc,
+             mask=col_ok[:, None] & feat_ok[None, :])

@@ -1,0 +1,146 @@
+r"""Row pass: per-anchor statistics, loss and the row side of the gradient.
+
+One program owns BLOCK_M anchor rows i (of the range [row_lo, row_hi)) and one chunk of
+BLOCK_DO output features, and loops over all M columns in tiles of BLOCK_N, like the forward
+of flash-attention with Q = K = V = Z.
+
+ONLINE (log-weight rules with α as stop-gradient, and the statistics pass of the others):
+running max m_i and, rescaled by e^{m_old − m_new} at every tile,
+
+    l_i = Σ_j e^{t_ij − m_i},   s_i = Σ_j e^{t_ij − m_i} d2_ij,   acc_i = Σ_j e^{t_ij − m_i} z_j.
+
+At the end lse_i = log(e^{m_i} l_i + E_i) with the ε-term E_i = ε(M − 2) (direct, entropy) or
+ε e^{−d2_i/τ} (infonce), so that α_ij = e^{t_ij − lse_i}, A_i = Σ_j α_ij = l_i e^{m_i − lse_i}, and
+
+    loss_i = A_i d2_i − Σ_j α_ij d2_ij            (every log-weight rule),
+    loss_i = lse_i + d2_i/τ = log(ε + ξ_i)         (infonce).
+
+FIXED (statistics already known: lse_i and c_i, or μ_i and 1/k_i for sparsemax): α (and β)
+are evaluated directly per tile (`tiles._pair_weights`), no rescaling.
+
+Outputs per row: loss_i, lse_i (ONLINE), w_i A_i, w_i Σ_j β_ij and, with ACCUMULATE, the row
+of w_i (βZ)_i restricted to the program's feature chunk. Nothing of size M × M is formed.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import _gram, _join, _log_weight, _mma, _negatives, _pair_weights
+
+EPS_NONE = tl.constexpr(0)
+EPS_CONSTANT = tl.constexpr(1)
+EPS_INFONCE = tl.constexpr(2)
+
+
+@triton.jit
+def row_pass_kernel(
+    z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
+    loss_ptr, lse_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,
+    stride_z, stride_acc, M, D, half, row_lo, row_hi,
+    tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, log_eps_hi, log_eps_lo,
+    WEIGHT: tl.constexpr, POWER: tl.constexpr, EPS: tl.constexpr, LOG_LOSS: tl.constexpr,
+    ONLINE: tl.constexpr, BETA: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_d = tl.program_id(1)
+    rows = row_lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_hi
+    local = rows - row_lo
+    feats = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    feat_ok = feats < D
+
+    tau = _join(tau_hi, tau_lo, ACC)
+    k = _join(k_hi, k_lo, ACC)
+    inv_gamma = _join(inv_gamma_hi, inv_gamma_lo, ACC)
+    n_i = tl.load(norm_ptr + rows, mask=row_ok, other=0.0)
+    d2_pos = tl.load(d2_pos_ptr + local, mask=row_ok, other=0.0)
+    if not ONLINE:
+        stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
+        stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
+    if SINGLE_CHUNK:
+        # The whole (padded) row block stays in registers across the column loop.
+        z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
+                      mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
+    l_i = tl.zeros((BLOCK_M,), ACC)          # ONLINE: Σ e^{t−m};  FIXED: Σ α
+    s_i = tl.zeros((BLOCK_M,), ACC)          # ONLINE: Σ e^{t−m} d2;  FIXED: Σ α d2
+    b_i = tl.zeros((BLOCK_M,), ACC)          # FIXED: Σ β
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
+
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        if SINGLE_CHUNK:
+            z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
+                          mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
+            s = _mma(z_i, tl.trans(z_j), tl.zeros((BLOCK_M, BLOCK_N), ACC), PRECISION, UPCAST)
+        else:
+            s = _gram(z_ptr, stride_z, rows, row_ok, cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST, ACC)
+            if ACCUMULATE:
+                z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
+                              mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
+        n_j = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
+        d2 = tl.maximum((n_i[:, None] + n_j[None, :]) * 0.5 - s, 0.0)
+        valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M)
+
+        if ONLINE:
+            t = tl.where(valid, _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            # A row with no valid entry yet keeps m = −inf; shift by 0 there to avoid inf − inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.exp(m_i - m_use)
+            p = tl.exp(t - m_use[:, None])
+            l_i = l_i * rescale + tl.sum(p, 1)
+            s_i = s_i * rescale + tl.sum(p * d2, 1)
+            if ACCUMULATE:
+                acc = _mma(p.to(z_ptr.dtype.element_ty), z_j, acc * rescale[:, None], PRECISION, UPCAST)
+            m_i = m_new
+        else:
+            alpha, beta = _pair_weights(d2, valid, d2_pos[:, None], stat_a[:, None], stat_b[:, None],
+                                        tau, k, inv_gamma, WEIGHT, POWER, BETA)
+            l_i += tl.sum(alpha, 1)
+            s_i += tl.sum(alpha * d2, 1)
+            b_i += tl.sum(beta, 1)
+            if ACCUMULATE:
+                acc = _mma(beta.to(z_ptr.dtype.element_ty), z_j, acc, PRECISION, UPCAST)
+
+    if HAS_WEIGHT:
+        w_i = tl.load(weight_ptr + local, mask=row_ok, other=0.0).to(ACC)
+    else:
+        w_i = tl.full((BLOCK_M,), 1.0, ACC)
+
+    if ONLINE:
+        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+        log_sum = m_use + tl.log(tl.where(l_i > 0, l_i, 1.0))
+        if EPS == EPS_NONE:
+            lse = log_sum
+        else:
+            log_eps = _join(log_eps_hi, log_eps_lo, ACC)
+            if EPS == EPS_INFONCE:
+                log_eps = log_eps - d2_pos / tau
+            top = tl.maximum(log_sum, log_eps)
+            lse = top + tl.log(1.0 + tl.exp(-tl.abs(log_sum - log_eps)))
+        to_alpha = tl.exp(m_use - lse)          # e^{t−m} · to_alpha = α
+        a_i = l_i * to_alpha
+        if LOG_LOSS:
+            loss = lse + d2_pos / tau
+        else:
+            loss = a_i * d2_pos - s_i * to_alpha
+        beta_sum = a_i
+        acc_scale = w_i * to_alpha
+    else:
+        a_i = l_i
+        loss = a_i * d2_pos - s_i
+        beta_sum = b_i
+        acc_scale = w_i
+
+    if pid_d == 0:
+        tl.store(loss_ptr + local, loss, mask=row_ok)
+        tl.store(row_a_ptr + local, w_i * a_i, mask=row_ok)
+        tl.store(row_sum_ptr + local, w_i * beta_sum, mask=row_ok)
+        if ONLINE:
+            tl.store(lse_ptr + local, lse, mask=row_ok)
+    if ACCUMULATE:
+        tl.store(row_acc_ptr + local.to(tl.int64)[:, None] * stride_acc + feats[None, :],
+                 acc * acc_scale[:, None], mask=row_ok[:, None] & feat_ok[None, :])

@@ -1,0 +1,85 @@
+r"""Exact sparsemax threshold μ_i of the `square` rule by Michelot's iteration, sort-free.
+
+For an anchor i the weights α_ij = [(μ_i − d2_ij)/τ]_+ sum to 1 over J_i when μ_i solves
+f(μ) = Σ_j [μ − d2_ij]_+ = τ. With S(μ) = {j ∈ J_i : d2_ij < μ}, Michelot's iteration
+
+    μ ← (τ + Σ_{j∈S(μ)} d2_ij) / |S(μ)|,      started at μ⁰ = min_j d2_ij + τ ≥ μ_i,
+
+never increases μ (Σ_{S(μ)} (μ − d2) ≥ τ whenever μ ≥ μ_i) and never goes below μ_i
+(S(μ) ⊇ S(μ_i)), so the support shrinks at every step until it stops changing; then
+Σ_{S}(μ − d2) = τ exactly, i.e. μ = μ_i and k_i = |S|. Each step is one pass over the columns
+that only counts and sums. In floating point, μ is kept non-increasing explicitly, which makes
+the support monotone and the loop finite (at most M steps; a handful in practice).
+
+One program owns BLOCK_M rows and iterates until none of its rows changed its support.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import _gram, _join, _mma, _negatives
+
+
+@triton.jit
+def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """(d2, valid) for rows × columns [j0, j0 + BLOCK_N)."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < M
+    if SINGLE_CHUNK:
+        feats = tl.arange(0, BLOCK_D)
+        z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
+                      mask=col_ok[:, None] & (feats < D)[None, :], other=0.0)
+        s = _mma(z_i, tl.trans(z_j), tl.zeros((BLOCK_M, BLOCK_N), ACC), PRECISION, UPCAST)
+    else:
+        s = _gram(z_ptr, stride_z, rows, row_ok, cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST, ACC)
+    n_j = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
+    d2 = tl.maximum((n_i[:, None] + n_j[None, :]) * 0.5 - s, 0.0)
+    valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M)
+    return d2, valid
+
+
+@triton.jit
+def sparsemax_threshold_kernel(
+    z_ptr, norm_ptr, mu_ptr, inv_size_ptr,
+    stride_z, M, D, half, row_lo, row_hi, tau_hi, tau_lo,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = row_lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_hi
+    local = rows - row_lo
+    tau = _join(tau_hi, tau_lo, ACC)
+    n_i = tl.load(norm_ptr + rows, mask=row_ok, other=0.0)
+    if SINGLE_CHUNK:
+        feats = tl.arange(0, BLOCK_D)
+        z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
+                      mask=row_ok[:, None] & (feats < D)[None, :], other=0.0)
+    else:
+        z_i = tl.zeros((BLOCK_M, BLOCK_D), z_ptr.dtype.element_ty)   # unused: tiles loop over D
+
+    d2_min = tl.full((BLOCK_M,), float("inf"), ACC)
+    for j0 in range(0, M, BLOCK_N):
+        d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, PRECISION, UPCAST, ACC)
+        d2_min = tl.minimum(d2_min, tl.min(tl.where(valid, d2, float("inf")), 1))
+
+    mu = tl.where(row_ok, d2_min + tau, 0.0)
+    size = tl.full((BLOCK_M,), -1, tl.int32)
+    changed = tl.sum(row_ok.to(tl.int32), 0)
+    while changed > 0:
+        count = tl.zeros((BLOCK_M,), tl.int32)
+        total = tl.zeros((BLOCK_M,), ACC)
+        for j0 in range(0, M, BLOCK_N):
+            d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, PRECISION, UPCAST, ACC)
+            inside = valid & (d2 < mu[:, None])
+            count += tl.sum(inside.to(tl.int32), 1)
+            total += tl.sum(tl.where(inside, d2, 0.0), 1)
+        # |S| ≥ 1 for a valid row (the minimum is inside); padding rows keep μ and count 0.
+        mu = tl.where(count > 0, tl.minimum((tau + total) / tl.maximum(count, 1).to(ACC), mu), mu)
+        changed = tl.sum((row_ok & (count != size)).to(tl.int32), 0)
+        size = count
+
+    tl.store(mu_ptr + local, mu, mask=row_ok)
+    tl.store(inv_size_ptr + local, 1.0 / tl.maximum(size, 1).to(ACC), mask=row_ok)

@@ -1,0 +1,130 @@
+r"""Tile-level building blocks shared by every pass (Triton `@jit` helpers).
+
+A tile is the block of pairs (i, j) between BLOCK rows and BLOCK columns of Z. Every pass
+recomputes, per tile, the squared distances from the Gram block and the norms,
+
+    d2_ij = max((n_i + n_j)/2 − z_i·z_j, 0),      n_i = ||z_i||²,
+
+masks the pairs that are not negatives (j = i, j = p(i) = (i + M/2) mod M, or a row/column
+outside the matrix), and turns d2 into the rule's log-weight t = log w(d2):
+
+    power (entropy, direct, infonce)   t = −d2^k / τ,   k = p/2 (k = 1: entropy, infonce;
+                                       k = 2: direct's default p = 4; both without exp/log)
+    inverse                            t = −log(d2 + τ) / γ
+    sparsemax (square)                 α = [(μ_i − d2)/τ]_+  (no log-weight; μ_i from sparsemax.py)
+
+Scalar parameters arrive as (hi, lo) float32 pairs (Triton passes Python floats as float32);
+`_join` rebuilds them in the accumulation dtype so that float64 inputs keep float64 precision.
+"""
+import triton
+import triton.language as tl
+
+WEIGHT_POWER = tl.constexpr(0)
+WEIGHT_INVERSE = tl.constexpr(1)
+WEIGHT_SPARSEMAX = tl.constexpr(2)
+
+
+@triton.jit
+def _join(hi, lo, ACC: tl.constexpr):
+    """A float64-exact parameter from its float32 (hi, lo) split: x = hi + lo."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b on the tensor cores (fp32 accumulation).
+
+    UPCAST is set only under TRITON_INTERPRET for bfloat16 inputs: the interpreter stores
+    bfloat16 as raw uint16 and its `tl.dot` multiplies the bit patterns (triton-lang/triton
+    #11584, documented as unsupported). Products of bfloat16 values are exact in float32, so
+    the upcast dot computes what the GPU's bf16 MMA with fp32 accumulation computes.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _gram(z_ptr, stride, offs_a, ok_a, offs_b, ok_b, D,
+          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+          PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """S = Z[offs_a] Z[offs_b]ᵀ (BLOCK_A × BLOCK_B) by a loop over chunks of BLOCK_K features."""
+    s = tl.zeros((BLOCK_A, BLOCK_B), ACC)
+    base_a = offs_a.to(tl.int64) * stride
+    base_b = offs_b.to(tl.int64) * stride
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < D
+        a = tl.load(z_ptr + base_a[:, None] + kk[None, :], mask=ok_a[:, None] & k_ok[None, :], other=0.0)
+        b_t = tl.load(z_ptr + base_b[None, :] + kk[:, None], mask=ok_b[None, :] & k_ok[:, None], other=0.0)
+        s = _mma(a, b_t, s, PRECISION, UPCAST)
+    return s
+
+
+@triton.jit
+def _negatives(rows, cols, row_ok, col_ok, half, M):
+    """Mask of the pairs (rows[:, None], cols[None, :]) with cols in J_rows (shapes broadcast)."""
+    partner = (rows + half) % M
+    return row_ok & col_ok & (cols != rows) & (cols != partner)
+
+
+@triton.jit
+def _power(d2, k, POWER: tl.constexpr):
+    """d2^k for d2 ≥ 0 and k > 0 (0 at d2 = 0, without evaluating log 0). POWER = 1 or 2 when
+    k is that integer (exact, no transcendental), else 0."""
+    if POWER == 1:
+        return d2
+    if POWER == 2:
+        return d2 * d2
+    positive = d2 > 0
+    return tl.where(positive, tl.exp(k * tl.log(tl.where(positive, d2, 1.0))), 0.0)
+
+
+@triton.jit
+def _log_weight(d2, tau, k, inv_gamma, WEIGHT: tl.constexpr, POWER: tl.constexpr):
+    """t(d2) = log w(d2) of the log-weight rules."""
+    if WEIGHT == WEIGHT_INVERSE:
+        return -tl.log(d2 + tau) * inv_gamma
+    return -_power(d2, k, POWER) / tau
+
+
+@triton.jit
+def _log_weight_slope(d2, tau, k, inv_gamma, WEIGHT: tl.constexpr, POWER: tl.constexpr):
+    """t'(d2) = dt/d(d2) (used by β). For k < 1 it is infinite at d2 = 0; there the pair's
+    gradient β_ij (z_i − z_j) ∝ d2^{k−1/2} tends to 0 for k > 1/2, so the slope is set to 0."""
+    if WEIGHT == WEIGHT_INVERSE:
+        return -inv_gamma / (d2 + tau)
+    if POWER == 1:
+        return tl.full(d2.shape, -1.0, d2.dtype) / tau
+    if POWER == 2:
+        return -2.0 * d2 / tau
+    positive = d2 > 0
+    return tl.where(positive, -k * tl.exp((k - 1.0) * tl.log(tl.where(positive, d2, 1.0))) / tau, 0.0)
+
+
+@triton.jit
+def _pair_weights(d2, valid, d2_pos, stat_a, stat_b, tau, k, inv_gamma,
+                  WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr):
+    """(α, β) of a tile once the row statistics are known (row quantities broadcast to d2).
+
+    Log-weight rules: stat_a = lse_i = log(Σ_k w_ik + ε-term), so α = e^{t − lse};
+    with BETA, stat_b = c_i = Σ_k α_ik v_ik and β = α (1 − t' (v − c)), v = d2_i − d2_ij.
+    Sparsemax: stat_a = μ_i, stat_b = 1/k_i, α = [(μ − d2)/τ]_+, β = 2α − 1/k_i on the support.
+    Without BETA, β = α. Both are exactly 0 outside `valid`.
+    """
+    if WEIGHT == WEIGHT_SPARSEMAX:
+        alpha = tl.where(valid, tl.maximum((stat_a - d2) / tau, 0.0), 0.0)
+        if BETA:
+            beta = tl.where(alpha > 0, 2.0 * alpha - stat_b, 0.0)
+        else:
+            beta = alpha
+    else:
+        t = _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER)
+        alpha = tl.where(valid, tl.exp(tl.where(valid, t - stat_a, 0.0)), 0.0)
+        if BETA:
+            slope = _log_weight_slope(d2, tau, k, inv_gamma, WEIGHT, POWER)
+            beta = alpha * (1.0 - slope * ((d2_pos - d2) - stat_b))
+        else:
+            beta = alpha
+    return alpha, beta

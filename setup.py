@@ -12,8 +12,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastalpha", "fastalpha.*"]),
-    include_package_data=True,
+    # csrc/ sits at the top of the repository (DESIGN.md §3); wheels carry it as fastalpha/_csrc
+    # so that a non-editable install can still compile the kernels on first use.
+    packages=find_packages(include=["fastalpha", "fastalpha.*"]) + ["fastalpha._csrc"],
+    package_dir={"fastalpha._csrc": "csrc"},
+    package_data={"fastalpha._csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[
         # The pair these machines install from their local cache; torchvision must match it.
         "torch>=2.4,<=2.14.1",

@@ -60,13 +60,15 @@ def flag_set(name: str) -> bool:
 
 
 def csrc_dir() -> Path:
-    """The csrc/ folder: $FASTALPHA_CSRC, else the repository checkout the package lives in."""
+    """The C++/CUDA sources: $FASTALPHA_CSRC, else the checkout's csrc/, else the wheel's _csrc/."""
     env = os.environ.get("FASTALPHA_CSRC")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "csrc"
+    here = Path(__file__).resolve().parent
+    # A checkout (editable install) has csrc/ beside the package; a wheel carries it as _csrc/.
+    path = Path(env) if env else next((p for p in (here.parent / "csrc", here / "_csrc") if p.is_dir()), here.parent / "csrc")
     if not (path / CPU_SOURCES[0]).is_file():
         raise BuildError(
-            f"the C++ sources are not at {path} (a non-editable install does not ship csrc/; "
-            "install with `pip install -e .` from a checkout, or set FASTALPHA_CSRC to its csrc/ folder)"
+            f"the C++ sources are not at {path} (expected csrc/ of a checkout or fastalpha/_csrc/ of a wheel; "
+            "set FASTALPHA_CSRC to a folder holding them)"
         )
     return path
 

@@ -87,17 +87,19 @@ if [ "$HAS_CUDA" = 1 ]; then
     "$PY" bench/compare.py --device cuda --quick --out "$OUTDIR/bench"
 
   DATASET=${GPU_CHECK_DATASET:-}
+  BATCH=1024
   if [ -z "$DATASET" ]; then
     if ls "$DATA_ROOT"/FashionMNIST/raw/train-images-idx3-ubyte* "$DATA_ROOT"/fashion-mnist/train-images-idx3-ubyte* \
          /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte* >/dev/null 2>&1; then
       DATASET=fashion-mnist
     else
       DATASET=synthetic
+      BATCH=32  # the synthetic set is tiny: a batch of 1024 would not fit in it
       echo "!! Fashion-MNIST not found under $DATA_ROOT or /usr/share/datasets/fashion-mnist: train check uses --dataset synthetic"
     fi
   fi
   run_step train "$TRAIN_S" "$OUTDIR/train.log" \
-    "$PY" train/run.py --check-eager 20 --dataset "$DATASET" --arch resnet18 --batch 1024 \
+    "$PY" train/run.py --check-eager 20 --dataset "$DATASET" --arch resnet18 --batch "$BATCH" \
       --data-root "$DATA_ROOT" --device cuda --backend triton --out "$OUTDIR/train" --no-progress
   SUMMARY+=("       (train check dataset: $DATASET)")
 else

@@ -1,0 +1,236 @@
+r"""The pre-training loop: two augmented views → encoder + projector → α-CL loss → optimizer.
+
+One step, for the global batch of B images x_1..x_B (rank r holds its B/W of them):
+
+    v1, v2 = aug(x), aug(x)              parameters from a generator seeded by (seed, epoch, step)
+    z      = model(cat(v1, v2))          BatchNorm statistics over both views of the batch
+    loss   = AlphaCLLoss(z[:B], z[B:])   the Table-1 loss; all ranks' rows are negatives (DDP)
+
+Trust features:
+* checkpoint.pt (atomic) after every epoch, and at the first step boundary after Ctrl-C
+  (a second Ctrl-C aborts at once; the last checkpoint on disk is then still complete);
+* resume restores model, optimizer, epoch/step, the data-order generator, the python/numpy/torch
+  RNG states and the partial epoch sums, so a resumed CPU run equals an uninterrupted one bit for bit;
+* a non-finite loss stops the run before the optimizer step: the checkpoint on disk is the
+  last good state.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+import fastalpha
+
+from . import augment, checkpoint, distributed, evaluate
+from .batches import BatchPlan
+from .models import ContrastiveModel
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C was honoured: the state was checkpointed at a step boundary."""
+
+
+def build_optimizer(name: str, params, lr: float, wd: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def learning_rate(cfg, global_step: int, total_steps: int) -> float:
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(global_step, total_steps) / max(total_steps, 1)))
+    return cfg.lr
+
+
+class Trainer:
+    def __init__(self, cfg, data, spec, device: torch.device, topology=distributed.Topology(), log=print):
+        self.cfg, self.data, self.spec, self.device, self.topology, self.log = cfg, data, spec, device, topology, log
+        self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+        self.model = ContrastiveModel(cfg.arch, data.channels, spec.size).to(device, memory_format=torch.channels_last)
+        self.ddp_model = self.model
+        if topology.enabled:
+            if device.type == "cuda":
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.loss_fn = fastalpha.AlphaCLLoss(**cfg.loss_kwargs, backend=cfg.backend, gather_distributed=topology.enabled)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.wd)
+        self.plan = BatchPlan(len(data.pretrain), cfg.batch, cfg.seed, topology.world_size, topology.rank)
+        self.images = data.pretrain.to(device)
+        self.epochs_done = 0
+        self.step_in_epoch = 0
+        self.partial = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
+        self.order_state = self.plan.order_generator.get_state()
+        self.history: list[dict] = []
+        self.probes: dict = {}
+        self.stop_requested = False  # set by the Ctrl-C handler, at any moment
+        self.stop_agreed = False  # the step-boundary decision, identical on every rank
+        self.mid_step = False
+        self.last_features = None
+
+    # ----------------------------------------------------------------- state
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.cfg.out, CHECKPOINT_NAME)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": 1,
+            "config": self.cfg.as_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epochs_done": self.epochs_done,
+            "step_in_epoch": self.step_in_epoch,
+            "partial": dict(self.partial),
+            "order_state": self.order_state,
+            "rng": checkpoint.capture_rng(),
+            "history": list(self.history),
+            "probes": dict(self.probes),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epochs_done = state["epochs_done"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.partial = dict(state["partial"])
+        self.order_state = state["order_state"]
+        self.history = list(state["history"])
+        self.probes = dict(state["probes"])
+        checkpoint.restore_rng(state["rng"])
+
+    def save(self) -> None:
+        if self.topology.is_main:
+            checkpoint.save(self.state_dict(), self.checkpoint_path)
+
+    # ----------------------------------------------------------------- steps
+    def train_step(self, epoch: int, step: int, order: torch.Tensor) -> float:
+        """One optimizer step; returns the global-batch loss (checked finite before the update)."""
+        idx, offset = self.plan.local_indices(order, step)
+        images = self.images[idx.to(self.device)]
+        gen = augment.step_generator(self.cfg.seed, epoch, step)
+        v1, v2 = augment.two_views(images, self.spec, gen, self.plan.global_batch, offset)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            z = self.ddp_model(torch.cat([v1, v2]))
+        z1, z2 = z.chunk(2)
+        loss = self.loss_fn(z1, z2)
+        # fastalpha.distributed returns W × (this rank's share), so the mean over ranks is the global loss.
+        stats = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_requested), device=loss.device)])
+        stats = distributed.all_reduce_sum(stats, self.topology).cpu()
+        value = stats[0].item() / self.topology.world_size
+        self.stop_agreed = bool(stats[1].item() > 0)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"non-finite loss ({value}) at epoch {epoch}, step {step + 1}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return value
+
+    def set_lr(self, epoch: int, step: int) -> float:
+        total = self.cfg.epochs * self.plan.steps_per_epoch
+        lr = learning_rate(self.cfg, (epoch - 1) * self.plan.steps_per_epoch + step, total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_epoch(self, epoch: int, progress) -> dict:
+        """Train epoch `epoch` (1-based) from `self.step_in_epoch`; returns its metrics row."""
+        self.plan.order_generator.set_state(self.order_state)
+        order = self.plan.epoch_order()
+        steps = self.plan.steps_per_epoch
+        lr = self.cfg.lr
+        bar = progress(range(self.step_in_epoch, steps), total=steps, initial=self.step_in_epoch,
+                       desc=f"epoch {epoch}/{self.cfg.epochs}", unit="step")
+        for step in bar:
+            start = time.perf_counter()
+            self.mid_step = True  # from here until the counters agree with the weights again
+            lr = self.set_lr(epoch, step)
+            value = self.train_step(epoch, step, order)
+            self.partial["time"] += time.perf_counter() - start
+            self.partial["loss_sum"] += value
+            self.partial["steps"] += 1
+            self.step_in_epoch = step + 1
+            self.mid_step = False
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            if self.stop_agreed and self.step_in_epoch < steps:
+                self.save()
+                raise Interrupted(f"stopped at epoch {epoch}, step {self.step_in_epoch}/{steps}")
+        if hasattr(bar, "close"):
+            bar.close()
+        elapsed = self.partial["time"]
+        row = {"epoch": epoch, "steps": steps, "loss": self.partial["loss_sum"] / max(self.partial["steps"], 1), "lr": lr,
+               "knn_top1": None, "epoch_time_s": round(elapsed, 3),
+               "images_per_s": round(steps * self.plan.global_batch / max(elapsed, 1e-9), 1), "eval_time_s": None}
+        self.epochs_done = epoch
+        self.step_in_epoch = 0
+        self.partial = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
+        self.order_state = self.plan.order_generator.get_state()
+        return row
+
+    # ----------------------------------------------------------------- probes
+    def features(self):
+        return (evaluate.extract_features(self.model, self.data.train, self.spec, self.device, amp_dtype=self.amp_dtype),
+                evaluate.extract_features(self.model, self.data.test, self.spec, self.device, amp_dtype=self.amp_dtype))
+
+    def probe(self, which: str, features=None) -> evaluate.ProbeResult:
+        cfg = self.cfg
+        return evaluate.probe(self.model, self.data, self.spec, self.device, which, cfg.knn_k, cfg.knn_t, cfg.linear_epochs,
+                              cfg.seed, amp_dtype=self.amp_dtype, features=features)
+
+    def knn_monitor(self) -> float:
+        self.last_features = self.features()
+        return self.probe("knn", self.last_features).knn
+
+    def wants_knn(self, epoch: int) -> bool:
+        every = self.cfg.eval_every
+        return every > 0 and (epoch % every == 0 or epoch == self.cfg.epochs)
+
+    # ----------------------------------------------------------------- driver
+    def baseline(self) -> None:
+        """Row 0 and the untrained-encoder probes (skipped when resuming: they are in the checkpoint)."""
+        if self.history:
+            return
+        if self.topology.is_main:
+            which = self.cfg.eval
+            if self.cfg.eval_every > 0 and which == "linear":
+                which = "both"
+            result = self.probe(which)
+            self.probes["untrained"] = result.as_dict()
+            knn = result.knn if self.cfg.eval_every > 0 else None
+            self.history.append({"epoch": 0, "steps": 0, "loss": None, "lr": None, "knn_top1": knn,
+                                 "epoch_time_s": None, "images_per_s": None})
+        self.history = distributed.broadcast_object(self.history, self.topology)
+        self.probes = distributed.broadcast_object(self.probes, self.topology)
+
+    def fit(self, progress, on_epoch=None) -> None:
+        """Train from `epochs_done` to cfg.epochs, checkpointing after every epoch."""
+        for epoch in range(self.epochs_done + 1, self.cfg.epochs + 1):
+            row = self.train_epoch(epoch, progress)
+            self.last_features = None
+            if self.wants_knn(epoch) and self.topology.is_main:
+                start = time.perf_counter()
+                row["knn_top1"] = self.knn_monitor()
+                row["eval_time_s"] = round(time.perf_counter() - start, 3)
+            distributed.barrier(self.topology)
+            self.history.append(row)
+            self.save()
+            if on_epoch is not None:
+                on_epoch(row)
+            if self.stop_agreed and epoch < self.cfg.epochs:
+                raise Interrupted(f"stopped after epoch {epoch}")
+
+    def final_probes(self) -> evaluate.ProbeResult:
+        return self.probe(self.cfg.eval, self.last_features)

@@ -475,7 +475,7 @@ def test_help_explains_every_flag(capsys):
 
 def test_digits_quick_start_beats_the_untrained_encoder(tmp_path):
     # Seeded small config; over seeds 0-2 it gained +2.8 to +4.5 linear and +8.1 to +11.1 kNN
-    # points (seed 0: +4.45 and +8.06, docs/train.md); the margins leave room for rounding
+    # points (seed 0: +4.45 and +8.06, README.md, "Training"); the margins leave room for rounding
     # differences across machines.
     out = tmp_path / "digits"
     assert cli.main(["--dataset", "digits", "--loss", "direct", "--batch", "256", "--lr", "0.003", "--epochs", "12",

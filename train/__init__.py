@@ -1,6 +1,6 @@
 """Training harness: pre-train an encoder with any Table-1 loss of Tian (2022), then probe it.
 
-    python train/run.py --loss direct --batch 1024        # see docs/train.md
+    python train/run.py --loss direct --batch 1024        # see README.md, "Training"
 
 Layout (one concept per file):
     cli.py         argparse flags, validation, the run's entry point `main(argv)`

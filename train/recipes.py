@@ -11,7 +11,7 @@ Every flag left at `auto` is filled in from the recipe; a flag given explicitly 
 The paper's settings are those of its code (facebookresearch/luckmatters, ssl/real-dataset:
 `max_epochs: 100`, `batch_size: 128`, Adam lr 0.01, wd 0). The small recipe exists so that
 `python train/run.py --loss direct --batch 1024` finishes in minutes on two CPU cores
-(SMALL; lr 3e-3 and the digits settings were picked from a few seeded runs, docs/train.md).
+(SMALL; lr 3e-3 and the digits settings were picked from a few seeded runs, README.md, "Training").
 
 Augmentation depends on the dataset only (DESIGN.md §6): CIFAR as SimCLR (crop scale
 0.08–1, flip, jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale 0.2), STL-10 with jitter 0.8/0.8/0.8/0.2

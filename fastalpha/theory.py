@@ -16,7 +16,8 @@ with A_i = Σ_{j∈J_i} α_ij:
     E_α      = ½ tr C_α[z, z].
 
 Everything here is dense, O(M²) memory and meant for small, exact (float64) experiments; the
-fast losses live in fastalpha.functional. This module imports nothing else from fastalpha.
+fast losses live in fastalpha.functional. `energy`, `contrastive_covariance`, `partner_index`
+and `negative_mask` are fastalpha.reference's, re-exported here.
 
 Contents
 --------
@@ -39,23 +40,15 @@ from typing import Callable, Sequence
 
 import torch
 
+# The energy, C_α and the pair geometry are the library's own (one definition, tested there).
+from .reference import contrastive_covariance, energy, negative_mask, partner_index
+
 Tensor = torch.Tensor
 ScalarFn = Callable[[Tensor], Tensor]
 
 # ----------------------------------------------------------------------------------------
 # Pair geometry
 # ----------------------------------------------------------------------------------------
-
-
-def partner_index(m: int, device=None) -> Tensor:
-    """p(i) = (i + M/2) mod M."""
-    return (torch.arange(m, device=device) + m // 2) % m
-
-
-def negative_mask(m: int, device=None) -> Tensor:
-    """Boolean (M, M) mask of J_i: False on the diagonal and at (i, p(i))."""
-    idx = torch.arange(m, device=device)
-    return (idx[None, :] != idx[:, None]) & (idx[None, :] != partner_index(m, device)[:, None])
 
 
 def stack_views(z1: Tensor, z2: Tensor, normalize: bool = False) -> Tensor:
@@ -84,39 +77,7 @@ def pair_margins(z: Tensor) -> tuple[Tensor, Tensor]:
     m = z.shape[0]
     d2 = pair_sq_distances(z)
     d2_pos = d2.gather(1, partner_index(m, z.device)[:, None])
-    return d2_pos - d2, negative_mask(m, z.device)
-
-
-def _check_alpha(alpha: Tensor, m: int) -> Tensor:
-    if alpha.shape != (m, m):
-        raise ValueError(f"alpha must be (M, M) = ({m}, {m}) for M = {m} stacked rows, got {tuple(alpha.shape)}")
-    return alpha * negative_mask(m, alpha.device)
-
-
-def energy(z1: Tensor, z2: Tensor, alpha: Tensor, normalize: bool = False) -> Tensor:
-    """E_α = Σ_i Σ_{j∈J_i} α_ij d2_ij − Σ_i A_i d2_i (entries of α off J_i are ignored)."""
-    z = stack_views(z1, z2, normalize)
-    m = z.shape[0]
-    alpha = _check_alpha(alpha, m)
-    d2 = pair_sq_distances(z)
-    d2_pos = d2.gather(1, partner_index(m, z.device)[:, None])[:, 0]
-    return (alpha * d2).sum() - (alpha.sum(1) * d2_pos).sum()
-
-
-def contrastive_covariance(a1: Tensor, a2: Tensor, alpha: Tensor, b1: Tensor | None = None, b2: Tensor | None = None) -> Tensor:
-    r"""C_α[a, b] (d_a × d_b) from the stacked views a = [a1; a2], b = [b1; b2] (b defaults to a).
-
-    Written as a graph Laplacian so no M × M × d tensor is built:
-    Σ_ij α_ij (a_i − a_j)(b_i − b_j)ᵀ = aᵀ (diag(R + C) − α − αᵀ) b, R_i = Σ_j α_ij, C_j = Σ_i α_ij.
-    """
-    a = torch.cat([a1, a2], 0)
-    b = a if b1 is None else torch.cat([b1, b2], 0)
-    m = a.shape[0]
-    alpha = _check_alpha(alpha, m)
-    row, col = alpha.sum(1), alpha.sum(0)
-    pair = a.T @ ((row + col)[:, None] * b) - a.T @ (alpha @ b) - a.T @ (alpha.T @ b)
-    p = partner_index(m, a.device)
-    return pair - (a - a[p]).T @ (row[:, None] * (b - b[p]))
+    return d2_pos - d2, negative_mask(m, device=z.device)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Benchmarks of fastalpha: `python bench/compare.py` (see docs/bench.md)."""

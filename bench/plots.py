@@ -1,0 +1,84 @@
+"""PNG plots of a benchmark run: time vs M and peak memory vs M, log-log, one line per provider.
+
+One figure per run, a grid with one row per (rule, D, dtype, mode) and two columns (time,
+memory). Only `ok` measurements are drawn; a provider that ran out of memory (or was
+predicted to) at some sizes says so in its legend entry.
+
+    python bench/plots.py bench/results/cpu-....csv      # redraw a figure from its CSV
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+from matplotlib import ticker  # noqa: E402
+
+STYLE = {
+    "eager": dict(color="tab:gray", marker="o"),
+    "eager-chunked": dict(color="tab:blue", marker="s"),
+    "compile": dict(color="tab:purple", marker="^"),
+    "cpp": dict(color="tab:red", marker="D"),
+    "cuda": dict(color="tab:green", marker="v"),
+    "triton": dict(color="tab:orange", marker="P"),
+}
+
+
+def _size_label(m: int) -> str:
+    return f"{m // 1024}k" if m >= 1024 and m % 1024 == 0 else str(m)
+
+
+def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
+    """Draw the grid into `path`; returns the path, or None when no measurement is ok."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["rule"], r["D"], r["dtype"], r["mode"])].append(r)
+    groups = {k: v for k, v in groups.items() if any(r["status"] == "ok" for r in v)}
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    for (rule, d, dtype, mode), (ax_time, ax_mem) in zip(groups, axes):
+        group = groups[(rule, d, dtype, mode)]
+        for provider in dict.fromkeys(r["provider"] for r in group):
+            points = sorted((r for r in group if r["provider"] == provider), key=lambda r: r["M"])
+            ok = [r for r in points if r["status"] == "ok"]
+            if not ok:
+                continue
+            oom = [r["M"] for r in points if r["status"] == "OOM"]
+            label = provider + (f" (OOM at M≥{min(oom)})" if oom else "")
+            style = STYLE.get(provider, {})
+            ax_time.plot([r["M"] for r in ok], [r["median_ms"] for r in ok], label=label, **style)
+            ax_time.fill_between([r["M"] for r in ok], [r["p20_ms"] for r in ok], [r["p80_ms"] for r in ok],
+                                 color=style.get("color"), alpha=0.2)
+            with_mem = [r for r in ok if r["peak_mb"] is not None and r["peak_mb"] > 0]
+            ax_mem.plot([r["M"] for r in with_mem], [r["peak_mb"] for r in with_mem], label=label, **style)
+        subtitle = f"{rule}, D={d}, {dtype}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}"
+        ax_time.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="median time (ms)", title=subtitle)
+        ax_mem.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="peak memory beyond inputs (MiB)", title=subtitle)
+        sizes = sorted({r["M"] for r in group if r["status"] == "ok"})
+        for ax in (ax_time, ax_mem):
+            ax.set_xticks(sizes, [_size_label(m) for m in sizes])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.report import read_csv
+
+    for csv_path in sys.argv[1:]:
+        print(plot_results(read_csv(csv_path), os.path.splitext(csv_path)[0] + ".png", os.path.basename(csv_path)))

@@ -1,0 +1,105 @@
+r"""The implementations the benchmark compares ("providers"), behind one interface.
+
+=============== ===================================================================== ==========
+provider        what runs                                                             memory
+=============== ===================================================================== ==========
+eager           fastalpha.alpha_cl_loss(..., backend="eager"): dense autograd          O(M²)
+eager-chunked   bench.chunked: row chunks in plain PyTorch, gradient from the forward  O(R·M)
+compile         torch.compile(dynamic=True) of the dense reference                     O(M²)
+cpp/cuda/triton fastalpha.alpha_cl_loss(..., backend=name): the fused kernels          O(M·D)
+=============== ===================================================================== ==========
+
+Each provider gives `status(device) -> (available, reason)`, `loss_fn(rule) -> f(z1, z2)`
+(default rule parameters, detach_alpha=True, reduction="mean"), and a predicted peak memory
+used to skip sizes that would exceed the run's cap (see `predicted_peak_bytes`).
+"""
+from __future__ import annotations
+
+import functools
+import shutil
+from typing import Callable
+
+import torch
+
+import fastalpha
+from fastalpha import dispatch
+
+from .chunked import chunked_alpha_cl_loss, default_chunk_rows
+
+PROVIDERS = ("eager", "eager-chunked", "compile", "cpp", "cuda", "triton")
+#: Providers backed by a fused fastalpha kernel: they alone get the extra large sizes.
+FUSED = ("cpp", "cuda", "triton")
+DEFAULT_PROVIDERS = {
+    "cpu": ("eager", "eager-chunked", "compile", "cpp"),
+    "cuda": ("eager", "eager-chunked", "compile", "triton", "cuda"),
+}
+
+#: Peak memory of the dense providers in units of M²·itemsize, measured on this project's CPU
+#: machine at M = 1024…4096, D = 128, float32 for `direct` and `infonce` (bench/compare.py
+#: measures it on every run, column peak_mb): eager ≈ 6.3–7.5 (fwd and fwd+bwd), compile ≈ 1.05
+#: (fwd) and ≈ 4.1–4.5 (fwd+bwd). Rounded up, these predict which sizes exceed the memory cap.
+DENSE_PEAK_FACTOR = {
+    ("eager", "fwd"): 8.0,
+    ("eager", "fwdbwd"): 8.0,
+    ("compile", "fwd"): 1.5,
+    ("compile", "fwdbwd"): 5.0,
+}
+
+
+def check_provider(name: str) -> str:
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
+    return name
+
+
+def status(name: str, device: torch.device) -> tuple[bool, str]:
+    """(available, reason) of a provider for tensors on `device`."""
+    check_provider(name)
+    if name == "eager":
+        return True, "fastalpha dense reference (autograd), O(M^2) memory"
+    if name == "eager-chunked":
+        return True, "bench/chunked.py: full-row chunks in plain PyTorch, O(R*M) memory"
+    if name == "compile":
+        if not torch._dynamo.is_dynamo_supported():
+            return False, "torch.compile is not supported on this Python/platform"
+        if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+            return False, "torch.compile on the CPU needs a C++ compiler (g++/c++/clang++ not found)"
+        return True, "torch.compile(dynamic=True) of the dense reference"
+    try:
+        return dispatch.backend_status(name, device)
+    except Exception as err:  # a backend under construction must not stop the benchmark
+        return False, f"fastalpha backend {name!r} status check failed: {type(err).__name__}: {err}"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    # Rules and sizes reuse one compiled function: shapes are symbolic (dynamic=True), so
+    # a new M does not recompile; each rule is its own guard set, hence the raised limit.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(functools.partial(fastalpha.alpha_cl_loss, backend="eager"), dynamic=True)
+
+
+def loss_fn(name: str, rule: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """f(z1, z2) -> scalar loss of `rule` (its default parameters) computed by provider `name`."""
+    check_provider(name)
+    if name == "eager-chunked":
+        return functools.partial(chunked_alpha_cl_loss, rule=rule)
+    if name == "compile":
+        return functools.partial(_compiled_reference(), rule=rule)
+    return functools.partial(fastalpha.alpha_cl_loss, rule=rule, backend=name)
+
+
+def predicted_peak_bytes(name: str, m: int, d: int, dtype: torch.dtype, mode: str, device_type: str = "cpu") -> int:
+    """Predicted peak memory of one call beyond its inputs (a guide for the cap, not a measurement).
+
+    Dense providers: DENSE_PEAK_FACTOR · M² · itemsize. eager-chunked: about three (R × M)
+    float32 chunk buffers plus (M × D) accumulators. Fused kernels: a few (M × D) buffers.
+    """
+    check_provider(name)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows_bytes = m * d * max(itemsize, 4)
+    if (name, mode) in DENSE_PEAK_FACTOR:
+        return int(DENSE_PEAK_FACTOR[name, mode] * m * m * itemsize)
+    if name == "eager-chunked":
+        return int(3 * default_chunk_rows(m, device_type) * m * 4 + 4 * rows_bytes)
+    return int(6 * rows_bytes)

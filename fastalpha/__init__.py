@@ -6,6 +6,7 @@
 """
 from . import ops as _ops  # registers the fastalpha::alpha_cl_fused custom op
 from .dispatch import available_backends
+from .distributed import alpha_cl_loss_distributed
 from .functional import alpha_cl_loss, contrastive_covariance, energy, pair_weights
 from .losses import AlphaCLLoss, InfoNCELoss, NTXentLoss
 from .rules import PAPER_LOSSES, RULES
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "alpha_cl_loss",
+    "alpha_cl_loss_distributed",
     "AlphaCLLoss",
     "InfoNCELoss",
     "NTXentLoss",

@@ -34,3 +34,13 @@ def pytest_collection_modifyitems(config, items):
 def gen(request):
     """A torch.Generator seeded from the run seed and the test id."""
     return torch.Generator().manual_seed(RUN_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny problems gain nothing from two, and a shared
+    2-core machine makes parallel regions wait for descheduled threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

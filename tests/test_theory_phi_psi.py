@@ -14,13 +14,7 @@ from fastalpha import theory as T
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These problems are tiny; one thread avoids oversubscription on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed, d_in=5, hidden=7, d_out=4):

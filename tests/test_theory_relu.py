@@ -12,12 +12,7 @@ DT = torch.float64
 D = 8  # components / input dimension
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mixture(seed=0, n=96, aug=0.1):

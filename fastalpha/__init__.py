@@ -8,7 +8,7 @@ from . import ops as _ops  # registers the fastalpha::alpha_cl_fused custom op
 from .dispatch import available_backends
 from .distributed import alpha_cl_loss_distributed
 from .functional import alpha_cl_loss, contrastive_covariance, energy, pair_weights
-from .losses import AlphaCLLoss, InfoNCELoss, NTXentLoss
+from .losses import AlphaCLLoss, DCLLoss, InfoNCELoss, NTXentLoss
 from .rules import PAPER_LOSSES, RULES
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "AlphaCLLoss",
     "InfoNCELoss",
     "NTXentLoss",
+    "DCLLoss",
     "pair_weights",
     "energy",
     "contrastive_covariance",

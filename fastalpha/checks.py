@@ -5,7 +5,7 @@ import torch
 
 
 def check_views(z1, z2, names=("z1", "z2")) -> None:
-    """Two views of one batch: 2-D float tensors of equal shape (N ≥ 2, D ≥ 1), one dtype, one device."""
+    """Two views of one batch: 2-D float tensors of equal shape (N ≥ 1, D ≥ 1), one dtype, one device."""
     for name, z in zip(names, (z1, z2)):
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
@@ -20,8 +20,8 @@ def check_views(z1, z2, names=("z1", "z2")) -> None:
         raise ValueError(f"{a} and {b} must be on the same device, got {z1.device} and {z2.device}")
     if z1.shape != z2.shape:
         raise ValueError(f"{a} and {b} must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    if z1.shape[0] < 2:
-        raise ValueError(f"{a}/{b} need N >= 2 rows (each anchor needs a negative), got N = {z1.shape[0]}")
+    if z1.shape[0] == 0:
+        raise ValueError(f"{a}/{b} need N >= 1 rows, got N = 0")
     if z1.shape[1] == 0:
         raise ValueError(f"{a}/{b} need D >= 1 columns, got D = 0")
 

@@ -2,17 +2,19 @@
 
 Every backend implements one contract (the kernel behind `fastalpha::alpha_cl_fused`):
 
-    impl(z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad) -> (loss_rows, grad)
+    impl(z, spec, row_lo, row_hi, row_weight, need_grad) -> (loss_rows, grad)
 
-    z          (M, D) stacked and already normalised rows, M = 2N even, any float dtype
+    z          (M, D) stacked and already normalised rows, M = 2N even (N ≥ 2), any float dtype
+    spec       the validated fastalpha.rules.LossSpec (rule, parameters, detach_alpha, unit_rows)
     rows       the anchors i in [row_lo, row_hi); all M rows are columns (negatives, partners)
     row_weight None (all ones) or an (R,) tensor w of dtype promote(z.dtype, float32)
     loss_rows  (R,) per-anchor losses, dtype promote(z.dtype, float32)
     grad       (M, D) in z.dtype: ∂(Σ_i w_i loss_i)/∂Z (rows and columns), or (0, D) if not need_grad
 
 A backend module exposes `status() -> (available, reason)` and `alpha_cl_fused(...)` with the
-signature above. `backend="auto"` picks, for CUDA tensors, triton, then cuda, then eager; for
-CPU tensors, cpp, then eager. An automatic fallback is logged once at INFO; an explicit
+signature above. `backend="auto"` picks, for CUDA tensors, triton, then cuda, then chunked; for
+CPU tensors, cpp, then chunked (plain PyTorch, always there, so memory stays O(R·M) on a
+machine without a compiler or without Triton). An automatic fallback is logged once at INFO; an explicit
 backend that is unavailable raises with the reason.
 """
 from __future__ import annotations
@@ -25,14 +27,9 @@ import torch
 
 logger = logging.getLogger("fastalpha")
 
-BACKENDS = ("eager", "cpp", "cuda", "triton")
-_MODULES = {
-    "eager": "fastalpha.eager_backend",
-    "cpp": "fastalpha.cpp_backend",
-    "cuda": "fastalpha.cuda_backend",
-    "triton": "fastalpha.kernels",
-}
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpp", "eager")}
+BACKENDS = ("eager", "chunked", "cpp", "cuda", "triton")
+_MODULES = {name: f"fastalpha.backends.{name}" for name in BACKENDS}
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "chunked", "eager"), "cpu": ("cpp", "chunked", "eager")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +70,7 @@ def _resolve_backend(backend: str, device_type: str, device_index) -> str:
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
     if backend == "auto":
         skipped = []
-        for name in _AUTO_ORDER.get(device.type, ("eager",)):
+        for name in _AUTO_ORDER.get(device.type, ("chunked", "eager")):
             ok, reason = backend_status(name, device)
             if ok:
                 if skipped and (device.type, name) not in _fallbacks_logged:

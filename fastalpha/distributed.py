@@ -38,7 +38,6 @@ Without an initialised process group it is the plain single-process loss (warned
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
@@ -46,18 +45,15 @@ import torch
 import torch.distributed as dist
 
 from . import dispatch, reference
-from .checks import check_flag, check_views
-from .functional import alpha_cl_loss
+from .checks import check_views
+from .functional import alpha_cl_loss, no_negatives_loss
 from .ops import call_fused
-from .rules import RuleParams, check_reduction, resolve_rule
-
-logger = logging.getLogger("fastalpha")
+from .rules import LossSpec, check_reduction, make_spec
 
 #: Floating dtypes, by the code that travels in the rank header.
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _warned_not_initialised = False
-_fallback_logged = False
 
 
 def alpha_cl_loss_distributed(
@@ -85,9 +81,7 @@ def alpha_cl_loss_distributed(
             mean over ranks is the global loss); "none" returns this rank's 2N_r anchor losses.
         group: a torch.distributed process group, or None for the default group.
     """
-    params = resolve_rule(rule, temperature, p, gamma, eps)
-    check_flag("normalize", normalize)
-    check_flag("detach_alpha", detach_alpha)
+    spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha)
     check_reduction(reduction)
     if not (dist.is_available() and dist.is_initialized()):
         _warn_not_initialised()
@@ -95,9 +89,11 @@ def alpha_cl_loss_distributed(
 
     need_grad = torch.is_grad_enabled() and isinstance(z1, torch.Tensor) and (z1.requires_grad or z2.requires_grad)
     layout = exchange_layout(z1, z2, need_grad, group)
+    if layout.n_global == 1:
+        return no_negatives_loss(z1, z2, reduction)
     name = dispatch.resolve_backend(backend, z1.device)
-    z_local = reference.stack_views(z1, z2, normalize)
-    return GlobalBatchAlphaCL.apply(z_local, layout, params, detach_alpha, reduction, name, backend == "auto", need_grad)
+    z_local = reference.stack_views(z1, z2, spec.unit_rows)
+    return GlobalBatchAlphaCL.apply(z_local, layout, spec, reduction, name, need_grad)
 
 
 @dataclass(frozen=True)
@@ -175,23 +171,17 @@ def exchange_layout(z1, z2, need_grad: bool, group=None) -> GlobalLayout:
     if len(set(grads)) > 1:
         raise ValueError(f"every rank must agree on whether the loss needs a gradient (grad mode and requires_grad), "
                          f"got {list(map(bool, grads))} by rank: backward runs a collective on all ranks")
-    if sum(sizes) < 2:
-        raise ValueError(f"the global batch needs N >= 2 pairs (each anchor needs a negative), got N = {sum(sizes)}")
     return GlobalLayout(group=group, rank=rank, sizes=sizes)
 
 
 def _local_problem(z1, z2):
-    """(error type, message) if this rank's views are invalid, else None. N_r = 1 is allowed."""
+    """(error type, message) if this rank's views are invalid, else None."""
     if isinstance(z1, torch.Tensor) and z1.dim() == 2 and z1.shape[0] == 0:
         return ValueError, "z1/z2 have no rows on this rank: every rank needs N_r >= 1 pairs"
     try:
         check_views(z1, z2)
     except (TypeError, ValueError) as err:
-        one_pair = (isinstance(z1, torch.Tensor) and isinstance(z2, torch.Tensor) and z1.dim() == 2
-                    and z1.shape == z2.shape and z1.shape[0] == 1 and z1.shape[1] > 0
-                    and z1.dtype == z2.dtype and z1.device == z2.device and z1.is_floating_point())
-        if not one_pair:  # one pair per rank is fine: the global batch is checked after the exchange
-            return type(err), str(err)
+        return type(err), str(err)
     if z1.dtype not in _DTYPES:
         return TypeError, f"z1/z2 dtype {z1.dtype} is not supported across ranks; use one of {_DTYPES}"
     return None
@@ -241,34 +231,28 @@ class GlobalBatchAlphaCL(torch.autograd.Function):
     """Gather Z, compute this rank's anchors against all columns, reduce-scatter the gradient."""
 
     @staticmethod
-    def forward(ctx, z_local, layout: GlobalLayout, params: RuleParams, detach_alpha: bool, reduction: str,
-                backend: str, may_fall_back: bool, need_grad: bool):
+    def forward(ctx, z_local, layout: GlobalLayout, spec: LossSpec, reduction: str, backend: str, need_grad: bool):
         z = gather_rows(z_local, layout)
         grad_now = need_grad and reduction != "none"
-        try:
-            loss_rows, grad = _anchor_blocks(z, layout, params, detach_alpha, backend, grad_now)
-        except NotImplementedError as err:
-            # `auto` chose a kernel without this configuration (e.g. detach_alpha=False for
-            # square): every rank gets the same error for the same arguments, so all fall back.
-            if not may_fall_back:
-                raise
-            _log_fallback(backend, params, detach_alpha, err)
-            backend = "eager"
-            loss_rows, grad = _anchor_blocks(z, layout, params, detach_alpha, backend, grad_now)
-        ctx.layout, ctx.params, ctx.detach_alpha, ctx.reduction, ctx.backend = layout, params, detach_alpha, reduction, backend
+        loss_rows, grad = _anchor_blocks(z, layout, spec, backend, grad_now)
+        ctx.layout, ctx.spec, ctx.reduction, ctx.backend = layout, spec, reduction, backend
         ctx.local_dtype = z_local.dtype
         if reduction == "none":
             if need_grad:
                 ctx.save_for_backward(z)
-            return loss_rows
+            return loss_rows.to(z_local.dtype)
         # W × this rank's share, so that DDP's mean over ranks is the global loss (module doc).
         ctx.scale = layout.world / (2 * layout.n_global) if reduction == "mean" else float(layout.world)
         if grad_now:
             ctx.save_for_backward(grad)
-        return loss_rows.sum() * ctx.scale
+        return (loss_rows.sum() * ctx.scale).to(z_local.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastalpha: second derivatives (create_graph=True) are not supported across ranks "
+                               "(gather_distributed=True); compute them with the single-process loss, whose "
+                               "create_graph backward is exact")
         (saved,) = ctx.saved_tensors
         layout = ctx.layout
         reduce_dtype = _reduce_dtype(ctx.local_dtype)
@@ -278,19 +262,19 @@ class GlobalBatchAlphaCL(torch.autograd.Function):
             n = layout.n_local
             grad = 0
             for (lo, hi), block_weight in zip(layout.anchor_blocks(), (weight[:n], weight[n:])):
-                _, block_grad = call_fused(z, ctx.params, ctx.detach_alpha, ctx.backend, lo, hi, block_weight.contiguous(), True)
+                _, block_grad = call_fused(z, ctx.spec, ctx.backend, lo, hi, block_weight.contiguous(), True)
                 grad = grad + block_grad.to(reduce_dtype)
         else:
             grad = saved * (grad_out.to(reduce_dtype) * ctx.scale)
         grad_local = reduce_scatter_rows(grad.contiguous(), layout).to(ctx.local_dtype)
-        return grad_local, None, None, None, None, None, None, None
+        return grad_local, None, None, None, None, None
 
 
-def _anchor_blocks(z, layout: GlobalLayout, params: RuleParams, detach_alpha: bool, backend: str, need_grad: bool):
+def _anchor_blocks(z, layout: GlobalLayout, spec: LossSpec, backend: str, need_grad: bool):
     """This rank's anchor losses (2N_r,) and ∂(Σ of them)/∂Z (M × D, or (0, D) without need_grad)."""
     rows, grads = [], []
     for lo, hi in layout.anchor_blocks():
-        block_rows, block_grad = call_fused(z, params, detach_alpha, backend, lo, hi, None, need_grad)
+        block_rows, block_grad = call_fused(z, spec, backend, lo, hi, None, need_grad)
         rows.append(block_rows)
         grads.append(block_grad.to(_reduce_dtype(z.dtype)))
     return torch.cat(rows), grads[0] + grads[1]
@@ -299,14 +283,6 @@ def _anchor_blocks(z, layout: GlobalLayout, params: RuleParams, detach_alpha: bo
 def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
     """Gradients are summed (over blocks and ranks) in at least float32: half-precision sums lose bits."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _log_fallback(backend: str, params: RuleParams, detach_alpha: bool, err: Exception) -> None:
-    global _fallback_logged
-    if not _fallback_logged:
-        _fallback_logged = True
-        logger.info("fastalpha: backend='auto' falls back from %r to 'eager' for rule=%r, detach_alpha=%s (%s)",
-                    backend, params.rule, detach_alpha, err)
 
 
 def _warn_not_initialised() -> None:

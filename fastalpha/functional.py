@@ -18,7 +18,7 @@ import torch
 from . import dispatch, reference
 from .checks import check_flag, check_views
 from .ops import FusedAlphaCL
-from .rules import check_reduction, resolve_rule
+from .rules import LossSpec, check_reduction, make_spec
 
 
 def alpha_cl_loss(
@@ -44,25 +44,54 @@ def alpha_cl_loss(
         detach_alpha: α as stop-gradient (the paper's α-CL). False also differentiates α
             (Table 1's "backprop" with rule="entropy"); for infonce both are the same gradient.
         reduction: "mean" over the M anchors, "sum", or "none" (vector of M losses).
-        backend: auto | eager | cpp | cuda | triton (see fastalpha.available_backends()).
+        backend: auto | eager | chunked | cpp | cuda | triton (see fastalpha.available_backends()).
+
+    Returns the loss in the dtype of z1 (computed in at least float32). With N = 1 no anchor
+    has a negative: the loss is an empty sum, 0, with a zero gradient.
     """
     check_views(z1, z2)
-    params = resolve_rule(rule, temperature, p, gamma, eps)
-    check_flag("normalize", normalize)
-    check_flag("detach_alpha", detach_alpha)
+    spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha)
     check_reduction(reduction)
     name = dispatch.resolve_backend(backend, z1.device)
-    if name == "eager":
-        return reference.alpha_cl_loss(z1, z2, params, normalize, detach_alpha, reduction)
-    z = reference.stack_views(z1, z2, normalize)
-    return FusedAlphaCL.apply(z, params, detach_alpha, reduction, name)
+    return loss_of_spec(z1, z2, spec, reduction, name)
+
+
+def loss_of_spec(z1: torch.Tensor, z2: torch.Tensor, spec: LossSpec, reduction: str, backend: str) -> torch.Tensor:
+    """The loss for validated inputs and a concrete backend name (the public API's last step)."""
+    if z1.shape[0] == 1:
+        return no_negatives_loss(z1, z2, reduction)
+    if backend == "eager":
+        return reference.alpha_cl_loss(z1, z2, spec, reduction)
+    z = reference.stack_views(z1, z2, spec.unit_rows)
+    return FusedAlphaCL.apply(z, spec, reduction, backend)
+
+
+class _NoNegatives(torch.autograd.Function):
+    """Zero per-anchor losses whose gradient is exactly zero (also for non-finite inputs)."""
+
+    @staticmethod
+    def forward(ctx, z1, z2):
+        ctx.shape, ctx.dtype, ctx.device = z1.shape, z1.dtype, z1.device
+        return z1.new_zeros(2 * z1.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        zero = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        return zero, zero.clone()
+
+
+def no_negatives_loss(z1: torch.Tensor, z2: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Zero losses, one per anchor, attached to the graph of z1 and z2 with a zero gradient."""
+    return reference.reduce_rows(_NoNegatives.apply(z1, z2), reduction)
 
 
 def pair_weights(z1, z2, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True) -> torch.Tensor:
     """Dense (M × M) pair weights α, zero outside J_i, without gradient. O(M²): for small M."""
     check_views(z1, z2)
-    params = resolve_rule(rule, temperature, p, gamma, eps)
-    return reference.pair_weights(z1, z2, params, check_flag("normalize", normalize))
+    spec = make_spec(rule, temperature, p, gamma, eps, normalize)
+    if z1.shape[0] == 1:
+        return z1.new_zeros((2, 2))
+    return reference.pair_weights(z1, z2, spec)
 
 
 def _check_alpha(alpha, z) -> None:

@@ -1,11 +1,11 @@
-"""nn.Module wrappers of fastalpha.alpha_cl_loss."""
+"""nn.Module wrappers of fastalpha.alpha_cl_loss, with the names users of other libraries look for."""
 from __future__ import annotations
 
 import torch
 
 from .checks import check_flag
 from .functional import alpha_cl_loss
-from .rules import check_reduction, resolve_rule
+from .rules import check_reduction, make_spec
 
 
 class AlphaCLLoss(torch.nn.Module):
@@ -20,11 +20,14 @@ class AlphaCLLoss(torch.nn.Module):
     def __init__(self, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True,
                  detach_alpha=True, reduction="mean", backend="auto", gather_distributed=False, group=None):
         super().__init__()
-        resolve_rule(rule, temperature, p, gamma, eps)  # fail at construction, not at the first step
+        make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha)  # fail at construction, not at the first step
         check_reduction(reduction)
-        self.kwargs = dict(rule=rule, temperature=temperature, p=p, gamma=gamma, eps=eps, normalize=check_flag("normalize", normalize),
-                           detach_alpha=check_flag("detach_alpha", detach_alpha), reduction=reduction, backend=backend)
+        self.kwargs = dict(rule=rule, temperature=temperature, p=p, gamma=gamma, eps=eps, normalize=normalize,
+                           detach_alpha=detach_alpha, reduction=reduction, backend=backend)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        if self.gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch build does not have "
+                             "(torch.distributed.is_available() is False)")
         self.group = group
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -43,7 +46,7 @@ class InfoNCELoss(AlphaCLLoss):
     """InfoNCE / NT-Xent: loss_i = −log(e^{−d2_i/τ} / (ε e^{−d2_i/τ} + Σ_{j∈J_i} e^{−d2_ij/τ})).
 
     With ε = 1 and normalised rows this is SimCLR's NT-Xent (positive in the denominator);
-    ε = 0 is the decoupled form. d2 = 1 − cos, so −d2/τ equals cos/τ up to a constant.
+    ε = 0 is the decoupled form (DCLLoss). d2 = 1 − cos, so −d2/τ equals cos/τ up to a constant.
     """
 
     def __init__(self, temperature=0.5, eps=1.0, normalize=True, reduction="mean", backend="auto",
@@ -53,3 +56,15 @@ class InfoNCELoss(AlphaCLLoss):
 
 
 NTXentLoss = InfoNCELoss
+
+
+class DCLLoss(InfoNCELoss):
+    """Decoupled contrastive loss: InfoNCE without the positive in the denominator (ε = 0).
+
+    loss_i = −log(e^{−d2_i/τ} / Σ_{j∈J_i} e^{−d2_ij/τ}) = log Σ_{j∈J_i} e^{(d2_i − d2_ij)/τ}.
+    """
+
+    def __init__(self, temperature=0.5, normalize=True, reduction="mean", backend="auto", gather_distributed=False,
+                 group=None):
+        super().__init__(temperature=temperature, eps=0.0, normalize=normalize, reduction=reduction, backend=backend,
+                         gather_distributed=gather_distributed, group=group)

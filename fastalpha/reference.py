@@ -3,10 +3,11 @@ r"""Dense eager reference of the α-CL family: the oracle every fused backend is
 Everything here builds the (R × M) block of pair quantities explicitly, so it is exact in
 whatever dtype it is given (tests run it in float64) and costs O(R·M) memory.
 
-Notation (DESIGN.md §1). Z = [z1; z2] has M = 2N rows; the partner of row i is
+Notation (docs/design.md). Z = [z1; z2] has M = 2N rows; the partner of row i is
 p(i) = (i + N) mod M and its negatives are J_i = {j : j ≠ i, j ≠ p(i)}.
 
     d2_ij = ||z_i − z_j||² / 2 = (n_i + n_j)/2 − z_i·z_j,   clamped at 0,
+    d2_ij = 1 − z_i·z_j                  for unit rows (normalize=True: a zero row has cosine 0),
     d2_i  = d2_{i, p(i)}                                      (the positive pair),
     loss_i = Σ_{j∈J_i} α_ij (d2_i − d2_ij)                    (every rule but infonce),
     loss_i = log(ε + ξ_i),  ξ_i = Σ_{j∈J_i} e^{(d2_i − d2_ij)/τ}  (infonce).
@@ -20,7 +21,7 @@ import math
 
 import torch
 
-from .rules import RuleParams
+from .rules import LossSpec
 
 
 def partner_index(m: int, device=None) -> torch.Tensor:
@@ -36,12 +37,16 @@ def negative_mask(m: int, row_lo: int = 0, row_hi: int | None = None, device=Non
     return (cols != rows) & (cols != (rows + m // 2) % m)
 
 
-def squared_distances(z_rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def squared_distances(z_rows: torch.Tensor, z: torch.Tensor, unit_rows: bool = False) -> torch.Tensor:
     """d2 = ||z_i − z_j||² / 2 for rows of `z_rows` against rows of `z`, clamped at 0.
 
     Uses the Gram form (n_i + n_j)/2 − z_i·z_j, which is what the fused kernels compute,
-    so that reference and kernels round the same way in low precision.
+    so that reference and kernels round the same way in low precision. For unit rows
+    (`unit_rows=True`, what normalize=True produces) n_i = 1 by construction: d2 = 1 − cos.
+    That is also the peers' convention for a zero row, whose normalised form is 0 (cosine 0).
     """
+    if unit_rows:
+        return (1 - z_rows @ z.T).clamp_min(0)
     n_rows = (z_rows * z_rows).sum(1)
     n_cols = (z * z).sum(1)
     d2 = (n_rows[:, None] + n_cols[None, :]) / 2 - z_rows @ z.T
@@ -65,7 +70,7 @@ def sparsemax_threshold(d2: torch.Tensor, mask: torch.Tensor, temperature: float
         return (temperature + picked) / k_star.to(d2.dtype)
 
 
-def alpha_from_distances(d2: torch.Tensor, d2_pos: torch.Tensor, mask: torch.Tensor, params: RuleParams) -> torch.Tensor:
+def alpha_from_distances(d2: torch.Tensor, d2_pos: torch.Tensor, mask: torch.Tensor, params: LossSpec) -> torch.Tensor:
     """α (R × M) over J_i for a block of rows; exactly 0 off the mask.
 
     `d2` is the (R, M) block of squared distances, `d2_pos` the (R,) positive distances and
@@ -101,19 +106,19 @@ def _log_eps(eps: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(math.log(eps) if eps > 0 else -math.inf, dtype=like.dtype, device=like.device)
 
 
-def loss_rows(z: torch.Tensor, params: RuleParams, detach_alpha: bool = True, row_lo: int = 0, row_hi: int | None = None) -> torch.Tensor:
+def loss_rows(z: torch.Tensor, params: LossSpec, row_lo: int = 0, row_hi: int | None = None) -> torch.Tensor:
     """Per-anchor losses loss_i for the rows i in [row_lo, row_hi) of Z (already normalised)."""
     m = z.shape[0]
     row_hi = m if row_hi is None else row_hi
     mask = negative_mask(m, row_lo, row_hi, device=z.device)
-    d2 = squared_distances(z[row_lo:row_hi], z)
+    d2 = squared_distances(z[row_lo:row_hi], z, params.unit_rows)
     partners = partner_index(m, device=z.device)[row_lo:row_hi]
     d2_pos = d2.gather(1, partners[:, None])[:, 0]
     if params.rule == "infonce":
         # log(ε + ξ_i); its gradient is the α-form of Theorem 1 whatever detach_alpha says.
         logits = torch.where(mask, (d2_pos[:, None] - d2) / params.temperature, torch.full_like(d2, -math.inf))
         return torch.logaddexp(torch.logsumexp(logits, 1), _log_eps(params.eps, d2))
-    if detach_alpha:
+    if params.detach_alpha:
         alpha = alpha_from_distances(d2.detach(), d2_pos.detach(), mask, params)
     else:
         alpha = alpha_from_distances(d2, d2_pos, mask, params)
@@ -133,18 +138,18 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     return rows
 
 
-def alpha_cl_loss(z1, z2, params: RuleParams, normalize=True, detach_alpha=True, reduction="mean"):
+def alpha_cl_loss(z1, z2, params: LossSpec, reduction="mean"):
     """The loss by dense autograd (inputs assumed validated; see fastalpha.alpha_cl_loss)."""
-    return reduce_rows(loss_rows(stack_views(z1, z2, normalize), params, detach_alpha), reduction)
+    return reduce_rows(loss_rows(stack_views(z1, z2, params.unit_rows), params), reduction)
 
 
-def pair_weights(z1, z2, params: RuleParams, normalize=True) -> torch.Tensor:
+def pair_weights(z1, z2, params: LossSpec) -> torch.Tensor:
     """Dense (M × M) α with zeros off J_i, detached (for inspection at small M)."""
     with torch.no_grad():
-        z = stack_views(z1, z2, normalize)
+        z = stack_views(z1, z2, params.unit_rows)
         m = z.shape[0]
         mask = negative_mask(m, device=z.device)
-        d2 = squared_distances(z, z)
+        d2 = squared_distances(z, z, params.unit_rows)
         d2_pos = d2.gather(1, partner_index(m, device=z.device)[:, None])[:, 0]
         return alpha_from_distances(d2, d2_pos, mask, params)
 
@@ -163,7 +168,7 @@ def energy(z1: torch.Tensor, z2: torch.Tensor, alpha: torch.Tensor, normalize: b
     z = stack_views(z1, z2, normalize)
     m = z.shape[0]
     alpha = _masked_alpha(alpha, m)
-    d2 = squared_distances(z, z)
+    d2 = squared_distances(z, z, normalize)
     d2_pos = d2.gather(1, partner_index(m, device=z.device)[:, None])[:, 0]
     return (alpha * d2).sum() - (alpha.sum(1) * d2_pos).sum()
 
@@ -186,7 +191,7 @@ def contrastive_covariance(a1, a2, alpha, b1=None, b2=None) -> torch.Tensor:
     return pair - da.T @ (row_sum[:, None] * db)
 
 
-def closed_form_gradient(z: torch.Tensor, params: RuleParams, detach_alpha: bool = True, row_weight: torch.Tensor | None = None,
+def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Tensor | None = None,
                          row_lo: int = 0, row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-row losses and ∂(Σ_i w_i loss_i)/∂Z by the formula the fused kernels implement.
 
@@ -196,7 +201,7 @@ def closed_form_gradient(z: torch.Tensor, params: RuleParams, detach_alpha: bool
         ∂/∂z_{p(i)} +=  w_i A_i (z_{p(i)} − z_i)                            (positive partner)
         ∂/∂z_j     += −Σ_i ω_ij (z_j − z_i)                                 (column side)
 
-    with A_i = Σ_j α_ij and ω = w_i α_ij; over all rows this is DESIGN.md §1's
+    with A_i = Σ_j α_ij and ω = w_i α_ij; over all rows this is
     G_k = (A_k + A_{p(k)})(z_k − z_{p(k)}) − Σ_j W_kj (z_k − z_j), W = ω + ωᵀ, i.e. it needs
     only A, the row and column sums of ω, ωZ and ωᵀZ. For `detach_alpha=False`, α in the
     pair term is replaced by β:
@@ -204,6 +209,8 @@ def closed_form_gradient(z: torch.Tensor, params: RuleParams, detach_alpha: bool
       * square: β_ij = 2 α_ij − 1/k_i on the support (k_i its size), 0 elsewhere;
       * quadratic and infonce: β = α (α is constant / Theorem 1 is exact).
     For infonce every term is multiplied by 1/τ (and A_i = ξ_i / (ε + ξ_i)).
+    For unit rows d2_ij = 1 − z_i·z_j, so ∂d2_ij/∂z_i = −z_j: the terms in z_i itself
+    (A_i z_i, Σ_j ω_ij z_i and Σ_i ω_ij z_j) drop out; only the cross terms remain.
     Dense: O(R·M) memory; the eager backend of the fused op and the tests' specification.
     """
     m = z.shape[0]
@@ -211,7 +218,7 @@ def closed_form_gradient(z: torch.Tensor, params: RuleParams, detach_alpha: bool
     mask = negative_mask(m, row_lo, row_hi, device=z.device)
     partners = partner_index(m, device=z.device)[row_lo:row_hi]
     z_rows = z[row_lo:row_hi]
-    d2 = squared_distances(z_rows, z)
+    d2 = squared_distances(z_rows, z, params.unit_rows)
     d2_pos = d2.gather(1, partners[:, None])[:, 0]
     alpha = alpha_from_distances(d2, d2_pos, mask, params)
     if params.rule == "infonce":
@@ -220,7 +227,7 @@ def closed_form_gradient(z: torch.Tensor, params: RuleParams, detach_alpha: bool
     else:
         rows = (alpha * (d2_pos[:, None] - d2)).sum(1)
     omega = alpha
-    if not detach_alpha:
+    if params.uses_beta:
         if params.is_log_weight:
             v = torch.where(mask, d2_pos[:, None] - d2, torch.zeros_like(d2))
             c = (alpha * v).sum(1, keepdim=True)
@@ -231,11 +238,13 @@ def closed_form_gradient(z: torch.Tensor, params: RuleParams, detach_alpha: bool
             k = support.sum(1, keepdim=True).to(z.dtype)
             omega = torch.where(support, 2 * alpha - 1 / k, torch.zeros_like(alpha))
     w = torch.ones(row_hi - row_lo, dtype=z.dtype, device=z.device) if row_weight is None else row_weight.to(z.dtype)
-    wa = (w * alpha.sum(1))[:, None] * (z_rows - z[partners])
+    wa = (w * alpha.sum(1))[:, None]
     omega = w[:, None] * omega
-    grad = -(omega.sum(0)[:, None] * z - omega.T @ z_rows)
-    grad[row_lo:row_hi] += wa - (omega.sum(1)[:, None] * z_rows - omega @ z)
-    grad.index_add_(0, partners, -wa)
-    if params.rule == "infonce":
-        grad = grad / params.temperature
-    return rows, grad
+    grad = omega.T @ z_rows
+    grad[row_lo:row_hi] += omega @ z - wa * z[partners]
+    grad.index_add_(0, partners, -wa * z_rows)
+    if not params.unit_rows:
+        grad -= omega.sum(0)[:, None] * z
+        grad[row_lo:row_hi] += (wa - omega.sum(1)[:, None]) * z_rows
+        grad.index_add_(0, partners, wa * z[partners])
+    return rows, grad * params.grad_scale

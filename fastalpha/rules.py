@@ -16,13 +16,14 @@ infonce     e^{(d2_i − d2_ij)/τ} / (ε + ξ_i)                        L_nce
 
 `entropy`, `direct` and `inverse` are "log-weight" rules: α_ij = w(d2_ij) / (Σ_k w(d2_ik) + c)
 with t = log w a function of d2 alone. For them the gradient through α only needs t and
-t' = dt/d(d2) (DESIGN.md §1, the β term), which is why `log_weight` and `log_weight_slope`
+t' = dt/d(d2) (docs/design.md, the β term), which is why `log_weight` and `log_weight_slope`
 live here, next to the parameters: every backend reads the same definitions.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,19 +58,61 @@ PAPER_LOSSES = {
 }
 
 
+#: Ways to choose each anchor's negatives J_i (the spec's `negatives` field).
+NEGATIVES = ("all",)
+
+
 @dataclass(frozen=True)
-class RuleParams:
-    """A validated rule with every parameter resolved (no None left)."""
+class LossSpec:
+    """Everything a backend needs to know about the loss, built and validated once.
+
+    The public API builds it with `make_spec` (which validates and resolves defaults); every
+    backend, the custom op and the distributed layer consume it and never re-parse the
+    user's arguments. Constructing one directly only checks the rule name, so that a raw call
+    of the custom op with a typo fails loudly instead of computing some other rule.
+
+    Fields:
+        rule, temperature, p, gamma, eps: the rule and its resolved parameters (entropy has
+            p = 2; eps is 0 for the rules without an ε).
+        detach_alpha: α is a stop-gradient (the paper's α-CL) or is differentiated too.
+        unit_rows: the rows of Z are unit vectors (`normalize=True`), so d2_ij = 1 − z_i·z_j;
+            otherwise d2_ij = (n_i + n_j)/2 − z_i·z_j with n_i = ||z_i||².
+        negatives: which rows are negatives of an anchor ("all": every row but i and p(i)).
+    """
 
     rule: str
     temperature: float
     p: float
     gamma: float
     eps: float
+    detach_alpha: bool = True
+    unit_rows: bool = False
+    negatives: str = "all"
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule={self.rule!r}; expected one of {RULES}")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"unknown negatives={self.negatives!r}; expected one of {NEGATIVES}")
 
     @property
     def is_log_weight(self) -> bool:
+        """α = w(d2)/Σ w with t = log w a function of d2 alone (entropy, direct, inverse)."""
         return self.rule in LOG_WEIGHT_RULES
+
+    @property
+    def uses_beta(self) -> bool:
+        """The pair term of the gradient uses β ≠ α: α is differentiated and depends on d2.
+
+        For `quadratic` α is constant, and for `infonce` Theorem 1 makes the α-form exact
+        whatever `detach_alpha` says, so neither needs β.
+        """
+        return not self.detach_alpha and (self.is_log_weight or self.rule == "square")
+
+    @property
+    def grad_scale(self) -> float:
+        """Factor on the α-form gradient: 1/τ for `infonce` (Theorem 1), 1 otherwise."""
+        return 1.0 / self.temperature if self.rule == "infonce" else 1.0
 
     @property
     def exponent(self) -> float:
@@ -95,30 +138,51 @@ class RuleParams:
             return -k * d2.pow(k - 1.0) / self.temperature
         raise ValueError(f"rule={self.rule!r} has no log-weight form")
 
+    def with_(self, **changes) -> "LossSpec":
+        """A copy with some fields changed (e.g. detach_alpha for a test)."""
+        return replace(self, **changes)
 
-def _check_positive_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+
+def _real_scalar(name: str, value) -> float:
+    """Any real scalar as a float: int/float, numpy scalar, 0-dim tensor without grad."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise TypeError(f"{name} must be a real scalar or a 0-dim tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be real, got a {value.dtype} tensor")
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    return float(value)
+
+
+def _positive_finite(name: str, value) -> float:
+    value = _real_scalar(name, value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
 
 
-def resolve_rule(rule: str, temperature=None, p=None, gamma=None, eps=None) -> RuleParams:
-    """Validate a rule name and its parameters; None takes the rule's default (RULE_DEFAULTS)."""
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def make_spec(rule: str = "direct", temperature=None, p=None, gamma=None, eps=None, normalize: bool = True,
+              detach_alpha: bool = True, negatives: str = "all") -> LossSpec:
+    """Validate the user's loss arguments once; None takes the rule's default (RULE_DEFAULTS)."""
     if not isinstance(rule, str):
         raise TypeError(f"rule must be a string, one of {RULES}, got {type(rule).__name__}")
     if rule not in RULES:
         raise ValueError(f"unknown rule={rule!r}; expected one of {RULES}")
+    if not isinstance(negatives, str) or negatives not in NEGATIVES:
+        raise ValueError(f"unknown negatives={negatives!r}; expected one of {NEGATIVES}")
     defaults = RULE_DEFAULTS[rule]
-    temperature = _check_positive_finite("temperature", defaults["temperature"] if temperature is None else temperature)
-    p = _check_positive_finite("p", defaults["p"] if p is None else p)
-    gamma = _check_positive_finite("gamma", defaults["gamma"] if gamma is None else gamma)
-    eps = defaults["eps"] if eps is None else eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+    temperature = _positive_finite("temperature", defaults["temperature"] if temperature is None else temperature)
+    p = _positive_finite("p", defaults["p"] if p is None else p)
+    gamma = _positive_finite("gamma", defaults["gamma"] if gamma is None else gamma)
+    eps = _real_scalar("eps", defaults["eps"] if eps is None else eps)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     # Canonical form, so every backend can apply p and eps unconditionally: `entropy` is
@@ -127,10 +191,12 @@ def resolve_rule(rule: str, temperature=None, p=None, gamma=None, eps=None) -> R
         p = 2.0
     if rule not in EPS_RULES:
         eps = 0.0
-    return RuleParams(rule=rule, temperature=temperature, p=p, gamma=gamma, eps=eps)
+    return LossSpec(rule=rule, temperature=temperature, p=p, gamma=gamma, eps=eps,
+                    detach_alpha=_check_flag("detach_alpha", detach_alpha), unit_rows=_check_flag("normalize", normalize),
+                    negatives=negatives)
 
 
 def check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction={reduction!r}; expected one of {REDUCTIONS}")
     return reduction

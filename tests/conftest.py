@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter. The flag is read when a
-# kernel is decorated, so it must be set before fastalpha.kernels is first imported.
+# kernel is decorated, so it must be set before fastalpha.backends.triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -13,7 +13,7 @@ import torch
 import fastalpha
 from tolerances import assert_close
 
-kernels = pytest.importorskip("fastalpha.kernels")
+kernels = pytest.importorskip("fastalpha.backends.triton")
 if not kernels.status()[0]:
     pytest.skip(f"triton backend unavailable: {kernels.status()[1]}", allow_module_level=True)
 

@@ -1,4 +1,4 @@
-"""Triton backend (fastalpha.kernels) against the float64 dense reference.
+"""Triton backend (fastalpha.backends.triton) against the float64 dense reference.
 
 Without a GPU every kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1),
 so sizes are small and the parametrisation covers each rule and option once rather than their
@@ -24,11 +24,11 @@ from fastalpha import reference
 from fastalpha.rules import resolve_rule
 from tolerances import assert_close, precision_of
 
-kernels = pytest.importorskip("fastalpha.kernels")
+kernels = pytest.importorskip("fastalpha.backends.triton")
 if not kernels.status()[0]:
     pytest.skip(f"triton backend unavailable: {kernels.status()[1]}", allow_module_level=True)
-from fastalpha.kernels import launch  # noqa: E402
-from fastalpha.kernels.blocks import BlockConfig, block_config, padded_features  # noqa: E402
+from fastalpha.backends.triton import launch  # noqa: E402
+from fastalpha.backends.triton.blocks import BlockConfig, block_config, padded_features  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,7 @@ def test_status_explains_availability():
     assert kernels.device_status(torch.device("cpu"))[0]               # interpreter is on here
     ok, reason = kernels.device_status(torch.device("meta"))
     assert not ok and "meta" in reason
-    code = "import fastalpha.kernels as k, torch; print(k.device_status(torch.device('cpu')))"
+    code = "import fastalpha.backends.triton as k, torch; print(k.device_status(torch.device('cpu')))"
     out = subprocess.run([sys.executable, "-c", code], env=compiler_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "False" in out.stdout and "TRITON_INTERPRET" in out.stdout
@@ -250,7 +250,7 @@ def test_kernels_compile_for_hopper():
     code = (
         "import torch, triton\n"
         "from triton.backends.compiler import GPUTarget\n"
-        "from fastalpha.kernels import aot_check\n"
+        "from fastalpha.backends.triton import aot_check\n"
         "target = GPUTarget('cuda', 90, 32)\n"
         "seen = set()\n"
         "for dtype, prec, d in [(torch.bfloat16, 'highest', 64), (torch.float32, 'highest', 130)]:\n"

@@ -23,7 +23,7 @@ recomputed once per output chunk (≈ (1 + D/out) GEMMs of M²D per pass instead
 of never materialising an M × M block.
 
 How the values were chosen: every kernel variant compiled for sm_90 (H100/H200) with
-`python -m fastalpha.kernels.aot_check` (no GPU needed), and these are shapes for which ptxas
+`python -m fastalpha.backends.triton.aot_check` (no GPU needed), and these are shapes for which ptxas
 reports no register spills, or a few bytes (≤ 24 B) in some IEEE-float32 and float64
 variants. They were not tuned by timing on a GPU.
 """

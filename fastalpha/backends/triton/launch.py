@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rules import RuleParams
+from ...rules import LossSpec
 from .blocks import BlockConfig, block_config
 from .column_pass import column_pass_kernel
 from .quadratic import quadratic_loss_and_grad
@@ -99,7 +99,7 @@ def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight) -> None:
         raise ValueError(f"row_weight must have shape ({row_hi - row_lo},), got {tuple(row_weight.shape)}")
 
 
-def _rule_flags(params: RuleParams, m: int) -> dict:
+def _rule_flags(params: LossSpec, m: int) -> dict:
     """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each)."""
     rule, eps = params.rule, params.eps
     if rule == "inverse":
@@ -109,15 +109,17 @@ def _rule_flags(params: RuleParams, m: int) -> dict:
     elif rule == "infonce":
         weight, k = WEIGHT_POWER, 1.0
         eps_mode, log_eps = (EPS_INFONCE, math.log(eps)) if eps > 0 else (EPS_NONE, 0.0)
-    else:
+    elif rule in ("entropy", "direct"):
         weight, k = WEIGHT_POWER, params.exponent
         eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * (m - 2))) if eps > 0 else (EPS_NONE, 0.0)
+    else:
+        raise ValueError(f"the triton backend has no pair loop for rule={rule!r}")
     power = 1 if k == 1.0 else 2 if k == 2.0 else 0
     return dict(weight=weight, k=k, power=power, eps_mode=eps_mode, log_eps=log_eps)
 
 
-def fused_loss_and_grad(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params: RuleParams,
-                        detach_alpha: bool, need_grad: bool, config: BlockConfig | None = None):
+def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
+                        config: BlockConfig | None = None):
     """The contract of fastalpha.dispatch, with an optional block configuration override (tests)."""
     _check(z, row_lo, row_hi, row_weight)
     z = z.contiguous()
@@ -140,7 +142,7 @@ def fused_loss_and_grad(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, p
     partners = (torch.arange(row_lo, row_hi, device=z.device) + half) % m
     d2_pos = ((norms[row_lo:row_hi] + norms[partners]) / 2 - (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)).clamp_min(0)
     weight = None if row_weight is None else row_weight.to(acc_dtype).contiguous()
-    beta = not detach_alpha and params.rule in ("entropy", "direct", "inverse", "square")
+    beta = params.uses_beta
 
     tau, k, inv_gamma, log_eps = _split(params.temperature), _split(flags["k"]), _split(1.0 / params.gamma), _split(flags["log_eps"])
     common = dict(
@@ -201,7 +203,6 @@ def fused_loss_and_grad(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, p
     grad.addcmul_(col_sum[:, None], z_acc, value=-1.0)
     grad[row_lo:row_hi] += row_a[:, None] * diff - row_sum[:, None] * z_rows + row_acc
     grad.index_add_(0, partners, -row_a[:, None] * diff)
-    if params.rule == "infonce":
-        grad /= params.temperature
+    grad *= params.grad_scale
     return loss, grad.to(z.dtype)
 

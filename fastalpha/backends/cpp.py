@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import cpp_build
-from .rules import RuleParams
+from .. import cpp_build
+from ..rules import LossSpec
 
 
 def status() -> tuple[bool, str]:
@@ -27,12 +27,11 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return status()
 
 
-def alpha_cl_fused(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params: RuleParams, detach_alpha: bool, need_grad: bool):
-    return call_compiled("cpu", z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad)
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
+    return call_compiled("cpu", z, spec, row_lo, row_hi, row_weight, need_grad)
 
 
-def call_compiled(kind: str, z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params: RuleParams,
-                  detach_alpha: bool, need_grad: bool):
+def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
     """Run the compiled `kind` ("cpu" or "cuda") kernel under the fused-op contract.
 
     Half types are upcast to float32 (statistics and products in float32), the gradient is
@@ -49,7 +48,7 @@ def call_compiled(kind: str, z: torch.Tensor, row_lo: int, row_hi: int, row_weig
     zc = z.detach().to(compute_dtype).contiguous()
     weight = None if row_weight is None else row_weight.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     loss_rows, grad = ops.alpha_cl_fused(
-        zc, row_lo, row_hi, weight, params.rule, params.temperature, params.p, params.gamma, params.eps,
-        detach_alpha, need_grad,
+        zc, row_lo, row_hi, weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
+        spec.detach_alpha, need_grad,
     )
     return loss_rows, grad.to(z.dtype)

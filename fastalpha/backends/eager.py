@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .rules import RuleParams
+from .. import reference
+from ..rules import LossSpec
 
 
 def status() -> tuple[bool, str]:
@@ -19,10 +19,10 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return status()
 
 
-def alpha_cl_fused(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params: RuleParams, detach_alpha: bool, need_grad: bool):
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
     # A custom op's kernel runs below autograd, so the gradient comes from the closed form
     # (tested against autograd of reference.loss_rows in tests/test_reference.py).
-    rows, grad = reference.closed_form_gradient(z, params, detach_alpha, row_weight, row_lo, row_hi)
+    rows, grad = reference.closed_form_gradient(z, spec, row_weight, row_lo, row_hi)
     out_dtype = torch.promote_types(z.dtype, torch.float32)
     if not need_grad:
         grad = z.new_empty((0, z.shape[1]))

@@ -44,7 +44,7 @@ def status() -> tuple[bool, str]:
     if torch.cuda.is_available():
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return False, "no CUDA device, and TRITON_INTERPRET=1 was set after fastalpha.kernels was imported (set it before)"
+        return False, "no CUDA device, and TRITON_INTERPRET=1 was set after fastalpha.backends.triton was imported (set it before)"
     return False, "no CUDA device and TRITON_INTERPRET is not set"
 
 
@@ -65,8 +65,8 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return False, f"the triton backend runs on CUDA devices, not {device.type}"
 
 
-def alpha_cl_fused(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params, detach_alpha: bool, need_grad: bool):
+def alpha_cl_fused(z: torch.Tensor, spec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
     """The fused-op contract of fastalpha.dispatch, by the Triton kernels."""
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"the triton backend is unavailable: triton is not importable: {_IMPORT_ERROR}")
-    return fused_loss_and_grad(z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad)
+    return fused_loss_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad)

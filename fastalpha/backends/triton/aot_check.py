@@ -1,6 +1,6 @@
 r"""Compile every Triton kernel variant for a GPU target, without a GPU.
 
-    python -m fastalpha.kernels.aot_check [--arch 90] [--dims 3,64,128,256,2048] [--quick]
+    python -m fastalpha.backends.triton.aot_check [--arch 90] [--dims 3,64,128,256,2048] [--quick]
 
 The launcher runs on small CPU tensors with its launches recorded instead of executed
 (launch.recording_launches), so the variants compiled are exactly those a real call would
@@ -27,7 +27,7 @@ import torch
 
 def _launches(dims, dtypes, rules, m=256):
     """Yield (description, kernel, args, kwargs) of every launch of the listed cases."""
-    from ..rules import resolve_rule
+    from ...rules import make_spec
     from . import launch
 
     for dtype, precision in dtypes:
@@ -40,7 +40,7 @@ def _launches(dims, dtypes, rules, m=256):
                     torch.set_float32_matmul_precision(precision)
                     try:
                         with launch.recording_launches() as recorded:
-                            launch.fused_loss_and_grad(z, 0, m, weight, resolve_rule(rule, eps=eps), detach, True)
+                            launch.fused_loss_and_grad(z, make_spec(rule, eps=eps, detach_alpha=detach), 0, m, weight, True)
                     finally:
                         torch.set_float32_matmul_precision(old)
                     for kernel, grid, args, kwargs in recorded:

@@ -1,6 +1,6 @@
 r"""Backend "cuda": the CUDA kernel of csrc/ (cuBLAS products + a fused row-sweep kernel).
 
-The same chunked single pass as the cpp backend (fastalpha.cpp_backend), on CUDA tensors:
+The same chunked single pass as the cpp backend (fastalpha.backends.cpp), on CUDA tensors:
 per chunk of full rows, S = Z_r Zᵀ, ωZ and ωᵀZ by cuBLAS and one kernel between them that
 sweeps each row once for distances, the rule's weights (exact sparsemax threshold for
 `square`), the loss and ω. float32 products honour torch's tf32 setting; bfloat16/float16
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from . import cpp_build
-from .cpp_backend import call_compiled
-from .rules import RuleParams
+from .. import cpp_build
+from .cpp import call_compiled
+from ..rules import LossSpec
 
 
 def status() -> tuple[bool, str]:
@@ -33,5 +33,5 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return status()
 
 
-def alpha_cl_fused(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, params: RuleParams, detach_alpha: bool, need_grad: bool):
-    return call_compiled("cuda", z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad)
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
+    return call_compiled("cuda", z, spec, row_lo, row_hi, row_weight, need_grad)

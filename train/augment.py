@@ -110,10 +110,6 @@ def slice_params(params: dict, lo: int, hi: int) -> dict:
     return {k: v[lo:hi] for k, v in params.items()}
 
 
-def _per_image(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
-
-
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x

@@ -21,13 +21,13 @@ import torch
 
 import fastalpha
 from fastalpha import dispatch
-from fastalpha.rules import PAPER_LOSSES, resolve_rule
+from fastalpha import PAPER_LOSSES
 
 from . import checkpoint, data as datasets, distributed, recipes, records
 from .check_eager import DEFAULT_TOLERANCE, check_against_eager
 from .config import RESUMABLE_CHANGES, RunConfig
 from .models import ARCHS
-from .trainer import CHECKPOINT_NAME, Interrupted, NonFiniteLoss, Trainer
+from .trainer import CHECKPOINT_NAME, SCHEDULES, Interrupted, NonFiniteLoss, Trainer
 
 #: The rule parameters each Table-1 loss reads; giving another one is an error.
 LOSS_PARAMETERS = {
@@ -41,10 +41,10 @@ LOSS_PARAMETERS = {
 }
 LOSS_HELP = {
     "quadratic": "L_quadratic: constant α = 1/(M−2)",
-    "nce": "L_nce: InfoNCE / NT-Xent (τ 0.5, ε 1)",
+    "nce": "L_nce: InfoNCE (τ 0.5, ε 1 = SimCLR's NT-Xent); the loss is L_nce/(τ·M) of Eqn 2",
     "backprop": "α-CL-r_H with gradient through α (τ 0.5)",
     "entropy": "α-CL-r_H: α = softmax(−d²/τ), stop-gradient (τ 0.5)",
-    "inverse": "α-CL-r_γ: α ∝ (d² + τ)^(−1/γ) (τ 0.5, γ 2)",
+    "inverse": "α-CL-r_γ as the authors' code sets it: α ∝ (d² + τ)^(−1/γ) (τ 0.5, γ 2)",
     "square": "α-CL-r_s: sparsemax α (τ 5)",
     "direct": "α-CL-direct: α ∝ exp(−d^p/τ) (p 4, τ 0.5)",
 }
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train an encoder with a Table-1 loss of Tian (NeurIPS 2022, α-CL) and report "
                     "linear-evaluation and kNN accuracy of its frozen features.",
         epilog=f"losses (--loss):\n{losses}\n\n"
-               "'auto' values come from the recipe: the paper's (ResNet18, Adam 0.01, batch 128, 100 epochs) on\n"
+               "'auto' values come from the recipe: the paper's (Table 1: ResNet18, Adam 0.01, batch 128, 100 epochs;\n"
+               "Table 2: lr 0.001 for resnet50) on"
                "CIFAR/STL-10, a small CNN and a few epochs on the embedded sets; the run prints what it resolved.\n"
                "Exit status: 0 done, 1 --check-eager failed, 2 bad flags/missing data, 3 non-finite loss, 130 Ctrl-C.\n"
                "Multi-GPU: torchrun --nproc_per_node K train/run.py ... (--batch is the global batch).",
@@ -83,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which Table-1 loss (presets in fastalpha.PAPER_LOSSES; list below). Default: direct")
     g.add_argument("--temperature", type=float, default=None, help="τ of the loss (default: the loss's preset)")
     g.add_argument("--p", type=float, default=None, help="exponent p of --loss direct, α ∝ exp(−d^p/τ) (default 4)")
-    g.add_argument("--gamma", type=float, default=None, help="γ of --loss inverse, α ∝ (d²+τ)^(−1/γ) (default 2)")
+    g.add_argument("--gamma", type=float, default=None,
+                   help="γ of --loss inverse, α ∝ (d²+τ)^(−1/γ) as in the authors' code (default 2)")
     g.add_argument("--eps", type=float, default=None,
-                   help="ε in the normaliser of direct/entropy/backprop (default 0) and nce (default 1: NT-Xent)")
+                   help="ε in the normaliser of direct/entropy/backprop (default 0) and nce (default 1: today's "
+                        "SimCLR NT-Xent, whose denominator holds the positive pair; the paper's Eqn 2 calls ε = 0 "
+                        "the SimCLR setting)")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="loss implementation: auto = cpp on CPU / triton on CUDA when available, else eager "
                         "(the dense reference). An explicit backend never falls back. Default: auto")
@@ -97,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="download a missing torchvision dataset (needs network)")
     g = parser.add_argument_group("recipe (auto = from --recipe)")
     g.add_argument("--recipe", choices=recipes.RECIPES, default="auto",
-                   help="paper = ResNet18, Adam lr 0.01, wd 0, batch 128, 100 epochs; small = small CNN, Adam 3e-3, "
-                        "a few epochs; auto = paper on CIFAR/STL-10, small on embedded data. Default: auto")
+                   help="paper = ResNet18, Adam lr 0.01 (0.001 with --arch resnet50, Table 2), batch 128, 100 epochs; "
+                        "wd 0 from the authors' code; small = small CNN, Adam 3e-3, a few epochs; auto = paper on "
+                        "CIFAR/STL-10, small on embedded data. Default: auto")
     g.add_argument("--arch", choices=("auto",) + ARCHS, default="auto",
                    help="encoder: resnet18/resnet50 (CIFAR stem below 64 px), small_cnn (3 stride-2 conv layers, 128-d)")
     g.add_argument("--epochs", type=_auto_or(int), default=None, metavar="N|auto", help="pre-training epochs")
@@ -107,16 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("auto", "adam", "sgd"), default="auto", help="adam, or sgd with momentum 0.9")
     g.add_argument("--lr", type=_auto_or(float), default=None, metavar="LR|auto", help="learning rate")
     g.add_argument("--wd", type=_auto_or(float), default=None, metavar="WD|auto", help="weight decay")
-    g.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                   help="learning-rate schedule over all steps (the paper: constant). Default: constant")
+    g.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning-rate schedule: constant; cosine = cosine decay to 0 over all steps; authors = as "
+                        "the authors' code (lr constant for 10 epochs, then a per-epoch cosine whose period is "
+                        "counted in steps of one epoch; the paper states no schedule). Default: constant")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and probes (default 0)")
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--workers", type=int, default=0,
+    g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (torch.set_num_threads). 0 = auto: torch's default (one per core), "
-                        "but 1 when the machine is already busy (1-minute load average >= cores), where waiting at "
-                        "OpenMP barriers for descheduled threads made 2 threads ~3x slower than 1 (measured on a shared "
-                        "2-core machine). The data pipeline is tensor ops on the training device: no loader processes")
+                        "or 1 when the 1-minute load average is already >= the number of cores. Default: 0")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="deprecated alias of --threads (it never set data-loader processes: the data pipeline "
+                        "runs as tensor ops on the training device)")
     g.add_argument("--amp", choices=AMP_CHOICES, default="none",
                    help="bf16 = autocast the encoder and projector to bfloat16 (the loss gets bf16 inputs). Default: none")
     g = parser.add_argument_group("evaluation")
@@ -134,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: runs/<loss>-<dataset>-<time>)")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue the run in --out (or in PATH: a run folder or a checkpoint file) from its checkpoint; "
-                        "flags not given are taken from the checkpoint; only --epochs, --workers, --eval-every, "
+                        "flags not given are taken from the checkpoint; only --epochs, --threads, --eval-every, "
                         "--progress, --data-root, --download, --device may change")
     g.add_argument("--check-eager", type=int, default=0, metavar="K",
                    help="instead of training: K steps from the same weights, batches and augmentation with the chosen "
@@ -171,7 +179,7 @@ def _check_args(args, parser) -> None:
     positive("knn-t", args.knn_t)
     positive("check-eager", args.check_eager, allow_zero=True)
     positive("check-tol", args.check_tol)
-    positive("workers", args.workers, allow_zero=True)
+    positive("threads", args.threads, allow_zero=True)
     if args.batch is not None and args.batch < 2:
         parser.error(f"--batch must be >= 2 (each anchor needs a negative), got {args.batch}")
     unused = [f"--{name}" for name in ("temperature", "p", "gamma", "eps")
@@ -186,16 +194,17 @@ def _check_args(args, parser) -> None:
 
 
 def loss_kwargs(loss: str, args) -> dict:
-    """The AlphaCLLoss keywords of `loss` with the flags' overrides, every parameter explicit."""
-    preset = dict(PAPER_LOSSES[loss])
+    """The AlphaCLLoss keywords of `loss`: the fastalpha.PAPER_LOSSES preset with the flags' overrides.
+
+    A parameter neither the preset nor a flag gives is left to the library's default. The
+    keywords are validated by building the public AlphaCLLoss (ValueError/TypeError when invalid).
+    """
+    kwargs = dict(PAPER_LOSSES[loss])
     for name in LOSS_PARAMETERS[loss]:
         if getattr(args, name) is not None:
-            preset[name] = getattr(args, name)
-    params = resolve_rule(preset["rule"], preset.get("temperature"), preset.get("p"), preset.get("gamma"), preset.get("eps"))
-    kwargs = {"rule": params.rule}
-    for name in LOSS_PARAMETERS[loss]:
-        kwargs[name] = getattr(params, name)
-    kwargs["detach_alpha"] = preset.get("detach_alpha", True)
+            kwargs[name] = getattr(args, name)
+    kwargs.setdefault("detach_alpha", True)
+    fastalpha.AlphaCLLoss(**kwargs)
     return kwargs
 
 
@@ -215,21 +224,35 @@ def resolve_device(text: str, topology) -> torch.device:
     return device
 
 
-def set_threads(workers: int, device: torch.device) -> str:
-    """Apply --workers; returns why that many threads (for the log)."""
-    if workers:
-        torch.set_num_threads(workers)
-        return "--workers"
+def resolve_threads(args, parser) -> None:
+    """Fold the deprecated --workers into --threads (warning once), then default to 0 = auto."""
+    if args.workers is not None:
+        import warnings
+
+        warnings.warn("--workers is deprecated: it sets torch's CPU threads; use --threads", FutureWarning, stacklevel=2)
+        print("warning: --workers is deprecated; use --threads (same meaning: torch's CPU threads)", file=sys.stderr)
+        if args.threads is not None and args.threads != args.workers:
+            parser.error(f"--workers {args.workers} (deprecated alias) contradicts --threads {args.threads}")
+        args.threads = args.workers
+    if args.threads is None:
+        args.threads = 0
+
+
+def set_threads(threads: int, device: torch.device) -> str:
+    """Apply --threads; returns why that many threads (for the log)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return "--threads"
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if device.type == "cpu" and cores > 1 and load >= cores:
         torch.set_num_threads(1)
-        return f"auto: the machine is busy (load {load:.1f} on {cores} cores), so 1 thread; --workers N overrides"
+        return f"auto: the machine is busy (load {load:.1f} on {cores} cores), so 1 thread; --threads N overrides"
     return "auto: torch's default"
 
 
 def resolve_config(args, data, spec, device, topology) -> RunConfig:
-    recipe = recipes.choose(args.recipe, data.name)
+    recipe = recipes.choose(args.recipe, data.name, args.arch)
     out = args.out or os.path.join("runs", f"{args.loss}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return RunConfig(
         loss=args.loss, loss_kwargs=loss_kwargs(args.loss, args), dataset=data.name, data_root=args.data_root,
@@ -237,7 +260,7 @@ def resolve_config(args, data, spec, device, topology) -> RunConfig:
         epochs=args.epochs or recipe.epochs, batch=args.batch or recipe.batch,
         optimizer=recipe.optimizer if args.optimizer == "auto" else args.optimizer,
         lr=recipe.lr if args.lr is None else args.lr, wd=recipe.wd if args.wd is None else args.wd,
-        schedule=args.schedule, seed=args.seed, workers=args.workers, device=str(device), amp=args.amp,
+        schedule=args.schedule, seed=args.seed, threads=args.threads, device=str(device), amp=args.amp,
         backend=args.backend, eval=args.eval, eval_every=args.eval_every, linear_epochs=args.linear_epochs,
         knn_k=args.knn_k, knn_t=args.knn_t, out=out, progress=args.progress, world_size=topology.world_size,
         augment=dict(vars(spec)),
@@ -254,9 +277,11 @@ def _checkpoint_path(args, parser) -> str:
 
 def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> RunConfig:
     """The checkpoint's config with the resumable flags the user gave; other given flags must agree."""
-    cfg = RunConfig(**saved)
+    cfg = RunConfig.from_saved(saved)
+    if "workers" in given:  # the deprecated alias was folded into args.threads
+        given = given | {"threads"}
     cfg.out = args.out or os.path.dirname(os.path.abspath(ckpt_path))
-    overrides = {"epochs": args.epochs, "workers": args.workers, "eval_every": args.eval_every,
+    overrides = {"epochs": args.epochs, "threads": args.threads, "eval_every": args.eval_every,
                  "progress": args.progress, "data_root": args.data_root, "download": args.download}
     for key, value in overrides.items():
         if key in given and value is not None:
@@ -359,6 +384,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    resolve_threads(args, parser)
     _check_args(args, parser)
     topology = distributed.from_environment()
     log = print if topology.is_main else (lambda *a, **k: None)
@@ -374,7 +400,7 @@ def main(argv=None) -> int:
         device = resolve_device(args.device, topology)
     except ValueError as err:
         parser.error(str(err))
-    threads_note = set_threads(args.workers, device)
+    threads_note = set_threads(args.threads, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
     distributed.init(topology, device)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 #: Settings that may differ when a run is resumed: they change neither the maths nor the data
 #: (a different device or process count changes only the rounding).
-RESUMABLE_CHANGES = ("epochs", "workers", "eval_every", "progress", "data_root", "download", "out", "device", "world_size")
+RESUMABLE_CHANGES = ("epochs", "threads", "eval_every", "progress", "data_root", "download", "out", "device", "world_size")
 
 
 @dataclass
@@ -25,7 +25,7 @@ class RunConfig:
     wd: float
     schedule: str
     seed: int
-    workers: int
+    threads: int
     device: str
     amp: str
     backend: str
@@ -38,6 +38,14 @@ class RunConfig:
     progress: bool
     world_size: int = 1
     augment: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "RunConfig":
+        """A config read from a checkpoint; checkpoints written before `--threads` say `workers`."""
+        saved = dict(saved)
+        if "workers" in saved:
+            saved.setdefault("threads", saved.pop("workers"))
+        return cls(**saved)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

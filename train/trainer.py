@@ -47,9 +47,32 @@ def build_optimizer(name: str, params, lr: float, wd: float) -> torch.optim.Opti
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def learning_rate(cfg, global_step: int, total_steps: int) -> float:
+#: Epochs at the start of the `authors` schedule during which the lr stays at its initial value.
+AUTHORS_WARM_EPOCHS = 10
+SCHEDULES = ("constant", "cosine", "authors")
+
+
+def learning_rate(cfg, global_step: int, total_steps: int, steps_per_epoch: int = 1) -> float:
+    """The lr of the step `global_step` (0-based) of a run of `total_steps` steps.
+
+    constant  cfg.lr throughout.
+    cosine    cfg.lr·(1 + cos(π·t/T))/2 over all T = total_steps steps (to 0 at the end).
+    authors   what the authors' code does (facebookresearch/luckmatters, ssl/real-dataset/
+              simclr_trainer.py): torch's CosineAnnealingLR with T_max = len(train_loader), i.e.
+              the steps of ONE epoch, stepped once per epoch and only after epoch 10. The lr of
+              0-based epoch e is therefore cfg.lr·(1 + cos(π·k/S))/2 with k = max(0, e − 10) and
+              S = steps per epoch: constant for the first 11 epochs, then a slow decay (at batch
+              128 on CIFAR-10, S = 390, epoch 100 runs at 0.87·lr) that is periodic in k with
+              period 2S (the closed form CosineAnnealingLR follows). It does not depend on the
+              total number of epochs, so a 100-epoch run is the start of a 500-epoch run.
+    """
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(global_step, total_steps) / max(total_steps, 1)))
+    if cfg.schedule == "authors":
+        k = max(0, global_step // max(steps_per_epoch, 1) - AUTHORS_WARM_EPOCHS)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * k / max(steps_per_epoch, 1)))
+    if cfg.schedule != "constant":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected one of {SCHEDULES}")
     return cfg.lr
 
 
@@ -140,7 +163,7 @@ class Trainer:
 
     def set_lr(self, epoch: int, step: int) -> float:
         total = self.cfg.epochs * self.plan.steps_per_epoch
-        lr = learning_rate(self.cfg, (epoch - 1) * self.plan.steps_per_epoch + step, total)
+        lr = learning_rate(self.cfg, (epoch - 1) * self.plan.steps_per_epoch + step, total, self.plan.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr

@@ -9,6 +9,7 @@ from .dispatch import available_backends
 from .distributed import alpha_cl_loss_distributed
 from .functional import alpha_cl_loss, contrastive_covariance, energy, pair_weights
 from .losses import AlphaCLLoss, DCLLoss, InfoNCELoss, NTXentLoss
+from .queue import Queue
 from .rules import PAPER_LOSSES, RULES
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "InfoNCELoss",
     "NTXentLoss",
     "DCLLoss",
+    "Queue",
     "pair_weights",
     "energy",
     "contrastive_covariance",

@@ -11,8 +11,11 @@ Every backend implements one contract (the kernel behind `fastalpha::alpha_cl_fu
     loss_rows  (R,) per-anchor losses, dtype promote(z.dtype, float32)
     grad       (M, D) in z.dtype: ∂(Σ_i w_i loss_i)/∂Z (rows and columns), or (0, D) if not need_grad
 
+    queue      (keyword, only when given) (K, D) extra negative rows; grad then has M + K rows
+
 A backend module exposes `status() -> (available, reason)` and `alpha_cl_fused(...)` with the
-signature above. `backend="auto"` picks, for CUDA tensors, triton, then cuda, then chunked; for
+signature above, and optionally `supports(negatives, has_queue) -> (ok, reason)` when it
+computes more than the SimCLR negatives (every row but i and p(i), no queue). `backend="auto"` picks, for CUDA tensors, triton, then cuda, then chunked; for
 CPU tensors, cpp, then chunked (plain PyTorch, always there, so memory stays O(R·M) on a
 machine without a compiler or without Triton). An automatic fallback is logged once at INFO; an explicit
 backend that is unavailable raises with the reason.
@@ -56,15 +59,31 @@ def available_backends() -> dict[str, tuple[bool, str]]:
 _fallbacks_logged: set = set()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn the user's `backend` into a concrete backend name for tensors on `device`."""
-    return _resolve_backend(backend, device.type, device.index)
+def supports(name: str, negatives: str, has_queue: bool) -> tuple[bool, str]:
+    """(supported, reason) of a backend for a set of negatives.
+
+    A backend module may define `supports(negatives, has_queue)`; one that does not computes
+    the SimCLR set only (negatives="all", no queue).
+    """
+    module = _module(name)
+    if hasattr(module, "supports"):
+        return module.supports(negatives, has_queue)
+    if negatives == "all" and not has_queue:
+        return True, ""
+    return False, f"the {name} backend computes negatives='all' without a queue only"
 
 
-# The choice depends only on the machine, never on tensor values: under torch.compile it is
-# evaluated once at trace time and baked into the graph instead of tracing imports and logging.
+def resolve_backend(backend: str, device: torch.device, spec=None, has_queue: bool = False) -> str:
+    """Turn the user's `backend` into a concrete backend name for tensors on `device` and a spec."""
+    negatives = "all" if spec is None else spec.negatives
+    return _resolve_backend(backend, device.type, device.index, negatives, has_queue)
+
+
+# The choice depends only on the machine and the arguments, never on tensor values: under
+# torch.compile it is evaluated once at trace time and baked into the graph instead of
+# tracing imports and logging.
 @torch.compiler.assume_constant_result
-def _resolve_backend(backend: str, device_type: str, device_index) -> str:
+def _resolve_backend(backend: str, device_type: str, device_index, negatives: str, has_queue: bool) -> str:
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
@@ -72,6 +91,8 @@ def _resolve_backend(backend: str, device_type: str, device_index) -> str:
         skipped = []
         for name in _AUTO_ORDER.get(device.type, ("chunked", "eager")):
             ok, reason = backend_status(name, device)
+            if ok:
+                ok, reason = supports(name, negatives, has_queue)
             if ok:
                 if skipped and (device.type, name) not in _fallbacks_logged:
                     _fallbacks_logged.add((device.type, name))
@@ -84,6 +105,10 @@ def _resolve_backend(backend: str, device_type: str, device_index) -> str:
     ok, reason = backend_status(backend, device)
     if not ok:
         raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {reason}")
+    ok, reason = supports(backend, negatives, has_queue)
+    if not ok:
+        raise ValueError(f"backend={backend!r} does not support negatives={negatives!r}"
+                         f"{' with a queue' if has_queue else ''}: {reason}")
     return backend
 
 

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from . import dispatch, reference
 from .checks import check_views
-from .functional import alpha_cl_loss, no_negatives_loss
+from .functional import alpha_cl_loss, check_queue, negative_count, no_negatives_loss
 from .ops import call_fused
 from .rules import LossSpec, check_reduction, make_spec
 
@@ -69,6 +69,8 @@ def alpha_cl_loss_distributed(
     reduction: str = "mean",
     backend: str = "auto",
     group=None,
+    negatives: str = "all",
+    queue: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The α-CL loss of the global batch of `group` (default: the world); see the module doc.
 
@@ -80,20 +82,29 @@ def alpha_cl_loss_distributed(
         reduction: "mean" / "sum" return W × this rank's share of the global mean / sum (the
             mean over ranks is the global loss); "none" returns this rank's 2N_r anchor losses.
         group: a torch.distributed process group, or None for the default group.
+        negatives, queue: as in fastalpha.alpha_cl_loss. "cross" takes the other view's rows of
+            every rank; the queue must be the same on every rank and is not gathered.
     """
-    spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha)
+    spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha, negatives)
     check_reduction(reduction)
     if not (dist.is_available() and dist.is_initialized()):
         _warn_not_initialised()
-        return alpha_cl_loss(z1, z2, rule, temperature, p, gamma, eps, normalize, detach_alpha, reduction, backend)
-
+        return alpha_cl_loss(z1, z2, rule, temperature, p, gamma, eps, normalize, detach_alpha, reduction, backend,
+                             negatives, queue)
+    if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        raise ValueError("a learnable temperature is not supported with gather_distributed=True; pass its value "
+                         "(float(tau)) or compute the single-process loss")
+    if isinstance(z1, torch.Tensor) and z1.dim() == 2:
+        check_queue(queue, z1, negatives)
     need_grad = torch.is_grad_enabled() and isinstance(z1, torch.Tensor) and (z1.requires_grad or z2.requires_grad)
     layout = exchange_layout(z1, z2, need_grad, group)
-    if layout.n_global == 1:
+    queue_rows = 0 if queue is None else queue.shape[0]
+    if negative_count(layout.n_global, queue_rows, spec.negatives) == 0:
         return no_negatives_loss(z1, z2, reduction)
-    name = dispatch.resolve_backend(backend, z1.device)
+    name = dispatch.resolve_backend(backend, z1.device, spec, queue is not None)
     z_local = reference.stack_views(z1, z2, spec.unit_rows)
-    return GlobalBatchAlphaCL.apply(z_local, layout, spec, reduction, name, need_grad)
+    queue = reference.prepare_queue(queue, spec.unit_rows)
+    return GlobalBatchAlphaCL.apply(z_local, layout, spec, reduction, name, need_grad, queue)
 
 
 @dataclass(frozen=True)
@@ -231,11 +242,12 @@ class GlobalBatchAlphaCL(torch.autograd.Function):
     """Gather Z, compute this rank's anchors against all columns, reduce-scatter the gradient."""
 
     @staticmethod
-    def forward(ctx, z_local, layout: GlobalLayout, spec: LossSpec, reduction: str, backend: str, need_grad: bool):
+    def forward(ctx, z_local, layout: GlobalLayout, spec: LossSpec, reduction: str, backend: str, need_grad: bool,
+                queue=None):
         z = gather_rows(z_local, layout)
         grad_now = need_grad and reduction != "none"
-        loss_rows, grad = _anchor_blocks(z, layout, spec, backend, grad_now)
-        ctx.layout, ctx.spec, ctx.reduction, ctx.backend = layout, spec, reduction, backend
+        loss_rows, grad = _anchor_blocks(z, layout, spec, backend, grad_now, queue)
+        ctx.layout, ctx.spec, ctx.reduction, ctx.backend, ctx.queue = layout, spec, reduction, backend, queue
         ctx.local_dtype = z_local.dtype
         if reduction == "none":
             if need_grad:
@@ -262,21 +274,24 @@ class GlobalBatchAlphaCL(torch.autograd.Function):
             n = layout.n_local
             grad = 0
             for (lo, hi), block_weight in zip(layout.anchor_blocks(), (weight[:n], weight[n:])):
-                _, block_grad = call_fused(z, ctx.spec, ctx.backend, lo, hi, block_weight.contiguous(), True)
-                grad = grad + block_grad.to(reduce_dtype)
+                _, block_grad = call_fused(z, ctx.spec, ctx.backend, lo, hi, block_weight.contiguous(), True, ctx.queue)
+                grad = grad + block_grad[: z.shape[0]].to(reduce_dtype)
         else:
             grad = saved * (grad_out.to(reduce_dtype) * ctx.scale)
         grad_local = reduce_scatter_rows(grad.contiguous(), layout).to(ctx.local_dtype)
-        return grad_local, None, None, None, None, None
+        return grad_local, None, None, None, None, None, None
 
 
-def _anchor_blocks(z, layout: GlobalLayout, spec: LossSpec, backend: str, need_grad: bool):
-    """This rank's anchor losses (2N_r,) and ∂(Σ of them)/∂Z (M × D, or (0, D) without need_grad)."""
+def _anchor_blocks(z, layout: GlobalLayout, spec: LossSpec, backend: str, need_grad: bool, queue=None):
+    """This rank's anchor losses (2N_r,) and ∂(Σ of them)/∂Z (M × D, or (0, D) without need_grad).
+
+    The queue's rows of the gradient are dropped: the queue receives no gradient.
+    """
     rows, grads = [], []
     for lo, hi in layout.anchor_blocks():
-        block_rows, block_grad = call_fused(z, spec, backend, lo, hi, None, need_grad)
+        block_rows, block_grad = call_fused(z, spec, backend, lo, hi, None, need_grad, queue)
         rows.append(block_rows)
-        grads.append(block_grad.to(_reduce_dtype(z.dtype)))
+        grads.append(block_grad[: z.shape[0]].to(_reduce_dtype(z.dtype)))
     return torch.cat(rows), grads[0] + grads[1]
 
 

@@ -8,7 +8,9 @@ For two views z1, z2 (N × D) stacked into Z (M = 2N rows, L2-normalised when
     loss_i = Σ_{j∈J_i} α_ij (d2_i − d2_ij)        (the negative α-CL energy of row i),
     loss_i = log(ε + Σ_{j∈J_i} e^{(d2_i − d2_ij)/τ})   for rule="infonce",
 
-with d2_ij = ||z_i − z_j||²/2 and α given by the rule (fastalpha.rules). Unset parameters
+with d2_ij = ||z_i − z_j||²/2 (1 − cos for normalised rows) and α given by the rule
+(fastalpha.rules). J_i is every row but i and p(i) by default; `negatives` and `queue` choose
+other sets (two towers, memory banks). Unset parameters
 (None) take the rule's default: τ = 0.5 (5 for `square`), p = 4, γ = 2, ε = 0 (1 for `infonce`).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ def alpha_cl_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
     rule: str = "direct",
-    temperature: float | None = None,
+    temperature: float | torch.Tensor | None = None,
     p: float | None = None,
     gamma: float | None = None,
     eps: float | None = None,
@@ -33,37 +35,87 @@ def alpha_cl_loss(
     detach_alpha: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
+    negatives: str = "all",
+    queue: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pair-weighted contrastive loss of two views, averaged over the M = 2N anchors.
 
     Args:
         z1, z2: (N, D) embeddings of the two views; row k of z1 and row k of z2 are positives.
         rule: quadratic | entropy | direct | inverse | square | infonce (see fastalpha.rules).
-        temperature, p, gamma, eps: rule parameters (None → the rule's default).
+        temperature: τ, any real scalar (numpy scalar, 0-dim tensor). A 0-dim tensor with
+            requires_grad=True is learnable (CLIP's logit scale): for `infonce` on every
+            backend; for the α-CL rules τ only shapes α, so it needs detach_alpha=False and
+            the eager backend.
+        p, gamma, eps: rule parameters (None → the rule's default).
         normalize: L2-normalise rows first (autograd flows through the normalisation).
         detach_alpha: α as stop-gradient (the paper's α-CL). False also differentiates α
             (Table 1's "backprop" with rule="entropy"); for infonce both are the same gradient.
         reduction: "mean" over the M anchors, "sum", or "none" (vector of M losses).
         backend: auto | eager | chunked | cpp | cuda | triton (see fastalpha.available_backends()).
+        negatives: the rows of Z that are negatives of anchor i: "all" (every row but i and
+            p(i): SimCLR), "cross" (the other view's rows but p(i): CLIP's two towers, z1 and
+            z2 may come from different encoders), "none" (only the queue: MoCo).
+        queue: optional (K, D) extra negatives shared by every anchor (a memory bank; see
+            fastalpha.Queue). Normalised like z when normalize=True; never receives gradient.
 
-    Returns the loss in the dtype of z1 (computed in at least float32). With N = 1 no anchor
-    has a negative: the loss is an empty sum, 0, with a zero gradient.
+    Returns the loss in the dtype of z1 (computed in at least float32). An anchor set with no
+    negatives (N = 1 without a queue) gives 0 with a zero gradient.
     """
     check_views(z1, z2)
-    spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha)
+    check_queue(queue, z1, negatives)
+    spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha, negatives)
     check_reduction(reduction)
-    name = dispatch.resolve_backend(backend, z1.device)
-    return loss_of_spec(z1, z2, spec, reduction, name)
+    learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    if learnable and spec.rule != "infonce":
+        if spec.detach_alpha:
+            raise ValueError(f"a learnable temperature has no gradient for rule={spec.rule!r} with detach_alpha=True "
+                             "(τ only shapes the stop-gradient α); use detach_alpha=False on the eager backend, "
+                             "or rule='infonce'")
+        if backend not in ("auto", "eager"):
+            raise ValueError(f"a learnable temperature for rule={spec.rule!r} needs backend='eager' (the fused "
+                             f"backends give its gradient for rule='infonce' only), got backend={backend!r}")
+        backend = "eager"
+    name = dispatch.resolve_backend(backend, z1.device, spec, queue is not None)
+    return loss_of_spec(z1, z2, spec, reduction, name, queue, temperature if learnable else None)
 
 
-def loss_of_spec(z1: torch.Tensor, z2: torch.Tensor, spec: LossSpec, reduction: str, backend: str) -> torch.Tensor:
-    """The loss for validated inputs and a concrete backend name (the public API's last step)."""
-    if z1.shape[0] == 1:
+def check_queue(queue, z1: torch.Tensor, negatives: str) -> None:
+    """A queue is a 2-D (K, D) float tensor on z1's device with z1's D; "none" needs one."""
+    if queue is None:
+        if negatives == "none":
+            raise ValueError("negatives='none' takes the negatives from a queue only: pass queue=(K, D) tensor")
+        return
+    if not isinstance(queue, torch.Tensor):
+        raise TypeError(f"queue must be a torch.Tensor or None, got {type(queue).__name__}")
+    if not queue.is_floating_point():
+        raise TypeError(f"queue must have a floating dtype, got {queue.dtype}")
+    if queue.dim() != 2 or queue.shape[1] != z1.shape[1]:
+        raise ValueError(f"queue must have shape (K, D) with D = {z1.shape[1]} like z1, got {tuple(queue.shape)}")
+    if queue.device != z1.device:
+        raise ValueError(f"queue must be on the device of z1 ({z1.device}), got {queue.device}")
+
+
+def loss_of_spec(z1: torch.Tensor, z2: torch.Tensor, spec: LossSpec, reduction: str, backend: str, queue=None,
+                 temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss for validated inputs and a concrete backend name (the public API's last step).
+
+    `temperature` is the learnable τ tensor, or None when τ is a constant (spec.temperature).
+    """
+    queue_rows = 0 if queue is None else queue.shape[0]
+    if negative_count(z1.shape[0], queue_rows, spec.negatives) == 0:
         return no_negatives_loss(z1, z2, reduction)
     if backend == "eager":
-        return reference.alpha_cl_loss(z1, z2, spec, reduction)
+        eager_spec = spec if temperature is None else spec.with_(temperature=temperature)
+        return reference.alpha_cl_loss(z1, z2, eager_spec, reduction, queue).to(z1.dtype)
     z = reference.stack_views(z1, z2, spec.unit_rows)
-    return FusedAlphaCL.apply(z, spec, reduction, backend)
+    queue = reference.prepare_queue(queue, spec.unit_rows)
+    return FusedAlphaCL.apply(z, queue, temperature, spec, reduction, backend)
+
+
+def negative_count(n: int, queue_rows: int, negatives: str) -> int:
+    """|J_i| for N pairs and K queue rows: the same for every anchor."""
+    return {"all": 2 * n - 2, "cross": n - 1, "none": 0}[negatives] + queue_rows
 
 
 class _NoNegatives(torch.autograd.Function):
@@ -85,13 +137,16 @@ def no_negatives_loss(z1: torch.Tensor, z2: torch.Tensor, reduction: str) -> tor
     return reference.reduce_rows(_NoNegatives.apply(z1, z2), reduction)
 
 
-def pair_weights(z1, z2, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True) -> torch.Tensor:
-    """Dense (M × M) pair weights α, zero outside J_i, without gradient. O(M²): for small M."""
+def pair_weights(z1, z2, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True,
+                 negatives="all", queue=None) -> torch.Tensor:
+    """Dense (M × (M + K)) pair weights α, zero outside J_i, without gradient. O(M²): for small M."""
     check_views(z1, z2)
-    spec = make_spec(rule, temperature, p, gamma, eps, normalize)
-    if z1.shape[0] == 1:
-        return z1.new_zeros((2, 2))
-    return reference.pair_weights(z1, z2, spec)
+    check_queue(queue, z1, negatives)
+    spec = make_spec(rule, temperature, p, gamma, eps, normalize, negatives=negatives)
+    queue_rows = 0 if queue is None else queue.shape[0]
+    if negative_count(z1.shape[0], queue_rows, spec.negatives) == 0:
+        return z1.new_zeros((2 * z1.shape[0], 2 * z1.shape[0] + queue_rows))
+    return reference.pair_weights(z1, z2, spec, queue)
 
 
 def _check_alpha(alpha, z) -> None:

@@ -18,24 +18,27 @@ class AlphaCLLoss(torch.nn.Module):
     """
 
     def __init__(self, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True,
-                 detach_alpha=True, reduction="mean", backend="auto", gather_distributed=False, group=None):
+                 detach_alpha=True, reduction="mean", backend="auto", gather_distributed=False, group=None,
+                 negatives="all"):
         super().__init__()
-        make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha)  # fail at construction, not at the first step
+        # Fail at construction, not at the first step.
+        make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha, negatives)
         check_reduction(reduction)
         self.kwargs = dict(rule=rule, temperature=temperature, p=p, gamma=gamma, eps=eps, normalize=normalize,
-                           detach_alpha=detach_alpha, reduction=reduction, backend=backend)
+                           detach_alpha=detach_alpha, reduction=reduction, backend=backend, negatives=negatives)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         if self.gather_distributed and not torch.distributed.is_available():
             raise ValueError("gather_distributed=True needs torch.distributed, which this torch build does not have "
                              "(torch.distributed.is_available() is False)")
         self.group = group
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, queue: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of two views, with an optional (K, D) queue of extra negatives."""
         if self.gather_distributed:
             from .distributed import alpha_cl_loss_distributed
 
-            return alpha_cl_loss_distributed(z1, z2, group=self.group, **self.kwargs)
-        return alpha_cl_loss(z1, z2, **self.kwargs)
+            return alpha_cl_loss_distributed(z1, z2, group=self.group, queue=queue, **self.kwargs)
+        return alpha_cl_loss(z1, z2, queue=queue, **self.kwargs)
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.kwargs.items() if v is not None}
@@ -50,9 +53,9 @@ class InfoNCELoss(AlphaCLLoss):
     """
 
     def __init__(self, temperature=0.5, eps=1.0, normalize=True, reduction="mean", backend="auto",
-                 gather_distributed=False, group=None):
+                 gather_distributed=False, group=None, negatives="all"):
         super().__init__(rule="infonce", temperature=temperature, eps=eps, normalize=normalize, reduction=reduction,
-                         backend=backend, gather_distributed=gather_distributed, group=group)
+                         backend=backend, gather_distributed=gather_distributed, group=group, negatives=negatives)
 
 
 NTXentLoss = InfoNCELoss
@@ -65,6 +68,6 @@ class DCLLoss(InfoNCELoss):
     """
 
     def __init__(self, temperature=0.5, normalize=True, reduction="mean", backend="auto", gather_distributed=False,
-                 group=None):
+                 group=None, negatives="all"):
         super().__init__(temperature=temperature, eps=0.0, normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed, group=group)
+                         gather_distributed=gather_distributed, group=group, negatives=negatives)

@@ -29,12 +29,33 @@ def partner_index(m: int, device=None) -> torch.Tensor:
     return (torch.arange(m, device=device) + m // 2) % m
 
 
-def negative_mask(m: int, row_lo: int = 0, row_hi: int | None = None, device=None) -> torch.Tensor:
-    """Boolean (R, M) mask of J_i for the rows i in [row_lo, row_hi): False at i and p(i)."""
+def negative_mask(m: int, row_lo: int = 0, row_hi: int | None = None, device=None, negatives: str = "all",
+                  queue_rows: int = 0) -> torch.Tensor:
+    """Boolean (R, M + K) mask of J_i for the rows i in [row_lo, row_hi).
+
+    Columns are the M rows of Z, then the K queue rows. "all": every row of Z but i and p(i);
+    "cross": the rows of the other view but p(i); "none": no row of Z. Queue rows are
+    negatives of every anchor in every mode.
+    """
     row_hi = m if row_hi is None else row_hi
     rows = torch.arange(row_lo, row_hi, device=device)[:, None]
     cols = torch.arange(m, device=device)[None, :]
-    return (cols != rows) & (cols != (rows + m // 2) % m)
+    half = m // 2
+    if negatives == "all":
+        in_z = (cols != rows) & (cols != (rows + half) % m)
+    elif negatives == "cross":
+        in_z = ((cols < half) != (rows < half)) & (cols != (rows + half) % m)
+    elif negatives == "none":
+        in_z = torch.zeros(row_hi - row_lo, m, dtype=torch.bool, device=device)
+    else:
+        raise ValueError(f"unknown negatives={negatives!r}")
+    in_queue = torch.ones(row_hi - row_lo, queue_rows, dtype=torch.bool, device=device)
+    return torch.cat([in_z, in_queue], 1)
+
+
+def column_rows(z: torch.Tensor, queue: torch.Tensor | None) -> torch.Tensor:
+    """The rows every anchor is compared with: Z, then the queue (detached: it gets no gradient)."""
+    return z if queue is None else torch.cat([z, queue.detach().to(z.dtype)], 0)
 
 
 def squared_distances(z_rows: torch.Tensor, z: torch.Tensor, unit_rows: bool = False) -> torch.Tensor:
@@ -76,11 +97,11 @@ def alpha_from_distances(d2: torch.Tensor, d2_pos: torch.Tensor, mask: torch.Ten
     `d2` is the (R, M) block of squared distances, `d2_pos` the (R,) positive distances and
     `mask` the J_i mask of the same rows. Differentiable in d2 (and d2_pos for infonce).
     """
-    m = d2.shape[1]
+    count = mask.sum(1, keepdim=True).to(d2.dtype)          # |J_i|
     rule, tau = params.rule, params.temperature
     zero = torch.zeros_like(d2)
     if rule == "quadratic":
-        return torch.where(mask, torch.full_like(d2, 1.0 / (m - 2)), zero)
+        return torch.where(mask, 1.0 / count, zero)
     if rule == "square":
         support = mask & (d2.detach() < sparsemax_threshold(d2, mask, tau)[:, None])
         # μ rebuilt from the support, μ = (τ + Σ_S d2) / |S|, so autograd sees the sparsemax Jacobian.
@@ -98,7 +119,7 @@ def alpha_from_distances(d2: torch.Tensor, d2_pos: torch.Tensor, mask: torch.Ten
     e = torch.exp(t - row_max)
     denom = e.sum(1, keepdim=True)
     if params.eps > 0:
-        denom = denom + params.eps * (m - 2) * torch.exp(-row_max)
+        denom = denom + params.eps * count * torch.exp(-row_max)
     return e / denom
 
 
@@ -106,12 +127,13 @@ def _log_eps(eps: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(math.log(eps) if eps > 0 else -math.inf, dtype=like.dtype, device=like.device)
 
 
-def loss_rows(z: torch.Tensor, params: LossSpec, row_lo: int = 0, row_hi: int | None = None) -> torch.Tensor:
-    """Per-anchor losses loss_i for the rows i in [row_lo, row_hi) of Z (already normalised)."""
+def loss_rows(z: torch.Tensor, params: LossSpec, row_lo: int = 0, row_hi: int | None = None,
+              queue: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-anchor losses loss_i for the rows i in [row_lo, row_hi) of Z (Z and queue already normalised)."""
     m = z.shape[0]
     row_hi = m if row_hi is None else row_hi
-    mask = negative_mask(m, row_lo, row_hi, device=z.device)
-    d2 = squared_distances(z[row_lo:row_hi], z, params.unit_rows)
+    mask = negative_mask(m, row_lo, row_hi, z.device, params.negatives, 0 if queue is None else queue.shape[0])
+    d2 = squared_distances(z[row_lo:row_hi], column_rows(z, queue), params.unit_rows)
     partners = partner_index(m, device=z.device)[row_lo:row_hi]
     d2_pos = d2.gather(1, partners[:, None])[:, 0]
     if params.rule == "infonce":
@@ -138,18 +160,28 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     return rows
 
 
-def alpha_cl_loss(z1, z2, params: LossSpec, reduction="mean"):
+def prepare_queue(queue: torch.Tensor | None, normalize: bool) -> torch.Tensor | None:
+    """The queue as the anchors see it: detached, and L2-normalised like Z when normalize=True."""
+    if queue is None:
+        return None
+    queue = queue.detach()
+    return torch.nn.functional.normalize(queue, dim=1) if normalize else queue
+
+
+def alpha_cl_loss(z1, z2, params: LossSpec, reduction="mean", queue=None):
     """The loss by dense autograd (inputs assumed validated; see fastalpha.alpha_cl_loss)."""
-    return reduce_rows(loss_rows(stack_views(z1, z2, params.unit_rows), params), reduction)
+    z = stack_views(z1, z2, params.unit_rows)
+    return reduce_rows(loss_rows(z, params, queue=prepare_queue(queue, params.unit_rows)), reduction)
 
 
-def pair_weights(z1, z2, params: LossSpec) -> torch.Tensor:
-    """Dense (M × M) α with zeros off J_i, detached (for inspection at small M)."""
+def pair_weights(z1, z2, params: LossSpec, queue=None) -> torch.Tensor:
+    """Dense (M × (M + K)) α with zeros off J_i, detached (for inspection at small M)."""
     with torch.no_grad():
         z = stack_views(z1, z2, params.unit_rows)
+        queue = prepare_queue(queue, params.unit_rows)
         m = z.shape[0]
-        mask = negative_mask(m, device=z.device)
-        d2 = squared_distances(z, z, params.unit_rows)
+        mask = negative_mask(m, 0, m, z.device, params.negatives, 0 if queue is None else queue.shape[0])
+        d2 = squared_distances(z, column_rows(z, queue), params.unit_rows)
         d2_pos = d2.gather(1, partner_index(m, device=z.device)[:, None])[:, 0]
         return alpha_from_distances(d2, d2_pos, mask, params)
 
@@ -192,7 +224,8 @@ def contrastive_covariance(a1, a2, alpha, b1=None, b2=None) -> torch.Tensor:
 
 
 def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Tensor | None = None,
-                         row_lo: int = 0, row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         row_lo: int = 0, row_hi: int | None = None,
+                         queue: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-row losses and ∂(Σ_i w_i loss_i)/∂Z by the formula the fused kernels implement.
 
     For the anchors i in [row_lo, row_hi) (all rows by default) and weights w (default 1):
@@ -211,14 +244,17 @@ def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Te
     For infonce every term is multiplied by 1/τ (and A_i = ξ_i / (ε + ξ_i)).
     For unit rows d2_ij = 1 − z_i·z_j, so ∂d2_ij/∂z_i = −z_j: the terms in z_i itself
     (A_i z_i, Σ_j ω_ij z_i and Σ_i ω_ij z_j) drop out; only the cross terms remain.
+    With a queue the columns are [Z; queue] and the gradient has M + K rows: the queue's rows
+    (which the API discards) are what a learnable temperature's gradient needs.
     Dense: O(R·M) memory; the eager backend of the fused op and the tests' specification.
     """
     m = z.shape[0]
     row_hi = m if row_hi is None else row_hi
-    mask = negative_mask(m, row_lo, row_hi, device=z.device)
+    cols = column_rows(z, queue)
+    mask = negative_mask(m, row_lo, row_hi, z.device, params.negatives, cols.shape[0] - m)
     partners = partner_index(m, device=z.device)[row_lo:row_hi]
     z_rows = z[row_lo:row_hi]
-    d2 = squared_distances(z_rows, z, params.unit_rows)
+    d2 = squared_distances(z_rows, cols, params.unit_rows)
     d2_pos = d2.gather(1, partners[:, None])[:, 0]
     alpha = alpha_from_distances(d2, d2_pos, mask, params)
     if params.rule == "infonce":
@@ -241,10 +277,10 @@ def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Te
     wa = (w * alpha.sum(1))[:, None]
     omega = w[:, None] * omega
     grad = omega.T @ z_rows
-    grad[row_lo:row_hi] += omega @ z - wa * z[partners]
+    grad[row_lo:row_hi] += omega @ cols - wa * z[partners]
     grad.index_add_(0, partners, -wa * z_rows)
     if not params.unit_rows:
-        grad -= omega.sum(0)[:, None] * z
+        grad -= omega.sum(0)[:, None] * cols
         grad[row_lo:row_hi] += (wa - omega.sum(1)[:, None]) * z_rows
         grad.index_add_(0, partners, wa * z[partners])
     return rows, grad * params.grad_scale

@@ -59,7 +59,7 @@ PAPER_LOSSES = {
 
 
 #: Ways to choose each anchor's negatives J_i (the spec's `negatives` field).
-NEGATIVES = ("all",)
+NEGATIVES = ("all", "cross", "none")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ class LossSpec:
         detach_alpha: α is a stop-gradient (the paper's α-CL) or is differentiated too.
         unit_rows: the rows of Z are unit vectors (`normalize=True`), so d2_ij = 1 − z_i·z_j;
             otherwise d2_ij = (n_i + n_j)/2 − z_i·z_j with n_i = ||z_i||².
-        negatives: which rows are negatives of an anchor ("all": every row but i and p(i)).
+        negatives: which rows of Z are negatives of anchor i: "all" (every row but i and p(i),
+            SimCLR), "cross" (the other view's rows but p(i), CLIP's two towers) or "none" (only
+            a queue's rows, MoCo). Queue rows, when a queue is given, are negatives in every mode.
     """
 
     rule: str
@@ -134,7 +136,7 @@ class LossSpec:
         if self.rule in ("entropy", "direct"):
             k = self.exponent
             if k == 1.0:
-                return torch.full_like(d2, -1.0 / self.temperature)
+                return -torch.ones_like(d2) / self.temperature
             return -k * d2.pow(k - 1.0) / self.temperature
         raise ValueError(f"rule={self.rule!r} has no log-weight form")
 
@@ -171,7 +173,11 @@ def _check_flag(name: str, value) -> bool:
 
 def make_spec(rule: str = "direct", temperature=None, p=None, gamma=None, eps=None, normalize: bool = True,
               detach_alpha: bool = True, negatives: str = "all") -> LossSpec:
-    """Validate the user's loss arguments once; None takes the rule's default (RULE_DEFAULTS)."""
+    """Validate the user's loss arguments once; None takes the rule's default (RULE_DEFAULTS).
+
+    A tensor temperature (possibly learnable) is validated and stored by value; the caller
+    keeps the tensor for the gradient.
+    """
     if not isinstance(rule, str):
         raise TypeError(f"rule must be a string, one of {RULES}, got {type(rule).__name__}")
     if rule not in RULES:

@@ -63,22 +63,17 @@ def _sparsemax_threshold(d2: torch.Tensor, temperature: float) -> tuple[torch.Te
     return mu, new_count
 
 
-def _chunk_weights(d2: torch.Tensor, d2_pos: torch.Tensor, rows: torch.Tensor, masked_cols: tuple, params: LossSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_weights(d2: torch.Tensor, d2_pos: torch.Tensor, mask_, count: int, params: LossSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""For one chunk: (loss_i, A_i, ω_ij) with ω = α (or β for detach_alpha=False), 0 off J_i.
 
-    `d2` (R × M) may be overwritten. `masked_cols` are the column indices of self and partner.
+    `d2` (R × C) may be overwritten. `mask_(t, value)` sets the entries outside J_i of t to
+    value in place; `count` = |J_i| (the same for every anchor).
     """
-    m = d2.shape[1]
     tau = params.temperature
     rule = params.rule
 
-    def mask_(t: torch.Tensor, value: float) -> torch.Tensor:
-        for cols in masked_cols:
-            t[rows, cols] = value
-        return t
-
     if rule == "quadratic":
-        omega = mask_(torch.full_like(d2, 1.0 / (m - 2)), 0.0)
+        omega = mask_(torch.full_like(d2, 1.0 / count), 0.0)
         a_sum = torch.ones_like(d2_pos)
         loss = d2_pos - (omega * d2).sum(1)
         return loss, a_sum, omega
@@ -105,13 +100,13 @@ def _chunk_weights(d2: torch.Tensor, d2_pos: torch.Tensor, rows: torch.Tensor, m
         beta = torch.where(alpha > 0, 2 * alpha - (1.0 / support_size.to(alpha.dtype))[:, None], 0.0)
         return loss, a_sum, beta
 
-    # Log-weight rules: α = e^{t} / (Σ_k e^{t_ik} + ε(M−2)), t = log w(d2), with the row max for range.
+    # Log-weight rules: α = e^{t} / (Σ_k e^{t_ik} + ε|J_i|), t = log w(d2), with the row max for range.
     t = mask_(params.log_weight(d2), -math.inf)
     row_max = t.amax(1)
     e = t.sub_(row_max[:, None]).exp_()
     denom = e.sum(1)
     if params.eps > 0:
-        denom = denom + params.eps * (m - 2) * torch.exp(-row_max)
+        denom = denom + params.eps * count * torch.exp(-row_max)
     alpha = e.div_(denom[:, None])
     a_sum = alpha.sum(1)
     loss = a_sum * d2_pos - (alpha * d2).sum(1)
@@ -131,39 +126,83 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return status()
 
 
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
+def supports(negatives: str, has_queue: bool) -> tuple[bool, str]:
+    """Every set of negatives: "all", "cross", "none", each with or without a queue."""
+    return True, ""
+
+
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
     """The fused-op contract (fastalpha.dispatch) with the default chunk size."""
-    return loss_rows_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad)
+    return loss_rows_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue)
+
+
+def negative_count(m: int, queue_rows: int, negatives: str) -> int:
+    """|J_i|: the same for every anchor in every mode."""
+    return {"all": m - 2, "cross": m // 2 - 1, "none": 0}[negatives] + queue_rows
+
+
+def _chunk_mask(lo: int, hi: int, m: int, queue_rows: int, negatives: str, device):
+    """`mask_(t, value)` for the chunk of anchors [lo, hi): sets t outside J_i to value, in place.
+
+    "all" excludes two entries per row (self and partner): two indexed writes. The other
+    modes exclude whole column ranges, so they build the (R × C) boolean once per chunk.
+    """
+    half = m // 2
+    rows = torch.arange(hi - lo, device=device)
+    self_cols = rows + lo
+    partner_cols = (self_cols + half) % m
+    if negatives == "all":
+        def mask_(t, value):
+            t[rows, self_cols] = value
+            t[rows, partner_cols] = value
+            return t
+        return mask_
+    cols = torch.arange(m + queue_rows, device=device)[None, :]
+    in_z = cols < m
+    if negatives == "cross":
+        same_view = (cols < half) == (self_cols[:, None] < half)
+        excluded = in_z & (same_view | (cols == partner_cols[:, None]))
+    else:
+        excluded = in_z.expand(hi - lo, -1)
+
+    def mask_(t, value):
+        return t.masked_fill_(excluded, value)
+    return mask_
 
 
 def loss_rows_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: int, row_weight: torch.Tensor | None = None,
-                       need_grad: bool = True, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Losses of the anchors [row_lo, row_hi) and ∂(Σ_i w_i loss_i)/∂Z (M × D, or (0, D)).
+                       need_grad: bool = True, chunk_rows: int | None = None,
+                       queue: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Losses of the anchors [row_lo, row_hi) and ∂(Σ_i w_i loss_i)/∂[Z; queue] ((M + K) × D, or (0, D)).
 
-    `z` is already normalised; `row_weight` (R,) defaults to ones. O(R·M + M·D) memory.
+    `z` (and `queue`) are already normalised; `row_weight` (R,) defaults to ones. The queue's
+    K rows are extra columns: O(R·(M + K) + (M + K)·D) memory.
     """
     z = z.detach()
     m, d = z.shape
     half = m // 2
+    cols = z if queue is None else torch.cat([z, queue.detach().to(z.dtype)], 0)
+    c = cols.shape[0]
+    count = negative_count(m, c - m, params.negatives)
     stat = torch.promote_types(z.dtype, torch.float32)
-    chunk = default_chunk_rows(m, z.device.type) if chunk_rows is None else int(chunk_rows)
+    chunk = default_chunk_rows(c, z.device.type) if chunk_rows is None else int(chunk_rows)
     if chunk < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    half_sq = torch.full((m,), 0.5, dtype=stat, device=z.device) if params.unit_rows else z.to(stat).square().sum(1).mul_(0.5)
+    half_sq = torch.full((c,), 0.5, dtype=stat, device=z.device) if params.unit_rows else cols.to(stat).square().sum(1).mul_(0.5)
     loss_rows = torch.empty(row_hi - row_lo, dtype=stat, device=z.device)
     if need_grad:
-        col_acc = torch.zeros(m, d, dtype=stat, device=z.device)   # Σ_i ω_ij z_i  (ωᵀZ)
-        col_sum = torch.zeros(m, dtype=stat, device=z.device)      # Σ_i ω_ij
-        grad = torch.zeros(m, d, dtype=stat, device=z.device)
+        col_acc = torch.zeros(c, d, dtype=stat, device=z.device)   # Σ_i ω_ij z_i  (ωᵀZ)
+        col_sum = torch.zeros(c, dtype=stat, device=z.device)      # Σ_i ω_ij
+        grad = torch.zeros(c, d, dtype=stat, device=z.device)
     for lo in range(row_lo, row_hi, chunk):
         hi = min(lo + chunk, row_hi)
         rows = torch.arange(hi - lo, device=z.device)
-        self_cols = rows + lo
-        partner_cols = (self_cols + half) % m
+        partner_cols = (rows + lo + half) % m
         z_rows = z[lo:hi]
-        d2 = (z_rows @ z.T).to(stat).neg_().add_(half_sq).add_(half_sq[lo:hi, None]).clamp_min_(0)
+        d2 = (z_rows @ cols.T).to(stat).neg_().add_(half_sq).add_(half_sq[lo:hi, None]).clamp_min_(0)
         d2_pos = d2[rows, partner_cols]
-        loss, a_sum, omega = _chunk_weights(d2, d2_pos, rows, (self_cols, partner_cols), params)
+        mask_ = _chunk_mask(lo, hi, m, c - m, params.negatives, z.device)
+        loss, a_sum, omega = _chunk_weights(d2, d2_pos, mask_, count, params)
         del d2
         loss_rows[lo - row_lo:hi - row_lo] = loss
         if not need_grad:
@@ -175,7 +214,7 @@ def loss_rows_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: i
         omega_in = omega.to(z.dtype)
         z_rows_stat = z_rows.to(stat)
         z_partners = z[partner_cols].to(stat)
-        row_side = (omega_in @ z).to(stat).sub_(a_sum[:, None] * z_partners)
+        row_side = (omega_in @ cols).to(stat).sub_(a_sum[:, None] * z_partners)
         partner_side = -a_sum[:, None] * z_rows_stat
         if not params.unit_rows:
             row_side.add_((a_sum - omega.sum(1))[:, None] * z_rows_stat)
@@ -189,6 +228,6 @@ def loss_rows_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: i
         return loss_rows, z.new_empty((0, d))
     grad.add_(col_acc)
     if not params.unit_rows:
-        grad.sub_(col_sum[:, None] * z.to(stat))
+        grad.sub_(col_sum[:, None] * cols.to(stat))
     grad.mul_(params.grad_scale)
     return loss_rows, grad.to(z.dtype)

@@ -19,10 +19,15 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return status()
 
 
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
+def supports(negatives: str, has_queue: bool) -> tuple[bool, str]:
+    """Every set of negatives: "all", "cross", "none", each with or without a queue."""
+    return True, ""
+
+
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
     # A custom op's kernel runs below autograd, so the gradient comes from the closed form
     # (tested against autograd of reference.loss_rows in tests/test_reference.py).
-    rows, grad = reference.closed_form_gradient(z, spec, row_weight, row_lo, row_hi)
+    rows, grad = reference.closed_form_gradient(z, spec, row_weight, row_lo, row_hi, queue)
     out_dtype = torch.promote_types(z.dtype, torch.float32)
     if not need_grad:
         grad = z.new_empty((0, z.shape[1]))

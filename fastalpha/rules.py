@@ -30,7 +30,7 @@ import torch
 RULES = ("quadratic", "entropy", "direct", "inverse", "square", "infonce")
 REDUCTIONS = ("mean", "sum", "none")
 
-#: Defaults per rule (DESIGN.md §1 table). A parameter a rule does not use is ignored.
+#: Defaults per rule (docs/design.md, the table of rules). A parameter a rule does not use is ignored.
 RULE_DEFAULTS = {
     "quadratic": dict(temperature=0.5, p=4.0, gamma=2.0, eps=0.0),
     "entropy": dict(temperature=0.5, p=2.0, gamma=2.0, eps=0.0),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastalpha
-from tolerances import assert_close
+from fastalpha.testing import assert_close
 
 kernels = pytest.importorskip("fastalpha.backends.triton")
 if not kernels.status()[0]:
@@ -79,15 +79,17 @@ def test_compiled_matches_eager(gen, compiler, rule, reduction, detach_alpha):
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
-@pytest.mark.parametrize("rule,detach_alpha,weighted,need_grad", [
-    ("direct", False, False, True),
-    ("square", True, True, True),
-    ("infonce", True, False, False),
-    ("quadratic", True, True, True),
+@pytest.mark.parametrize("rule,detach_alpha,unit_rows,weighted,need_grad", [
+    ("direct", False, True, False, True),
+    ("square", True, False, True, True),
+    ("infonce", True, True, False, False),
+    ("quadratic", True, False, True, True),
 ])
-def test_opcheck_custom_op(gen, backend, rule, detach_alpha, weighted, need_grad):
+def test_opcheck_custom_op(gen, backend, rule, detach_alpha, unit_rows, weighted, need_grad):
     """Schema, fake (meta) implementation vs real outputs, and dynamic-shape AOT dispatch."""
     z = torch.randn(6, 5, generator=gen).to(DEVICE)
+    if unit_rows:
+        z = torch.nn.functional.normalize(z, dim=1)
     weight = torch.rand(4, generator=gen).to(DEVICE) if weighted else None
-    args = (z, 1, 5, weight, rule, 0.5, 4.0, 2.0, 0.0, detach_alpha, need_grad, backend)
+    args = (z, None, 1, 5, weight, rule, 0.5, 4.0, 2.0, 0.0, detach_alpha, unit_rows, "all", need_grad, backend)
     torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, args)

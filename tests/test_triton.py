@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 import fastalpha
 from fastalpha import reference
-from fastalpha.rules import resolve_rule
-from tolerances import assert_close, precision_of
+from fastalpha.rules import make_spec
+from fastalpha.testing import assert_close, precision_of
 
 kernels = pytest.importorskip("fastalpha.backends.triton")
 if not kernels.status()[0]:
@@ -59,10 +59,10 @@ def make_views(gen, n, d, dtype, on_sphere):
     return z[:n].to(DEVICE), z[n:].to(DEVICE)
 
 
-def reference_loss_and_grads(z1, z2, params, normalize, detach, reduction, upstream):
+def reference_loss_and_grads(z1, z2, spec, reduction, upstream):
     a = z1.detach().double().requires_grad_()
     b = z2.detach().double().requires_grad_()
-    loss = reference.alpha_cl_loss(a, b, params, normalize, detach, reduction)
+    loss = reference.alpha_cl_loss(a, b, spec, reduction)
     total = (loss * upstream).sum() if reduction == "none" else loss
     ga, gb = torch.autograd.grad(total, (a, b))
     return loss.detach(), ga, gb
@@ -97,9 +97,9 @@ def test_public_api_matches_reference(gen, rule, detach, n, d, normalize, reduct
     # 16-bit rows start on the sphere (then rounded), so that PyTorch's own 16-bit normalisation
     # (normalize=True) moves them by about an ulp and the comparison measures the kernels.
     z1, z2 = make_views(gen, n, d, dtype, on_sphere=dtype in (torch.bfloat16, torch.float16) or normalize)
-    params = resolve_rule(rule, **kwargs)
+    spec = make_spec(rule, normalize=normalize, detach_alpha=detach, **kwargs)
     upstream = torch.randn(2 * n, generator=gen, dtype=torch.float64).to(DEVICE)
-    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, params, normalize, detach, reduction, upstream)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, spec, reduction, upstream)
 
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     loss = fastalpha.alpha_cl_loss(a, b, rule=rule, normalize=normalize, detach_alpha=detach,
@@ -107,7 +107,7 @@ def test_public_api_matches_reference(gen, rule, detach, n, d, normalize, reduct
     total = (loss * upstream.to(loss.dtype)).sum() if reduction == "none" else loss
     total.backward()
     precision = precision_of(dtype)
-    assert loss.dtype == torch.promote_types(dtype, torch.float32)
+    assert loss.dtype == dtype
     assert a.grad.dtype == dtype and b.grad.dtype == dtype
     assert_close(loss, ref_loss, precision, "loss")
     assert_close(a.grad, ref_g1, precision, "grad z1")
@@ -121,40 +121,50 @@ def _small_single(d):
     return BlockConfig(16, 16, padded_features(d), padded_features(d), True, 4, 2)
 
 
-# The contract directly: anchor sub-range, row weights, and block shapes small enough that the
-# loops run over several row/column tiles and, for the chunked shape, several feature chunks.
+# The contract directly: anchor sub-range, row weights, unit rows (with a zero row) or general
+# rows, and block shapes small enough that the loops run over several row/column tiles and,
+# for the chunked shape, several feature chunks.
 RANGE_CASES = [
-    # rule,      detach, M,  D,  lo, hi, weights, config,        dtype,          kwargs
-    ("entropy",  False,  70, 40, 10, 53, True,  SMALL_CHUNKED,  torch.float64,  {}),
-    ("direct",   False,  74, 24, 0,  74, True,  "single",       torch.float32,  {"eps": 0.1}),
-    ("direct",   True,   70, 33, 37, 70, False, SMALL_CHUNKED,  torch.float32,  {"p": 3.0}),
-    ("inverse",  False,  70, 40, 5,  6,  True,  SMALL_CHUNKED,  torch.float32,  {}),
-    ("square",   False,  70, 40, 3,  64, True,  SMALL_CHUNKED,  torch.float64,  {"temperature": 0.2}),
-    ("square",   True,   74, 24, 20, 74, False, "single",       torch.bfloat16, {"temperature": 1.0}),
-    ("infonce",  True,   70, 40, 0,  35, True,  SMALL_CHUNKED,  torch.float32,  {"eps": 1.0}),
-    ("quadratic", True,  70, 24, 11, 50, True,  None,           torch.float32,  {}),
+    # rule,      detach, unit,  M,  D,  lo, hi, weights, config,        dtype,          kwargs
+    ("entropy",  False,  False, 70, 40, 10, 53, True,  SMALL_CHUNKED,  torch.float64,  {}),
+    ("entropy",  True,   True,  70, 130, 10, 53, False, SMALL_CHUNKED, torch.float32,  {"eps": 0.3}),
+    ("direct",   False,  True,  74, 24, 0,  74, True,  "single",       torch.float32,  {"eps": 0.1}),
+    ("direct",   True,   False, 70, 33, 37, 70, False, SMALL_CHUNKED,  torch.float32,  {"p": 3.0}),
+    ("inverse",  False,  True,  70, 40, 5,  6,  True,  SMALL_CHUNKED,  torch.float32,  {}),
+    ("inverse",  True,   False, 70, 3,  0,  70, False, "single",       torch.float64,  {}),
+    ("square",   False,  False, 70, 40, 3,  64, True,  SMALL_CHUNKED,  torch.float64,  {"temperature": 0.2}),
+    ("square",   True,   True,  74, 24, 20, 74, False, "single",       torch.bfloat16, {"temperature": 1.0}),
+    ("infonce",  True,   False, 70, 40, 0,  35, True,  SMALL_CHUNKED,  torch.float32,  {"eps": 1.0}),
+    ("infonce",  False,  True,  70, 24, 12, 61, True,  "single",       torch.float16,  {"eps": 0.0}),
+    ("quadratic", True,  False, 70, 24, 11, 50, True,  None,           torch.float32,  {}),
+    ("quadratic", True,  True,  70, 24, 11, 50, True,  None,           torch.float64,  {}),
 ]
 
 
-@pytest.mark.parametrize("rule,detach,m,d,lo,hi,weighted,config,dtype,kwargs", RANGE_CASES)
-def test_row_range_and_weights_match_reference(gen, rule, detach, m, d, lo, hi, weighted, config, dtype, kwargs):
-    """loss_i for i in [lo, hi) and ∂(Σ w_i loss_i)/∂Z over all M rows vs autograd in float64."""
+@pytest.mark.parametrize("rule,detach,unit,m,d,lo,hi,weighted,config,dtype,kwargs", RANGE_CASES)
+def test_row_range_and_weights_match_reference(gen, rule, detach, unit, m, d, lo, hi, weighted, config, dtype, kwargs):
+    """loss_i for i in [lo, hi) and ∂(Σ w_i loss_i)/∂Z over all M rows vs autograd in float64.
+
+    With unit rows (normalize=True) d2 = 1 − z_i·z_j: the gradient has no terms in z_i itself,
+    and a zero row has cosine 0 with every row (d2 = 1), as the reference defines it."""
     z = F.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
-    params = resolve_rule(rule, **kwargs)
+    spec = make_spec(rule, normalize=unit, detach_alpha=detach, **kwargs)
+    if unit:
+        z[lo] = 0          # a dead row: cosine 0 with everything, not a distance from its norm
     weight = torch.rand(hi - lo, generator=gen, dtype=torch.float64) + 0.5 if weighted else None
     z64 = z.double().requires_grad_()
-    ref_rows = reference.loss_rows(z64, params, detach, lo, hi)
+    ref_rows = reference.loss_rows(z64, spec, lo, hi)
     w64 = torch.ones(hi - lo, dtype=torch.float64) if weight is None else weight
     (ref_grad,) = torch.autograd.grad((ref_rows * w64).sum(), z64)
 
     config = _small_single(d) if config == "single" else config
     w = None if weight is None else weight.to(torch.promote_types(dtype, torch.float32)).to(DEVICE)
-    rows, grad = launch.fused_loss_and_grad(z.to(DEVICE), lo, hi, w, params, detach, True, config)
+    rows, grad = launch.fused_loss_and_grad(z.to(DEVICE), spec, lo, hi, w, True, config)
     precision = precision_of(dtype)
     assert_close(rows, ref_rows, precision, "loss rows")
     assert_close(grad, ref_grad, precision, "grad")
 
-    rows_only, no_grad = kernels.alpha_cl_fused(z.to(DEVICE), lo, hi, w, params, detach, False)
+    rows_only, no_grad = kernels.alpha_cl_fused(z.to(DEVICE), spec, lo, hi, w, False)
     assert no_grad.shape == (0, d)
     assert_close(rows_only, ref_rows, precision, "loss rows without gradient")
 
@@ -168,8 +178,8 @@ def test_tiny_temperature_needs_the_running_max(gen, rule, kwargs):
     """Logits of order −10⁴ underflow e^t even in float64: only the online row max (and the
     log-domain ε term) keep α finite. Float64, so the reference itself is exact."""
     z1, z2 = make_views(gen, 35, 24, torch.float64, on_sphere=True)
-    params = resolve_rule(rule, **kwargs)
-    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, params, True, True, "mean", None)
+    spec = make_spec(rule, **kwargs)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, spec, "mean", None)
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     loss = fastalpha.alpha_cl_loss(a, b, rule=rule, backend="triton", **kwargs)
     loss.backward()
@@ -178,12 +188,45 @@ def test_tiny_temperature_needs_the_running_max(gen, rule, kwargs):
     assert_close(b.grad, ref_g2, "float64", "grad z2")
 
 
+@pytest.mark.parametrize("unit", [True, False])
+def test_tiny_infonce_loss_keeps_float32_precision(gen, unit):
+    """NT-Xent (ε = 1) with positives almost equal, negatives far and a small τ: ξ_i ≈ 1e-7, so
+    loss_i = log(1 + ξ_i) ≈ ξ_i. Formed as lse_i + d2_i/τ it cancels two O(1/τ) numbers (a
+    relative error of 1e-2 here); from log ξ_i by log1p it keeps float32's relative precision.
+    Oracle: the float64 log1p form on the same float32 inputs."""
+    n, d, tau = 19, 48, 0.05
+    base = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    near = F.normalize(base + 2e-3 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    z = torch.cat([base, near]).float()
+    if not unit:
+        z = z * (1 + 0.01 * torch.rand(2 * n, 1, generator=gen))
+    spec = make_spec("infonce", temperature=tau, eps=1.0, normalize=unit)
+    z64, m = z.double(), 2 * n
+    d2 = reference.squared_distances(z64, z64, unit)
+    d2_pos = d2[torch.arange(m), reference.partner_index(m)]
+    xi = torch.where(reference.negative_mask(m), torch.exp((d2_pos[:, None] - d2) / tau), 0.0).sum(1)
+    expected = torch.log1p(xi)
+    assert expected.max() < 1e-4, "the case must produce tiny losses"
+    rows, _ = kernels.alpha_cl_fused(z.to(DEVICE), spec, 0, m, None, False)
+    rel = ((rows.double().cpu() - expected).abs() / expected).max().item()
+    assert rel < 2e-5, f"relative error of log(1 + ξ): {rel:.3g}"
+
+
+def test_unknown_rule_is_rejected_by_the_launcher():
+    """A spec whose rule slipped past LossSpec's check (set after construction) must not be
+    computed as some other rule."""
+    spec = make_spec("direct")
+    object.__setattr__(spec, "rule", "softmax")
+    with pytest.raises(ValueError, match="softmax"):
+        kernels.alpha_cl_fused(torch.randn(8, 3).to(DEVICE), spec, 0, 8, None, True)
+
+
 def test_feature_dimension_above_the_single_chunk_limit(gen):
     """D = 130 takes the chunked path of the default block rule for float32 (D̂ = 256 > 64)."""
     assert not block_config(130, torch.float32, "ieee").single_chunk
     z1, z2 = make_views(gen, 37, 130, torch.float32, on_sphere=True)
-    params = resolve_rule("direct")
-    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, params, True, False, "mean", None)
+    spec = make_spec("direct", detach_alpha=False)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, spec, "mean", None)
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     fastalpha.alpha_cl_loss(a, b, rule="direct", detach_alpha=False, backend="triton").backward()
     assert_close(a.grad, ref_g1, "float32", "grad z1")
@@ -221,8 +264,8 @@ def test_bad_input_is_rejected_with_a_clear_error(bad, error):
     args = dict(z=torch.randn(6, 3), row_lo=0, row_hi=6, row_weight=None)
     args.update(bad)
     with pytest.raises(error):
-        kernels.alpha_cl_fused(args["z"].to(DEVICE), args["row_lo"], args["row_hi"], args["row_weight"],
-                               resolve_rule("direct"), True, True)
+        kernels.alpha_cl_fused(args["z"].to(DEVICE), make_spec("direct"), args["row_lo"], args["row_hi"],
+                               args["row_weight"], True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU availability logic")
@@ -237,47 +280,16 @@ def test_status_explains_availability():
     assert fastalpha.available_backends()["triton"][0]
 
 
-def test_kernels_compile_for_hopper():
-    """The interpreter accepts code the compiler would reject: compile one variant of each
-    kernel family for sm_90 (H100/H200) down to a cubin with Triton's ptxas (no GPU needed)."""
-    pytest.importorskip("triton.backends.nvidia")
-    import inspect
-
-    import triton.runtime.jit as triton_jit
-    binder = getattr(triton_jit, "create_function_from_signature", None)
-    if binder is None or len(inspect.signature(binder).parameters) != 3 or not hasattr(triton_jit.JITFunction, "_pack_args"):
-        pytest.skip("this Triton's internal binder differs from the one aot_check uses (Triton 3.8)")
-    code = (
-        "import torch, triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from fastalpha.backends.triton import aot_check\n"
-        "target = GPUTarget('cuda', 90, 32)\n"
-        "seen = set()\n"
-        "for dtype, prec, d in [(torch.bfloat16, 'highest', 64), (torch.float32, 'highest', 130)]:\n"
-        "    for what, kernel, args, kwargs in aot_check._launches([d], [(dtype, prec)], [('direct', False, 0.1), ('square', False, 0.0)]):\n"
-        "        key = (kernel.fn.__name__, repr(sorted(kwargs.items())), str(args[0].dtype))\n"
-        "        if key in seen or 'weighted=True' in what:\n"
-        "            continue\n"
-        "        seen.add(key)\n"
-        "        compiled = aot_check.compile_launch(kernel, args, kwargs, target)\n"
-        "        assert compiled.asm['cubin'], what\n"
-        "        print('compiled', what)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=compiler_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("compiled") >= 6, out.stdout     # 3 row/column + sparsemax, two dtypes
-
-
 # ----------------------------------------------------------------------------------- GPU --
 
-def chunked_closed_form(z, params, detach, block=1024):
+def chunked_closed_form(z, spec, block=1024):
     """Float64 loss rows and gradient over all M anchors, accumulated over blocks of anchor
     rows with reference.closed_form_gradient: O(block × M) memory instead of M × M."""
     z64 = z.double()
     m = z64.shape[0]
     rows, grad = [], torch.zeros_like(z64)
     for lo in range(0, m, block):
-        r, g = reference.closed_form_gradient(z64, params, detach, None, lo, min(lo + block, m))
+        r, g = reference.closed_form_gradient(z64, spec, None, lo, min(lo + block, m))
         rows.append(r)
         grad += g
     return torch.cat(rows), grad
@@ -288,31 +300,31 @@ def chunked_closed_form(z, params, detach, block=1024):
 @pytest.mark.parametrize("detach", [True, False])
 def test_gpu_every_rule_bf16_matches_dense_reference(gen, rule, detach):
     z1, z2 = make_views(gen, 2048, 128, torch.bfloat16, on_sphere=True)
-    params = resolve_rule(rule)
+    spec = make_spec(rule, normalize=False, detach_alpha=detach)
     upstream = torch.randn(4096, generator=gen, dtype=torch.float64).to(DEVICE)
-    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, params, False, detach, "none", upstream)
+    ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, spec, "none", upstream)
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     loss = fastalpha.alpha_cl_loss(a, b, rule=rule, normalize=False, detach_alpha=detach, reduction="none", backend="triton")
-    (loss * upstream.float()).sum().backward()
+    (loss.float() * upstream.float()).sum().backward()
     assert_close(loss, ref_loss, "bfloat16", "loss")
     assert_close(a.grad, ref_g1, "bfloat16", "grad z1")
     assert_close(b.grad, ref_g2, "bfloat16", "grad z2")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rule,detach,dtype,matmul", [
-    ("direct", True, torch.bfloat16, "highest"),
-    ("entropy", False, torch.float32, "high"),       # TF32 products
-    ("square", False, torch.float32, "highest"),     # IEEE float32 products
-    ("infonce", True, torch.float32, "high"),
+@pytest.mark.parametrize("rule,detach,unit,dtype,matmul", [
+    ("direct", True, True, torch.bfloat16, "highest"),
+    ("entropy", False, False, torch.float32, "high"),       # TF32 products
+    ("square", False, True, torch.float32, "highest"),      # IEEE float32 products
+    ("infonce", True, False, torch.float32, "high"),
 ])
-def test_gpu_m65536_matches_chunked_float64(gen, rule, detach, dtype, matmul):
+def test_gpu_m65536_matches_chunked_float64(gen, rule, detach, unit, dtype, matmul):
     torch.set_float32_matmul_precision(matmul)
     m, d = 65536, 128
     z = F.normalize(torch.randn(m, d, generator=gen), dim=1).to(dtype).to(DEVICE)
-    params = resolve_rule(rule)
-    rows, grad = kernels.alpha_cl_fused(z, 0, m, None, params, detach, True)
-    ref_rows, ref_grad = chunked_closed_form(z, params, detach)
+    spec = make_spec(rule, normalize=unit, detach_alpha=detach)
+    rows, grad = kernels.alpha_cl_fused(z, spec, 0, m, None, True)
+    ref_rows, ref_grad = chunked_closed_form(z, spec)
     precision = precision_of(dtype, tf32=matmul != "highest")
     assert_close(rows, ref_rows, precision, "loss rows")
     assert_close(grad, ref_grad, precision, "grad")
@@ -346,10 +358,10 @@ def test_gpu_row_range_weights_and_dtypes(gen, rule, dtype, d, matmul):
     torch.set_float32_matmul_precision(matmul)
     m, lo, hi = 4096, 1000, 3001
     z = F.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1).to(dtype).to(DEVICE)
-    params = resolve_rule(rule)
+    spec = make_spec(rule, normalize=False, detach_alpha=False)
     weight = (torch.rand(hi - lo, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE)
-    rows, grad = kernels.alpha_cl_fused(z, lo, hi, weight.to(torch.promote_types(dtype, torch.float32)), params, False, True)
-    ref_rows, ref_grad = reference.closed_form_gradient(z.double(), params, False, weight, lo, hi)
+    rows, grad = kernels.alpha_cl_fused(z, spec, lo, hi, weight.to(torch.promote_types(dtype, torch.float32)), True)
+    ref_rows, ref_grad = reference.closed_form_gradient(z.double(), spec, weight, lo, hi)
     precision = precision_of(dtype, tf32=matmul != "highest")
     assert_close(rows, ref_rows, precision, "loss rows")
     assert_close(grad, ref_grad, precision, "grad")

@@ -1,31 +1,49 @@
-r"""The block-size rule of the Triton kernels: the one place where tile shapes are chosen.
+r"""Tile shapes of the Triton kernels: the static table and the autotuning candidates.
 
-Keyed on the feature dimension D and the compute type (input dtype, and for float32 whether
-the products run in TF32 or IEEE float32), never on M, so one compiled kernel serves every
-batch size. With D̂ = max(16, next power of two ≥ D):
+Every pass has the same structure: a program *owns* a block of `block_m` rows of Z (anchor
+rows in the row pass and the sparsemax pass, columns in the column pass) and *streams* over
+the other side in tiles of `block_n`. Its two products per tile are
 
-===============  =================  ===============  ==================  =========
-compute type     single-chunk if    BLOCK_M × N      else K / out chunk  num_warps
-===============  =================  ===============  ==================  =========
-bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 128)  64×64, K 64, out 128  4 (D̂ ≤ 64), else 8
+    S   = Z_owned Z_tileᵀ        (block_m × block_n, K = D)
+    acc += P Z_tile              (block_m × D,       K = block_n)
+
+so the owned block is the M dimension of both matrix products. On Hopper the warpgroup MMA
+(`wgmma`, HGMMA in SASS) needs M ≥ 64 per warpgroup: with block_m = 64 every product of every
+pass can use it, whereas an owned block of 32 falls back to the pre-Hopper `mma.sync` (HMMA).
+The column pass therefore owns 64 columns and streams anchor rows in tiles of block_n, the
+mirror image of the row pass, instead of the other way round.
+
+Shapes depend on the feature dimension D and the compute type only (input dtype, and for
+float32 whether products run in TF32 or IEEE), never on M, so one compiled kernel serves every
+batch size. With D̂ = max(16, next power of two ≥ D), the static table (used under the
+interpreter, with FASTALPHA_AUTOTUNE=0, and as the first autotuning candidate):
+
+===============  =================  ==================  =====================  =========
+compute type     single-chunk if    owned × streamed    else K / out chunk     num_warps
+===============  =================  ==================  =====================  =========
+bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 128)     64×64, K 64, out 128   4 (D̂ ≤ 64), else 8
                                     64×32 (D̂ = 256)
-float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)   64×64, K 64, out 64   8
+float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, out 64    8
                                     64×32 (D̂ = 128)
-float32, IEEE    D̂ ≤ 64             32×32            32×32, K 32, out 128  4
-float64          D̂ ≤ 64             32×32            32×32, K 32, out 32   4
-===============  =================  ===============  ==================  =========
+float32, IEEE    D̂ ≤ 64             32×32               32×32, K 32, out 128   4
+float64          D̂ ≤ 64             32×32               32×32, K 32, out 32    4
+===============  =================  ==================  =====================  =========
 
-Single-chunk: the row block (D̂ features) stays in registers and each column tile is loaded
-once for both products (Z_i Z_jᵀ and P Z_j), as in flash-attention. Otherwise the Gram tile is
-accumulated over K-feature chunks and the output features are split over a second grid axis in
-chunks of `out`, so each program keeps a BLOCK_M × out accumulator; the Gram tile is then
-recomputed once per output chunk (≈ (1 + D/out) GEMMs of M²D per pass instead of 2), the price
-of never materialising an M × M block.
+Single-chunk: the owned block (D̂ features) stays in registers and each streamed tile is loaded
+once for both products, as in flash-attention. Otherwise the Gram tile is accumulated over
+K-feature chunks and the output features are split over a second grid axis in chunks of `out`,
+so each program keeps a block_m × out accumulator; the Gram tile is then recomputed once per
+output chunk (≈ (1 + D/out) GEMMs of M²D per pass instead of 2), the price of never
+materialising an M × M block.
 
-How the values were chosen: every kernel variant compiled for sm_90 (H100/H200) with
-`python -m fastalpha.backends.triton.aot_check` (no GPU needed), and these are shapes for which ptxas
-reports no register spills, or a few bytes (≤ 24 B) in some IEEE-float32 and float64
-variants. They were not tuned by timing on a GPU.
+IEEE float32 and float64 have no tensor-core path (FFMA / DFMA): their tiles are 32×32 and
+they are not autotuned. TF32 is used only when the caller opts in through
+torch.set_float32_matmul_precision("high") (or torch.backends.cuda.matmul.allow_tf32 = True).
+
+Every shape here, static or candidate, was compiled for sm_90 and sm_80 by
+`python -m fastalpha.backends.triton.report` (no GPU needed), which checks that the tensor-core
+variants issue HGMMA on sm_90 (HMMA on sm_80), spill nothing and fit in shared memory
+(docs/gpu-static-report.md). None has been timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -36,35 +54,100 @@ import torch
 
 @dataclass(frozen=True)
 class BlockConfig:
-    block_m: int        # anchor rows per program (row pass, sparsemax) / per tile (column pass)
-    block_n: int        # columns per tile (row pass) / per program (column pass)
+    block_m: int        # rows of Z a program owns (anchor rows, or columns in the column pass)
+    block_n: int        # the streamed tile (columns, or anchor rows in the column pass)
     block_k: int        # feature chunk of the Gram tile when not single-chunk
     block_do: int       # output-feature chunk (== padded D when single-chunk)
     single_chunk: bool  # all features in one chunk
     num_warps: int
     num_stages: int
 
+    def tile(self, kernel: str) -> dict:
+        """The block constexprs of `kernel` ("row", "column" or "sparsemax") for this config.
+
+        The column pass names its owned columns BLOCK_N and its streamed rows BLOCK_M (its
+        loop variables keep the row/column meaning of the maths).
+        """
+        if kernel == "column":
+            return {"BLOCK_N": self.block_m, "BLOCK_M": self.block_n}
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+
 
 def padded_features(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+def compute_type(dtype: torch.dtype, precision: str = "ieee") -> str:
+    """bf16, fp16, tf32, fp32 (IEEE) or fp64: what the tile products run in."""
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    if dtype == torch.float64:
+        return "fp64"
+    return "tf32" if precision == "tf32" else "fp32"
+
+
+TENSOR_CORE_TYPES = ("bf16", "fp16", "tf32")
+
+
 def block_config(d: int, dtype: torch.dtype, precision: str = "ieee") -> BlockConfig:
-    """Tile shapes for `d` features, input `dtype` and dot `precision` ("ieee" or "tf32")."""
-    size = torch.empty((), dtype=dtype).element_size()
+    """The static tile shapes for `d` features, input `dtype` and dot `precision` ("ieee" or "tf32")."""
+    kind = compute_type(dtype, precision)
     padded = padded_features(d)
-    if size == 8:
+    if kind == "fp64":
         if padded <= 64:
             return BlockConfig(32, 32, padded, padded, True, 4, 2)
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
-    if size == 2:
+    if kind in ("bf16", "fp16"):
         if padded <= 256:
             return BlockConfig(64, 64 if padded <= 128 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
         return BlockConfig(64, 64, 64, 128, False, 8, 2)
-    if precision == "tf32":
+    if kind == "tf32":
         if padded <= 128:
             return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 8, 2)
         return BlockConfig(64, 64, 64, 64, False, 8, 2)
     if padded <= 64:
         return BlockConfig(32, 32, padded, padded, True, 4, 2)
     return BlockConfig(32, 32, 32, 128, False, 4, 2)
+
+
+#: Autotuning alternatives to the static shape, per (compute type, padded D), as
+#: (owned, streamed, num_warps, num_stages). Only single-chunk tensor-core shapes are tuned;
+#: each one is in the static report with HGMMA on sm_90, no spills and its shared memory.
+_ALTERNATIVES = {
+    ("16-bit", 16): [(128, 64, 8, 2)],
+    ("16-bit", 32): [(128, 64, 8, 2)],
+    ("16-bit", 64): [(128, 64, 8, 2)],
+    ("16-bit", 128): [(64, 64, 4, 3)],
+    ("16-bit", 256): [(64, 64, 8, 2)],
+    ("tf32", 16): [(128, 32, 8, 2)],
+    ("tf32", 32): [(128, 32, 8, 2)],
+    ("tf32", 64): [(128, 32, 8, 2)],
+    ("tf32", 128): [(64, 64, 8, 2)],
+}
+
+
+def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee") -> list[BlockConfig]:
+    """The shapes autotuning may pick for these features and compute type; the static shape first.
+
+    A single candidate (IEEE float32, float64, features above the single-chunk limit) means
+    that case is not tuned.
+    """
+    static = block_config(d, dtype, precision)
+    kind = compute_type(dtype, precision)
+    if kind not in TENSOR_CORE_TYPES or not static.single_chunk:
+        return [static]
+    group = "tf32" if kind == "tf32" else "16-bit"
+    padded = padded_features(d)
+    return [static] + [BlockConfig(owned, streamed, static.block_k, static.block_do, True, warps, stages)
+                       for owned, streamed, warps, stages in _ALTERNATIVES[(group, padded)]]
+
+
+def m_bucket(m: int) -> int:
+    """A coarse size class of M for the autotuning key: ⌈log₄ M⌉, at least 5 (M ≤ 1024).
+
+    Tile choices change with how many programs fill the GPU, not with M itself, so the best
+    config is reused within a factor of 4 of M instead of being re-tuned for every batch size.
+    """
+    return max(5, (max(m, 1) - 1).bit_length() + 1 >> 1)

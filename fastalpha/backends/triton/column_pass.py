@@ -6,12 +6,14 @@ like flash-attention's dK/dV loop: the row statistics (lse_i, c_i or μ_i, 1/k_i
 from the row pass, so α_ij = e^{t_ij − lse_i} (or [(μ_i − d2_ij)/τ]_+) is recomputed per tile
 without any rescaling. Tiles are computed transposed (columns × rows) so that the product
 ωᵀ Z_rows is a plain `tl.dot`. Every column is written by exactly one program: no atomics,
-deterministic.
+deterministic. The owned columns are the M dimension of both products, so BLOCK_N ≥ 64 lets
+them run as Hopper warpgroup MMAs (blocks.py). With UNIT (unit rows) d2 = 1 − z_i·z_j and no
+norm is loaded; the launcher then ignores the column sums.
 """
 import triton
 import triton.language as tl
 
-from .tiles import _gram, _join, _mma, _negatives, _pair_weights
+from .tiles import _distances, _gram, _join, _mma, _negatives, _pair_weights, _row_norms
 
 
 @triton.jit
@@ -19,8 +21,9 @@ def column_pass_kernel(
     z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
     col_sum_ptr, col_acc_ptr,
     stride_z, stride_acc, M, D, half, row_lo, row_hi,
+    m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo,
-    WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr, HAS_WEIGHT: tl.constexpr, UNIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -33,7 +36,7 @@ def column_pass_kernel(
     tau = _join(tau_hi, tau_lo, ACC)
     k = _join(k_hi, k_lo, ACC)
     inv_gamma = _join(inv_gamma_hi, inv_gamma_lo, ACC)
-    n_j = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
+    n_j = _row_norms(norm_ptr, cols, col_ok, UNIT, ACC)
     if SINGLE_CHUNK:
         z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
                       mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
@@ -50,11 +53,10 @@ def column_pass_kernel(
             s_t = _mma(z_j, tl.trans(z_i), tl.zeros((BLOCK_N, BLOCK_M), ACC), PRECISION, UPCAST)
         else:
             s_t = _gram(z_ptr, stride_z, cols, col_ok, rows, row_ok, D, BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, UPCAST, ACC)
-        n_i = tl.load(norm_ptr + rows, mask=row_ok, other=0.0)
         d2_pos = tl.load(d2_pos_ptr + local, mask=row_ok, other=0.0)
         stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
         stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
-        d2 = tl.maximum((n_j[:, None] + n_i[None, :]) * 0.5 - s_t, 0.0)
+        d2 = _distances(s_t, n_j, _row_norms(norm_ptr, rows, row_ok, UNIT, ACC), UNIT)
         valid = _negatives(rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], half, M)
         alpha, omega = _pair_weights(d2, valid, d2_pos[None, :], stat_a[None, :], stat_b[None, :],
                                      tau, k, inv_gamma, WEIGHT, POWER, BETA)

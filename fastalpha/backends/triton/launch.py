@@ -18,21 +18,30 @@ The passes per rule:
 * square: Michelot threshold passes (μ_i, k_i), FIXED row pass, column pass.
 * quadratic: closed form (quadratic.py), no pair loop.
 
+For unit rows (spec.unit_rows, normalize=True) d2_ij = 1 − z_i·z_j, so ∂d2_ij/∂z_i = −z_j and
+the terms in z_i itself drop out: G = colacc, G[rows] += rowacc − wA ⊙ Z_p, G[p(rows)] −= wA ⊙ Z_rows.
+
 Statistics and accumulators are float32 (float64 for float64 inputs); the products run on the
 tensor cores for bf16/fp16, in TF32 for float32 when torch.get_float32_matmul_precision() is
 "high" or "medium", and in IEEE float32 when it is "highest" (PyTorch's default).
+
+Tile shapes (blocks.py): on a GPU each kernel is wrapped in `triton.autotune` over the
+candidates of blocks.candidate_configs, keyed on D, the dtypes, the rule's constexprs and a
+coarse M bucket; under the interpreter, or with FASTALPHA_AUTOTUNE=0, the static table is used.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ...rules import LossSpec
-from .blocks import BlockConfig, block_config
+from .blocks import BlockConfig, block_config, candidate_configs, m_bucket
 from .column_pass import column_pass_kernel
 from .quadratic import quadratic_loss_and_grad
 from .row_pass import EPS_CONSTANT, EPS_INFONCE, EPS_NONE, row_pass_kernel
@@ -42,21 +51,105 @@ from .tiles import WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-#: When a list, kernel launches are appended to it instead of run (see aot_check.py).
+#: When a list, kernel launches are appended to it instead of run (see report.py).
 _recorded_launches: list | None = None
 
+#: Launch-time tuning budget per candidate: triton.testing.do_bench warm-up and repetition
+#: times in ms. With ≤ 3 candidates per kernel the first call of a new key costs ≈ 3 compiles
+#: plus ≈ 3 × 7 timed launches of each pass, then the choice is cached for the process.
+TUNING_WARMUP_MS, TUNING_REP_MS = 5, 20
 
-def _run(kernel, grid, *args, **kwargs) -> None:
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the launcher would issue it (see recording_launches).
+
+    `kind` is "row", "column" or "sparsemax"; `kwargs` hold the rule and shape constexprs
+    except the tile (BLOCK_M/BLOCK_N, num_warps, num_stages), which comes from `config` (the
+    static shape) or, when autotuned, from any of `candidates`.
+    """
+    kernel: object
+    kind: str
+    grid: object
+    args: tuple
+    kwargs: dict
+    config: BlockConfig
+    candidates: tuple
+
+    def launch_kwargs(self, config: BlockConfig) -> dict:
+        return {**self.kwargs, **config.tile(self.kind), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def autotune_enabled(z: torch.Tensor) -> bool:
+    """Autotuning runs for CUDA tensors outside the interpreter unless FASTALPHA_AUTOTUNE=0."""
+    return z.is_cuda and not interpreted() and os.environ.get("FASTALPHA_AUTOTUNE", "1") != "0"
+
+
+def _grid(kind: str, extent: int, chunks: int):
+    """Programs: one per owned block of rows (or columns) × one per output-feature chunk."""
+    owned = "BLOCK_N" if kind == "column" else "BLOCK_M"
+    return lambda meta: (triton.cdiv(extent, meta[owned]), chunks)
+
+
+def _prune(kind: str):
+    """early_config_prune of a tuned kernel: keep the candidates of this call's D and compute type."""
+    def prune(configs, named_args, **kwargs):
+        z = named_args["z_ptr"]
+        precision = "tf32" if kwargs.get("PRECISION") == "tf32" else "ieee"
+        return [_as_triton_config(kind, cfg) for cfg in candidate_configs(named_args["D"], z.dtype, precision)]
+    return prune
+
+
+def _as_triton_config(kind: str, cfg: BlockConfig):
+    return triton.Config(cfg.tile(kind), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _tuning_bench(fn, quantiles=None):
+    return triton.testing.do_bench(fn, warmup=TUNING_WARMUP_MS, rep=TUNING_REP_MS, quantiles=quantiles)
+
+
+_TUNED: dict = {}
+
+#: Autotuning key of each kernel: the arguments whose values change the best tile (Triton adds
+#: the dtypes of the tensor arguments itself).
+_TUNING_KEYS = {
+    "row": ["D", "m_bucket", "WEIGHT", "POWER", "EPS", "ONLINE", "BETA", "ACCUMULATE", "HAS_WEIGHT", "UNIT", "PRECISION"],
+    "column": ["D", "m_bucket", "WEIGHT", "POWER", "BETA", "HAS_WEIGHT", "UNIT", "PRECISION"],
+    "sparsemax": ["D", "m_bucket", "UNIT", "PRECISION"],
+}
+
+
+def tuned_kernel(kind: str):
+    """The `triton.autotune` wrapper of a kernel (built on first use).
+
+    Its config list only has to be non-trivial: the pruning hook replaces it by this call's
+    candidates (blocks.candidate_configs), so the union over all shapes is never timed.
+    """
+    if kind not in _TUNED:
+        kernel = {"row": row_pass_kernel, "column": column_pass_kernel, "sparsemax": sparsemax_threshold_kernel}[kind]
+        placeholders = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
+        options = dict(configs=placeholders, key=_TUNING_KEYS[kind], prune_configs_by={"early_config_prune": _prune(kind)})
+        try:
+            _TUNED[kind] = triton.autotune(do_bench=_tuning_bench, **options)(kernel)
+        except TypeError:  # Triton without the do_bench hook: the same budget through warmup/rep
+            _TUNED[kind] = triton.autotune(warmup=TUNING_WARMUP_MS, rep=TUNING_REP_MS, **options)(kernel)
+    return _TUNED[kind]
+
+
+def _run(launch: Launch, tune: bool) -> None:
     """The one place where kernels are launched."""
     if _recorded_launches is not None:
-        _recorded_launches.append((kernel, grid, args, kwargs))
+        _recorded_launches.append(launch)
         return
-    kernel[grid](*args, **kwargs)
+    if tune and len(launch.candidates) > 1:
+        tuned_kernel(launch.kind)[launch.grid](*launch.args, **launch.kwargs)
+    else:
+        launch.kernel[launch.grid](*launch.args, **launch.launch_kwargs(launch.config))
 
 
 @contextlib.contextmanager
 def recording_launches():
-    """Record (kernel, grid, args, kwargs) of every launch instead of running it."""
+    """Record a Launch for every kernel launch instead of running it."""
     global _recorded_launches
     _recorded_launches = []
     try:
@@ -113,68 +206,79 @@ def _rule_flags(params: LossSpec, m: int) -> dict:
         weight, k = WEIGHT_POWER, params.exponent
         eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * (m - 2))) if eps > 0 else (EPS_NONE, 0.0)
     else:
-        raise ValueError(f"the triton backend has no pair loop for rule={rule!r}")
+        raise ValueError(f"unknown rule={rule!r}: the triton backend has pair loops for "
+                         "entropy, direct, inverse, square and infonce (quadratic is in closed form)")
     power = 1 if k == 1.0 else 2 if k == 2.0 else 0
     return dict(weight=weight, k=k, power=power, eps_mode=eps_mode, log_eps=log_eps)
 
 
 def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
                         config: BlockConfig | None = None):
-    """The contract of fastalpha.dispatch, with an optional block configuration override (tests)."""
+    """The contract of fastalpha.dispatch; `config` pins the tile shapes (tests), else blocks.py decides."""
     _check(z, row_lo, row_hi, row_weight)
     z = z.contiguous()
     m, d = z.shape
     half = m // 2
     rows = row_hi - row_lo
+    unit = params.unit_rows
     acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     z_acc = z.to(acc_dtype)
     if params.rule == "quadratic":
-        loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad)
+        loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit)
         return loss, grad.to(z.dtype)
     if rows == 0:
         grad = torch.zeros_like(z) if need_grad else z.new_empty((0, d))
         return z_acc.new_empty((0,)), grad
 
+    flags = _rule_flags(params, m)
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision)
-    flags = _rule_flags(params, m)
-    norms = (z_acc * z_acc).sum(1)
+    candidates = (cfg,) if config is not None else tuple(candidate_configs(d, z.dtype, precision))
+    tune = config is None and autotune_enabled(z)
     partners = (torch.arange(row_lo, row_hi, device=z.device) + half) % m
-    d2_pos = ((norms[row_lo:row_hi] + norms[partners]) / 2 - (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)).clamp_min(0)
+    dots = (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)
+    empty = z_acc.new_empty((rows,))
+    if unit:
+        norms = empty                      # never read: d2 = 1 − z_i·z_j
+        d2_pos = (1 - dots).clamp_min(0)
+    else:
+        norms = (z_acc * z_acc).sum(1)
+        d2_pos = ((norms[row_lo:row_hi] + norms[partners]) / 2 - dots).clamp_min(0)
     weight = None if row_weight is None else row_weight.to(acc_dtype).contiguous()
     beta = params.uses_beta
 
     tau, k, inv_gamma, log_eps = _split(params.temperature), _split(flags["k"]), _split(1.0 / params.gamma), _split(flags["log_eps"])
     common = dict(
-        PRECISION=precision, UPCAST=interpreted() and z.dtype == torch.bfloat16,
+        UNIT=unit, PRECISION=precision, UPCAST=interpreted() and z.dtype == torch.bfloat16,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_CHUNK=cfg.single_chunk,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_K=cfg.block_k, SINGLE_CHUNK=cfg.single_chunk,
     )
+    bucket = m_bucket(m)
     chunks = triton.cdiv(d, cfg.block_do)
-    empty = z_acc.new_empty((rows,))
     loss, lse, row_a, row_sum = (z_acc.new_empty((rows,)) for _ in range(4))
     row_acc = z_acc.new_empty((rows, d)) if need_grad else z_acc.new_empty((1, 1))
 
+    def launch(kernel, kind, extent, n_chunks, args, kwargs):
+        _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
+
     def row_pass(stat_a, stat_b, online, use_beta, accumulate, lse_out):
-        grid = (triton.cdiv(rows, cfg.block_m), chunks if accumulate else 1)
-        _run(
-            row_pass_kernel, grid,
-            z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
-            loss, lse_out, row_a, row_sum, row_acc,
-            z.stride(0), row_acc.stride(0), m, d, half, row_lo, row_hi, *tau, *k, *inv_gamma, *log_eps,
-            WEIGHT=flags["weight"], POWER=flags["power"], EPS=flags["eps_mode"],
-            LOG_LOSS=params.rule == "infonce", ONLINE=online, BETA=use_beta, ACCUMULATE=accumulate,
-            HAS_WEIGHT=weight is not None, BLOCK_DO=cfg.block_do, **common,
+        launch(
+            row_pass_kernel, "row", rows, chunks if accumulate else 1,
+            (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
+             loss, lse_out, row_a, row_sum, row_acc,
+             z.stride(0), row_acc.stride(0), m, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma, *log_eps),
+            dict(WEIGHT=flags["weight"], POWER=flags["power"], EPS=flags["eps_mode"],
+                 LOG_LOSS=params.rule == "infonce", ONLINE=online, BETA=use_beta, ACCUMULATE=accumulate,
+                 HAS_WEIGHT=weight is not None, BLOCK_DO=cfg.block_do),
         )
 
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
         if flags["weight"] == WEIGHT_SPARSEMAX:
             mu, inv_size = z_acc.new_empty((rows,)), z_acc.new_empty((rows,))
-            _run(
-                sparsemax_threshold_kernel, (triton.cdiv(rows, cfg.block_m),),
-                z, norms, mu, inv_size, z.stride(0), m, d, half, row_lo, row_hi, *tau,
-                BLOCK_D=cfg.block_do if cfg.single_chunk else cfg.block_k, **common,
+            launch(
+                sparsemax_threshold_kernel, "sparsemax", rows, 1,
+                (z, norms, mu, inv_size, z.stride(0), m, d, half, row_lo, row_hi, bucket, *tau),
+                dict(BLOCK_D=cfg.block_do if cfg.single_chunk else cfg.block_k),
             )
             stat_a, stat_b = mu, inv_size
             row_pass(stat_a, stat_b, online=False, use_beta=beta, accumulate=need_grad, lse_out=empty)
@@ -190,19 +294,23 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             return loss, z.new_empty((0, d))
 
         col_sum, grad = z_acc.new_empty((m,)), z_acc.new_empty((m, d))
-        _run(
-            column_pass_kernel, (triton.cdiv(m, cfg.block_n), chunks),
-            z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
-            col_sum, grad, z.stride(0), grad.stride(0), m, d, half, row_lo, row_hi, *tau, *k, *inv_gamma,
-            WEIGHT=flags["weight"], POWER=flags["power"], BETA=beta, HAS_WEIGHT=weight is not None,
-            BLOCK_DO=cfg.block_do, **common,
+        launch(
+            column_pass_kernel, "column", m, chunks,
+            (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
+             col_sum, grad, z.stride(0), grad.stride(0), m, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma),
+            dict(WEIGHT=flags["weight"], POWER=flags["power"], BETA=beta, HAS_WEIGHT=weight is not None,
+                 BLOCK_DO=cfg.block_do),
         )
 
     z_rows, z_partners = z_acc[row_lo:row_hi], z_acc[partners]
-    diff = z_rows - z_partners
-    grad.addcmul_(col_sum[:, None], z_acc, value=-1.0)
-    grad[row_lo:row_hi] += row_a[:, None] * diff - row_sum[:, None] * z_rows + row_acc
-    grad.index_add_(0, partners, -row_a[:, None] * diff)
+    if unit:
+        # ∂d2_ij/∂z_i = −z_j: only the cross terms survive (no A_i z_i, Σ_j ω_ij z_i, Σ_i ω_ij z_j).
+        grad[row_lo:row_hi] += row_acc - row_a[:, None] * z_partners
+        grad.index_add_(0, partners, -row_a[:, None] * z_rows)
+    else:
+        diff = z_rows - z_partners
+        grad.addcmul_(col_sum[:, None], z_acc, value=-1.0)
+        grad[row_lo:row_hi] += row_a[:, None] * diff - row_sum[:, None] * z_rows + row_acc
+        grad.index_add_(0, partners, -row_a[:, None] * diff)
     grad *= params.grad_scale
     return loss, grad.to(z.dtype)
-

@@ -13,7 +13,10 @@ At the end lse_i = log(e^{m_i} l_i + E_i) with the ε-term E_i = ε(M − 2) (di
 ε e^{−d2_i/τ} (infonce), so that α_ij = e^{t_ij − lse_i}, A_i = Σ_j α_ij = l_i e^{m_i − lse_i}, and
 
     loss_i = A_i d2_i − Σ_j α_ij d2_ij            (every log-weight rule),
-    loss_i = lse_i + d2_i/τ = log(ε + ξ_i)         (infonce).
+    loss_i = log(ε + ξ_i) = logaddexp(log ξ_i, log ε),  log ξ_i = m_i + d2_i/τ + log l_i   (infonce),
+
+the latter through log1p, so that a tiny NT-Xent loss (ξ_i ≪ ε) keeps float32's relative
+precision. With UNIT (unit rows) d2 = 1 − z_i·z_j and no norm is loaded.
 
 FIXED (statistics already known: lse_i and c_i, or μ_i and 1/k_i for sparsemax): α (and β)
 are evaluated directly per tile (`tiles._pair_weights`), no rescaling.
@@ -24,7 +27,7 @@ of w_i (βZ)_i restricted to the program's feature chunk. Nothing of size M × M
 import triton
 import triton.language as tl
 
-from .tiles import _gram, _join, _log_weight, _mma, _negatives, _pair_weights
+from .tiles import _distances, _gram, _join, _log_add_exp, _log_weight, _mma, _negatives, _pair_weights, _row_norms
 
 EPS_NONE = tl.constexpr(0)
 EPS_CONSTANT = tl.constexpr(1)
@@ -36,9 +39,10 @@ def row_pass_kernel(
     z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
     loss_ptr, lse_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,
     stride_z, stride_acc, M, D, half, row_lo, row_hi,
+    m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, log_eps_hi, log_eps_lo,
     WEIGHT: tl.constexpr, POWER: tl.constexpr, EPS: tl.constexpr, LOG_LOSS: tl.constexpr,
-    ONLINE: tl.constexpr, BETA: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    ONLINE: tl.constexpr, BETA: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, UNIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -52,7 +56,7 @@ def row_pass_kernel(
     tau = _join(tau_hi, tau_lo, ACC)
     k = _join(k_hi, k_lo, ACC)
     inv_gamma = _join(inv_gamma_hi, inv_gamma_lo, ACC)
-    n_i = tl.load(norm_ptr + rows, mask=row_ok, other=0.0)
+    n_i = _row_norms(norm_ptr, rows, row_ok, UNIT, ACC)
     d2_pos = tl.load(d2_pos_ptr + local, mask=row_ok, other=0.0)
     if not ONLINE:
         stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
@@ -80,8 +84,7 @@ def row_pass_kernel(
             if ACCUMULATE:
                 z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
                               mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
-        n_j = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
-        d2 = tl.maximum((n_i[:, None] + n_j[None, :]) * 0.5 - s, 0.0)
+        d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
         valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M)
 
         if ONLINE:
@@ -112,19 +115,27 @@ def row_pass_kernel(
 
     if ONLINE:
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-        log_sum = m_use + tl.log(tl.where(l_i > 0, l_i, 1.0))
+        log_l = tl.log(tl.where(l_i > 0, l_i, 1.0))
+        log_sum = m_use + log_l
+        if EPS != EPS_NONE:
+            log_eps = _join(log_eps_hi, log_eps_lo, ACC)
         if EPS == EPS_NONE:
             lse = log_sum
+        elif EPS == EPS_INFONCE:
+            lse = _log_add_exp(log_sum, log_eps - d2_pos / tau)
         else:
-            log_eps = _join(log_eps_hi, log_eps_lo, ACC)
-            if EPS == EPS_INFONCE:
-                log_eps = log_eps - d2_pos / tau
-            top = tl.maximum(log_sum, log_eps)
-            lse = top + tl.log(1.0 + tl.exp(-tl.abs(log_sum - log_eps)))
+            lse = _log_add_exp(log_sum, log_eps)
         to_alpha = tl.exp(m_use - lse)          # e^{t−m} · to_alpha = α
         a_i = l_i * to_alpha
         if LOG_LOSS:
-            loss = lse + d2_pos / tau
+            # loss_i = log(ε + ξ_i) from log ξ_i = (m_i + d2_i/τ) + log l_i, where m_i + d2_i/τ =
+            # (d2_i − min_j d2_ij)/τ is O(1): a tiny loss (ξ_i ≪ ε) keeps its relative precision
+            # through log1p, where lse_i + d2_i/τ would cancel two O(1/τ) numbers.
+            log_xi = (m_use + d2_pos / tau) + log_l
+            if EPS == EPS_NONE:
+                loss = log_xi
+            else:
+                loss = _log_add_exp(log_xi, log_eps)
         else:
             loss = a_i * d2_pos - s_i * to_alpha
         beta_sum = a_i

@@ -16,13 +16,13 @@ One program owns BLOCK_M rows and iterates until none of its rows changed its su
 import triton
 import triton.language as tl
 
-from .tiles import _gram, _join, _mma, _negatives
+from .tiles import _distances, _gram, _join, _mma, _negatives, _row_norms
 
 
 @triton.jit
 def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+                   SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
     """(d2, valid) for rows × columns [j0, j0 + BLOCK_N)."""
     cols = j0 + tl.arange(0, BLOCK_N)
     col_ok = cols < M
@@ -33,8 +33,7 @@ def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, 
         s = _mma(z_i, tl.trans(z_j), tl.zeros((BLOCK_M, BLOCK_N), ACC), PRECISION, UPCAST)
     else:
         s = _gram(z_ptr, stride_z, rows, row_ok, cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST, ACC)
-    n_j = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
-    d2 = tl.maximum((n_i[:, None] + n_j[None, :]) * 0.5 - s, 0.0)
+    d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
     valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M)
     return d2, valid
 
@@ -42,15 +41,17 @@ def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, 
 @triton.jit
 def sparsemax_threshold_kernel(
     z_ptr, norm_ptr, mu_ptr, inv_size_ptr,
-    stride_z, M, D, half, row_lo, row_hi, tau_hi, tau_lo,
+    stride_z, M, D, half, row_lo, row_hi,
+    m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
+    tau_hi, tau_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = row_lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     local = rows - row_lo
     tau = _join(tau_hi, tau_lo, ACC)
-    n_i = tl.load(norm_ptr + rows, mask=row_ok, other=0.0)
+    n_i = _row_norms(norm_ptr, rows, row_ok, UNIT, ACC)
     if SINGLE_CHUNK:
         feats = tl.arange(0, BLOCK_D)
         z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
@@ -61,7 +62,7 @@ def sparsemax_threshold_kernel(
     d2_min = tl.full((BLOCK_M,), float("inf"), ACC)
     for j0 in range(0, M, BLOCK_N):
         d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, PRECISION, UPCAST, ACC)
+                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC)
         d2_min = tl.minimum(d2_min, tl.min(tl.where(valid, d2, float("inf")), 1))
 
     mu = tl.where(row_ok, d2_min + tau, 0.0)
@@ -72,7 +73,7 @@ def sparsemax_threshold_kernel(
         total = tl.zeros((BLOCK_M,), ACC)
         for j0 in range(0, M, BLOCK_N):
             d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, PRECISION, UPCAST, ACC)
+                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC)
             inside = valid & (d2 < mu[:, None])
             count += tl.sum(inside.to(tl.int32), 1)
             total += tl.sum(tl.where(inside, d2, 0.0), 1)

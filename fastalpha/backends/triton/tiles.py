@@ -1,9 +1,10 @@
 r"""Tile-level building blocks shared by every pass (Triton `@jit` helpers).
 
 A tile is the block of pairs (i, j) between BLOCK rows and BLOCK columns of Z. Every pass
-recomputes, per tile, the squared distances from the Gram block and the norms,
+recomputes, per tile, the squared distances from the Gram block (and the norms),
 
     d2_ij = max((n_i + n_j)/2 − z_i·z_j, 0),      n_i = ||z_i||²,
+    d2_ij = max(1 − z_i·z_j, 0)                   for unit rows (UNIT: no norm is loaded),
 
 masks the pairs that are not negatives (j = i, j = p(i) = (i + M/2) mod M, or a row/column
 outside the matrix), and turns d2 into the rule's log-weight t = log w(d2):
@@ -60,6 +61,46 @@ def _gram(z_ptr, stride, offs_a, ok_a, offs_b, ok_b, D,
         b_t = tl.load(z_ptr + base_b[None, :] + kk[:, None], mask=ok_b[None, :] & k_ok[:, None], other=0.0)
         s = _mma(a, b_t, s, PRECISION, UPCAST)
     return s
+
+
+@triton.jit
+def _row_norms(norm_ptr, offs, ok, UNIT: tl.constexpr, ACC: tl.constexpr):
+    """n = ||z||² of the rows `offs`; unit rows need none (a zero vector stands in)."""
+    if UNIT:
+        return tl.zeros(offs.shape, ACC)
+    return tl.load(norm_ptr + offs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _distances(s, n_a, n_b, UNIT: tl.constexpr):
+    """d2 from a Gram tile s (n_a broadcast over its rows, n_b over its columns), clamped at 0.
+
+    For unit rows d2 = 1 − s: a zero row (the normalised form of a zero embedding) then has
+    cosine 0 with everything, and no norm enters the tile.
+    """
+    if UNIT:
+        return tl.maximum(1.0 - s, 0.0)
+    return tl.maximum((n_a[:, None] + n_b[None, :]) * 0.5 - s, 0.0)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to full relative precision for small x (x > −1), from `log` alone.
+
+    With u = fl(1 + x), log(u)·x/(u − 1) is exact to a few ulps (Goldberg's correction: the
+    rounding of 1 + x cancels in the ratio); u = 1 means |x| is below half an ulp of 1.
+    """
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _log_add_exp(a, b):
+    """log(e^a + e^b) = max(a, b) + log1p(e^{−|a − b|}); either may be −inf (then the other)."""
+    top = tl.maximum(a, b)
+    finite = top != float("-inf")
+    gap = tl.where(finite, tl.minimum(a, b) - top, 0.0)
+    return tl.where(finite, top + _log1p(tl.exp(gap)), top)
 
 
 @triton.jit

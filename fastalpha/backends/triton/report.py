@@ -1,0 +1,311 @@
+r"""The static GPU report: what ptxas made of every kernel variant a real call launches.
+
+    python -m fastalpha.backends.triton.report            # writes docs/gpu-static-report.{csv,md}
+    python -m fastalpha.backends.triton.report --reuse    # recompiles only rows that are missing or stale
+
+No GPU is needed: each variant is recorded from the launcher (aot_check.record), compiled for
+sm_90 (H100/H200) and sm_80 (A100) down to a cubin, and read back with Triton's cuobjdump.
+Per variant the report gives registers, spill bytes, shared memory, the resident CTAs and
+warps per SM that those allow, and the SASS instruction mix (HGMMA, HMMA, FFMA, DFMA, MUFU,
+local loads/stores).
+
+The matrix: compute types bf16, fp16, tf32 (float32 with TF32 products), fp32 (IEEE) and fp64;
+D ∈ {32, 64, 128, 256}; unit rows (normalize=True, the default); the calls
+
+    direct          α detached, unweighted: ONLINE row pass + column pass (the default call)
+    direct-beta-w   detach_alpha=False with row weights (reduction="none" backward): statistics
+                    pass, FIXED row pass with β, column pass with β
+    square-beta-w   sparsemax threshold pass, FIXED row and column passes with β, weighted
+    infonce         NT-Xent (ε = 1): ONLINE row pass with the log-loss, column pass
+
+which between them launch every kernel family with its heaviest constexprs. On sm_90 every
+autotuning candidate of blocks.candidate_configs is compiled (autotuning may pick any of them);
+on sm_80 the static table only. A tensor-core variant is on the fast path when its products
+are all warpgroup MMAs on sm_90 (HGMMA > 0, HMMA = 0) or warp MMAs on sm_80 (HMMA > 0), it
+spills nothing and its shared memory fits one CTA (227 KiB on sm_90, 163 KiB on sm_80). IEEE
+float32 and float64 variants must stay off the tensor cores (FFMA / DFMA only).
+
+Each CSV row carries a hash of the kernel sources, so a test can tell a stale report from a
+current one without compiling (tests/test_triton_static.py).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from .aot_check import SASS_OPCODES, compile_launch, record, resource_usage
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+CSV_PATH = os.path.join(REPO, "docs", "gpu-static-report.csv")
+MD_PATH = os.path.join(REPO, "docs", "gpu-static-report.md")
+
+DIMS = (32, 64, 128, 256)
+COMPUTES = ("bf16", "fp16", "tf32", "fp32", "fp64")
+TENSOR_CORE = ("bf16", "fp16", "tf32")
+#: (name, rule, detach_alpha, weighted, eps)
+CASES = (
+    ("direct", "direct", True, False, None),
+    ("direct-beta-w", "direct", False, True, None),
+    ("square-beta-w", "square", False, True, None),
+    ("infonce", "infonce", True, False, 1.0),
+)
+ARCHS = (90, 80)
+
+#: Per-SM limits (CUDA occupancy tables): registers, shared memory per SM and per CTA (bytes),
+#: shared memory reserved per CTA by the runtime, resident warps and CTAs.
+SM_LIMITS = {
+    90: dict(regs=65536, smem_sm=233472, smem_cta=232448, smem_reserved=1024, warps=64, ctas=32),
+    80: dict(regs=65536, smem_sm=167936, smem_cta=166912, smem_reserved=1024, warps=64, ctas=32),
+}
+
+FIELDS = ["arch", "kernel", "case", "compute", "D", "tile", "num_warps", "num_stages", "role",
+          "regs", "spill_bytes", "smem_bytes", "ctas_per_sm", "warps_per_sm",
+          "hgmma", "hmma", "ffma", "dfma", "mufu", "ldl", "stl", "fast_path", "constexprs", "source_hash", "triton"]
+
+KERNEL_SOURCES = ("row_pass.py", "column_pass.py", "sparsemax.py", "tiles.py")
+
+
+def source_hash() -> str:
+    """A short hash of the kernel sources: a report row compiled from other sources is stale."""
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        with open(os.path.join(HERE, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> tuple[int, int]:
+    """(resident CTAs, resident warps) per SM allowed by registers, shared memory and the caps.
+
+    Registers are allocated per warp in units of 256 (i.e. per thread in multiples of 8);
+    shared memory per CTA in units of 128 bytes plus the runtime's reserved 1 KiB.
+    """
+    lim = SM_LIMITS[arch]
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (lim["regs"] // per_warp) // num_warps
+    per_cta = -(-smem // 128) * 128 + lim["smem_reserved"]
+    by_smem = lim["smem_sm"] // per_cta if smem <= lim["smem_cta"] else 0
+    ctas = min(by_regs, by_smem, lim["ctas"], lim["warps"] // num_warps)
+    return ctas, ctas * num_warps
+
+
+def verdict(arch: int, compute: str, usage: dict) -> str:
+    """'yes' / 'NO: why' for the fast-path rule of the module docstring."""
+    problems = []
+    if usage["spill_bytes"]:
+        problems.append(f"spills {usage['spill_bytes']} B")
+    if usage["shared"] > SM_LIMITS[arch]["smem_cta"]:
+        problems.append("shared memory over the per-CTA limit")
+    if compute in TENSOR_CORE:
+        if arch >= 90 and (usage["hgmma"] == 0 or usage["hmma"] > 0):
+            problems.append(f"HGMMA {usage['hgmma']}, HMMA {usage['hmma']}")
+        if arch < 90 and usage["hmma"] == 0:
+            problems.append("no HMMA")
+    elif usage["hgmma"] or usage["hmma"]:
+        problems.append("tensor-core instructions in an IEEE/fp64 variant")
+    return "NO: " + "; ".join(problems) if problems else "yes"
+
+
+@dataclass(frozen=True)
+class Variant:
+    arch: int
+    compute: str
+    d: int
+    case: str
+    launch: object       # launch.Launch
+    config: object       # blocks.BlockConfig
+    role: str            # "static" or "candidate"
+
+    @property
+    def constexprs(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in sorted(self.launch.kwargs.items()))
+
+    @property
+    def key(self) -> tuple:
+        c = self.config
+        return (str(self.arch), self.launch.kind, self.compute, str(self.d), f"{c.block_m}x{c.block_n}",
+                str(c.num_warps), str(c.num_stages), self.constexprs)
+
+
+def variants(archs=ARCHS, computes=COMPUTES, dims=DIMS, cases=CASES):
+    """Every distinct variant of the matrix (deduplicated across cases), in report order."""
+    seen = set()
+    for arch in archs:
+        for compute in computes:
+            for d in dims:
+                for name, rule, detach, weighted, eps in cases:
+                    for item in record(compute, d, rule, detach, weighted, eps=eps):
+                        configs = item.candidates if arch >= 90 else (item.config,)
+                        for cfg in configs:
+                            v = Variant(arch, compute, d, name, item, cfg, "static" if cfg == item.config else "candidate")
+                            if v.key not in seen:
+                                seen.add(v.key)
+                                yield v
+
+
+def row_key(row: dict) -> tuple:
+    tile = row["tile"]
+    return (row["arch"], row["kernel"], row["compute"], row["D"], tile, row["num_warps"], row["num_stages"], row["constexprs"])
+
+
+def read_rows(path: str = CSV_PATH) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def compile_variant(v: Variant, digest: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kwargs = v.launch.launch_kwargs(v.config)
+    usage = resource_usage(compile_launch(v.launch.kernel, v.launch.args, kwargs, GPUTarget("cuda", v.arch, 32)))
+    ctas, warps = occupancy(v.arch, usage["regs"], usage["shared"], v.config.num_warps)
+    c = v.config
+    row = dict(arch=v.arch, kernel=v.launch.kind, case=v.case, compute=v.compute, D=v.d, tile=f"{c.block_m}x{c.block_n}",
+               num_warps=c.num_warps, num_stages=c.num_stages, role=v.role, regs=usage["regs"],
+               spill_bytes=usage["spill_bytes"], smem_bytes=usage["shared"], ctas_per_sm=ctas, warps_per_sm=warps,
+               fast_path=verdict(v.arch, v.compute, usage), constexprs=v.constexprs, source_hash=digest,
+               triton=triton.__version__)
+    row.update({name.lower(): usage[name.lower()] for name in SASS_OPCODES})
+    return {k: str(row[k]) for k in FIELDS}
+
+
+def write_csv(rows: list[dict], path: str = CSV_PATH) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _md_table(rows: list[dict], columns: list[str]) -> list[str]:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
+    return out
+
+
+def render_markdown(rows: list[dict], seconds: float | None = None) -> str:
+    """docs/gpu-static-report.md from the CSV rows."""
+    triton_versions = sorted({r["triton"] for r in rows})
+    hashes = sorted({r["source_hash"] for r in rows})
+    lines = [
+        "# Static GPU report of the Triton kernels",
+        "",
+        "Generated by `python -m fastalpha.backends.triton.report` (no GPU needed; full data in",
+        "`gpu-static-report.csv`). Every kernel variant that the calls below launch is compiled by",
+        f"Triton {', '.join(triton_versions)} down to a cubin for sm_90 (H100/H200) and sm_80 (A100) and read",
+        "back with the `cuobjdump` that ships with Triton: registers per thread, spill bytes (stack",
+        "frame + local memory), shared memory per CTA, the resident CTAs and warps per SM that",
+        "registers and shared memory allow (occupancy tables: 64K registers, 228 KiB (sm_90) /",
+        "164 KiB (sm_80) shared memory and 64 warps per SM), and SASS instruction counts (static",
+        "counts in the binary, not executed counts).",
+        "",
+        "Calls (unit rows, i.e. `normalize=True`): `direct` (α detached: row pass + column pass),",
+        "`direct-beta-w` (`detach_alpha=False` with row weights: statistics pass, row pass with β,",
+        "column pass with β), `square-beta-w` (sparsemax threshold pass + row and column passes with",
+        "β, weighted), `infonce` (NT-Xent, ε = 1). D ∈ {32, 64, 128, 256}. On sm_90 every autotuning",
+        "candidate (`role` = candidate) is compiled besides the static table; on sm_80 the static",
+        "table only (autotuning candidates are proven for sm_90).",
+        "",
+        "**Fast path** (`fast_path` = yes): a bf16/fp16/tf32 variant's products are all warpgroup",
+        "MMAs on sm_90 (HGMMA > 0 and HMMA = 0) or warp MMAs on sm_80 (HMMA > 0), it spills nothing,",
+        "and its shared memory fits a CTA (227 KiB sm_90, 163 KiB sm_80). IEEE float32 (`fp32`,",
+        "PyTorch's default `torch.get_float32_matmul_precision() == \"highest\"`) and float64 stay",
+        "off the tensor cores by design (FFMA / DFMA, no HGMMA/HMMA); TF32 is opt-in with",
+        "`torch.set_float32_matmul_precision(\"high\")` or `torch.backends.cuda.matmul.allow_tf32 = True`.",
+        "",
+        f"Kernel source hash: {', '.join(hashes)}.",
+        "",
+        "## Summary",
+        "",
+    ]
+    summary = []
+    for arch in sorted({r["arch"] for r in rows}, reverse=True):
+        for compute in COMPUTES:
+            sel = [r for r in rows if r["arch"] == arch and r["compute"] == compute]
+            if not sel:
+                continue
+            fast = sum(r["fast_path"] == "yes" for r in sel)
+            summary.append(dict(
+                arch=f"sm_{arch}", compute=compute, variants=str(len(sel)), fast_path=f"{fast}/{len(sel)}",
+                spilling=str(sum(int(r["spill_bytes"]) > 0 for r in sel)),
+                max_regs=str(max(int(r["regs"]) for r in sel)),
+                max_smem_KiB=f"{max(int(r['smem_bytes']) for r in sel) / 1024:.1f}",
+                min_warps_per_sm=str(min(int(r["warps_per_sm"]) for r in sel)),
+                with_hgmma=str(sum(int(r["hgmma"]) > 0 for r in sel)),
+                with_hmma=str(sum(int(r["hmma"]) > 0 for r in sel)),
+            ))
+    lines += _md_table(summary, ["arch", "compute", "variants", "fast_path", "spilling", "max_regs", "max_smem_KiB",
+                                 "min_warps_per_sm", "with_hgmma", "with_hmma"])
+    misses = [r for r in rows if r["fast_path"] != "yes"]
+    lines += ["", f"Variants off the fast path: {len(misses)}."]
+    if misses:
+        lines += [""] + _md_table(misses, ["arch", "kernel", "case", "compute", "D", "tile", "num_warps", "num_stages",
+                                           "fast_path"])
+    columns = ["kernel", "case", "compute", "D", "tile", "num_warps", "num_stages", "role", "regs", "spill_bytes",
+               "smem_bytes", "ctas_per_sm", "warps_per_sm", "hgmma", "hmma", "ffma", "dfma", "mufu", "fast_path"]
+    for arch in sorted({r["arch"] for r in rows}, reverse=True):
+        lines += ["", f"## sm_{arch}", ""]
+        lines += _md_table([r for r in rows if r["arch"] == arch], columns)
+    lines += ["", "`tile` is owned × streamed rows (blocks.py); `case` is the first call of the list that",
+              "launches the variant (later calls reuse it). The `constexprs` column of the CSV has the",
+              "rule flags of each variant."]
+    if seconds is not None:
+        lines += ["", f"Compiling the variants that were not reused took {seconds:.0f} s on the machine that generated it."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep CSV rows whose variant and kernel-source hash are unchanged; compile the rest")
+    parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 90,80")
+    parser.add_argument("--csv", default=CSV_PATH)
+    parser.add_argument("--md", default=MD_PATH)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the CSV")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: this tool compiles the real kernels")
+    if args.render_only:
+        with open(args.md, "w") as f:
+            f.write(render_markdown(read_rows(args.csv)))
+        return 0
+    digest = source_hash()
+    old = {row_key(r): r for r in read_rows(args.csv) if r["source_hash"] == digest} if args.reuse else {}
+    rows, failures, started = [], 0, time.time()
+    for v in variants(archs=tuple(int(a) for a in args.arch.split(","))):
+        key = v.key
+        if key in old:
+            rows.append(old[key])
+            continue
+        try:
+            row = compile_variant(v, digest)
+        except Exception as err:  # report every failing variant, not just the first
+            failures += 1
+            print(f"FAILED sm_{v.arch} {v.launch.kind} {v.compute} D={v.d} {v.case}: {type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}", flush=True)
+            continue
+        rows.append(row)
+        print(f"sm_{row['arch']} {row['kernel']:9s} {row['compute']} D={row['D']:>3s} {row['tile']:>6s} w{row['num_warps']} "
+              f"s{row['num_stages']} regs={row['regs']:>3s} spill={row['spill_bytes']} smem={row['smem_bytes']:>6s} "
+              f"hgmma={row['hgmma']:>3s} hmma={row['hmma']:>3s}  {row['fast_path']}", flush=True)
+        write_csv(rows + [r for k, r in old.items() if k not in {row_key(x) for x in rows}], args.csv)
+    write_csv(rows, args.csv)
+    with open(args.md, "w") as f:
+        f.write(render_markdown(rows, time.time() - started))
+    misses = sum(r["fast_path"] != "yes" for r in rows)
+    print(f"{len(rows)} variants, {failures} failed to compile, {misses} off the fast path -> {args.csv}, {args.md}")
+    return 1 if failures or misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

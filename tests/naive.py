@@ -1,23 +1,30 @@
-"""A second, deliberately naive implementation of DESIGN.md §1 for tiny inputs.
+"""A second, deliberately naive implementation of the α-CL maths (docs/design.md) for tiny inputs.
 
-Plain Python loops over pairs, distances as ||z_i − z_j||²/2 (not the Gram form), the
-sparsemax threshold by bisection (not by sorting), no row-max tricks. It shares no code with
-fastalpha.reference, so agreement between the two checks both against the written maths.
+Plain Python loops over pairs, distances as ||z_i − z_j||²/2 (not the Gram form) or, for
+normalised rows, 1 − cos_ij from the raw rows (a zero row has cosine 0 with everything), the
+sparsemax threshold by bisection or by an explicit sort (not by Michelot's iteration), no
+row-max tricks. It shares no code with fastalpha, so agreement between the two checks both
+against the written maths.
 """
 import math
 
 import numpy as np
 
 
-def stacked(z1, z2, normalize):
-    z = np.concatenate([np.asarray(z1, dtype=np.float64), np.asarray(z2, dtype=np.float64)], 0)
-    if normalize:
-        z = z / np.linalg.norm(z, axis=1, keepdims=True)
-    return z
+def stacked(z1, z2):
+    return np.concatenate([np.asarray(z1, dtype=np.float64), np.asarray(z2, dtype=np.float64)], 0)
 
 
-def distances(z):
+def cosine(a, b):
+    na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
+    return 0.0 if na == 0 or nb == 0 else float(a @ b) / (na * nb)
+
+
+def distances(z, normalize):
+    """d2_ij: 1 − cos_ij for normalised rows, ||z_i − z_j||²/2 otherwise, clamped at 0."""
     m = len(z)
+    if normalize:
+        return np.array([[max(0.0, 1.0 - cosine(z[i], z[j])) for j in range(m)] for i in range(m)])
     return np.array([[0.5 * float(np.sum((z[i] - z[j]) ** 2)) for j in range(m)] for i in range(m)])
 
 
@@ -37,16 +44,24 @@ def sparsemax_mu(values, tau):
     return (lo + hi) / 2
 
 
+def sparsemax_support(values, tau):
+    """(μ, support) exactly, by sorting: the support is the largest prefix k of the sorted
+    values with τ + Σ_{l≤k} s_l > k s_k, and μ = (τ + Σ_{l≤k} s_l)/k. Values equal to μ are
+    outside the support (their weight (μ − v)/τ is 0)."""
+    s = sorted(values)
+    k = max(k for k in range(1, len(s) + 1) if tau + sum(s[:k]) > k * s[k - 1])
+    mu = (tau + sum(s[:k])) / k
+    return mu, [v < mu for v in values]
+
+
 def alpha_row(d2_row, d2_pos, neg, m, rule, tau, p, gamma, eps):
-    """α_ij for j in neg, as a dict, straight from the table of DESIGN.md §1."""
+    """α_ij for j in neg, as a dict, straight from the table of the maths."""
     d = {j: d2_row[j] for j in neg}
     if rule == "quadratic":
         return {j: 1.0 / (m - 2) for j in neg}
-    if rule == "entropy":
-        w = {j: math.exp(-d[j] / tau) for j in neg}
-        return {j: w[j] / sum(w.values()) for j in neg}
-    if rule == "direct":
-        w = {j: math.exp(-(d[j] ** (p / 2)) / tau) for j in neg}
+    if rule in ("entropy", "direct"):
+        power = 1.0 if rule == "entropy" else p / 2  # entropy is direct with p = 2, ε included
+        w = {j: math.exp(-(d[j] ** power) / tau) for j in neg}
         return {j: w[j] / (sum(w.values()) + eps * (m - 2)) for j in neg}
     if rule == "inverse":
         w = {j: (d[j] + tau) ** (-1.0 / gamma) for j in neg}
@@ -62,9 +77,9 @@ def alpha_row(d2_row, d2_pos, neg, m, rule, tau, p, gamma, eps):
 
 
 def loss_rows(z1, z2, rule, tau, p=4.0, gamma=2.0, eps=0.0, normalize=True):
-    z = stacked(z1, z2, normalize)
+    z = stacked(z1, z2)
     m = len(z)
-    d2 = distances(z)
+    d2 = distances(z, normalize)
     out = []
     for i in range(m):
         neg = negatives(i, m)
@@ -78,12 +93,58 @@ def loss_rows(z1, z2, rule, tau, p=4.0, gamma=2.0, eps=0.0, normalize=True):
 
 
 def alpha_matrix(z1, z2, rule, tau, p=4.0, gamma=2.0, eps=0.0, normalize=True):
-    z = stacked(z1, z2, normalize)
+    z = stacked(z1, z2)
     m = len(z)
-    d2 = distances(z)
+    d2 = distances(z, normalize)
     alpha = np.zeros((m, m))
     for i in range(m):
         neg = negatives(i, m)
         for j, a in alpha_row(d2[i], d2[i, (i + m // 2) % m], neg, m, rule, tau, p, gamma, eps).items():
             alpha[i, j] = a
     return alpha
+
+
+def square_gradient(z1, z2, tau, detach_alpha, normalize, weights=None):
+    """∂(Σ_i w_i loss_i)/∂(z1, z2) for rule="square", by the chain rule through d2, in loops.
+
+    loss_i = Σ_j α_ij (d2_i − d2_ij) with α the sparsemax of −d2_i·/τ. With α a stop-gradient
+    ∂loss_i/∂d2_i = Σ_j α_ij = 1 and ∂loss_i/∂d2_ij = −α_ij. Differentiating α too (the
+    sparsemax Jacobian on the support S_i, k_i = |S_i|: ∂α_ij/∂d2_il = (1/k_i − [j = l])/τ)
+    gives ∂loss_i/∂d2_ij = −(2 α_ij − 1/k_i) on S_i and 0 off it. The support comes from
+    `sparsemax_support` (exact, ties at μ excluded). Then d2_ij = ||z_i − z_j||²/2 or, for
+    normalised rows u = z/||z||, 1 − u_i·u_j, whose derivative goes back through the
+    normalisation: ∂u/∂z = (I − u uᵀ)/||z||.
+    """
+    z = stacked(z1, z2)
+    m, dim = z.shape
+    norms = np.linalg.norm(z, axis=1)
+    u = z / norms[:, None] if normalize else z
+    d2 = distances(z, normalize)
+    weights = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
+    coef = np.zeros((m, m))  # coef[i, j] = w_i ∂loss_i/∂d2_ij
+    for i in range(m):
+        neg = negatives(i, m)
+        mu, inside = sparsemax_support([d2[i, j] for j in neg], tau)
+        k = sum(inside)
+        alpha = {j: (mu - d2[i, j]) / tau if s else 0.0 for j, s in zip(neg, inside)}
+        coef[i, (i + m // 2) % m] += weights[i] * sum(alpha.values())
+        for j, s in zip(neg, inside):
+            slope = alpha[j] if detach_alpha else (2 * alpha[j] - 1.0 / k if s else 0.0)
+            coef[i, j] -= weights[i] * slope
+    grad_u = np.zeros((m, dim))
+    for i in range(m):
+        for j in range(m):
+            if coef[i, j] == 0.0:
+                continue
+            if normalize:  # d2 = 1 − u_i·u_j
+                grad_u[i] -= coef[i, j] * u[j]
+                grad_u[j] -= coef[i, j] * u[i]
+            else:  # d2 = ||u_i − u_j||²/2
+                grad_u[i] += coef[i, j] * (u[i] - u[j])
+                grad_u[j] += coef[i, j] * (u[j] - u[i])
+    if not normalize:
+        return grad_u[: m // 2], grad_u[m // 2:]
+    grad = np.zeros((m, dim))
+    for i in range(m):
+        grad[i] = (grad_u[i] - u[i] * float(u[i] @ grad_u[i])) / norms[i]
+    return grad[: m // 2], grad[m // 2:]

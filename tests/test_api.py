@@ -7,9 +7,8 @@ import torch
 import fastalpha
 from fastalpha import reference
 from fastalpha.ops import FusedAlphaCL
-from fastalpha.rules import RULES, resolve_rule
-
-from tolerances import assert_close
+from fastalpha.rules import RULES, make_spec
+from fastalpha.testing import assert_close
 
 
 def pair(n=4, d=3, dtype=torch.float64):
@@ -22,7 +21,7 @@ BAD_INPUTS = [
     ("shape mismatch", lambda: fastalpha.alpha_cl_loss(z1, z2[:3]), ValueError, "same shape"),
     ("dim mismatch", lambda: fastalpha.alpha_cl_loss(z1, torch.randn(4, 5, dtype=torch.float64)), ValueError, "same shape"),
     ("not 2-D", lambda: fastalpha.alpha_cl_loss(z1[0], z2[0]), ValueError, "z1 must be 2-D"),
-    ("N < 2", lambda: fastalpha.alpha_cl_loss(z1[:1], z2[:1]), ValueError, "N >= 2"),
+    ("N = 0", lambda: fastalpha.alpha_cl_loss(z1[:0], z2[:0]), ValueError, "N >= 1"),
     ("D = 0", lambda: fastalpha.alpha_cl_loss(z1[:, :0], z2[:, :0]), ValueError, "D >= 1"),
     ("integer dtype", lambda: fastalpha.alpha_cl_loss(z1.long(), z2.long()), TypeError, "z1 must have a floating dtype"),
     ("not a tensor", lambda: fastalpha.alpha_cl_loss(z1.tolist(), z2), TypeError, "z1 must be a torch.Tensor"),
@@ -69,17 +68,19 @@ def test_explicit_unavailable_backend_says_why(monkeypatch):
 
 def test_available_backends_shape():
     status = fastalpha.available_backends()
-    assert set(status) == {"eager", "cpp", "cuda", "triton"}
-    assert status["eager"][0] is True
+    assert set(status) == {"eager", "chunked", "cpp", "cuda", "triton"}
+    assert status["eager"][0] is True and status["chunked"][0] is True
     for ok, reason in status.values():
         assert isinstance(ok, bool) and isinstance(reason, str) and reason
 
 
 def test_rule_defaults():
     """Unset parameters take the rule's default of DESIGN.md §1 (square τ = 5, infonce ε = 1)."""
-    assert resolve_rule("square").temperature == 5.0
-    assert resolve_rule("infonce").eps == 1.0
-    assert resolve_rule("direct") == resolve_rule("direct", temperature=0.5, p=4.0, eps=0.0)
+    assert make_spec("square").temperature == 5.0
+    assert make_spec("infonce").eps == 1.0
+    assert make_spec("direct") == make_spec("direct", temperature=0.5, p=4.0, eps=0.0)
+    assert (make_spec("inverse").temperature, make_spec("inverse").gamma) == (0.5, 2.0)
+    assert make_spec("entropy").p == 2.0 and make_spec("entropy", p=7.0).p == 2.0  # entropy is direct with p = 2
     a, b = pair()
     assert fastalpha.alpha_cl_loss(a, b, rule="square", backend="eager") == fastalpha.alpha_cl_loss(a, b, rule="square", temperature=5.0, backend="eager")
 
@@ -119,14 +120,14 @@ def test_non_contiguous_inputs(gen):
 def test_fused_op_path_with_eager_kernel(gen, rule, reduction):
     """The custom op + autograd.Function (what every fused backend runs under) equal autograd."""
     z = torch.randn(10, 4, generator=gen, dtype=torch.float64)
-    params = resolve_rule(rule)
     for detach in (True, False):
+        spec = make_spec(rule, normalize=False, detach_alpha=detach)
         leaf = z.clone().requires_grad_()
-        out = FusedAlphaCL.apply(leaf, params, detach, reduction, "eager")
+        out = FusedAlphaCL.apply(leaf, None, None, spec, reduction, "eager")  # no queue, fixed temperature
         weight = torch.rand(out.shape, generator=gen, dtype=torch.float64)
         (out * weight).sum().backward()
         ref_leaf = z.clone().requires_grad_()
-        expected = reference.reduce_rows(reference.loss_rows(ref_leaf, params, detach), reduction)
+        expected = reference.reduce_rows(reference.loss_rows(ref_leaf, spec), reduction)
         (expected * weight).sum().backward()
         assert_close(out, expected, "float64", "value")
         assert_close(leaf.grad, ref_leaf.grad, "float64", f"grad {rule} detach={detach}")
@@ -136,8 +137,8 @@ def test_custom_op_opcheck(gen):
     """torch.library.opcheck: schema, fake (meta) implementation and dispatch are consistent."""
     z = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     for need_grad in (True, False):
-        args = (z, 0, 8, None, "direct", 0.5, 4.0, 2.0, 0.0, True, need_grad, "eager")
+        args = (z, None, 0, 8, None, "direct", 0.5, 4.0, 2.0, 0.0, True, False, "all", need_grad, "eager")
         torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, args, test_utils=("test_schema", "test_faketensor"))
     weight = torch.rand(5, generator=gen, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, (z, 2, 7, weight, "square", 5.0, 4.0, 2.0, 0.0, False, True, "eager"),
+    torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, (z, None, 2, 7, weight, "square", 5.0, 4.0, 2.0, 0.0, False, True, "all", True, "eager"),
                           test_utils=("test_schema", "test_faketensor"))

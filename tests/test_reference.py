@@ -8,10 +8,10 @@ import torch
 
 import fastalpha
 from fastalpha import reference
-from fastalpha.rules import RULES, resolve_rule
+from fastalpha.rules import RULES, make_spec
+from fastalpha.testing import assert_close
 
 import naive
-from tolerances import assert_close
 
 F64 = torch.float64
 # (rule, extra parameters) cases that exercise every parameter of every rule.
@@ -19,6 +19,7 @@ RULE_CASES = [
     ("quadratic", {}),
     ("entropy", {}),
     ("entropy", {"temperature": 0.2}),
+    ("entropy", {"temperature": 0.3, "eps": 0.7}),
     ("direct", {}),
     ("direct", {"p": 3.0, "eps": 0.3, "temperature": 0.7}),
     ("inverse", {}),
@@ -36,8 +37,8 @@ def views(gen, n, d, dtype=F64, scale=1.0):
 
 
 def _naive_kwargs(rule, extra):
-    params = resolve_rule(rule, **extra)
-    return dict(rule=rule, tau=params.temperature, p=params.p, gamma=params.gamma, eps=params.eps)
+    spec = make_spec(rule, **extra)
+    return dict(rule=rule, tau=spec.temperature, p=spec.p, gamma=spec.gamma, eps=spec.eps)
 
 
 @pytest.mark.parametrize("rule,extra", RULE_CASES)
@@ -70,7 +71,7 @@ def test_all_equal_embeddings(rule):
     z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
     loss = fastalpha.alpha_cl_loss(z1, z2, rule=rule, backend="eager")
     m = 2 * n
-    params = resolve_rule(rule)
+    params = make_spec(rule)
     expected = math.log(params.eps + m - 2) if rule == "infonce" else 0.0
     assert abs(loss.item() - expected) < 1e-12
     alpha = fastalpha.pair_weights(z1, z2, rule=rule)
@@ -104,7 +105,7 @@ def _two_cluster_expected(rule, tau, eps):
 def test_two_orthogonal_clusters(rule, tau):
     e1, e2 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
     z1 = torch.tensor([e1, e1, e2, e2], dtype=F64)
-    params = resolve_rule(rule, temperature=tau)
+    params = make_spec(rule, temperature=tau)
     rows = fastalpha.alpha_cl_loss(z1, z1.clone(), rule=rule, temperature=tau, reduction="none", backend="eager")
     expected = _two_cluster_expected(rule, params.temperature, params.eps)
     assert torch.allclose(rows, torch.full_like(rows, expected), rtol=0, atol=1e-14), (rows, expected)
@@ -115,7 +116,7 @@ def test_m_equals_4(gen, rule):
     """N = 2: each anchor has exactly two negatives; α in closed form from the two distances."""
     z1, z2 = views(gen, 2, 5)
     z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
-    params = resolve_rule(rule)
+    params = make_spec(rule)
     tau = params.temperature
     alpha = fastalpha.pair_weights(z1, z2, rule=rule)
     for i in range(4):
@@ -266,20 +267,56 @@ def test_inverse_alpha_is_normalised_power(gen):
 
 @pytest.mark.parametrize("rule,extra", RULE_CASES)
 @pytest.mark.parametrize("detach_alpha", [True, False])
+@pytest.mark.parametrize("unit_rows", [False, True])
 @pytest.mark.parametrize("rows", [None, (3, 11)])
-def test_closed_form_gradient_equals_autograd(gen, rule, extra, detach_alpha, rows):
-    """DESIGN.md §1's gradient (A, C, ωZ, ωᵀZ, β) equals autograd, with row weights and row ranges."""
+def test_closed_form_gradient_equals_autograd(gen, rule, extra, detach_alpha, unit_rows, rows):
+    """The closed-form gradient (A, C, ωZ, ωᵀZ, β) equals autograd, with row weights and row
+    ranges; for unit rows (d2 = 1 − z_i·z_j) the terms in z_i itself drop out."""
     n, d = 7, 5
     z = torch.randn(2 * n, d, generator=gen, dtype=F64)
-    params = resolve_rule(rule, **extra)
+    if unit_rows:
+        z = torch.nn.functional.normalize(z, dim=1)
+    spec = make_spec(rule, **extra, normalize=unit_rows, detach_alpha=detach_alpha)
     lo, hi = rows or (0, 2 * n)
     weight = torch.rand(hi - lo, generator=gen, dtype=F64) + 0.5
     leaf = z.clone().requires_grad_()
-    value = reference.loss_rows(leaf, params, detach_alpha, lo, hi)
+    value = reference.loss_rows(leaf, spec, lo, hi)
     (expected,) = torch.autograd.grad((value * weight).sum(), leaf)
-    got_rows, got = reference.closed_form_gradient(z, params, detach_alpha, weight, lo, hi)
+    got_rows, got = reference.closed_form_gradient(z, spec, weight, lo, hi)
     assert_close(got_rows, value, "float64", "loss rows")
-    assert_close(got, expected, "float64", f"{rule} gradient (detach_alpha={detach_alpha})")
+    assert_close(got, expected, "float64", f"{rule} gradient (detach_alpha={detach_alpha}, unit_rows={unit_rows})")
+
+
+@pytest.mark.parametrize("tau", [0.3, 1.0])
+@pytest.mark.parametrize("eps", [0.0, 0.4, 2.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_entropy_is_direct_with_p2_and_eps(gen, tau, eps, normalize):
+    """`entropy` is `direct` with p = 2, ε included: equal to each other and to the naive
+    loops of both (the naive entropy branch is written without p, as a softmax plus ε)."""
+    z1, z2 = views(gen, 5, 4, scale=0.8)
+    kwargs = dict(temperature=tau, eps=eps, normalize=normalize, reduction="none", backend="eager")
+    entropy = fastalpha.alpha_cl_loss(z1, z2, rule="entropy", **kwargs)
+    direct = fastalpha.alpha_cl_loss(z1, z2, rule="direct", p=2.0, **kwargs)
+    assert_close(entropy, direct, "float64", "entropy vs direct p=2")
+    for rule in ("entropy", "direct"):
+        expected = naive.loss_rows(z1.numpy(), z2.numpy(), rule, tau, p=2.0, eps=eps, normalize=normalize)
+        assert_close(entropy, torch.from_numpy(expected), "float64", f"entropy vs naive {rule}")
+    if eps > 0:  # ε must change the value (a rule that ignored ε would agree with ε = 0)
+        without = naive.loss_rows(z1.numpy(), z2.numpy(), "entropy", tau, eps=0.0, normalize=normalize)
+        assert np.abs(entropy.numpy() - without).max() > 1e-3 * np.abs(without).max()
+
+
+def test_entropy_eps_fixed_input():
+    """Hand-checkable: one anchor row's α with ε is e^{−d/τ} / (Σ e^{−d/τ} + ε (M − 2))."""
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    z1 = torch.tensor([e1, e2], dtype=F64)
+    z2 = torch.tensor([e1, e1], dtype=F64)
+    # M = 4. Row 0 (e1): partner e1 (d2_i = 0), negatives z1[1] = e2 (d2 = 1), z2[1] = e1 (d2 = 0).
+    tau, eps = 0.5, 2.0
+    rows = fastalpha.alpha_cl_loss(z1, z2, rule="entropy", temperature=tau, eps=eps, reduction="none", backend="eager")
+    w_far, w_near = math.exp(-1 / tau), 1.0
+    expected_row0 = (w_far * (0 - 1) + w_near * 0) / (w_far + w_near + eps * 2)
+    assert abs(rows[0].item() - expected_row0) < 1e-14
 
 
 @pytest.mark.parametrize("rule", RULES)

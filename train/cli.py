@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", choices=("linear", "knn", "both"), default="both",
                    help="final probes of the trained and the untrained encoder: the paper's linear protocol "
                         "(StandardScaler, Linear, Adam 3e-4, wd 1e-3, 50 epochs) and/or weighted kNN. Default: both")
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="probe the untrained encoder (same seed) before pre-training; --no-baseline skips it, e.g. "
+                        "when other runs of a grid already measured that seed's untrained encoder. Default: on")
     g.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="run the kNN monitor every N epochs and after the last (0 = never). Default: 1")
     g.add_argument("--linear-epochs", type=int, default=50, help="epochs of the linear probe (paper: 50)")
@@ -263,7 +266,7 @@ def resolve_config(args, data, spec, device, topology) -> RunConfig:
         schedule=args.schedule, seed=args.seed, threads=args.threads, device=str(device), amp=args.amp,
         backend=args.backend, eval=args.eval, eval_every=args.eval_every, linear_epochs=args.linear_epochs,
         knn_k=args.knn_k, knn_t=args.knn_t, out=out, progress=args.progress, world_size=topology.world_size,
-        augment=dict(vars(spec)),
+        augment=dict(vars(spec)), baseline=args.baseline,
     )
 
 
@@ -472,7 +475,7 @@ def _run(args, argv, parser, topology, device, state, log, threads_note="") -> i
 
     previous = _install_interrupt(trainer, log)
     try:
-        if not trainer.history:
+        if not trainer.history and cfg.baseline:
             start = time.perf_counter()
             trainer.baseline()
             log(f"untrained encoder ({time.perf_counter() - start:.1f}s):\n"

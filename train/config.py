@@ -37,6 +37,7 @@ class RunConfig:
     out: str
     progress: bool
     world_size: int = 1
+    baseline: bool = True
     augment: dict = field(default_factory=dict)
 
     @classmethod

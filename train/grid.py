@@ -104,13 +104,16 @@ def state(run: GridRun, root: str) -> str:
     return "new"
 
 
-def run_argv(run: GridRun, root: str, spec: GridSpec, options: dict, resume: bool) -> list[str]:
-    """The train/run.py flags of one run; `options` holds the grid-wide settings."""
+def run_argv(run: GridRun, root: str, spec: GridSpec, options: dict, resume: bool, baseline: bool = True) -> list[str]:
+    """The train/run.py flags of one run; `options` holds the grid-wide settings. `baseline`:
+    probe the untrained encoder (it depends on the seed and backbone only, not on the loss, so a
+    grid measures it once per seed and backbone)."""
     argv = ["--loss", run.loss, "--dataset", run.dataset, "--arch", run.arch, "--recipe", spec.recipe,
             "--epochs", str(run.epochs), "--seed", str(run.seed), "--schedule", options["schedule"],
             "--device", options["device"], "--threads", str(options["threads"]), "--backend", options["backend"],
             "--eval", "both", "--eval-every", str(options["eval_every"]), "--data-root", options["data_root"],
-            "--out", run.folder(root), "--progress" if options["progress"] else "--no-progress"]
+            "--out", run.folder(root), "--progress" if options["progress"] else "--no-progress",
+            "--baseline" if baseline else "--no-baseline"]
     if options.get("download"):
         argv.append("--download")
     argv += list(options.get("extra", ()))
@@ -142,13 +145,66 @@ def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def execute(run: GridRun, root: str, spec: GridSpec, options: dict, resume: bool, echo: bool) -> int:
+def measures_baseline(run: GridRun, losses) -> bool:
+    """The first loss of each (dataset, backbone, epochs, seed) probes the untrained encoder."""
+    return run.loss == losses[0]
+
+
+CLAIM = ".claimed"
+
+
+def claim(run: GridRun, root: str) -> bool:
+    """Atomically mark the run as taken by this process (several processes may share a grid).
+
+    False when another live process holds it; a claim whose process is gone (killed by a
+    session end) is taken over, and the run then resumes from its checkpoint.
+    """
+    folder = run.folder(root)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CLAIM)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(run: GridRun, root: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run.folder(root), CLAIM))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def execute(run: GridRun, root: str, spec: GridSpec, options: dict, resume: bool, echo: bool,
+            baseline: bool = True) -> int:
     """One run through train.cli.main; returns its exit status."""
     from . import cli
 
     folder = run.folder(root)
     os.makedirs(folder, exist_ok=True)
-    argv = run_argv(run, root, spec, options, resume)
+    argv = run_argv(run, root, spec, options, resume, baseline)
     started, load_start = time.time(), _load()
     with open(os.path.join(folder, "run.log"), "a", encoding="utf-8") as log:
         log.write(f"$ python train/run.py {' '.join(argv)}\n")

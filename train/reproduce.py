@@ -8,7 +8,8 @@
     python train/reproduce.py fashion-mnist --report-only       # re-aggregate finished runs
 
 Each run is an ordinary train/run.py run folder under --out (train/grid.py); running the same
-command again skips finished runs and resumes interrupted ones. After the runs (and after every
+command again skips finished runs and resumes interrupted ones. Several processes may work on
+one grid at once (start the same command again): each claims a run folder before running it. After the runs (and after every
 finished run, so that a stopped grid still has a current table) the results are aggregated into
 results.md, runs.csv and results.png (train/grid_report.py).
 """
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
                "eval_every": args.eval_every, "data_root": args.data_root, "download": args.download,
                "progress": args.progress, "extra": extra}
     rank0 = os.environ.get("RANK", "0") == "0"
+    # Claims let several single-process grid commands share a grid; under torchrun every rank must run
+    # the same list, so one torchrun job works on a grid alone.
+    single = os.environ.get("WORLD_SIZE", "1") == "1"
     say = print if rank0 else (lambda *a, **k: None)
     command = _command(argv)
 
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
         say(f"{spec.name}: {len(runs)} runs under {root} ({states.count('done')} done, {states.count('partial')} to "
             f"resume, {states.count('new')} new)")
         for run, st in zip(runs, states):
-            say(f"  [{st:<7}] python train/run.py {' '.join(grid.run_argv(run, root, spec, options, st == 'partial'))}")
+            argv_run = grid.run_argv(run, root, spec, options, st == "partial", grid.measures_baseline(run, losses))
+            say(f"  [{st:<7}] python train/run.py {' '.join(argv_run)}")
         return 0
     if args.report_only:
         if rank0:
@@ -132,10 +137,18 @@ def main(argv=None) -> int:
         st = grid.state(run, root)  # another process may have finished it meanwhile
         if st == "done":
             continue
+        if single and not grid.claim(run, root):
+            say(f"[{k + 1}/{len(todo)}] {run.describe()}: taken by another process, skipped", flush=True)
+            continue
         say(f"[{k + 1}/{len(todo)}] {run.describe()}: {'resuming' if st == 'partial' else 'starting'} "
             f"→ {run.folder(root)}", flush=True)
         t0 = time.time()
-        status = grid.execute(run, root, spec, options, resume=st == "partial", echo=args.progress)
+        try:
+            status = grid.execute(run, root, spec, options, resume=st == "partial", echo=args.progress,
+                                  baseline=grid.measures_baseline(run, losses))
+        finally:
+            if single:
+                grid.release(run, root)
         durations.append(time.time() - t0)
         left = len(todo) - k - 1
         eta = f", about {_eta(left * sum(durations) / len(durations))} left" if left else ""

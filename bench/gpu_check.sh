@@ -9,10 +9,14 @@
 #   1. env        versions, GPU, fastalpha.available_backends()             env.txt
 #   2. tests      pytest -m gpu (GPU-marked tests, M up to 65536)           tests.log, tests.xml
 #   3. bench      python bench/compare.py --device cuda --quick              bench.log, bench/
-#   4. train      python train/run.py --check-eager 20 (fused vs eager)      train.log, train/
-# and a summary (summary.txt, also printed). Exit status 0 only if every step passed.
-# Limits (seconds) can be changed with GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S, GPU_CHECK_TRAIN_S;
-# their defaults add up to 7 minutes. Exit status: 0 every step passed, 1 a step failed or
+#   4. roofline   the roofline model's predictions (docs/roofline.md) next to timings of the
+#                 same cases: fused triton, chunked, dense eager at M = 16384, 65536, D = 128,
+#                 bf16 and tf32 (fastalpha.backends.triton.roofline --measure)   roofline.log, .csv
+#   5. train      python train/run.py --check-eager 20 (fused vs eager)      train.log, train/
+# and a summary (summary.txt, also printed) that ends with the roofline table, so the first GPU
+# run says at once how far off the model was. Exit status 0 only if every step passed.
+# Limits (seconds) can be changed with GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S, GPU_CHECK_ROOFLINE_S,
+# GPU_CHECK_TRAIN_S; their defaults add up to 8 minutes. Exit status: 0 every step passed, 1 a step failed or
 # timed out, 3 no CUDA device (steps 3-4 skipped, step 2 reports the GPU tests as skipped).
 #
 # Fashion-MNIST for step 4 is looked up under DATA_ROOT (default ./data) and in Debian's
@@ -31,9 +35,10 @@ cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
-TESTS_S=${GPU_CHECK_TESTS_S:-210}
-BENCH_S=${GPU_CHECK_BENCH_S:-120}
-TRAIN_S=${GPU_CHECK_TRAIN_S:-90}
+TESTS_S=${GPU_CHECK_TESTS_S:-180}
+BENCH_S=${GPU_CHECK_BENCH_S:-100}
+ROOFLINE_S=${GPU_CHECK_ROOFLINE_S:-90}
+TRAIN_S=${GPU_CHECK_TRAIN_S:-70}
 DATA_ROOT=${DATA_ROOT:-$REPO/data}
 STARTED=$(date +%s)
 SUMMARY=()
@@ -86,6 +91,11 @@ if [ "$HAS_CUDA" = 1 ]; then
   run_step bench "$BENCH_S" "$OUTDIR/bench.log" \
     "$PY" bench/compare.py --device cuda --quick --out "$OUTDIR/bench"
 
+  # The timings stop after 60 s of measuring (a dense eager case that does not fit in memory is
+  # reported as such); the step limit leaves room for compiling and autotuning the kernels.
+  run_step roofline "$ROOFLINE_S" "$OUTDIR/roofline.log" \
+    "$PY" -m fastalpha.backends.triton.roofline --measure --budget 60 --csv "$OUTDIR/roofline.csv"
+
   DATASET=${GPU_CHECK_DATASET:-}
   BATCH=1024
   if [ -z "$DATASET" ]; then
@@ -104,6 +114,7 @@ if [ "$HAS_CUDA" = 1 ]; then
   SUMMARY+=("       (train check dataset: $DATASET)")
 else
   skip_step bench "no CUDA device"
+  run_step roofline 120 "$OUTDIR/roofline.log" "$PY" -m fastalpha.backends.triton.roofline --csv "$OUTDIR/roofline.csv"
   skip_step train "no CUDA device"
 fi
 
@@ -111,6 +122,10 @@ fi
   echo "fastalpha gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(($(date +%s) - STARTED)) s in all, outputs in $OUTDIR"
   printf '%s\n' "${SUMMARY[@]}"
   echo "tests: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUTDIR/tests.log" | tail -n 1)"
+  if grep -q '^roofline model' "$OUTDIR/roofline.log" 2>/dev/null; then
+    echo "roofline (predicted = perfect overlap - no overlap of the units; measured/upper < 1 beats the serial bound):"
+    sed -n '/^roofline model/,$p' "$OUTDIR/roofline.log"
+  fi
 } | tee "$OUTDIR/summary.txt"
 
 if grep -qE 'FAILED|TIMEOUT' "$OUTDIR/summary.txt"; then

@@ -80,9 +80,9 @@ class Launch:
         return {**self.kwargs, **config.tile(self.kind), "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def autotune_enabled(z: torch.Tensor) -> bool:
+def autotune_enabled(is_cuda: bool) -> bool:
     """Autotuning runs for CUDA tensors outside the interpreter unless FASTALPHA_AUTOTUNE=0."""
-    return z.is_cuda and not interpreted() and os.environ.get("FASTALPHA_AUTOTUNE", "1") != "0"
+    return is_cuda and not interpreted() and os.environ.get("FASTALPHA_AUTOTUNE", "1") != "0"
 
 
 def _grid(kind: str, extent: int, chunks: int):
@@ -234,7 +234,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision)
     candidates = (cfg,) if config is not None else tuple(candidate_configs(d, z.dtype, precision))
-    tune = config is None and autotune_enabled(z)
+    tune = config is None and autotune_enabled(z.is_cuda)
     partners = (torch.arange(row_lo, row_hi, device=z.device) + half) % m
     dots = (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)
     empty = z_acc.new_empty((rows,))

@@ -49,11 +49,21 @@ DIMS = (32, 64, 128, 256)
 COMPUTES = ("bf16", "fp16", "tf32", "fp32", "fp64")
 TENSOR_CORE = ("bf16", "fp16", "tf32")
 #: (name, rule, detach_alpha, weighted, eps)
-CASES = (
-    ("direct", "direct", True, False, None),
-    ("direct-beta-w", "direct", False, True, None),
-    ("square-beta-w", "square", False, True, None),
-    ("infonce", "infonce", True, False, 1.0),
+CASES = {
+    "direct": ("direct", True, False, None),
+    "direct-beta-w": ("direct", False, True, None),
+    "square-beta-w": ("square", False, True, None),
+}
+#: The matrix, section by section: (arch, compute types, D values, calls, autotuning candidates
+#: too?). The default call everywhere it matters (every tensor-core type and D, every candidate
+#: on sm_90); the heavier passes (β, sparsemax) at the largest single-chunk D of each tensor-core
+#: type, where registers and shared memory are tightest; IEEE float32 / float64 and sm_80 once.
+SECTIONS = (
+    (90, TENSOR_CORE, DIMS, ("direct",), True),
+    (90, ("bf16",), (256,), ("direct-beta-w", "square-beta-w"), True),
+    (90, ("tf32",), (128,), ("direct-beta-w", "square-beta-w"), True),
+    (90, ("fp32", "fp64"), (64,), ("direct",), False),
+    (80, ("bf16", "tf32"), (128,), ("direct",), False),
 )
 ARCHS = (90, 80)
 
@@ -133,16 +143,18 @@ class Variant:
                 str(c.num_warps), str(c.num_stages), self.constexprs)
 
 
-def variants(archs=ARCHS, computes=COMPUTES, dims=DIMS, cases=CASES):
-    """Every distinct variant of the matrix (deduplicated across cases), in report order."""
+def variants(sections=SECTIONS, archs=ARCHS):
+    """Every distinct variant of the matrix (deduplicated across calls), in report order."""
     seen = set()
-    for arch in archs:
+    for arch, computes, dims, cases, tuned in sections:
+        if arch not in archs:
+            continue
         for compute in computes:
             for d in dims:
-                for name, rule, detach, weighted, eps in cases:
+                for name in cases:
+                    rule, detach, weighted, eps = CASES[name]
                     for item in record(compute, d, rule, detach, weighted, eps=eps):
-                        configs = item.candidates if arch >= 90 else (item.config,)
-                        for cfg in configs:
+                        for cfg in (item.candidates if tuned else (item.config,)):
                             v = Variant(arch, compute, d, name, item, cfg, "static" if cfg == item.config else "candidate")
                             if v.key not in seen:
                                 seen.add(v.key)

@@ -1,0 +1,133 @@
+"""Autotuning of the Triton kernels, as far as it can be exercised without a GPU.
+
+On a GPU each pass is wrapped in `triton.autotune` over blocks.candidate_configs; the tuning
+itself (timing candidates) needs a GPU, so here: the candidate sets, the pruning hook that
+hands the autotuner this call's candidates, the fallback to the static table (interpreter,
+FASTALPHA_AUTOTUNE=0), the key, and that every candidate computes the right thing (run in the
+interpreter against the float64 reference).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastalpha import reference
+from fastalpha.rules import make_spec
+from fastalpha.testing import assert_close
+
+kernels = pytest.importorskip("fastalpha.backends.triton")
+if not kernels.status()[0]:
+    pytest.skip(f"triton backend unavailable: {kernels.status()[1]}", allow_module_level=True)
+import triton  # noqa: E402
+
+from fastalpha.backends.triton import blocks, launch  # noqa: E402
+
+TYPES = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "tf32": (torch.float32, "tf32"),
+         "fp32": (torch.float32, "ieee"), "fp64": (torch.float64, "ieee")}
+
+
+@pytest.mark.parametrize("compute", list(TYPES))
+@pytest.mark.parametrize("d", [3, 32, 64, 100, 128, 256, 300, 2048])
+def test_candidates_share_the_static_feature_split(compute, d):
+    """The static shape comes first; alternatives change only the tile, warps and stages (the
+    grid's feature chunks and the single-chunk choice stay), and only tensor-core single-chunk
+    cases are tuned, with owned blocks of ≥ 64 rows (Hopper's warpgroup MMA)."""
+    dtype, precision = TYPES[compute]
+    static = blocks.block_config(d, dtype, precision)
+    candidates = blocks.candidate_configs(d, dtype, precision)
+    assert candidates[0] == static and len(set(candidates)) == len(candidates)
+    tuned = compute in blocks.TENSOR_CORE_TYPES and static.single_chunk
+    assert (len(candidates) > 1) == tuned
+    for cfg in candidates:
+        assert (cfg.block_k, cfg.block_do, cfg.single_chunk) == (static.block_k, static.block_do, static.single_chunk)
+        if compute in blocks.TENSOR_CORE_TYPES:
+            assert cfg.block_m >= 64 and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 4
+
+
+def test_m_bucket_is_coarse():
+    assert blocks.m_bucket(4) == blocks.m_bucket(1024) == 5
+    assert blocks.m_bucket(1025) == blocks.m_bucket(4096) == 6
+    assert blocks.m_bucket(16384) == 7 and blocks.m_bucket(16385) == 8 and blocks.m_bucket(65536) == 8
+
+
+@pytest.mark.parametrize("kind,owned", [("row", "BLOCK_M"), ("column", "BLOCK_N"), ("sparsemax", "BLOCK_M")])
+@pytest.mark.parametrize("compute,d", [("bf16", 64), ("tf32", 128), ("fp16", 256), ("fp32", 64)])
+def test_pruning_hands_the_autotuner_this_calls_candidates(kind, owned, compute, d):
+    dtype, precision = TYPES[compute]
+    prune = launch._prune(kind)
+    placeholders = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})] * 3
+    pruned = prune(placeholders, {"z_ptr": torch.empty(2, d, dtype=dtype), "D": d}, PRECISION=precision, UNIT=True)
+    expected = blocks.candidate_configs(d, dtype, precision)
+    assert len(pruned) == len(expected)
+    for config, cfg in zip(pruned, expected):
+        assert config.kwargs[owned] == cfg.block_m                 # the owned block is the MMA's M
+        assert config.kwargs == cfg.tile(kind)
+        assert (config.num_warps, config.num_stages) == (cfg.num_warps, cfg.num_stages)
+
+
+def test_tuned_kernels_key_on_shape_rule_and_size_class():
+    for kind in ("row", "column", "sparsemax"):
+        tuned = launch.tuned_kernel(kind)
+        assert isinstance(tuned, triton.runtime.autotuner.Autotuner)
+        assert tuned is launch.tuned_kernel(kind)                    # built once, its cache kept
+        for name in launch._TUNING_KEYS[kind]:
+            assert name in tuned.arg_names, name                     # a key the autotuner can read
+        assert {"D", "m_bucket", "UNIT", "PRECISION"} <= set(tuned.keys)
+    assert {"WEIGHT", "BETA", "ONLINE", "HAS_WEIGHT"} <= set(launch.tuned_kernel("row").keys)
+
+
+def test_autotuning_switch(monkeypatch):
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    monkeypatch.delenv("FASTALPHA_AUTOTUNE", raising=False)
+    assert launch.autotune_enabled(True)
+    monkeypatch.setenv("FASTALPHA_AUTOTUNE", "0")
+    assert not launch.autotune_enabled(True)
+    monkeypatch.setenv("FASTALPHA_AUTOTUNE", "1")
+    assert launch.autotune_enabled(True)
+    assert not launch.autotune_enabled(False)                        # CPU tensors never tune
+    monkeypatch.setattr(launch, "interpreted", lambda: True)
+    assert not launch.autotune_enabled(True)                         # nor does the interpreter
+
+
+def test_fallback_launches_the_static_table_with_the_candidates_recorded(monkeypatch):
+    """Under the interpreter every launch uses the static shape; the record carries the
+    candidates the GPU would tune over (which the static report compiles)."""
+    z = torch.randn(40, 64).to(torch.bfloat16)
+    with launch.recording_launches() as recorded:
+        launch.fused_loss_and_grad(z, make_spec("square", detach_alpha=False), 0, 40, None, True)
+    assert [item.kind for item in recorded] == ["sparsemax", "row", "column"]
+    static = blocks.block_config(64, torch.bfloat16)
+    for item in recorded:
+        assert item.config == static
+        assert item.candidates == tuple(blocks.candidate_configs(64, torch.bfloat16))
+        assert item.launch_kwargs(static)["num_warps"] == static.num_warps
+        assert not set(item.kwargs) & {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}   # the tuner sets those
+        assert item.grid(static.tile(item.kind))[0] == triton.cdiv(40, static.block_m)   # 40 rows, or 40 columns
+    pinned = blocks.BlockConfig(16, 16, 64, 64, True, 4, 2)
+    with launch.recording_launches() as recorded:
+        launch.fused_loss_and_grad(z, make_spec("direct"), 0, 40, None, True, pinned)
+    assert all(item.candidates == (pinned,) for item in recorded)     # a pinned config is never tuned
+
+
+def _distinct_candidate_tiles():
+    tiles = set()
+    for compute in blocks.TENSOR_CORE_TYPES:
+        dtype, precision = TYPES[compute]
+        for d in (32, 64, 128, 256):
+            for cfg in blocks.candidate_configs(d, dtype, precision)[1:]:
+                tiles.add((cfg.block_m, cfg.block_n))
+    return sorted(tiles)
+
+
+@pytest.mark.parametrize("owned,streamed", _distinct_candidate_tiles())
+def test_every_candidate_tile_computes_the_reference(gen, owned, streamed):
+    """Each alternative tile shape on a problem smaller than one tile in one direction and
+    spanning several in the other (M = 150 rows, D = 24), unit rows and general rows."""
+    m, d = 150, 24
+    z = F.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1)
+    cfg = blocks.BlockConfig(owned, streamed, 32, 32, True, 4, 2)
+    for rule, unit in (("direct", True), ("square", False)):
+        spec = make_spec(rule, normalize=unit, detach_alpha=False)
+        ref_rows, ref_grad = reference.closed_form_gradient(z, spec, None, 5, 140)
+        rows, grad = launch.fused_loss_and_grad(z.float(), spec, 5, 140, None, True, cfg)
+        assert_close(rows, ref_rows, "float32", f"{rule} loss rows")
+        assert_close(grad, ref_grad, "float32", f"{rule} grad")

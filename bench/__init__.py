@@ -1,1 +1,1 @@
-"""Benchmarks of fastalpha: `python bench/compare.py` (see README.md, "Performance")."""
+"""Benchmarks of fastalpha: `python bench/compare.py` (see docs/benchmarks.md)."""

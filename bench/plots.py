@@ -1,8 +1,11 @@
 """PNG plots of a benchmark run: time vs M and peak memory vs M, log-log, one line per provider.
 
-One figure per run, a grid with one row per (rule, D, dtype, mode) and two columns (time,
-memory). Only `ok` measurements are drawn; a provider that ran out of memory (or was
-predicted to) at some sizes says so in its legend entry.
+One figure per run, a grid with one row per (rule, D, dtype, mode, negatives set-up) and two
+columns (time, memory). Only `ok` measurements are drawn; a provider that ran out of memory
+(or was predicted to) at some sizes says so in its legend entry. The memory panel draws the
+per-call peak (peak_mb, solid) and, where measured, the RSS growth of a fresh process over
+three calls with the default allocator (rss_growth_mb, dashed). A provider of an older file
+under a former name ("eager-chunked") is drawn as the one it is now ("chunked").
 
     python bench/plots.py bench/results/cpu-....csv      # redraw a figure from its CSV
 """
@@ -18,9 +21,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 from matplotlib import ticker  # noqa: E402
 
+if __package__ in (None, ""):   # run as a script: python bench/plots.py FILE.csv
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.report import read_csv, setup_name  # noqa: E402
+
 STYLE = {
     "eager": dict(color="tab:gray", marker="o"),
-    "eager-chunked": dict(color="tab:blue", marker="s"),
+    "chunked": dict(color="tab:blue", marker="s"),
     "compile": dict(color="tab:purple", marker="^"),
     "cpp": dict(color="tab:red", marker="D"),
     "cuda": dict(color="tab:green", marker="v"),
@@ -36,13 +43,13 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
     """Draw the grid into `path`; returns the path, or None when no measurement is ok."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["rule"], r["D"], r["dtype"], r["mode"])].append(r)
+        groups[(r["rule"], r["D"], r["dtype"], r["mode"], setup_name(r))].append(r)
     groups = {k: v for k, v in groups.items() if any(r["status"] == "ok" for r in v)}
     if not groups:
         return None
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    for (rule, d, dtype, mode), (ax_time, ax_mem) in zip(groups, axes):
-        group = groups[(rule, d, dtype, mode)]
+    for (rule, d, dtype, mode, setup), (ax_time, ax_mem) in zip(groups, axes):
+        group = groups[(rule, d, dtype, mode, setup)]
         for provider in dict.fromkeys(r["provider"] for r in group):
             points = sorted((r for r in group if r["provider"] == provider), key=lambda r: r["M"])
             ok = [r for r in points if r["status"] == "ok"]
@@ -56,9 +63,13 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
                                  color=style.get("color"), alpha=0.2)
             with_mem = [r for r in ok if r["peak_mb"] is not None and r["peak_mb"] > 0]
             ax_mem.plot([r["M"] for r in with_mem], [r["peak_mb"] for r in with_mem], label=label, **style)
-        subtitle = f"{rule}, D={d}, {dtype}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}"
+            with_rss = [r for r in ok if r.get("rss_growth_mb") is not None and r["rss_growth_mb"] > 0]
+            if with_rss:
+                ax_mem.plot([r["M"] for r in with_rss], [r["rss_growth_mb"] for r in with_rss], label=f"{provider} (fresh RSS)",
+                            linestyle="--", **style)
+        subtitle = f"{rule}, D={d}, {dtype}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, negatives={setup}"
         ax_time.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="median time (ms)", title=subtitle)
-        ax_mem.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="peak memory beyond inputs (MiB)", title=subtitle)
+        ax_mem.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="memory beyond inputs (MiB)", title=subtitle)
         sizes = sorted({r["M"] for r in group if r["status"] == "ok"})
         for ax in (ax_time, ax_mem):
             ax.set_xticks(sizes, [_size_label(m) for m in sizes])
@@ -77,8 +88,5 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.report import read_csv
-
     for csv_path in sys.argv[1:]:
         print(plot_results(read_csv(csv_path), os.path.splitext(csv_path)[0] + ".png", os.path.basename(csv_path)))

@@ -2,17 +2,25 @@
 
 Derived columns of an `ok` row:
 
-    gflops            = flops / median time, flops = 8·M²·D for fwd+bwd (a fused kernel's four
-                        GEMM-shaped passes: S twice, αZ, αᵀZ) and 2·M²·D for fwd alone. The
-                        same nominal count for every provider, so gflops is a rate of *work
-                        done for the user*, comparable across providers.
+    gflops            = flops / median time, with the same nominal count for every provider
+                        (`nominal_flops`), so gflops is a rate of *work done for the user*,
+                        comparable across providers. Per column of an anchor's score row:
+                        8·D for fwd+bwd (a fused kernel's four GEMM-shaped passes: S twice,
+                        αZ, αᵀZ), 6·D for a queue column (it gets no gradient: no αᵀQ), 2·D
+                        for fwd alone. Score columns per anchor: M ("all"), M/2 ("cross"),
+                        0 ("none"), plus K for a queue.
     ceiling_gflops    torch.mm rate of the same shape class, measured by the process that took
                       the measurement, just before its first one of that shape (bench/runner.py)
     ceiling_fraction  = gflops / ceiling_gflops. With the nominal count this can exceed 1 for
                       an implementation doing fewer than four GEMM passes (one-pass designs
                       with three products per chunk top out at 8/6 ≈ 1.33 of their real rate).
-    speedup_vs_eager  = eager median / this median   (same rule, M, D, dtype, mode)
-    speedup_vs_chunked = eager-chunked median / this median
+    speedup_vs_eager  = eager median / this median   (same rule, M, D, dtype, mode, setup)
+    speedup_vs_chunked = chunked median / this median
+
+Memory columns: peak_mb is the per-call peak beyond the inputs (CPU: one call in a worker whose
+allocator returns every freed buffer, bench/memory.py; GPU: torch.cuda.max_memory_allocated);
+rss_growth_mb is the resident-set growth of a fresh process over three calls with the default
+allocator (CPU only, bench/runner.py `run_rss`), what a training process sees.
 """
 from __future__ import annotations
 
@@ -20,36 +28,48 @@ import csv
 import math
 from collections import defaultdict
 
+from .providers import canonical
+
 COLUMNS = (
-    "provider", "rule", "M", "D", "dtype", "mode",
-    "median_ms", "p20_ms", "p80_ms", "repeats", "peak_mb",
+    "provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue",
+    "median_ms", "p20_ms", "p80_ms", "repeats", "calls_per_block", "peak_mb", "rss_growth_mb",
     "gflops", "ceiling_gflops", "ceiling_fraction", "speedup_vs_eager", "speedup_vs_chunked",
     "status", "reason",
-    "device", "threads", "torch", "triton", "git_commit", "timestamp", "load_1min",
+    "device", "threads", "cores", "torch", "triton", "git_commit", "timestamp", "load_start", "load_end",
 )
-STATUSES = ("ok", "OOM", "wrong", "error", "unavailable")
+STATUSES = ("ok", "OOM", "wrong", "error", "unavailable", "skipped")
+#: Columns an older CSV may lack, with the value they had then.
+OLD_DEFAULTS = {"negatives": "all", "queue": 0}
 
 
-def nominal_flops(m: int, d: int, mode: str) -> float:
-    return (8.0 if mode == "fwdbwd" else 2.0) * m * m * d
+def score_columns(m: int, negatives: str) -> float:
+    """Batch columns in an anchor's score row: the rows a setup compares it with."""
+    return {"all": m, "cross": m / 2, "none": 0}[negatives]
+
+
+def nominal_flops(m: int, d: int, mode: str, negatives: str = "all", queue: int = 0) -> float:
+    batch, per_queue = (8.0, 6.0) if mode == "fwdbwd" else (2.0, 2.0)
+    return m * d * (batch * score_columns(m, negatives) + per_queue * queue)
+
+
+def _same(r: dict) -> tuple:
+    return (r["rule"], r["M"], r["D"], r["dtype"], r["mode"], r["negatives"], r["queue"])
 
 
 def add_derived(rows: list[dict]) -> list[dict]:
     """Fill gflops, ceiling_fraction and the speed-up columns (ceiling_gflops comes measured)."""
-    medians = {(r["provider"], r["rule"], r["M"], r["D"], r["dtype"], r["mode"]): r["median_ms"]
-               for r in rows if r["status"] == "ok"}
+    medians = {(r["provider"], *_same(r)): r["median_ms"] for r in rows if r["status"] == "ok"}
     for r in rows:
         r.update(gflops=None, ceiling_fraction=None, speedup_vs_eager=None, speedup_vs_chunked=None)
         r.setdefault("ceiling_gflops", None)
         if r["status"] != "ok":
             continue
-        r["gflops"] = nominal_flops(r["M"], r["D"], r["mode"]) / (r["median_ms"] * 1e-3) / 1e9
+        r["gflops"] = nominal_flops(r["M"], r["D"], r["mode"], r["negatives"], r["queue"]) / (r["median_ms"] * 1e-3) / 1e9
         if r["ceiling_gflops"]:
             r["ceiling_fraction"] = r["gflops"] / r["ceiling_gflops"]
-        same = (r["rule"], r["M"], r["D"], r["dtype"], r["mode"])
-        for column, baseline in (("speedup_vs_eager", "eager"), ("speedup_vs_chunked", "eager-chunked")):
-            if (baseline, *same) in medians:
-                r[column] = medians[(baseline, *same)] / r["median_ms"]
+        for column, baseline in (("speedup_vs_eager", "eager"), ("speedup_vs_chunked", "chunked")):
+            if (baseline, *_same(r)) in medians:
+                r[column] = medians[(baseline, *_same(r))] / r["median_ms"]
     return rows
 
 
@@ -70,16 +90,27 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def read_csv(path: str) -> list[dict]:
-    """Rows of a results CSV with numbers parsed back (empty cells become None)."""
-    ints = ("M", "D", "repeats", "threads")
-    floats = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "gflops", "ceiling_gflops", "ceiling_fraction",
-              "speedup_vs_eager", "speedup_vs_chunked", "load_1min")
+    """Rows of a results CSV with numbers parsed back (empty cells become None).
+
+    Older files are read too: provider "eager-chunked" becomes "chunked", a missing
+    negatives/queue column the default setup, and load_1min (taken at a measurement's end)
+    becomes load_end."""
+    ints = ("M", "D", "repeats", "calls_per_block", "threads", "cores", "queue")
+    floats = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "rss_growth_mb", "gflops", "ceiling_gflops", "ceiling_fraction",
+              "speedup_vs_eager", "speedup_vs_chunked", "load_start", "load_end")
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
             row = dict(raw)
+            if "load_1min" in row and "load_end" not in row:
+                row["load_end"] = row.pop("load_1min")
             for c in ints + floats:
-                row[c] = None if row[c] == "" else (int(row[c]) if c in ints else float(row[c]))
+                value = row.get(c, "")
+                row[c] = None if value in ("", None) else (int(value) if c in ints else float(value))
+            for c, default in OLD_DEFAULTS.items():
+                if row.get(c) in ("", None):
+                    row[c] = default
+            row["provider"] = canonical(row["provider"])
             rows.append(row)
     return rows
 
@@ -90,28 +121,42 @@ def _fmt(value, spec: str, empty: str = "-") -> str:
     return format(value, spec)
 
 
+def setup_name(r: dict) -> str:
+    return r["negatives"] + (f"+queue{r['queue']}" if r["queue"] else "")
+
+
+def machine_line(env: dict, load_end: float | None = None) -> str:
+    """Machine, thread count and 1-minute load average of a run: printed with every figure."""
+    end = "" if load_end is None else f" -> {load_end:.2f} at end"
+    return (f"{env.get('device', '?')}, {env.get('threads', '?')} threads of {env.get('cores', '?')} cores, "
+            f"torch {env.get('torch', '?')}, commit {env.get('git_commit') or '?'}; "
+            f"1-min load {_fmt(env.get('load_start'), '.2f')} at start{end}")
+
+
 def table(rows: list[dict]) -> str:
-    """A text table per (rule, D, dtype, mode); unavailable providers listed once at the top."""
+    """A text table per (rule, D, dtype, mode, setup); unavailable/skipped ones listed once at the top."""
     lines = []
-    unavailable = {}
+    not_run = {}
     for r in rows:
-        if r["status"] == "unavailable":
-            unavailable.setdefault(r["provider"], r["reason"])
-    for provider, reason in unavailable.items():
-        lines.append(f"{provider}: unavailable ({reason})")
+        if r["status"] in ("unavailable", "skipped"):
+            not_run.setdefault((r["provider"] if r["status"] == "unavailable" else setup_name(r)), f"{r['status']}: {r['reason']}")
+    for what, why in not_run.items():
+        lines.append(f"{what}: {why}")
     groups = defaultdict(list)
     for r in rows:
-        if r["status"] != "unavailable":
-            groups[(r["rule"], r["D"], r["dtype"], r["mode"])].append(r)
-    header = (f"{'provider':<14}{'M':>8}{'median ms':>12}{'p20-p80 ms':>20}{'peak MiB':>10}{'GFLOP/s':>9}"
-              f"{'ceil':>6}{'x eager':>9}{'x chunked':>10}  status")
-    for (rule, d, dtype, mode), group in groups.items():
-        lines += ["", f"rule={rule}  D={d}  dtype={dtype}  mode={mode}", header, "-" * len(header)]
+        if r["status"] not in ("unavailable", "skipped"):
+            groups[(r["rule"], r["D"], r["dtype"], r["mode"], setup_name(r))].append(r)
+    header = (f"{'provider':<10}{'M':>8}{'median ms':>12}{'p20-p80 ms':>20}{'peak MiB':>10}{'RSS+ MiB':>10}{'GFLOP/s':>9}"
+              f"{'ceil':>6}{'x eager':>9}{'x chunked':>10}{'load':>11}  status")
+    for (rule, d, dtype, mode, setup), group in groups.items():
+        lines += ["", f"rule={rule}  D={d}  dtype={dtype}  mode={mode}  negatives={setup}", header, "-" * len(header)]
         for r in sorted(group, key=lambda r: (r["M"], r["provider"])):
             spread = f"{_fmt(r['p20_ms'], '.4g')}-{_fmt(r['p80_ms'], '.4g')}" if r["status"] == "ok" else "-"
+            load = f"{_fmt(r.get('load_start'), '.1f')}->{_fmt(r.get('load_end'), '.1f')}"
             note = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason'][:70]}"
             lines.append(
-                f"{r['provider']:<14}{r['M']:>8}{_fmt(r['median_ms'], '.4g'):>12}{spread:>20}"
-                f"{_fmt(r['peak_mb'], '.1f'):>10}{_fmt(r['gflops'], '.1f'):>9}{_fmt(r['ceiling_fraction'], '.0%'):>6}"
-                f"{_fmt(r['speedup_vs_eager'], '.2f'):>9}{_fmt(r['speedup_vs_chunked'], '.2f'):>10}  {note}")
+                f"{r['provider']:<10}{r['M']:>8}{_fmt(r['median_ms'], '.4g'):>12}{spread:>20}"
+                f"{_fmt(r['peak_mb'], '.1f'):>10}{_fmt(r.get('rss_growth_mb'), '.1f'):>10}{_fmt(r['gflops'], '.1f'):>9}"
+                f"{_fmt(r['ceiling_fraction'], '.0%'):>6}{_fmt(r['speedup_vs_eager'], '.2f'):>9}"
+                f"{_fmt(r['speedup_vs_chunked'], '.2f'):>10}{load:>11}  {note}")
     return "\n".join(lines)

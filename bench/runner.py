@@ -1,24 +1,34 @@
-"""One measurement: a provider computing one (rule, M, D, dtype, mode) loss, timed and its peak
-memory taken, after it has been checked against the float64 reference.
+"""One measurement: a provider computing one (rule, M, D, dtype, mode, negatives, queue) loss,
+timed and its peak memory taken, after it has been checked against the float64 reference.
 
-A measurement (a `Task`) comes back as a dict: median_ms / p20_ms / p80_ms / repeats / peak_mb,
-ceiling_gflops (torch.mm of the same shape class, see `ceiling`), load_1min and a status:
+A measurement (a `Task`) comes back as a dict: median_ms / p20_ms / p80_ms / repeats /
+calls_per_block / peak_mb / rss_growth_mb, ceiling_gflops (torch.mm of the same shape class,
+see `ceiling`), load_start / load_end (1-minute load average when the measurement began and
+ended) and a status:
 
     ok           timed
     wrong        disagrees with the float64 reference on the check input (not timed)
     error        raised on the check input or while timing (not timed; the reason says what)
     OOM          predicted to exceed the memory cap, or an allocation failed
     unavailable  the provider cannot run here (decided by bench/compare.py, reason attached)
+    skipped      this fastalpha's API lacks the setup's arguments (decided by bench/compare.py)
 
-Runs in the measuring process: on the CPU two worker subprocesses per provider
-(bench/worker.py), one timing (`run`) and one taking peak memory (`run_memory`) with the
-allocator set up for exact accounting; on a GPU, `run` in the main process does both.
+A call slower than `Settings.single_call_s` is not repeated: its first call is the
+measurement (repeats = 1, no warm-up, no memory measurement), so that the large sizes of the
+fused providers finish in one call each.
+
+Runs in the measuring process: on the CPU, worker subprocesses (bench/worker.py), one timing
+(`run`) and, per `Settings.memory`, one taking the per-call peak with the allocator pinned for
+exact accounting (`run_memory`, column peak_mb) and a fresh one per task with the default
+allocator over three calls (`run_rss`, column rss_growth_mb); on a GPU, `run` in the main
+process does both.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +36,11 @@ import torch
 from . import agreement, memory, providers, timing
 
 MODES = ("fwd", "fwdbwd")
+#: Settings.memory: which CPU peak-memory measurements a run takes.
+MEMORY_MODES = ("pinned", "fresh", "both", "none")
+#: Calls of one fresh process in `run_rss`: a training loop's first steps, where allocator
+#: arenas, thread pools and any buffer a provider keeps between calls have all appeared.
+RSS_CALLS = 3
 
 
 @dataclass(frozen=True)
@@ -36,9 +51,15 @@ class Task:
     d: int
     dtype: str
     mode: str
+    negatives: str = "all"
+    queue: int = 0   # K rows of extra negatives (0: no queue)
 
     def key(self) -> tuple:
-        return (self.provider, self.rule, self.m, self.d, self.dtype, self.mode)
+        return (self.provider, self.rule, self.m, self.d, self.dtype, self.mode, self.negatives, self.queue)
+
+    def setup(self) -> str:
+        """The setup's name in tables: "all", "cross", "none+queue65536", …"""
+        return self.negatives + (f"+queue{self.queue}" if self.queue else "")
 
 
 @dataclass
@@ -50,7 +71,9 @@ class Settings:
     budget_s: float = 4.0
     cap_bytes: int = 4 * 2**30
     seed: int = 0
-    verdicts: dict = field(default_factory=dict)   # (provider, rule, dtype) -> (status, reason)
+    memory: str = "pinned"      # one of MEMORY_MODES
+    single_call_s: float = 30.0
+    verdicts: dict = field(default_factory=dict)   # (provider, rule, dtype, negatives, queue?) -> (status, reason)
     ceilings: dict = field(default_factory=dict)   # (M, D, dtype) -> GFLOP/s of torch.mm
 
 
@@ -65,25 +88,26 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(s in text for s in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
-def _make_call(fn, z1, z2, mode):
+def _make_call(fn, z1, z2, mode, setup: dict):
     if mode == "fwd":
-        return lambda: fn(z1, z2)
+        return lambda: fn(z1, z2, **setup)
 
     def forward_backward():
         z1.grad = z2.grad = None
-        fn(z1, z2).backward()
+        fn(z1, z2, **setup).backward()
 
     return forward_backward
 
 
 def verdict(task: Task, settings: Settings) -> tuple[str, str]:
     """The agreement check of (provider, rule, dtype), run once per measuring process."""
-    key = (task.provider, task.rule, task.dtype)
+    key = (task.provider, task.rule, task.dtype, task.negatives, task.queue > 0)
     if key not in settings.verdicts:
         device = torch.device(settings.device)
         gen = torch.Generator().manual_seed(settings.seed)
         fn = providers.loss_fn(task.provider, task.rule)
-        settings.verdicts[key] = agreement.check_agreement(fn, task.rule, device, dtype_of(task.dtype), gen)
+        settings.verdicts[key] = agreement.check_agreement(fn, task.rule, device, dtype_of(task.dtype), gen,
+                                                           negatives=task.negatives, with_queue=task.queue > 0)
     return settings.verdicts[key]
 
 
@@ -101,9 +125,10 @@ def ceiling(task: Task, settings: Settings) -> float:
 def run(task: Task, settings: Settings) -> dict:
     """Check and time one task (and, on a GPU, take its peak memory); never raises for a
     provider's failure, which becomes the status."""
+    # The machine's 1-minute load average when the measurement began and ended: how crowded it was.
+    load_start = os.getloadavg()[0]
     result = _run(task, settings)
-    # The machine's 1-minute load average when the measurement ended: how crowded it was.
-    result["load_1min"] = os.getloadavg()[0]
+    result.update(load_start=load_start, load_end=os.getloadavg()[0])
     return result
 
 
@@ -113,18 +138,20 @@ def _failure(err: Exception) -> dict:
 
 
 def _run(task: Task, settings: Settings) -> dict:
-    result = dict(median_ms=None, p20_ms=None, p80_ms=None, repeats=0, peak_mb=None)
+    result = dict(median_ms=None, p20_ms=None, p80_ms=None, repeats=0, calls_per_block=None, peak_mb=None, rss_growth_mb=None)
     status, reason = verdict(task, settings)
     if status != "ok":
         return dict(result, status=status, reason=reason)
     dtype = dtype_of(task.dtype)
-    predicted = providers.predicted_peak_bytes(task.provider, task.m, task.d, dtype, task.mode, settings.device)
+    predicted = providers.predicted_peak_bytes(task.provider, task.m, task.d, dtype, task.mode, settings.device, task.queue)
     if predicted > settings.cap_bytes:
         return dict(result, status="OOM", reason=f"predicted peak {predicted / 2**30:.1f} GiB > memory cap {settings.cap_bytes / 2**30:.1f} GiB (not run)")
     device = torch.device(settings.device)
     try:
         ceiling_gflops = ceiling(task, settings)
-        return dict(result, **_time(task, settings, device, dtype), ceiling_gflops=ceiling_gflops, status="ok", reason=reason)
+        timed = _time(task, settings, device, dtype)
+        note = timed.pop("note", "")
+        return dict(result, **timed, ceiling_gflops=ceiling_gflops, status="ok", reason=reason + note)
     except Exception as err:
         return dict(result, **_failure(err))
     finally:
@@ -147,9 +174,9 @@ def run_memory(task: Task, settings: Settings) -> dict:
     the baseline. Then the task's inputs, the baseline, and one call.
     """
     try:
-        small = dataclasses.replace(task, m=min(task.m, MEMORY_WARMUP_M))
-        _warm_up(_inputs(small, settings, torch.device("cpu"), dtype_of(task.dtype))[2], task, settings)
-        z1, z2, call = _inputs(task, settings, torch.device("cpu"), dtype_of(task.dtype))
+        small = dataclasses.replace(task, m=min(task.m, MEMORY_WARMUP_M), queue=min(task.queue, MEMORY_WARMUP_M))
+        _warm_up(_inputs(small, settings, torch.device("cpu"), dtype_of(task.dtype))[-1], task, settings)
+        *_, call = _inputs(task, settings, torch.device("cpu"), dtype_of(task.dtype))
         gc.collect()
         baseline = memory.rss_bytes()
         if not memory.reset_peak_rss():
@@ -163,27 +190,71 @@ def run_memory(task: Task, settings: Settings) -> dict:
         gc.collect()
 
 
+def run_rss(task: Task, settings: Settings) -> dict:
+    """{"rss_growth_mb": …}: what a user's fresh process grows by over RSS_CALLS calls.
+
+    For a fresh worker with glibc's default allocator, one task per process: the inputs (and
+    queue) are made and the provider's library loaded (its status check), then the baseline
+    resident set, then RSS_CALLS calls with no warm-up; the figure is the high-water mark
+    above the baseline. Unlike `run_memory` it counts what the allocator keeps from one call
+    to the next (arenas, per-thread buffers), which is what a training process sees.
+    """
+    try:
+        cpu = torch.device("cpu")
+        *_, call = _inputs(task, settings, cpu, dtype_of(task.dtype))
+        providers.status(task.provider, cpu)
+        gc.collect()
+        baseline = memory.rss_bytes()
+        if not memory.reset_peak_rss():
+            return dict(rss_growth_mb=None, memory_note="/proc/self/clear_refs is not writable: no RSS growth")
+        for _ in range(RSS_CALLS):
+            call()
+        return dict(rss_growth_mb=max(memory.peak_rss_bytes() - baseline, 0) / 2**20)
+    except Exception as err:
+        failure = _failure(err)
+        return dict(rss_growth_mb=None, memory_note=f"RSS growth not measured: {failure['status']}: {failure['reason']}")
+
+
 def _inputs(task: Task, settings: Settings, device: torch.device, dtype: torch.dtype):
+    """z1, z2 (N × D each, N = M/2), the queue (K × D, or None) and the call to measure."""
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     n = task.m // 2
     needs_grad = task.mode == "fwdbwd"
     z1 = torch.randn(n, task.d, generator=gen, device=device).to(dtype).requires_grad_(needs_grad)
     z2 = torch.randn(n, task.d, generator=gen, device=device).to(dtype).requires_grad_(needs_grad)
-    return z1, z2, _make_call(providers.loss_fn(task.provider, task.rule), z1, z2, task.mode)
+    queue = torch.randn(task.queue, task.d, generator=gen, device=device).to(dtype) if task.queue else None
+    setup = providers.setup_kwargs(task.negatives, queue)
+    return z1, z2, queue, _make_call(providers.loss_fn(task.provider, task.rule), z1, z2, task.mode, setup)
 
 
-def _warm_up(call, task: Task, settings: Settings) -> None:
-    """Untimed calls first: compilation, autotuning, first-touch allocations."""
-    for _ in range(max(settings.warmup, 1) + (task.provider == "compile")):
+def _warm_up(call, task: Task, settings: Settings, done: int = 0) -> float | None:
+    """Untimed calls first (compilation, autotuning, first-touch allocations): at least one,
+    one more for torch.compile, less the `done` ones already made. Returns the duration of
+    the last in seconds (None if none was left to make)."""
+    elapsed = None
+    for _ in range(max(settings.warmup, 1) + (task.provider == "compile") - done):
+        start = time.perf_counter()
         call()
+        elapsed = time.perf_counter() - start
+    return elapsed
 
 
 def _time(task: Task, settings: Settings, device: torch.device, dtype: torch.dtype) -> dict:
-    z1, z2, call = _inputs(task, settings, device, dtype)
-    _warm_up(call, task, settings)
+    z1, z2, _, call = _inputs(task, settings, device, dtype)
     if device.type == "cpu":
-        median, p20, p80, count = timing.time_cpu(call, settings.repeats, settings.budget_s)
-        return dict(median_ms=median, p20_ms=p20, p80_ms=p80, repeats=count)
+        start = time.perf_counter()
+        call()
+        first_s = time.perf_counter() - start
+        # torch.compile's first call is mostly compilation: never a measurement.
+        if first_s > settings.single_call_s and task.provider != "compile":
+            ms = first_s * 1e3
+            return dict(median_ms=ms, p20_ms=ms, p80_ms=ms, repeats=1, calls_per_block=1, single_call=True,
+                        note=f"; one call, no warm-up ({first_s:.1f} s > single-call limit {settings.single_call_s:g} s)")
+        last_s = _warm_up(call, task, settings, done=1)
+        estimate_s = first_s if last_s is None else last_s
+        median, p20, p80, count, per_block = timing.time_cpu(call, settings.repeats, settings.budget_s, estimate_s)
+        return dict(median_ms=median, p20_ms=p20, p80_ms=p80, repeats=count, calls_per_block=per_block)
+    _warm_up(call, task, settings)
     z1.grad = z2.grad = None
     gc.collect()
     torch.cuda.synchronize(device)
@@ -191,5 +262,5 @@ def _time(task: Task, settings: Settings, device: torch.device, dtype: torch.dty
     torch.cuda.reset_peak_memory_stats(device)
     estimate_ms = timing.cuda_call_ms(call)   # the memory call also sizes the timing loop
     peak = torch.cuda.max_memory_allocated(device) - baseline
-    median, p20, p80, count = timing.time_cuda(call, settings.repeats, settings.budget_s, estimate_ms)
-    return dict(median_ms=median, p20_ms=p20, p80_ms=p80, repeats=count, peak_mb=max(peak, 0) / 2**20)
+    median, p20, p80, count, per_block = timing.time_cuda(call, settings.repeats, settings.budget_s, estimate_ms)
+    return dict(median_ms=median, p20_ms=p20, p80_ms=p80, repeats=count, calls_per_block=per_block, peak_mb=max(peak, 0) / 2**20)

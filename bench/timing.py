@@ -1,20 +1,28 @@
 """Wall-clock timing of one benchmark call, and the matrix-product ceiling it is compared with.
 
-CPU: `time.perf_counter` around each call, after the caller's warm-up; at least
-`min_repeats` calls, then stop at `repeats` calls or once `budget_s` seconds are spent.
+CPU: `torch.utils.benchmark.Timer.blocked_autorange`, after the caller's warm-up. The Timer
+runs the call in blocks (one call per block once a call takes more than a few milliseconds,
+more for tiny calls, so that timer overhead stays below 1e-4 of a block) until the timed total
+passes `min_run_time`, and pins the torch thread count while it does. `time_cpu` sets
+`min_run_time` from the caller's estimate of one call so that about
+`min(repeats, max(min_repeats, budget_s / call))` blocks are timed; blocked_autorange makes one
+more untimed call of its own to choose the block size (a second warm-up).
 CUDA: `triton.testing.do_bench` (CUDA events, L2 flushed between calls), with its repetition
 time stretched so that at least `repeats` calls are timed; calls slower than SLOW_CALL_MS are
 timed one by one with CUDA events, at least 3 and at most what `budget_s` allows.
 
-Both return (median, p20, p80) in milliseconds and the number of timed calls.
+Both return (median, p20, p80) in milliseconds per call, the number of timed blocks and the
+calls per block.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils import benchmark
 
 #: Largest matmul output the ceiling measurement allocates (elements): 2^24 on the CPU
 #: (64 MiB in float32), 2^28 on a GPU. Bigger M is timed on a row block of the same shape class.
@@ -28,16 +36,21 @@ def summarize(times_ms: list[float]) -> tuple[float, float, float]:
     return float(median), float(p20), float(p80)
 
 
-def time_cpu(fn: Callable[[], object], repeats: int, budget_s: float, min_repeats: int = 3) -> tuple[float, float, float, int]:
-    times = []
-    start = time.perf_counter()
-    while len(times) < max(repeats, 1):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= min_repeats and time.perf_counter() - start > budget_s:
-            break
-    return (*summarize(times), len(times))
+def time_cpu(fn: Callable[[], object], repeats: int, budget_s: float, estimate_s: float, min_repeats: int = 3,
+             threads: int | None = None) -> tuple[float, float, float, int, int]:
+    """(median, p20, p80) ms per call over the timed blocks, the number of blocks, calls per block.
+
+    `estimate_s` is the duration of one call (the caller's last warm-up): it converts the
+    wanted number of blocks into blocked_autorange's `min_run_time`.
+    """
+    estimate_s = max(estimate_s, 1e-7)
+    wanted = min(max(repeats, 1), max(min_repeats, math.ceil(budget_s / estimate_s)))
+    # The loop stops at the first block that brings the total past min_run_time: half a call
+    # short of `wanted` calls, so that a block slightly faster than the estimate does not add one.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=(wanted - 0.5) * estimate_s)
+    times_ms = [t * 1e3 for t in measurement.times]
+    return (*summarize(times_ms), len(times_ms), int(measurement.number_per_run))
 
 
 def cuda_call_ms(fn: Callable[[], object]) -> float:
@@ -51,7 +64,7 @@ def cuda_call_ms(fn: Callable[[], object]) -> float:
 
 
 def time_cuda(fn: Callable[[], object], repeats: int, budget_s: float = 3.0, estimate_ms: float | None = None,
-              min_repeats: int = 3) -> tuple[float, float, float, int]:
+              min_repeats: int = 3) -> tuple[float, float, float, int, int]:
     """do_bench for calls under SLOW_CALL_MS; slower calls are timed one by one with CUDA events
     (do_bench would first spend five calls estimating, and an L2 flush is noise for them)."""
     import triton.testing
@@ -59,10 +72,10 @@ def time_cuda(fn: Callable[[], object], repeats: int, budget_s: float = 3.0, est
     estimate_ms = max(cuda_call_ms(fn) if estimate_ms is None else estimate_ms, 1e-3)
     if estimate_ms > SLOW_CALL_MS:
         count = max(min_repeats, min(repeats, int(budget_s * 1e3 / estimate_ms)))
-        return (*summarize([cuda_call_ms(fn) for _ in range(count)]), count)
+        return (*summarize([cuda_call_ms(fn) for _ in range(count)]), count, 1)
     rep_ms = max(100.0, 1.2 * repeats * estimate_ms)
     median, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return float(median), float(p20), float(p80), max(1, int(rep_ms / estimate_ms))
+    return float(median), float(p20), float(p80), max(1, int(rep_ms / estimate_ms)), 1
 
 
 def matmul_ceiling_gflops(m: int, d: int, dtype: torch.dtype, device: torch.device, repeats: int = 5, budget_s: float = 2.0) -> float:
@@ -81,14 +94,11 @@ def matmul_ceiling_gflops(m: int, d: int, dtype: torch.dtype, device: torch.devi
         torch.mm(a, b, out=out)
 
     if device.type == "cuda":
-        median_ms, _, _, _ = time_cuda(product, repeats)
+        median_ms = time_cuda(product, repeats)[0]
     else:
-        # A small product takes microseconds: time batches of k calls (≥ 10 ms each) so that
-        # timer resolution and scheduling noise do not dominate.
+        # blocked_autorange batches a small product into blocks of 10^k calls by itself.
         product()
         t0 = time.perf_counter()
         product()
-        k = max(1, int(0.01 / max(time.perf_counter() - t0, 1e-7)))
-        median_ms, _, _, _ = time_cpu(lambda: [product() for _ in range(k)], repeats, budget_s)
-        median_ms /= k
+        median_ms = time_cpu(product, repeats, budget_s, estimate_s=time.perf_counter() - t0)[0]
     return 2.0 * rows * d * m / (median_ms * 1e-3) / 1e9

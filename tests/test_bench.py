@@ -1,10 +1,12 @@
-"""The benchmark harness (bench/): its eager-chunked baseline is exact, its agreement check
-catches a wrong provider, and a tiny compare.py run writes the documented CSV and plot.
+"""The benchmark harness (bench/): its chunked baseline (the library's chunked backend, exact
+with partial chunks), its agreement check catching a wrong provider, a tiny compare.py run
+writing the documented CSV and plot, and the presets' target report.
 
 No timing is asserted (speed lives in the benchmark itself), only that the harness measures
 and reports what it says it does.
 """
 import csv
+import inspect
 import math
 import os
 import sys
@@ -14,11 +16,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tolerances import assert_close  # noqa: E402
-
-from bench import agreement, chunked, compare, report, runner  # noqa: E402
+import fastalpha  # noqa: E402
+from bench import agreement, compare, presets, report, runner  # noqa: E402
 from fastalpha import reference  # noqa: E402
-from fastalpha.rules import RULES, resolve_rule  # noqa: E402
+from fastalpha.backends import chunked  # noqa: E402
+from fastalpha.rules import RULES, make_spec  # noqa: E402
+from fastalpha.testing import assert_close  # noqa: E402
 
 #: Non-default parameters where they matter: `square` with a small τ so the support is a
 #: strict subset (Michelot's iteration takes several steps), `direct` with ε > 0 and p ≠ 4.
@@ -31,46 +34,43 @@ RULE_KWARGS = {
     "infonce": dict(eps=0.5),
 }
 
-#: The CSV columns issue 5 asks for (bench/report.py may add more).
-DOCUMENTED_COLUMNS = ("provider", "rule", "M", "D", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mb", "gflops",
-                      "ceiling_fraction", "speedup_vs_eager", "status", "reason", "device", "threads", "torch", "triton",
-                      "git_commit", "timestamp")
+#: The CSV columns docs/benchmarks.md documents (bench/report.py may add more).
+DOCUMENTED_COLUMNS = ("provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "median_ms", "p20_ms", "p80_ms",
+                      "repeats", "peak_mb", "rss_growth_mb", "gflops", "ceiling_fraction", "speedup_vs_eager",
+                      "speedup_vs_chunked", "status", "reason", "device", "threads", "cores", "torch", "triton",
+                      "git_commit", "timestamp", "load_start", "load_end")
 
 
-def _views(gen, n, d, dtype=torch.float64):
-    return [torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(2)]
-
-
-def _reference(z1, z2, rule, detach_alpha, reduction, weights):
-    exact = [z.detach().to(torch.float64).requires_grad_() for z in (z1, z2)]
-    params = resolve_rule(rule, **RULE_KWARGS[rule])
-    loss = reference.alpha_cl_loss(*exact, params, normalize=True, detach_alpha=detach_alpha, reduction=reduction)
-    return loss, torch.autograd.grad((loss * weights).sum(), exact)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("detach_alpha", [True, False])
 @pytest.mark.parametrize("rule", RULES)
-def test_chunked_matches_float64_reference(gen, rule, detach_alpha, reduction):
+def test_chunked_baseline_matches_float64_reference(gen, rule, detach_alpha, normalize):
     # N = 19 (M = 38) with chunks of 5 rows: the last chunk is partial and partners of a
-    # chunk's rows live in other chunks.
-    z1, z2 = _views(gen, 19, 3)
-    weights = torch.randn(38 if reduction == "none" else (), generator=gen, dtype=torch.float64)
-    expected, expected_grads = _reference(z1, z2, rule, detach_alpha, reduction, weights)
-    loss = chunked.chunked_alpha_cl_loss(z1, z2, rule, **RULE_KWARGS[rule], detach_alpha=detach_alpha, reduction=reduction, chunk_rows=5)
-    grads = torch.autograd.grad((loss * weights).sum(), (z1, z2))
-    assert_close(loss, expected, "float64", f"{rule} loss")
-    assert_close(grads[0], expected_grads[0], "float64", f"{rule} grad z1")
-    assert_close(grads[1], expected_grads[1], "float64", f"{rule} grad z2")
+    # chunk's rows live in other chunks; random row weights stand for reduction="none".
+    m = 38
+    z = torch.randn(m, 3, generator=gen, dtype=torch.float64)
+    if normalize:
+        z = torch.nn.functional.normalize(z, dim=1)
+    z.requires_grad_()
+    weights = torch.randn(m, generator=gen, dtype=torch.float64)
+    spec = make_spec(rule, normalize=normalize, detach_alpha=detach_alpha, **RULE_KWARGS[rule])
+    expected = reference.loss_rows(z, spec)
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), z)
+    rows, grad = chunked.loss_rows_and_grad(z.detach(), spec, 0, m, weights, True, chunk_rows=5)
+    assert_close(rows, expected, "float64", f"{rule} loss rows")
+    assert_close(grad, expected_grad, "float64", f"{rule} gradient")
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_chunked_float32_default_chunks(gen, rule):
-    # float32 inputs at float32 tolerance, default chunking, D = 130 (no power of two); close
-    # positives keep the summed loss well-conditioned (see agreement.correlated_views).
+    # float32 inputs at float32 tolerance through the public API, default chunking, D = 130
+    # (no power of two); close positives keep the summed loss well-conditioned (see
+    # agreement.correlated_views).
     z1, z2 = (v.to(torch.float32).requires_grad_() for v in agreement.correlated_views(45, 130, gen))
-    expected, expected_grads = _reference(z1, z2, rule, True, "sum", torch.tensor(1.0, dtype=torch.float64))
-    loss = chunked.chunked_alpha_cl_loss(z1, z2, rule, **RULE_KWARGS[rule], reduction="sum")
+    exact = [v.detach().to(torch.float64).requires_grad_() for v in (z1, z2)]
+    expected = fastalpha.alpha_cl_loss(*exact, rule, **RULE_KWARGS[rule], reduction="sum", backend="eager")
+    expected_grads = torch.autograd.grad(expected, exact)
+    loss = fastalpha.alpha_cl_loss(z1, z2, rule, **RULE_KWARGS[rule], reduction="sum", backend="chunked")
     grads = torch.autograd.grad(loss, (z1, z2))
     assert_close(loss, expected, "float32", f"{rule} loss")
     assert_close(grads[0], expected_grads[0], "float32", f"{rule} grad z1")
@@ -92,14 +92,10 @@ def test_sparsemax_threshold_matches_sort_based_reference(gen, temperature):
     assert torch.equal(support_size, (alpha > 0).sum(1)), "support size disagrees with the support of alpha"
 
 
-def test_chunked_rejects_bad_input(gen):
-    z1, z2 = _views(gen, 4, 3)
+def test_chunked_rejects_bad_chunk_rows(gen):
+    z = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunk_rows"):
-        chunked.chunked_alpha_cl_loss(z1, z2, chunk_rows=0)
-    with pytest.raises(ValueError, match="same shape"):
-        chunked.chunked_alpha_cl_loss(z1, z2[:3])
-    with pytest.raises(ValueError, match="unknown rule"):
-        chunked.chunked_alpha_cl_loss(z1, z2, rule="hinge")
+        chunked.loss_rows_and_grad(z, make_spec("direct"), 0, 8, None, True, chunk_rows=0)
 
 
 def test_agreement_check_flags_wrong_and_failing_providers(gen):
@@ -149,21 +145,22 @@ def test_worker_failure_is_recorded_and_the_run_goes_on(tmp_path):
     # in flight must come back as an error with the worker's message, the next task must be
     # timed and get its peak memory, and the CSV on disk must already hold both.
     bad = runner.Task("no-such-provider", "direct", 16, 4, "float32", "fwd")
-    good = runner.Task("eager-chunked", "direct", 16, 4, "float32", "fwd")
-    status = {bad.provider: (True, ""), good.provider: (True, "")}
-    results = compare.Results([bad, good], status, {}, str(tmp_path / "partial.csv"), _Progress())
+    good = runner.Task("chunked", "direct", 16, 4, "float32", "fwd")
+    results = compare.Results([bad, good], {}, {}, str(tmp_path / "partial.csv"), _Progress())
     compare.run_cpu([bad, good], runner.Settings(threads=1, repeats=1, budget_s=0.0), results)
     assert results.measured[bad.key()]["status"] == "error" and "no-such-provider" in results.measured[bad.key()]["reason"]
     assert results.measured[good.key()]["status"] == "ok" and results.measured[good.key()]["median_ms"] > 0
     assert results.measured[good.key()]["peak_mb"] is not None
     on_disk = report.read_csv(str(tmp_path / "partial.csv"))
-    assert [(r["provider"], r["status"]) for r in on_disk] == [("no-such-provider", "error"), ("eager-chunked", "ok")]
+    assert [(r["provider"], r["status"]) for r in on_disk] == [("no-such-provider", "error"), ("chunked", "ok")]
 
 
-def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path):
-    rows = compare.main(["--providers", "eager,eager-chunked,cuda", "--rules", "direct", "--sizes", "64,1024", "--dims", "32",
+def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path, capsys):
+    rows = compare.main(["--providers", "eager,chunked,cuda", "--rules", "direct", "--sizes", "64,1024", "--dims", "32",
                          "--modes", "fwd,fwdbwd", "--repeats", "2", "--budget-s", "0", "--threads", "1",
                          "--out", str(tmp_path), "--name", "tiny"])
+    printed = capsys.readouterr().out
+    assert "threads of" in printed and "1-min load" in printed and "at end" in printed, printed
     csv_path = tmp_path / "tiny.csv"
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
@@ -178,20 +175,105 @@ def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path):
         for m in (64, 1024):
             cuda = parsed[("cuda", m, mode)]
             assert cuda["status"] == "unavailable" and cuda["reason"], cuda
-            for provider in ("eager", "eager-chunked"):
+            for provider in ("eager", "chunked"):
                 r = parsed[(provider, m, mode)]
                 assert r["status"] == "ok", r
-                assert r["threads"] == 1 and r["device"] and r["torch"] == torch.__version__
+                assert r["threads"] == 1 and r["cores"] >= 1 and r["device"] and r["torch"] == torch.__version__
+                assert r["load_start"] is not None and r["load_end"] is not None
+                assert r["repeats"] >= 1 and r["calls_per_block"] >= 1
                 assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
                 flops = (8 if mode == "fwdbwd" else 2) * m * m * 32
                 assert r["gflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e9, rel=1e-4)
                 assert r["ceiling_fraction"] == pytest.approx(r["gflops"] / r["ceiling_gflops"], rel=1e-4)
-            chunk = parsed[("eager-chunked", m, mode)]
+            chunk = parsed[("chunked", m, mode)]
             eager = parsed[("eager", m, mode)]
             assert chunk["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / chunk["median_ms"], rel=1e-4)
+            assert chunk["speedup_vs_chunked"] == pytest.approx(1.0)
         # The dense reference holds several M x M float32 matrices at once: its measured peak
         # beyond the inputs must exceed one of them (4 MiB at M = 1024); the chunked one must not
         # reach the dense one.
-        dense, rows_chunked = parsed[("eager", 1024, mode)], parsed[("eager-chunked", 1024, mode)]
+        dense, rows_chunked = parsed[("eager", 1024, mode)], parsed[("chunked", 1024, mode)]
         assert dense["peak_mb"] > 1024 * 1024 * 4 / 2**20, dense
         assert rows_chunked["peak_mb"] < dense["peak_mb"], (rows_chunked, dense)
+
+
+def test_setups_run_or_are_skipped_with_a_reason(tmp_path, capsys):
+    # CLIP-shaped (negatives="cross") and queue rows run where fastalpha.alpha_cl_loss takes
+    # `negatives`/`queue`, and are reported `skipped` with the reason otherwise.
+    rows = compare.main(["--providers", "eager", "--rules", "infonce", "--sizes", "64", "--dims", "8", "--modes", "fwdbwd",
+                         "--setups", "all,cross,none+queue", "--queue-size", "16", "--repeats", "1", "--budget-s", "0",
+                         "--threads", "1", "--memory", "none", "--out", str(tmp_path), "--name", "setups", "--no-plot"])
+    by_setup = {(r["negatives"], r["queue"]): r for r in rows}
+    assert set(by_setup) == {("all", 0), ("cross", 0), ("none", 16)}
+    assert by_setup["all", 0]["status"] == "ok"
+    parameters = inspect.signature(fastalpha.alpha_cl_loss).parameters
+    for key, needs in ((("cross", 0), ("negatives",)), (("none", 16), ("negatives", "queue"))):
+        r = by_setup[key]
+        if all(name in parameters for name in needs):
+            assert r["status"] == "ok", r
+            # nominal flops count the setup's columns: M/2 for cross, K (6 flops·D each) for a queue
+            flops = 64 * 8 * (8 * 32 if key[0] == "cross" else 6 * 16)
+            assert r["gflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e9, rel=1e-4)
+        else:
+            assert r["status"] == "skipped" and "has no" in r["reason"], r
+            assert "set-ups skipped: " in capsys.readouterr().out
+
+
+def test_rss_growth_of_a_fresh_process_counts_a_providers_buffers():
+    # The rss phase: a fresh worker process, default allocator, three calls. For the dense
+    # reference at M = 1024 the growth includes at least one M x M float32 matrix (4 MiB).
+    task = runner.Task("eager", "direct", 1024, 16, "float32", "fwdbwd")
+    got = {}
+    compare._run_phase("rss", [task], runner.Settings(threads=1), lambda t, result: got.update(result),
+                       lambda t, why: pytest.fail(why), _Progress())
+    assert got.get("rss_growth_mb") is not None and got["rss_growth_mb"] > 4.0, got
+
+
+def test_old_csv_names_are_read_as_current(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("provider,rule,M,D,dtype,mode,median_ms,p20_ms,p80_ms,repeats,peak_mb,gflops,ceiling_gflops,"
+                    "ceiling_fraction,speedup_vs_eager,speedup_vs_chunked,status,reason,device,threads,torch,triton,"
+                    "git_commit,timestamp,load_1min\n"
+                    "eager-chunked,direct,1024,128,float32,fwd,7.4,7.1,7.9,5,9.5,36.3,310,0.12,1.88,1,ok,,cpu,2,2.14.1,,"
+                    "24bd7e2,2026-11-29T15:29:01+00:00,0.65\n")
+    row, = report.read_csv(str(path))
+    assert row["provider"] == "chunked" and row["negatives"] == "all" and row["queue"] == 0 and row["load_end"] == 0.65
+
+
+def _target_rows(cpp_ms, chunked_ms, eager_ms, cpp_rss, eager_rss, large_ok=True):
+    rows = []
+    for rule, mode in (("direct", "fwdbwd"), ("infonce", "fwdbwd"), ("infonce", "fwd")):
+        for provider, ms, rss in (("cpp", cpp_ms, cpp_rss), ("chunked", chunked_ms, 50.0), ("eager", eager_ms, eager_rss)):
+            rows.append(dict(provider=provider, rule=rule, mode=mode, M=presets.CPU_TARGET_M, D=128, dtype="float32",
+                             negatives="all", queue=0, status="ok", median_ms=ms, rss_growth_mb=rss, peak_mb=rss))
+    rows.append(dict(provider="cpp", rule="direct", mode="fwdbwd", M=presets.CPU_LARGE_M, D=128, dtype="float32", negatives="all",
+                     queue=0, status="ok" if large_ok else "error", median_ms=3e5, rss_growth_mb=None, peak_mb=None))
+    return rows
+
+
+def test_target_report_says_pass_and_fail():
+    env = dict(device="cpu", threads=2, cores=2, torch=torch.__version__, git_commit="abc", load_start=0.1)
+    good = presets.target_report("cpu-targets", _target_rows(100.0, 250.0, 5000.0, 10.0, 1500.0), env, 0.2)
+    lines = [line for line in good.splitlines() if "cpp" in line and ("PASS" in line or "FAIL" in line or "MISSING" in line)]
+    assert len(lines) == len(presets.CPU_TARGETS) and all("PASS" in line for line in lines), good
+    assert "WARNING" not in good
+    bad = presets.target_report("cpu-targets", _target_rows(100.0, 120.0, 5000.0, 100.0, 1500.0, large_ok=False),
+                                dict(env, load_start=2.5), 0.2)
+    assert bad.count("FAIL") == len(presets.CPU_TARGETS) - 1 and "MISSING (cpp: error)" in bad, bad
+    assert "WARNING" in bad
+    assert presets.target_report("setups", [], env, 0.2) == ""
+
+
+def test_help_shows_defaults_and_invocations(capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: cpu 1024,4096,8192,16384" in text and "usual invocations:" in text and "--preset cpu-targets" in text
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--preset", "cpu-targets", "--sizes", "64"])
+    assert "--sizes" in capsys.readouterr().err
+    args = compare.parse_args(["--preset", "cpu-targets"])
+    tasks = compare.plan(args)
+    assert {(t.provider, t.rule, t.mode, t.m) for t in tasks} >= {("cpp", "direct", "fwdbwd", presets.CPU_LARGE_M),
+                                                                    ("chunked", "infonce", "fwd", presets.CPU_TARGET_M)}
+    assert args.memory == "both" and not any(t.provider == "eager" and t.m == presets.CPU_LARGE_M for t in tasks)

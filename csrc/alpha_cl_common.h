@@ -1,5 +1,6 @@
-// What the CPU and CUDA launchers share: input checks and the assembly of the gradient from
-// the per-row and per-column statistics a chunked pass produces.
+// What the CPU and CUDA launchers share: input checks, and the assembly of the gradient from
+// the per-row and per-column statistics of a chunked pass (the CUDA launcher's; the CPU
+// kernel assembles in its own loops).
 //
 // For anchors i ∈ [row_lo, row_hi) with weights w_i, ω_ij = w_i α_ij (or w_i β_ij) and
 // A_i = Σ_j α_ij, the gradient of Σ_i w_i loss_i is (reference.closed_form_gradient)
@@ -9,7 +10,8 @@
 //       − [p(k) a row]   w_p(k) A_p(k) (z_p(k) − z_k)                          partner side
 //
 // so a kernel needs, per row, coef_i = w_i A_i, the row sum of ω and (ωZ)_i, and per column
-// C_k = Σ_i ω_ik and (ωᵀZ)_k. All of it is O(M·D): the M × M matrix is never stored.
+// C_k = Σ_i ω_ik and (ωᵀZ)_k. All of it is O(M·D): the M × M matrix is never stored. With
+// unit rows the terms in z_k itself (those with C_k, w_k A_k z_k and Σ_j ω_kj z_k) are absent.
 #pragma once
 
 #include <cstdint>
@@ -48,17 +50,26 @@ inline at::Tensor partner_rows(const at::Tensor& z, int64_t row_lo, int64_t row_
   return at::arange(row_lo, row_hi, z.options().dtype(at::kLong)).add_(m / 2).remainder_(m);
 }
 
-// G from the statistics above; `omega_t_z` is (ωᵀZ) and `colsum` is C, both summed over all rows.
+// G from the statistics above; `omega_t_z` is (ωᵀZ) and `colsum` is C, both summed over all
+// rows. For unit rows (d2 = 1 − z_i·z_j) the terms in z_k itself drop out: only the cross
+// terms ωZ, ωᵀZ and −c z_p remain.
 inline at::Tensor assemble_gradient(const at::Tensor& z, int64_t row_lo, int64_t row_hi, at::Tensor omega_t_z,
                                     const at::Tensor& colsum, const at::Tensor& coef, const at::Tensor& omega_rowsum,
-                                    const at::Tensor& omega_z) {
-  at::Tensor grad = omega_t_z.sub_(colsum.unsqueeze(1) * z);
+                                    const at::Tensor& omega_z, bool unit_rows) {
+  at::Tensor grad = unit_rows ? omega_t_z : omega_t_z.sub_(colsum.unsqueeze(1) * z);
   if (row_hi == row_lo) return grad;
   const at::Tensor partners = partner_rows(z, row_lo, row_hi);
   const at::Tensor rows = z.narrow(0, row_lo, row_hi - row_lo);
-  const at::Tensor positive_pull = coef.unsqueeze(1) * (rows - z.index_select(0, partners));
-  grad.narrow(0, row_lo, row_hi - row_lo).add_(positive_pull).sub_(omega_rowsum.unsqueeze(1) * rows).add_(omega_z);
-  grad.index_add_(0, partners, positive_pull, -1);
+  const at::Tensor partner_rows_z = z.index_select(0, partners);
+  const at::Tensor c = coef.unsqueeze(1);
+  at::Tensor row_part = omega_z - c * partner_rows_z;
+  at::Tensor partner_part = -c * rows;
+  if (!unit_rows) {
+    row_part.add_((coef - omega_rowsum).unsqueeze(1) * rows);
+    partner_part.add_(c * partner_rows_z);
+  }
+  grad.narrow(0, row_lo, row_hi - row_lo).add_(row_part);
+  grad.index_add_(0, partners, partner_part);
   return grad;
 }
 

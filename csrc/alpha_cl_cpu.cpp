@@ -1,24 +1,31 @@
 // CPU kernel of fastalpha::alpha_cl_fused: per-row losses and the gradient of Σ_i w_i loss_i
 // for anchors i ∈ [row_lo, row_hi) of Z (M × D), without ever holding the M × M pair matrix.
+// docs/cpp.md explains both algorithms with pictures of the products; in short:
 //
-// One pass over chunks of R full rows (DESIGN.md §8 "On the CPU"). A chunk holds every
-// column of its rows, so its row statistics (row max, normaliser, sparsemax threshold) are
-// complete, and three matrix products per chunk are the whole of the O(M²D) work:
+// Symmetric (large problems). S = Z Zᵀ is symmetric, so the work is organised over tiles
+// (I, J), I ≤ J, of row blocks, each tile computed once and used for both of its orientations:
+//   pass 1  S_IJ = Z_I Z_Jᵀ → d2 → row statistics of the rows of I (over the columns of J)
+//           and of the rows of J (over the rows of I): running minimum distance, Σ e, Σ e d2
+//           (`square`: a full-row pass instead, for Michelot's exact threshold)
+//   pass 2  S_IJ again → W_IJ = ω_IJ + ω_JIᵀ (ω = w_i α_ij or w_i β_ij), then
+//           G_I += W_IJ Z_J and G_J += W_IJᵀ Z_I
+// That is 4·M²·D flops (2 for the S products, 2 for the gradient) instead of 6. Tiles are
+// scheduled in rounds of a round-robin tournament over the blocks: the tiles of one round
+// touch pairwise disjoint blocks, so threads write their blocks of G and of the statistics
+// without private copies or atomics, and the order of every sum is fixed whatever the
+// thread count. Memory: G and O(M) statistics, plus one tile per thread.
 //
-//   S    = Z_r Zᵀ             (R × M)       d2_ij = max(0, (n_i + n_j)/2 − S_ij)
-//   ω    = rule(d2)           (R × M)       one fused sweep per row, in cache: powers,
-//                                           exponentials, masks, sums, the loss, ω
-//   ωZ   = ω Z                (R × D)       row side of the gradient
-//   acc += ωᵀ [Z_r | 1]       (M × (D+1))   column side ωᵀZ and column sums C, per thread
+// One pass (small problems). Chunks of R full rows: S = Z_r Zᵀ (R × M), a fused sweep per
+// row for the rule, ωZ and ωᵀZ; each thread has an M × (D + 1) accumulator. Fewer, larger
+// products and one exponential per ordered pair, which wins where tiles would be tiny.
 //
-// and the gradient is assembled from them (alpha_cl_common.h). Chunks are split statically
-// over threads (at::parallel_for), each thread owns its accumulator, and they are added in
-// thread order at the end: the result is deterministic for a given thread count. Memory:
-// O(M·D) per thread plus two R × M buffers per thread. The products are ATen's (MKL in
-// torch's wheels) single-threaded GEMMs on views of those buffers.
+// `choose_algorithm` holds the rule between the two. Both finish each row with
+// finalize_row (alpha_cl_row_math.h, shared with the CUDA kernel).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -30,6 +37,7 @@
 #include <torch/library.h>
 
 #include "alpha_cl_common.h"
+#include "alpha_cl_row_math.h"
 #include "alpha_cl_rule.h"
 #include "vec_math.h"
 
@@ -42,18 +50,118 @@ using vecmath::Math;
 // keeps float32's precision without giving up SIMD lanes.
 constexpr int64_t kSumBlock = 1024;
 
-// Rows per chunk R ≈ kChunkElements / M, within [64, 256]. Every chunk re-reads Z and the
-// M × (D+1) accumulator, so small R makes the pass memory-bound; large R makes the R × M
-// buffers leave the cache. Measured on 2 cores, D = 128: at M = 8192 R = 64…128 best (R = 16
-// 1.5× slower); at M = 131072 R = 64 is 1.25× faster than R = 32 and larger R gains nothing.
+// One-pass rows per chunk R ≈ kChunkElements / M, within [64, 256]: every chunk re-reads Z and
+// the accumulator, so small R makes the pass memory-bound; large R makes the R × M buffers
+// leave the cache (measured on 2 cores, D = 128: at M = 8192 R = 64…128 best).
 constexpr int64_t kChunkElements = int64_t{1} << 20;
 
-// At most `target` rows per chunk, with every thread given the same number of chunks of
-// near-equal size (at::parallel_for splits the chunk range statically).
-inline int64_t balanced_chunk_rows(int64_t rows, int64_t threads, int64_t target) {
-  if (rows == 0) return 1;
-  const int64_t per_thread = (rows + threads * target - 1) / (threads * target);
-  return std::max<int64_t>(1, (rows + threads * per_thread - 1) / (threads * per_thread));
+// Symmetric tiles are at most kTile × kTile: the S/W tile (256 KiB in float32) stays in L2,
+// and the three products per tile are large enough for the BLAS to run near its peak.
+constexpr int64_t kTile = 256;
+
+// The shared shift of a tile (one exponential per pair for both orientations) is used when
+// the log-weights of its rows' closest negatives differ by at most this much; beyond it the
+// weights of some rows would lose digits (or underflow), and each orientation uses its own
+// rows' shifts. float32: e^{−16} keeps weights far inside the normal range and the argument
+// of exp within 16 · 2^{−24} of exact.
+template <typename T>
+constexpr double kMaxSharedSpread = sizeof(T) == 4 ? 16.0 : 200.0;
+
+constexpr double kInfD = std::numeric_limits<double>::infinity();
+
+inline int64_t env_int(const char* name, int64_t fallback) {
+  if (const char* env = std::getenv(name)) {
+    const long long value = std::atoll(env);
+    if (value > 0) return static_cast<int64_t>(value);
+  }
+  return fallback;
+}
+
+inline int64_t partner_of(int64_t i, int64_t m) { return i < m / 2 ? i + m / 2 : i - m / 2; }
+
+enum class Algorithm { OnePass, Symmetric };
+
+// The symmetric algorithm does 4·M²·D flops against the one pass's 6·M²·D (2·M²·D against
+// 2·M²·D for the loss alone of the log-weight rules: pass 1 is the whole forward), but twice
+// the exponentials per pair and one barrier per round of tiles. Measured on 2 cores
+// (docs/cpp.md): it wins from M ≈ 1024 at D ≥ 32, fwd+bwd and forward; at small D the
+// per-pair work dominates and the one pass, with one exponential per ordered pair, stays
+// ahead. Only a full anchor range gains from symmetry: with a partial one (a rank's share of
+// a distributed batch) most tiles have one anchor side. FASTALPHA_CPP_ALGORITHM=onepass|symmetric
+// forces either (tests, measurements).
+Algorithm choose_algorithm(int64_t m, int64_t dim, int64_t rows) {
+  if (const char* env = std::getenv("FASTALPHA_CPP_ALGORITHM")) {
+    if (std::strcmp(env, "onepass") == 0) return Algorithm::OnePass;
+    if (std::strcmp(env, "symmetric") == 0) return Algorithm::Symmetric;
+  }
+  const bool large = m >= 1024 && dim >= 32;
+  const bool mostly_anchors = 2 * rows >= m;
+  return large && mostly_anchors ? Algorithm::Symmetric : Algorithm::OnePass;
+}
+
+// ----------------------------------------------------------------------------------------
+// Per-pair weights e = e^{t(d) − t(r)} relative to a reference distance r, one type per rule
+// variant so that the inner loops are specialised and vectorised. `ref(r)` turns r into the
+// parameter the weight takes; `slope` is t'(d) for β.
+
+template <typename T>
+struct ConstWeight {  // quadratic: α constant
+  T ref(T) const { return T(0); }
+  T operator()(T, T) const { return T(1); }
+  T slope(T) const { return T(0); }
+};
+
+template <typename T, int K>  // entropy/direct/infonce with k = K (1, 2) or any k (K = 0)
+struct ExpWeight {
+  T k, inv_tau;
+  T power(T d) const {
+    if constexpr (K == 1) return d;
+    else if constexpr (K == 2) return d * d;
+    else return Math<T>::pow(d, k);
+  }
+  T ref(T r) const { return power(r); }
+  T operator()(T d, T rk) const { return exp_rule_weight<Math<T>>(power(d), rk, inv_tau); }
+  T slope(T d) const {
+    if constexpr (K == 1) return -inv_tau;
+    else if constexpr (K == 2) return exp_rule_slope(d, T(2), inv_tau);
+    else return exp_rule_slope(Math<T>::pow(d, k - T(1)), k, inv_tau);
+  }
+};
+
+template <typename T, int G>  // inverse with γ = G (1, 2) or any γ (G = 0)
+struct InverseWeight {
+  T tau, inv_gamma;
+  T ref(T r) const { return r + tau; }
+  T operator()(T d, T base) const {
+    const T x = base / (d + tau);
+    if constexpr (G == 1) return x;
+    else if constexpr (G == 2) return std::sqrt(x);
+    else return Math<T>::pow(x, inv_gamma);
+  }
+  T slope(T d) const { return inverse_slope(d, tau, inv_gamma); }
+};
+
+// f(weight) with the weight type of cfg's rule (not square, which has no log-weight).
+template <typename T, class F>
+void with_weight(const RuleConfig& cfg, F&& f) {
+  const T inv_tau = static_cast<T>(cfg.inv_tau), k = static_cast<T>(cfg.k);
+  switch (cfg.rule) {
+    case Rule::Quadratic:
+      f(ConstWeight<T>{});
+      return;
+    case Rule::Inverse: {
+      const T tau = static_cast<T>(cfg.temperature), inv_gamma = static_cast<T>(cfg.inv_gamma);
+      if (cfg.gamma == 1.0) f(InverseWeight<T, 1>{tau, inv_gamma});
+      else if (cfg.gamma == 2.0) f(InverseWeight<T, 2>{tau, inv_gamma});
+      else f(InverseWeight<T, 0>{tau, inv_gamma});
+      return;
+    }
+    default:
+      if (cfg.k == 1.0) f(ExpWeight<T, 1>{k, inv_tau});
+      else if (cfg.k == 2.0) f(ExpWeight<T, 2>{k, inv_tau});
+      else f(ExpWeight<T, 0>{k, inv_tau});
+      return;
+  }
 }
 
 // body(begin, end) on the column ranges of J_i = [0, M) \ {a, b}, a < b: the self and the
@@ -65,133 +173,61 @@ inline void for_negatives(int64_t a, int64_t b, int64_t m, Body&& body) {
   body(b + 1, m);
 }
 
-struct RowResult {
-  double loss;       // loss_i
-  double coef;       // w_i A_i (times 1/τ for infonce)
-  double omega_sum;  // Σ_j ω_ij
-  double scale;      // ω_i· = scale · (what the sweep left in omega)
-};
+// ----------------------------------------------------------------------------------------
+// Full rows: the one-pass sweep, and the statistics pass of `square` in the symmetric path.
 
-// The fused per-row sweep. `row` holds S_i· on entry and d2_i· on exit; `omega` receives
-// ω_i· / scale (zeros at i and p(i)). When ω is α times a per-row factor (every rule with
-// detach_alpha=True, quadratic, infonce) that factor is not applied here but returned as
-// `scale` and folded into the matrix products, which saves a sweep over the row; β rows
-// are written in full (scale 1).
 template <typename T>
 class RowSweep {
  public:
-  RowSweep(const RuleConfig& cfg, const T* half_norms, int64_t m, bool need_grad)
-      : cfg_(cfg), half_(half_norms), m_(m), need_grad_(need_grad),
-        inv_tau_(static_cast<T>(1.0 / cfg.temperature)), k_(cfg.p / 2.0) {}
+  RowSweep(const RuleConfig& cfg, const T* half, int64_t m) : cfg_(cfg), half_(half), m_(m) {}
 
-  RowResult operator()(int64_t i, T* row, T* omega, double weight) const {
-    const T inv_tau = inv_tau_;  // a local, so the vectorised loops do not reload it through `this`
-    const int64_t partner = i < m_ / 2 ? i + m_ / 2 : i - m_ / 2;
+  // `row` holds S_i· on entry and d2_i· on exit. Returns the row's statistics relative to its
+  // closest negative (`dmin`, and μ for square); writes e_ij into `e` when it is not null.
+  RowStats operator()(int64_t i, T* row, T* e, double& dmin_out, double& mu_out) const {
+    const int64_t partner = partner_of(i, m_);
     const int64_t a = std::min(i, partner), b = std::max(i, partner);
-    const T d2_pos_t = std::max(T(0), half_[i] + half_[partner] - row[partner]);
-    const double d2_pos = d2_pos_t;
     const T dmin = distances(i, a, b, row);
-
-    // Unnormalised weights e_ij (e = 1 at the closest negative), their sum l and Σ e d2.
-    double l = 0, ld = 0, log_scale = 0;  // log_scale: log w at the closest negative
-    double mu = 0;                          // square: sparsemax threshold
-    int64_t support = 0;                    // square: |{j : d2_ij < μ}|
-    switch (cfg_.rule) {
-      case Rule::Quadratic:
-        weights(a, b, row, omega, [](T) { return T(1); }, l, ld);
-        break;
-      case Rule::Entropy:
-      case Rule::Direct:
-        log_scale = -std::pow(static_cast<double>(dmin), k_) / cfg_.temperature;
-        if (k_ == 1.0) {
-          weights(a, b, row, omega, [=](T d) { return Math<T>::exp((dmin - d) * inv_tau); }, l, ld);
-        } else if (k_ == 2.0) {
-          const T dmin2 = dmin * dmin;
-          weights(a, b, row, omega, [=](T d) { return Math<T>::exp((dmin2 - d * d) * inv_tau); }, l, ld);
-        } else {
-          const T k = static_cast<T>(k_), dmin_k = Math<T>::pow(dmin, k);
-          weights(a, b, row, omega, [=](T d) { return Math<T>::exp((dmin_k - Math<T>::pow(d, k)) * inv_tau); }, l, ld);
-        }
-        break;
-      case Rule::Inverse: {
-        // w = (d2 + τ)^{−1/γ}; relative to the closest negative: ((d2 + τ)/(dmin + τ))^{−1/γ}.
-        const T tau = static_cast<T>(cfg_.temperature), base = dmin + tau;
-        log_scale = -std::log(static_cast<double>(base)) / cfg_.gamma;
-        if (cfg_.gamma == 1.0) {
-          weights(a, b, row, omega, [=](T d) { return base / (d + tau); }, l, ld);
-        } else if (cfg_.gamma == 2.0) {
-          weights(a, b, row, omega, [=](T d) { return std::sqrt(base / (d + tau)); }, l, ld);
-        } else {
-          const T inv_gamma_w = static_cast<T>(1.0 / cfg_.gamma);
-          weights(a, b, row, omega, [=](T d) { return Math<T>::pow(base / (d + tau), inv_gamma_w); }, l, ld);
-        }
-        break;
-      }
-      case Rule::InfoNCE:
-        log_scale = (d2_pos - static_cast<double>(dmin)) / cfg_.temperature;
-        weights(a, b, row, omega, [=](T d) { return Math<T>::exp((dmin - d) * inv_tau); }, l, ld);
-        break;
-      case Rule::Square: {
-        sparsemax_threshold(a, b, row, dmin, mu, support);
-        const T mu_t = static_cast<T>(mu);
-        weights(a, b, row, omega, [=](T d) { return d < mu_t ? (mu_t - d) * inv_tau : T(0); }, l, ld);
-        break;
-      }
-    }
-
-    // α_ij = e_ij · inv; A_i = Σ_j α_ij; loss_i = Σ_j α_ij (d2_i − d2_ij) = d2_i A_i − inv Σ e d2.
-    double inv, loss;
-    if (cfg_.rule == Rule::InfoNCE) {
-      // ξ_i = e^{log_scale} l; loss = log(ε + ξ_i); α = e / (l + ε e^{−log_scale}).
-      const double log_xi = log_scale + std::log(l);
-      if (cfg_.eps > 0) {
-        const double log_eps = std::log(cfg_.eps), hi = std::max(log_xi, log_eps);
-        loss = hi + std::log1p(std::exp(-std::abs(log_xi - log_eps)));
-      } else {
-        loss = log_xi;
-      }
-      inv = 1.0 / (l + cfg_.eps * std::exp(-log_scale));
-    } else {
-      double denom = l;
-      if (cfg_.rule == Rule::Square) denom = 1.0;
-      const bool has_eps = cfg_.rule == Rule::Entropy || cfg_.rule == Rule::Direct;
-      if (has_eps && cfg_.eps > 0) denom += cfg_.eps * static_cast<double>(m_ - 2) * std::exp(-log_scale);
-      inv = 1.0 / denom;
-      loss = d2_pos * l * inv - ld * inv;
-    }
-    const double row_alpha = l * inv;
-    if (!need_grad_) return {loss, 0.0, 0.0, 0.0};
-
-    const double g = weight * cfg_.gradient_scale();
-    omega[a] = T(0);
-    omega[b] = T(0);
-    if (!cfg_.uses_beta()) return {loss, g * row_alpha, g * row_alpha, g * inv};
-    double omega_sum = 0;
+    dmin_out = dmin;
+    RowStats s{};
+    s.m = log_weight(cfg_, static_cast<double>(dmin));
     if (cfg_.rule == Rule::Square) {
-      // β = 2α − 1/k on the support (k its size), 0 elsewhere.
-      const T two_g = static_cast<T>(2 * g), g_over_k = static_cast<T>(g / support), mu_t = static_cast<T>(mu);
-      omega_sum = write_omega(a, b, row, omega, [=](T e, T d) { return d < mu_t ? two_g * e - g_over_k : T(0); });
+      double mu;
+      int64_t support;
+      sparsemax_threshold(a, b, row, dmin, mu, support);
+      const T mu_t = static_cast<T>(mu), inv_tau = static_cast<T>(cfg_.inv_tau);
+      weights(a, b, row, e, [=](T d) { return square_alpha(d, mu_t, inv_tau); }, s.l, s.ld);
+      s.support = static_cast<double>(support);
+      s.m = 0;
+      mu_out = mu;
     } else {
-      // β = α (1 − t'(d2) (v − c)), v = d2_i − d2_ij, c = Σ_j α_ij v_ij = loss_i.
-      const T f = static_cast<T>(g * inv), shift = static_cast<T>(d2_pos - loss);
-      if (cfg_.rule == Rule::Inverse) {
-        const T tau = static_cast<T>(cfg_.temperature), inv_gamma = static_cast<T>(1.0 / cfg_.gamma);
-        omega_sum = write_omega(a, b, row, omega,
-                                [=](T e, T d) { return f * e * (T(1) + inv_gamma / (d + tau) * (shift - d)); });
-      } else if (k_ == 1.0) {
-        omega_sum = write_omega(a, b, row, omega, [=](T e, T d) { return f * e * (T(1) + inv_tau * (shift - d)); });
-      } else if (k_ == 2.0) {
-        const T two_inv_tau = 2 * inv_tau;
-        omega_sum = write_omega(a, b, row, omega,
-                                [=](T e, T d) { return f * e * (T(1) + two_inv_tau * d * (shift - d)); });
-      } else {
-        const T k = static_cast<T>(k_), k_inv_tau = static_cast<T>(k_) * inv_tau;
-        omega_sum = write_omega(a, b, row, omega, [=](T e, T d) {
-          return f * e * (T(1) + k_inv_tau * Math<T>::pow(d, k - T(1)) * (shift - d));
-        });
-      }
+      with_weight<T>(cfg_, [&](auto weight) {
+        const T r = weight.ref(dmin);
+        weights(a, b, row, e, [=](T d) { return weight(d, r); }, s.l, s.ld);
+      });
     }
-    return {loss, g * row_alpha, omega_sum, 1.0};
+    if (e != nullptr) {
+      e[a] = T(0);
+      e[b] = T(0);
+    }
+    return s;
+  }
+
+  // ω_i· = scale · β over J_i from e (in place); returns Σ_j ω_ij.
+  double write_beta(int64_t i, const T* row, T* e, double scale, const RowFinal& f, double mu, double support) const {
+    const int64_t partner = partner_of(i, m_);
+    const int64_t a = std::min(i, partner), b = std::max(i, partner);
+    double total = 0;
+    if (cfg_.rule == Rule::Square) {
+      const T mu_t = static_cast<T>(mu), inv_tau = static_cast<T>(cfg_.inv_tau);
+      const T two_scale = static_cast<T>(2 * scale), over_k = static_cast<T>(scale / support);
+      total = map_row(a, b, row, e, [=](T, T d) { return square_beta(d, mu_t, inv_tau, two_scale, over_k); });
+    } else {
+      with_weight<T>(cfg_, [&](auto weight) {
+        const T s = static_cast<T>(scale * f.inv), shift = static_cast<T>(f.shift);
+        total = map_row(a, b, row, e, [=](T ev, T d) { return beta_log_weight(s * ev, weight.slope(d), d, shift); });
+      });
+    }
+    return total;
   }
 
  private:
@@ -214,19 +250,30 @@ class RowSweep {
     return dmin;
   }
 
-  // omega[j] = weight(d2_ij) over J_i, with l += Σ e and ld += Σ e d2.
+  // e[j] = weight(d2_ij) over J_i (if e is not null), with l = Σ e and ld = Σ e d2.
   template <class Weight>
-  void weights(int64_t a, int64_t b, const T* row, T* omega, Weight weight, double& l, double& ld) const {
+  void weights(int64_t a, int64_t b, const T* row, T* e_out, Weight weight, double& l, double& ld) const {
+    l = 0;
+    ld = 0;
     for_negatives(a, b, m_, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
         const int64_t e0 = std::min(e, s0 + kSumBlock);
         T ls = 0, lds = 0;
+        if (e_out != nullptr) {
 #pragma omp simd reduction(+ : ls, lds)
-        for (int64_t j = s0; j < e0; ++j) {
-          const T w = weight(row[j]);
-          omega[j] = w;
-          ls += w;
-          lds += w * row[j];
+          for (int64_t j = s0; j < e0; ++j) {
+            const T w = weight(row[j]);
+            e_out[j] = w;
+            ls += w;
+            lds += w * row[j];
+          }
+        } else {
+#pragma omp simd reduction(+ : ls, lds)
+          for (int64_t j = s0; j < e0; ++j) {
+            const T w = weight(row[j]);
+            ls += w;
+            lds += w * row[j];
+          }
         }
         l += ls;
         ld += lds;
@@ -234,9 +281,9 @@ class RowSweep {
     });
   }
 
-  // omega[j] = f(e_ij, d2_ij) over J_i; returns Σ_j omega[j].
+  // e[j] = f(e[j], d2_ij) over J_i; returns Σ_j e[j].
   template <class F>
-  double write_omega(int64_t a, int64_t b, const T* row, T* omega, F f) const {
+  double map_row(int64_t a, int64_t b, const T* row, T* e_io, F f) const {
     double total = 0;
     for_negatives(a, b, m_, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
@@ -244,8 +291,8 @@ class RowSweep {
         T part = 0;
 #pragma omp simd reduction(+ : part)
         for (int64_t j = s0; j < e0; ++j) {
-          const T w = f(omega[j], row[j]);
-          omega[j] = w;
+          const T w = f(e_io[j], row[j]);
+          e_io[j] = w;
           part += w;
         }
         total += part;
@@ -276,7 +323,8 @@ class RowSweep {
 
   // Exact sparsemax threshold μ_i (Σ_j [(μ − d2_ij)/τ]_+ = 1) by Michelot's iteration
   // μ ← (τ + Σ_{d2<μ} d2) / |{d2 < μ}| from μ_0 = min d2 + τ ≥ μ*: the support only shrinks,
-  // and once an iteration leaves its size unchanged it is exactly {d2 < μ*}.
+  // and once an iteration leaves its size unchanged it is exactly {d2 < μ*} (ties at a
+  // distance are in or out together, since the test is strict).
   void sparsemax_threshold(int64_t a, int64_t b, const T* row, T dmin, double& mu, int64_t& support) const {
     // At least the closest negative is in the support even when τ is below d2's resolution.
     const T floor_mu = std::nextafter(dmin, std::numeric_limits<T>::infinity());
@@ -297,97 +345,112 @@ class RowSweep {
   const RuleConfig cfg_;
   const T* half_;
   const int64_t m_;
-  const bool need_grad_;
-  const T inv_tau_;
-  const double k_;  // p / 2
 };
 
-// G_k (alpha_cl_common.h) from the summed accumulator [ωᵀZ | C] and the per-row statistics,
-// one pass over the M rows written straight into the output.
+// Per-anchor outputs and the inputs of the gradient assembly.
 template <typename T>
-at::Tensor assemble_gradient_cpu(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const at::Tensor& acc,
-                                 const at::Tensor& coef, const at::Tensor& omega_rowsum, const at::Tensor& omega_z) {
-  const int64_t m = z.size(0), dim = z.size(1);
-  at::Tensor grad = at::empty({m, dim}, z.options());
-  const T* zp = z.data_ptr<T>();
-  const T* accp = acc.data_ptr<T>();
-  const T* coefp = coef.data_ptr<T>();
-  const T* rowsump = omega_rowsum.data_ptr<T>();
-  const T* ozp = omega_z.data_ptr<T>();
-  T* gp = grad.data_ptr<T>();
+struct RowOutputs {
+  at::Tensor loss;  // (R,) loss_i
+  std::vector<T> coef;  // (M,) w_i g A_i at anchors, 0 elsewhere (g: the gradient scale)
+};
+
+// G_k += u (c_k + c_{p(k)} − wsum_k) z_k − (c_k + c_{p(k)}) z_{p(k)}, with c = coef and
+// u = 0 for unit rows (their d2 = 1 − z_i·z_j has no term in z_k itself): the partner terms
+// of every anchor and the self terms of the pair sum (reference.closed_form_gradient).
+template <typename T>
+void add_partner_and_self_terms(const T* z, int64_t m, int64_t dim, bool unit_rows, const T* coef, const T* wsum,
+                                T* grad) {
   at::parallel_for(0, m, 256, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
-      const int64_t p = k < m / 2 ? k + m / 2 : k - m / 2;
-      const T* zk = zp + k * dim;
-      const T* zpk = zp + p * dim;
-      const T* acc_k = accp + k * (dim + 1);
-      T* g = gp + k * dim;
-      const T colsum = acc_k[dim];
-      for (int64_t c = 0; c < dim; ++c) g[c] = acc_k[c] - colsum * zk[c];
-      if (row_lo <= k && k < row_hi) {  // k as an anchor
-        const int64_t r = k - row_lo;
-        const T a = coefp[r], rowsum = rowsump[r];
-        const T* oz = ozp + r * dim;
-        for (int64_t c = 0; c < dim; ++c) g[c] += a * (zk[c] - zpk[c]) - rowsum * zk[c] + oz[c];
-      }
-      if (row_lo <= p && p < row_hi) {  // k as the positive of anchor p(k)
-        const T a = coefp[p - row_lo];
-        for (int64_t c = 0; c < dim; ++c) g[c] -= a * (zpk[c] - zk[c]);
-      }
+      const int64_t p = partner_of(k, m);
+      const T c = coef[k] + coef[p];
+      const T self = unit_rows ? T(0) : c - wsum[k];
+      const T* zk = z + k * dim;
+      const T* zp = z + p * dim;
+      T* g = grad + k * dim;
+#pragma omp simd
+      for (int64_t col = 0; col < dim; ++col) g[col] += self * zk[col] - c * zp[col];
     }
   });
-  return grad;
 }
 
+// n_k/2 (0.5 for unit rows): d2_ij = n_i/2 + n_j/2 − z_i·z_j.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
-                                             const std::optional<at::Tensor>& row_weight, const RuleConfig& cfg,
-                                             bool need_grad) {
+at::Tensor half_norms(const at::Tensor& z, bool unit_rows) {
+  if (unit_rows) return at::full({z.size(0)}, 0.5, z.options());
+  return z.square().sum(1).mul_(0.5).contiguous();
+}
+
+// ----------------------------------------------------------------------------------------
+// The one-pass algorithm.
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const T* w,
+                                            const RuleConfig& cfg, bool need_grad) {
   const int64_t m = z.size(0), dim = z.size(1), rows = row_hi - row_lo;
   const auto opts = z.options();
-  const at::Tensor half = z.square().sum(1).mul_(0.5).contiguous();
-  const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
+  const at::Tensor half = half_norms<T>(z, cfg.unit_rows);
   at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor coef = at::empty({rows}, opts), omega_rowsum = at::empty({rows}, opts);
+  std::vector<T> coef(need_grad ? m : 0, T(0)), wsum(need_grad ? m : 0, T(0));
   at::Tensor omega_z = need_grad ? at::empty({rows, dim}, opts) : at::Tensor();
 
   const int threads = at::get_num_threads();
-  const int64_t chunk = balanced_chunk_rows(rows, threads, chunk_rows_from_env(std::clamp<int64_t>(kChunkElements / m, 64, 256)));
-  const int64_t n_chunks = (rows + chunk - 1) / chunk;
-  // Per thread: acc = [ωᵀZ | C], M × (D + 1). The last column is Σ_i ω_ij, which the same
-  // product yields for free when Z_r is given a column of ones (times the row scales).
+  int64_t chunk = env_int("FASTALPHA_CHUNK_ROWS", std::clamp<int64_t>(kChunkElements / m, 64, 256));
+  // Every thread gets the same number of chunks of near-equal size (parallel_for splits statically).
+  if (rows > 0) {
+    const int64_t per_thread = (rows + threads * chunk - 1) / (threads * chunk);
+    chunk = std::max<int64_t>(1, (rows + threads * per_thread - 1) / (threads * per_thread));
+  }
+  const int64_t n_chunks = rows == 0 ? 0 : (rows + chunk - 1) / chunk;
+  // Per thread: acc = [ωᵀZ | C], M × (D + 1); the last column, Σ_i ω_ij, comes free from a
+  // column of ones appended to the chunk's rows (times the row scales).
   std::vector<at::Tensor> acc(threads);
+  std::vector<T> row_sum(need_grad ? rows : 0);
 
-  const RowSweep<T> sweep(cfg, half.data_ptr<T>(), m, need_grad);
-  const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
+  const RowSweep<T> sweep(cfg, half.data_ptr<T>(), m);
   T* loss_out = loss.data_ptr<T>();
-  T* coef_out = coef.data_ptr<T>();
-  T* rowsum_out = omega_rowsum.data_ptr<T>();
+  const double n_neg = static_cast<double>(m - 2);
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
     const int tid = at::get_thread_num();
     TORCH_CHECK(tid < threads, "fastalpha: thread id ", tid, " outside the ", threads, " accumulators");
-    at::Tensor sim = at::empty({chunk, m}, opts), omega = at::empty({chunk, m}, opts);
+    at::Tensor sim = at::empty({chunk, m}, opts);
+    at::Tensor omega = need_grad ? at::empty({chunk, m}, opts) : at::Tensor();
     at::Tensor scale = at::empty({chunk}, opts), z_aug = at::empty({chunk, dim + 1}, opts);
     if (need_grad) acc[tid] = at::zeros({m, dim + 1}, opts);
     for (int64_t c = first; c < last; ++c) {
       const int64_t r0 = row_lo + c * chunk, n = std::min(chunk, row_hi - r0);
       const at::Tensor z_rows = z.narrow(0, r0, n);
-      at::Tensor s = sim.narrow(0, 0, n), o = omega.narrow(0, 0, n), f = scale.narrow(0, 0, n);
+      at::Tensor s = sim.narrow(0, 0, n), f = scale.narrow(0, 0, n);
       at::mm_out(s, z_rows, z.t());
       T* s_ptr = s.data_ptr<T>();
-      T* o_ptr = o.data_ptr<T>();
+      T* o_ptr = need_grad ? omega.data_ptr<T>() : nullptr;
       T* f_ptr = f.data_ptr<T>();
       for (int64_t r = 0; r < n; ++r) {
-        const int64_t out = r0 - row_lo + r;
-        const RowResult res = sweep(r0 + r, s_ptr + r * m, o_ptr + r * m, w ? static_cast<double>(w[out]) : 1.0);
-        loss_out[out] = static_cast<T>(res.loss);
-        coef_out[out] = static_cast<T>(res.coef);
-        rowsum_out[out] = static_cast<T>(res.omega_sum);
-        f_ptr[r] = static_cast<T>(res.scale);
+        const int64_t i = r0 + r, out = i - row_lo;
+        T* row = s_ptr + r * m;
+        T* e = need_grad ? o_ptr + r * m : nullptr;
+        double dmin, mu = 0;
+        const RowStats st = sweep(i, row, e, dmin, mu);
+        const double d2_pos = std::max(0.0, static_cast<double>(half.data_ptr<T>()[i] + half.data_ptr<T>()[partner_of(i, m)]) -
+                                                static_cast<double>(row[partner_of(i, m)]));
+        const RowFinal fin = finalize_row(cfg, st, static_cast<double>(std::max(T(0), static_cast<T>(d2_pos))), n_neg);
+        loss_out[out] = static_cast<T>(fin.loss);
+        if (!need_grad) continue;
+        const double g = (w ? static_cast<double>(w[out]) : 1.0) * cfg.grad_scale;
+        coef[i] = static_cast<T>(g * fin.alpha_sum);
+        if (cfg.uses_beta) {
+          row_sum[out] = static_cast<T>(sweep.write_beta(i, row, e, g, fin, mu, st.support));
+          f_ptr[r] = T(1);
+        } else {
+          // ω = scale · e: the scale is folded into the products instead of a sweep over the row.
+          row_sum[out] = static_cast<T>(g * fin.alpha_sum);
+          f_ptr[r] = static_cast<T>(g * fin.inv);
+        }
       }
       if (need_grad) {
         // ω = diag(f) E: ωZ = f ⊙ (E Z) and ωᵀ[Z_r | 1] = Eᵀ [f ⊙ Z_r | f].
+        at::Tensor o = omega.narrow(0, 0, n);
         at::Tensor oz = omega_z.narrow(0, r0 - row_lo, n);
         at::mm_out(oz, o, z);
         oz.mul_(f.unsqueeze(1));
@@ -404,22 +467,530 @@ std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& z, int64_t row_lo
   at::Tensor total;
   for (int t = 0; t < threads; ++t) {
     if (!acc[t].defined()) continue;
-    if (total.defined()) {
-      total.add_(acc[t]);
-    } else {
-      total = acc[t];
-    }
+    if (total.defined()) total.add_(acc[t]);
+    else total = acc[t];
   }
   if (!total.defined()) total = at::zeros({m, dim + 1}, opts);
-  return {loss, assemble_gradient_cpu<T>(z, row_lo, row_hi, total, coef, omega_rowsum, omega_z)};
+  // G = ωᵀZ (+ ωZ on the anchors), wsum = column sums (+ row sums on the anchors).
+  at::Tensor grad = total.narrow(1, 0, dim).contiguous();
+  const T* tp = total.data_ptr<T>();
+  for (int64_t k = 0; k < m; ++k) wsum[k] = tp[k * (dim + 1) + dim];
+  if (rows > 0) {
+    grad.narrow(0, row_lo, rows).add_(omega_z);
+    for (int64_t r = 0; r < rows; ++r) wsum[row_lo + r] += row_sum[r];
+  }
+  add_partner_and_self_terms<T>(z.data_ptr<T>(), m, dim, cfg.unit_rows, coef.data(), wsum.data(), grad.data_ptr<T>());
+  return {loss, grad};
+}
+
+// ----------------------------------------------------------------------------------------
+// The symmetric algorithm.
+
+// Row blocks of at most `tile` rows with boundaries at row_lo and row_hi, so that a block is
+// all anchors or none; `start` has one entry more than there are blocks.
+struct Blocks {
+  std::vector<int64_t> start;
+  std::vector<char> anchor;
+  int64_t count() const { return static_cast<int64_t>(anchor.size()); }
+  int64_t size(int64_t b) const { return start[b + 1] - start[b]; }
+};
+
+inline Blocks make_blocks(int64_t m, int64_t row_lo, int64_t row_hi, int64_t tile) {
+  Blocks blocks;
+  blocks.start.push_back(0);
+  const int64_t edges[4] = {0, row_lo, row_hi, m};
+  for (int part = 0; part < 3; ++part) {
+    const int64_t lo = edges[part], hi = edges[part + 1], len = hi - lo;
+    if (len == 0) continue;
+    const int64_t n = (len + tile - 1) / tile;
+    for (int64_t b = 1; b <= n; ++b) {
+      blocks.start.push_back(lo + len * b / n);  // n near-equal blocks
+      blocks.anchor.push_back(part == 1);
+    }
+  }
+  return blocks;
+}
+
+// The tiles (a, b), a ≤ b, that have an anchor side, in rounds of pairwise disjoint blocks:
+// a round-robin tournament over B' = B (odd) or B + 1 teams. In round r, team r plays itself
+// (the diagonal tile) and teams r + s and r − s (mod B') meet for s = 1 … (B' − 1)/2; every
+// pair meets exactly once, since a + b ≡ 2r (mod B') has one solution r for odd B'.
+inline std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(const Blocks& blocks) {
+  const int64_t n = blocks.count(), teams = n % 2 == 1 ? n : n + 1;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  for (int64_t r = 0; r < teams; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> round;
+    if (r < n && blocks.anchor[r]) round.emplace_back(r, r);
+    for (int64_t s = 1; s <= (teams - 1) / 2; ++s) {
+      const int64_t a = (r + s) % teams, b = (r - s + teams) % teams;
+      if (a >= n || b >= n || !(blocks.anchor[a] || blocks.anchor[b])) continue;
+      round.emplace_back(std::min(a, b), std::max(a, b));
+    }
+    if (!round.empty()) rounds.push_back(std::move(round));
+  }
+  return rounds;
+}
+
+template <typename T>
+class Symmetric {
+ public:
+  Symmetric(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const T* w, const RuleConfig& cfg, bool need_grad)
+      : z_(z), m_(z.size(0)), dim_(z.size(1)), lo_(row_lo), hi_(row_hi), w_(w), cfg_(cfg), need_grad_(need_grad),
+        half_t_(half_norms<T>(z, cfg.unit_rows)), half_(half_t_.data_ptr<T>()), zp_(z.data_ptr<T>()),
+        blocks_(make_blocks(m_, row_lo, row_hi, env_int("FASTALPHA_TILE", kTile))), rounds_(tournament(blocks_)),
+        threads_(at::get_num_threads()), scratch_(threads_) {}
+
+  std::tuple<at::Tensor, at::Tensor> run() {
+    const int64_t rows = hi_ - lo_;
+    const auto opts = z_.options();
+    at::Tensor loss = at::empty({rows}, opts);
+    // Row statistics, indexed by global row (only anchors are used).
+    dmin_.assign(m_, std::numeric_limits<T>::infinity());
+    l_.assign(m_, 0.0);
+    ld_.assign(m_, 0.0);
+    support_.assign(m_, 0.0);
+    mu_.assign(m_, -std::numeric_limits<T>::infinity());
+    if (cfg_.rule == Rule::Square) {
+      square_statistics();
+    } else {
+      for (const auto& round : rounds_) {
+        at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t first, int64_t last) {
+          for (int64_t t = first; t < last; ++t) statistics_tile(round[t].first, round[t].second);
+        });
+      }
+    }
+    // Finish the rows: losses, and the per-row parameters of pass 2.
+    const double n_neg = static_cast<double>(m_ - 2);
+    coef_.assign(m_, T(0));
+    scale_.assign(m_, T(0));
+    shift_.assign(m_, T(0));
+    T* loss_out = loss.data_ptr<T>();
+    for (int64_t i = lo_; i < hi_; ++i) {
+      const int64_t p = partner_of(i, m_);
+      double dot = 0;
+      for (int64_t c = 0; c < dim_; ++c) dot += static_cast<double>(zp_[i * dim_ + c]) * zp_[p * dim_ + c];
+      const T d2_pos = std::max(T(0), static_cast<T>(static_cast<double>(half_[i]) + half_[p] - dot));
+      RowStats st{};
+      st.m = cfg_.rule == Rule::Square ? 0.0 : log_weight(cfg_, static_cast<double>(dmin_[i]));
+      st.l = l_[i];
+      st.ld = ld_[i];
+      st.support = support_[i];
+      const RowFinal fin = finalize_row(cfg_, st, static_cast<double>(d2_pos), n_neg);
+      loss_out[i - lo_] = static_cast<T>(fin.loss);
+      const double g = (w_ ? static_cast<double>(w_[i - lo_]) : 1.0) * cfg_.grad_scale;
+      coef_[i] = static_cast<T>(g * fin.alpha_sum);
+      if (cfg_.rule == Rule::Square) {
+        scale_[i] = static_cast<T>(g);
+        shift_[i] = static_cast<T>(g / st.support);
+      } else {
+        scale_[i] = static_cast<T>(g * fin.inv);
+        shift_[i] = static_cast<T>(fin.shift);
+      }
+    }
+    if (!need_grad_) return {loss, at::empty({0, dim_}, opts)};
+
+    at::Tensor grad = at::zeros({m_, dim_}, opts);
+    grad_ = grad.data_ptr<T>();
+    wsum_.assign(m_, T(0));
+    for (const auto& round : rounds_) {
+      at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; ++t) gradient_tile(round[t].first, round[t].second);
+      });
+    }
+    add_partner_and_self_terms<T>(zp_, m_, dim_, cfg_.unit_rows, coef_.data(), wsum_.data(), grad_);
+    return {loss, grad};
+  }
+
+ private:
+  struct Scratch {
+    std::vector<T> tile, row_a, row_b, col_a, col_b, param;
+  };
+
+  Scratch& scratch() {
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads_, "fastalpha: thread id ", tid, " outside the ", threads_, " scratch buffers");
+    Scratch& s = scratch_[tid];
+    const int64_t tile = env_int("FASTALPHA_TILE", kTile) + 1;
+    if (s.tile.empty()) {
+      s.tile.resize(tile * tile);
+      for (auto* v : {&s.row_a, &s.row_b, &s.col_a, &s.col_b, &s.param}) v->resize(tile);
+    }
+    return s;
+  }
+
+  at::Tensor tile_view(T* data, int64_t rows, int64_t cols) const {
+    return at::from_blob(data, {rows, cols}, z_.options());
+  }
+
+  // d2 of the tile rows of block a × columns of block b, in `t` (ra × cb, row-major), with
+  // +inf at the self and partner pairs (excluded from every minimum, sum and weight).
+  void tile_distances(int64_t a, int64_t b, T* t) const {
+    const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
+    at::Tensor s = tile_view(t, ra, cb);
+    at::mm_out(s, z_.narrow(0, i0, ra), z_.narrow(0, j0, cb).t());
+    const T* hc = half_ + j0;
+    for (int64_t r = 0; r < ra; ++r) {
+      T* row = t + r * cb;
+      const T hr = half_[i0 + r];
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) {
+        const T d = hr + hc[c] - row[c];
+        row[c] = d > T(0) ? d : T(0);
+      }
+      const int64_t i = i0 + r, p = partner_of(i, m_);
+      if (j0 <= i && i < j0 + cb) row[i - j0] = std::numeric_limits<T>::infinity();
+      if (j0 <= p && p < j0 + cb) row[p - j0] = std::numeric_limits<T>::infinity();
+    }
+  }
+
+  // Pass 1 on tile (a, b): statistics of the anchor rows of a over the columns of b and, off
+  // the diagonal, of the anchor rows of b over the rows of a.
+  void statistics_tile(int64_t a, int64_t b) {
+    Scratch& s = scratch();
+    const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
+    const bool rows_on = blocks_.anchor[a], cols_on = blocks_.anchor[b] && a != b;
+    T* t = s.tile.data();
+    tile_distances(a, b, t);
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    // Minimum distances of this tile, per row and per column.
+    T* cmin = s.col_a.data();
+    std::fill(cmin, cmin + cb, inf);
+    T* rmin = s.row_a.data();
+    for (int64_t r = 0; r < ra; ++r) {
+      const T* row = t + r * cb;
+      T lo = inf;
+#pragma omp simd reduction(min : lo)
+      for (int64_t c = 0; c < cb; ++c) {
+        lo = row[c] < lo ? row[c] : lo;
+        cmin[c] = row[c] < cmin[c] ? row[c] : cmin[c];
+      }
+      rmin[r] = lo;
+    }
+    // New running minima; sums so far are rescaled to the new reference.
+    double ref_lo = kInfD, ref_hi = -kInfD;  // over the rows and columns that take part
+    auto update = [&](int64_t i, T tile_min) {
+      if (!(tile_min < inf)) return;
+      if (tile_min < dmin_[i]) {
+        if (dmin_[i] < inf) {
+          const double factor = std::exp(log_weight(cfg_, dmin_[i]) - log_weight(cfg_, tile_min));
+          l_[i] *= factor;
+          ld_[i] *= factor;
+        }
+        dmin_[i] = tile_min;
+      }
+      ref_lo = std::min(ref_lo, static_cast<double>(dmin_[i]));
+      ref_hi = std::max(ref_hi, static_cast<double>(dmin_[i]));
+    };
+    if (rows_on) for (int64_t r = 0; r < ra; ++r) update(i0 + r, rmin[r]);
+    if (cols_on) for (int64_t c = 0; c < cb; ++c) update(j0 + c, cmin[c]);
+    if (ref_hi < ref_lo) return;  // every pair masked
+    const double t_ref = log_weight(cfg_, ref_lo);
+    const bool shared = t_ref - log_weight(cfg_, ref_hi) <= kMaxSharedSpread<T>;
+
+    with_weight<T>(cfg_, [&](auto weight) {
+      T* cl = s.col_a.data();  // column sums Σ_r e, Σ_r e d2 (cmin is no longer needed)
+      T* cld = s.col_b.data();
+      if (cols_on) {
+        std::fill(cl, cl + cb, T(0));
+        std::fill(cld, cld + cb, T(0));
+      }
+      if (shared) {
+        const T ref = weight.ref(static_cast<T>(ref_lo));
+        for (int64_t r = 0; r < ra; ++r) {
+          const T* row = t + r * cb;
+          T ls = 0, lds = 0;
+          if (cols_on) {
+#pragma omp simd reduction(+ : ls, lds)
+            for (int64_t c = 0; c < cb; ++c) {
+              const T d = row[c];
+              const T e = d < inf ? weight(d, ref) : T(0);
+              const T ed = d < inf ? e * d : T(0);
+              ls += e;
+              lds += ed;
+              cl[c] += e;
+              cld[c] += ed;
+            }
+          } else {
+#pragma omp simd reduction(+ : ls, lds)
+            for (int64_t c = 0; c < cb; ++c) {
+              const T d = row[c];
+              const T e = d < inf ? weight(d, ref) : T(0);
+              ls += e;
+              lds += d < inf ? e * d : T(0);
+            }
+          }
+          if (rows_on && rmin[r] < inf) add_sums(i0 + r, ls, lds, t_ref);
+        }
+        if (cols_on)
+          for (int64_t c = 0; c < cb; ++c)
+            if (dmin_[j0 + c] < inf) add_sums(j0 + c, cl[c], cld[c], t_ref);
+        return;
+      }
+      // Each orientation with its own rows' references: two exponentials per pair.
+      if (rows_on) {
+        for (int64_t r = 0; r < ra; ++r) {
+          if (!(rmin[r] < inf)) continue;
+          const T* row = t + r * cb;
+          const T ref = weight.ref(dmin_[i0 + r]);
+          T ls = 0, lds = 0;
+#pragma omp simd reduction(+ : ls, lds)
+          for (int64_t c = 0; c < cb; ++c) {
+            const T d = row[c];
+            const T e = d < inf ? weight(d, ref) : T(0);
+            ls += e;
+            lds += d < inf ? e * d : T(0);
+          }
+          l_[i0 + r] += ls;
+          ld_[i0 + r] += lds;
+        }
+      }
+      if (cols_on) {
+        T* ref = s.param.data();
+        for (int64_t c = 0; c < cb; ++c) ref[c] = weight.ref(dmin_[j0 + c]);
+        for (int64_t r = 0; r < ra; ++r) {
+          const T* row = t + r * cb;
+#pragma omp simd
+          for (int64_t c = 0; c < cb; ++c) {
+            const T d = row[c];
+            const T e = d < inf ? weight(d, ref[c]) : T(0);
+            cl[c] += e;
+            cld[c] += d < inf ? e * d : T(0);
+          }
+        }
+        for (int64_t c = 0; c < cb; ++c) {
+          l_[j0 + c] += cl[c];
+          ld_[j0 + c] += cld[c];
+        }
+      }
+    });
+  }
+
+  // l_i += e^{t_ref − t(dmin_i)} Σ e: sums taken relative to the tile's reference, moved to the row's.
+  void add_sums(int64_t i, T ls, T lds, double t_ref) {
+    const double factor = std::exp(t_ref - log_weight(cfg_, dmin_[i]));
+    l_[i] += factor * ls;
+    ld_[i] += factor * lds;
+  }
+
+  // Square's statistics: full rows (Michelot's iteration needs them), chunk by chunk.
+  void square_statistics() {
+    const int64_t rows = hi_ - lo_;
+    const int64_t chunk = std::clamp<int64_t>(kChunkElements / m_, 4, 64);
+    const int64_t n_chunks = (rows + chunk - 1) / chunk;
+    const RowSweep<T> sweep(cfg_, half_, m_);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
+      at::Tensor sim = at::empty({chunk, m_}, z_.options());
+      for (int64_t c = first; c < last; ++c) {
+        const int64_t r0 = lo_ + c * chunk, n = std::min(chunk, hi_ - r0);
+        at::Tensor s = sim.narrow(0, 0, n);
+        at::mm_out(s, z_.narrow(0, r0, n), z_.t());
+        for (int64_t r = 0; r < n; ++r) {
+          double dmin, mu;
+          const RowStats st = sweep(r0 + r, s.data_ptr<T>() + r * m_, nullptr, dmin, mu);
+          l_[r0 + r] = st.l;
+          ld_[r0 + r] = st.ld;
+          support_[r0 + r] = st.support;
+          mu_[r0 + r] = static_cast<T>(mu);
+          dmin_[r0 + r] = static_cast<T>(dmin);
+        }
+      }
+    });
+  }
+
+  // Pass 2 on tile (a, b): W = ω_ab + ω_baᵀ, G_a += W Z_b and (off the diagonal) G_b += Wᵀ Z_a.
+  // Rows that are not anchors have scale 0 (and μ = −inf): they add nothing to W.
+  void gradient_tile(int64_t a, int64_t b) {
+    Scratch& s = scratch();
+    const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
+    T* t = s.tile.data();
+    tile_distances(a, b, t);
+    if (cfg_.rule == Rule::Square) {
+      square_weights(t, i0, ra, j0, cb);
+    } else {
+      with_weight<T>(cfg_, [&](auto weight) {
+        log_rule_weights(weight, s, t, i0, ra, blocks_.anchor[a], j0, cb, blocks_.anchor[b]);
+      });
+    }
+    if (!cfg_.unit_rows) {
+      // Σ_j W_kj for the self terms: row sums to block a, column sums to block b.
+      T* cs = s.col_a.data();
+      std::fill(cs, cs + cb, T(0));
+      for (int64_t r = 0; r < ra; ++r) {
+        const T* row = t + r * cb;
+        T part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t c = 0; c < cb; ++c) {
+          part += row[c];
+          cs[c] += row[c];
+        }
+        wsum_[i0 + r] += part;
+      }
+      if (a != b)
+        for (int64_t c = 0; c < cb; ++c) wsum_[j0 + c] += cs[c];
+    }
+    const at::Tensor w = tile_view(t, ra, cb);
+    at::Tensor ga = at::from_blob(grad_ + i0 * dim_, {ra, dim_}, z_.options());
+    ga.addmm_(w, z_.narrow(0, j0, cb));
+    if (a != b) {
+      at::Tensor gb = at::from_blob(grad_ + j0 * dim_, {cb, dim_}, z_.options());
+      gb.addmm_(w.t(), z_.narrow(0, i0, ra));
+    }
+  }
+
+  // W_ij = scale_i e^{t(d) − t(dmin_i)} (1 + t'(d)(d − shift_i))^{[β]} + the same with j.
+  template <class Weight>
+  void log_rule_weights(const Weight& weight, Scratch& s, T* t, int64_t i0, int64_t ra, bool rows_anchor, int64_t j0,
+                        int64_t cb, bool cols_anchor) {
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    const bool beta = cfg_.uses_beta;
+    // The tile's reference: the smallest dmin among the rows and columns with a weight.
+    // Over anchors (a zero row weight included): every pair of the tile that is not masked
+    // has an anchor end k with d ≥ dmin_k ≥ the reference, so no weight exceeds 1.
+    double ref_lo = kInfD, ref_hi = -kInfD;
+    auto include = [&](int64_t k) {
+      if (!(dmin_[k] < std::numeric_limits<T>::infinity())) return;
+      ref_lo = std::min<double>(ref_lo, dmin_[k]);
+      ref_hi = std::max<double>(ref_hi, dmin_[k]);
+    };
+    if (rows_anchor)
+      for (int64_t r = 0; r < ra; ++r) include(i0 + r);
+    if (cols_anchor)
+      for (int64_t c = 0; c < cb; ++c) include(j0 + c);
+    const T* hr = shift_.data() + i0;
+    const T* hc = shift_.data() + j0;
+    if (ref_hi < ref_lo) {  // no anchor with a weight in this tile
+      std::fill(t, t + ra * cb, T(0));
+      return;
+    }
+    const double t_ref = log_weight(cfg_, ref_lo);
+    if (t_ref - log_weight(cfg_, ref_hi) <= kMaxSharedSpread<T>) {
+      // One exponential per pair: W = e_ref(d) (R_i g_i(d) + R_j g_j(d)), R = scale e^{t_ref − t(dmin)}.
+      const T ref = weight.ref(static_cast<T>(ref_lo));
+      T* rr = s.row_b.data();
+      T* rc = s.col_b.data();
+      auto factor = [&](int64_t k) {
+        return scale_[k] == T(0) ? T(0) : static_cast<T>(scale_[k] * std::exp(t_ref - log_weight(cfg_, dmin_[k])));
+      };
+      for (int64_t r = 0; r < ra; ++r) rr[r] = factor(i0 + r);
+      for (int64_t c = 0; c < cb; ++c) rc[c] = factor(j0 + c);
+      for (int64_t r = 0; r < ra; ++r) {
+        T* row = t + r * cb;
+        const T ri = rr[r], hi = hr[r];
+        if (beta) {
+#pragma omp simd
+          for (int64_t c = 0; c < cb; ++c) {
+            const T d = row[c];
+            const T e = weight(d, ref), sl = weight.slope(d);
+            const T v = beta_log_weight(ri * e, sl, d, hi) + beta_log_weight(rc[c] * e, sl, d, hc[c]);
+            row[c] = d < inf ? v : T(0);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < cb; ++c) {
+            const T d = row[c];
+            const T v = weight(d, ref) * (ri + rc[c]);
+            row[c] = d < inf ? v : T(0);
+          }
+        }
+      }
+      return;
+    }
+    // Two exponentials per pair, each relative to its own row's closest negative.
+    T* pr = s.row_b.data();
+    T* pc = s.param.data();
+    for (int64_t r = 0; r < ra; ++r) pr[r] = weight.ref(dmin_[i0 + r]);
+    for (int64_t c = 0; c < cb; ++c) pc[c] = weight.ref(dmin_[j0 + c]);
+    const T* sr = scale_.data() + i0;
+    const T* sc = scale_.data() + j0;
+    for (int64_t r = 0; r < ra; ++r) {
+      T* row = t + r * cb;
+      const T si = sr[r], pi = pr[r], hi = hr[r];
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) {
+        const T d = row[c];
+        const T ei = si == T(0) ? T(0) : si * weight(d, pi);
+        const T ej = sc[c] == T(0) ? T(0) : sc[c] * weight(d, pc[c]);
+        T v;
+        if (beta) {
+          const T sl = weight.slope(d);
+          v = beta_log_weight(ei, sl, d, hi) + beta_log_weight(ej, sl, d, hc[c]);
+        } else {
+          v = ei + ej;
+        }
+        row[c] = d < inf ? v : T(0);
+      }
+    }
+  }
+
+  // square: W_ij = g_i [μ_i − d]_+/τ (or g_i β_ij) + the same with j; μ = −inf off the anchors.
+  void square_weights(T* t, int64_t i0, int64_t ra, int64_t j0, int64_t cb) {
+    const T inv_tau = static_cast<T>(cfg_.inv_tau);
+    const T* mr = mu_.data() + i0;
+    const T* mc = mu_.data() + j0;
+    const T* sr = scale_.data() + i0;
+    const T* sc = scale_.data() + j0;
+    const T* qr = shift_.data() + i0;  // g / k
+    const T* qc = shift_.data() + j0;
+    const bool beta = cfg_.uses_beta;
+    for (int64_t r = 0; r < ra; ++r) {
+      T* row = t + r * cb;
+      const T mi = mr[r], si = sr[r], qi = qr[r];
+      if (beta) {
+        const T two_si = 2 * si;
+#pragma omp simd
+        for (int64_t c = 0; c < cb; ++c) {
+          const T d = row[c];
+          row[c] = square_beta(d, mi, inv_tau, two_si, qi) + square_beta(d, mc[c], inv_tau, T(2) * sc[c], qc[c]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cb; ++c) {
+          const T d = row[c];
+          row[c] = si * square_alpha(d, mi, inv_tau) + sc[c] * square_alpha(d, mc[c], inv_tau);
+        }
+      }
+    }
+  }
+
+  const at::Tensor& z_;
+  const int64_t m_, dim_, lo_, hi_;
+  const T* w_;
+  const RuleConfig cfg_;
+  const bool need_grad_;
+  const at::Tensor half_t_;
+  const T* half_;
+  const T* zp_;
+  const Blocks blocks_;
+  const std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds_;
+  const int threads_;
+  std::vector<Scratch> scratch_;
+  // Per row (global index): running closest-negative distance and the sums relative to it;
+  // square's threshold and support size; after pass 1 the parameters of pass 2.
+  std::vector<T> dmin_, mu_;
+  std::vector<double> l_, ld_, support_;
+  std::vector<T> coef_, scale_, shift_, wsum_;
+  T* grad_ = nullptr;
+};
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
+                                             const std::optional<at::Tensor>& row_weight, const RuleConfig& cfg,
+                                             bool need_grad) {
+  const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
+  const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
+  if (choose_algorithm(z.size(0), z.size(1), row_hi - row_lo) == Algorithm::Symmetric)
+    return Symmetric<T>(z, row_lo, row_hi, w, cfg, need_grad).run();
+  return one_pass<T>(z, row_lo, row_hi, w, cfg, need_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> alpha_cl_fused_cpu(const at::Tensor& z_in, int64_t row_lo, int64_t row_hi,
                                                       const std::optional<at::Tensor>& row_weight, c10::string_view rule,
                                                       double temperature, double p, double gamma, double eps,
-                                                      bool detach_alpha, bool need_grad) {
+                                                      bool detach_alpha, bool unit_rows, c10::string_view negatives,
+                                                      bool need_grad) {
+  const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps, detach_alpha,
+                                   unit_rows, std::string(negatives.data(), negatives.size()));
   check_fused_inputs(z_in, row_lo, row_hi, row_weight, c10::DeviceType::CPU);
-  const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps, detach_alpha);
   const at::Tensor z = z_in.contiguous();
   if (z.scalar_type() == at::kDouble) return fused_cpu<double>(z, row_lo, row_hi, row_weight, cfg, need_grad);
   return fused_cpu<float>(z, row_lo, row_hi, row_weight, cfg, need_grad);
@@ -431,7 +1002,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_cl_fused_cpu(const at::Tensor& z_in, in
 TORCH_LIBRARY(fastalpha_cpu, m) {
   m.def(
       "alpha_cl_fused(Tensor z, int row_lo, int row_hi, Tensor? row_weight, str rule, float temperature, float p, "
-      "float gamma, float eps, bool detach_alpha, bool need_grad) -> (Tensor, Tensor)");
+      "float gamma, float eps, bool detach_alpha, bool unit_rows, str negatives, bool need_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastalpha_cpu, CPU, m) { m.impl("alpha_cl_fused", &fastalpha::alpha_cl_fused_cpu); }

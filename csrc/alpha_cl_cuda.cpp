@@ -9,7 +9,9 @@
 //   C   += Σ_i ω_i·     column sums
 //
 // Everything runs on the current stream, deterministically. Memory: two R × M buffers plus
-// O(M·D); R is chosen so a buffer holds about 2^25 elements.
+// O(M·D); R is chosen so a buffer holds about 2^25 elements. The rule arrives as the same
+// RuleConfig as on the CPU, and each row is finished by the shared finalize_row
+// (alpha_cl_row_math.h).
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -38,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& z, int64_t row_l
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z.device().index()).stream();
   const int64_t m = z.size(0), dim = z.size(1), rows = row_hi - row_lo;
   const auto opts = z.options();
-  const at::Tensor half = z.square().sum(1).mul_(0.5).contiguous();
+  // n_j / 2; unit rows have n = 1 by construction (d2 = 1 − z_i·z_j, a zero row has cosine 0).
+  const at::Tensor half = cfg.unit_rows ? at::full({m}, 0.5, opts) : z.square().sum(1).mul_(0.5).contiguous();
   const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
   at::Tensor loss = at::empty({rows}, opts);
   at::Tensor coef = at::empty({rows}, opts), omega_rowsum = at::empty({rows}, opts);
@@ -78,15 +81,17 @@ std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& z, int64_t row_l
     }
   }
   if (!need_grad) return {loss, at::empty({0, dim}, opts)};
-  return {loss, assemble_gradient(z, row_lo, row_hi, omega_t_z, colsum, coef, omega_rowsum, omega_z)};
+  return {loss, assemble_gradient(z, row_lo, row_hi, omega_t_z, colsum, coef, omega_rowsum, omega_z, cfg.unit_rows)};
 }
 
 std::tuple<at::Tensor, at::Tensor> alpha_cl_fused_cuda(const at::Tensor& z_in, int64_t row_lo, int64_t row_hi,
                                                        const std::optional<at::Tensor>& row_weight, c10::string_view rule,
                                                        double temperature, double p, double gamma, double eps,
-                                                       bool detach_alpha, bool need_grad) {
+                                                       bool detach_alpha, bool unit_rows, c10::string_view negatives,
+                                                       bool need_grad) {
+  const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps, detach_alpha,
+                                   unit_rows, std::string(negatives.data(), negatives.size()));
   check_fused_inputs(z_in, row_lo, row_hi, row_weight, c10::DeviceType::CUDA);
-  const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps, detach_alpha);
   const at::Tensor z = z_in.contiguous();
   if (z.scalar_type() == at::kDouble) return fused_cuda<double>(z, row_lo, row_hi, row_weight, cfg, need_grad);
   return fused_cuda<float>(z, row_lo, row_hi, row_weight, cfg, need_grad);
@@ -98,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_cl_fused_cuda(const at::Tensor& z_in, i
 TORCH_LIBRARY(fastalpha_cuda, m) {
   m.def(
       "alpha_cl_fused(Tensor z, int row_lo, int row_hi, Tensor? row_weight, str rule, float temperature, float p, "
-      "float gamma, float eps, bool detach_alpha, bool need_grad) -> (Tensor, Tensor)");
+      "float gamma, float eps, bool detach_alpha, bool unit_rows, str negatives, bool need_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastalpha_cuda, CUDA, m) { m.impl("alpha_cl_fused", &fastalpha::alpha_cl_fused_cuda); }

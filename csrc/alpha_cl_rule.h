@@ -1,14 +1,44 @@
-// The rule of the α-CL loss as the kernels see it (the Python side, fastalpha/rules.py, has
-// already validated and canonicalised it: entropy is direct with p = 2, ε = 0 where unused).
+// The loss spec as every kernel sees it: one RuleConfig for the CPU and the CUDA kernels.
+//
+// fastalpha/rules.py validates the user's arguments once and builds a LossSpec; the backends
+// pass its fields to the compiled op, and `make_rule` turns them into this struct (the one
+// parse on the C++ side), with the facts the kernels branch on derived once. The struct is
+// plain data, so CUDA kernels take it by value.
 #pragma once
 
+#include <cmath>
 #include <string>
 
 #include <c10/util/Exception.h>
 
+// __host__ __device__ for nvcc, plain inline for g++: the row maths (alpha_cl_row_math.h)
+// is compiled into both libraries from one source.
+#if defined(__CUDACC__)
+#define FASTALPHA_HD __host__ __device__ __forceinline__
+#else
+#define FASTALPHA_HD inline
+#endif
+
 namespace fastalpha {
 
-enum class Rule { Quadratic, Entropy, Direct, Inverse, Square, InfoNCE };
+enum class Rule : int { Quadratic, Entropy, Direct, Inverse, Square, InfoNCE };
+
+struct RuleConfig {
+  Rule rule;
+  double temperature;  // τ
+  double p;            // entropy/direct: w = exp(−d2^{p/2}/τ) (entropy arrives with p = 2)
+  double gamma;        // inverse: w = (d2 + τ)^{−1/γ}
+  double eps;          // entropy/direct/infonce normaliser ε (0 for the other rules)
+  bool detach_alpha;   // false: the pair term of the gradient uses β instead of α
+  bool unit_rows;      // rows are unit vectors: d2 = 1 − z_i·z_j, no gradient terms in z_i itself
+
+  // Derived once by make_rule.
+  double k;            // p / 2
+  double inv_tau;      // 1 / τ
+  double inv_gamma;    // 1 / γ
+  bool uses_beta;      // α is differentiated and depends on d2 (entropy, direct, inverse, square)
+  double grad_scale;   // 1/τ for infonce (Theorem 1: its gradient is −∇E/τ), else 1
+};
 
 inline Rule parse_rule(const std::string& name) {
   if (name == "quadratic") return Rule::Quadratic;
@@ -21,29 +51,33 @@ inline Rule parse_rule(const std::string& name) {
               "'; expected quadratic, entropy, direct, inverse, square or infonce");
 }
 
-struct RuleConfig {
-  Rule rule;
-  double temperature;  // τ
-  double p;            // entropy/direct: w = exp(−d2^{p/2}/τ)
-  double gamma;        // inverse: w = (d2 + τ)^{−1/γ}
-  double eps;          // entropy/direct/infonce normaliser ε
-  bool detach_alpha;   // false: the pair term uses β (DESIGN.md §1) instead of α
-
-  // α = w(d2) / (Σ w + c): the rules whose gradient through α is the β_ij = α_ij(1 − t'(v − c)) term.
-  bool is_log_weight() const { return rule == Rule::Entropy || rule == Rule::Direct || rule == Rule::Inverse; }
-  // For quadratic (constant α) and infonce (Theorem 1 is exact) β = α, so detaching changes nothing.
-  bool uses_beta() const { return !detach_alpha && (is_log_weight() || rule == Rule::Square); }
-  // Gradient scale: infonce's loss log(ε + ξ) has gradient −∇E/τ (Theorem 1).
-  double gradient_scale() const { return rule == Rule::InfoNCE ? 1.0 / temperature : 1.0; }
-};
-
-inline RuleConfig make_rule(const std::string& name, double temperature, double p, double gamma, double eps,
-                            bool detach_alpha) {
-  RuleConfig cfg{parse_rule(name), temperature, p, gamma, eps, detach_alpha};
-  TORCH_CHECK(temperature > 0, "fastalpha: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(p > 0, "fastalpha: p must be > 0, got ", p);
-  TORCH_CHECK(gamma > 0, "fastalpha: gamma must be > 0, got ", gamma);
-  TORCH_CHECK(eps >= 0, "fastalpha: eps must be >= 0, got ", eps);
+// The spec's fields as the Python LossSpec holds them. `negatives` names the negative set J_i;
+// only "all" (every row but i and p(i)) exists so far.
+inline RuleConfig make_rule(const std::string& rule, double temperature, double p, double gamma, double eps,
+                            bool detach_alpha, bool unit_rows, const std::string& negatives) {
+  const Rule r = parse_rule(rule);
+  TORCH_CHECK(negatives == "all", "fastalpha: unknown negatives='", negatives, "'; the kernels support 'all'");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "fastalpha: temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(std::isfinite(p) && p > 0, "fastalpha: p must be finite and > 0, got ", p);
+  TORCH_CHECK(std::isfinite(gamma) && gamma > 0, "fastalpha: gamma must be finite and > 0, got ", gamma);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "fastalpha: eps must be finite and >= 0, got ", eps);
+  const bool log_weight = r == Rule::Entropy || r == Rule::Direct || r == Rule::Inverse;
+  // Only entropy/direct/infonce have an ε; infonce's 1/τ and its ε are part of its loss.
+  const bool has_eps = r == Rule::Entropy || r == Rule::Direct || r == Rule::InfoNCE;
+  RuleConfig cfg{};
+  cfg.rule = r;
+  cfg.temperature = temperature;
+  cfg.p = r == Rule::InfoNCE ? 2.0 : p;  // infonce's logits are −d2/τ: the k = 1 weight
+  cfg.gamma = gamma;
+  cfg.eps = has_eps ? eps : 0.0;
+  cfg.detach_alpha = detach_alpha;
+  cfg.unit_rows = unit_rows;
+  cfg.k = cfg.p / 2.0;
+  cfg.inv_tau = 1.0 / temperature;
+  cfg.inv_gamma = 1.0 / gamma;
+  cfg.uses_beta = !detach_alpha && (log_weight || r == Rule::Square);
+  cfg.grad_scale = r == Rule::InfoNCE ? 1.0 / temperature : 1.0;
   return cfg;
 }
 

@@ -84,6 +84,7 @@ struct Math<float> {
   static float exp(float x) { return exp_f32(x); }
   static float log(float x) { return log_f32(x); }
   static float pow(float x, float k) { return pow_f32(x, k); }
+  static float sqrt(float x) { return std::sqrt(x); }
 };
 
 template <>
@@ -91,6 +92,7 @@ struct Math<double> {
   static double exp(double x) { return std::exp(x); }
   static double log(double x) { return std::log(x); }
   static double pow(double x, double k) { return std::pow(x, k); }
+  static double sqrt(double x) { return std::sqrt(x); }
 };
 
 }  // namespace vecmath

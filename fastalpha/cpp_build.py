@@ -46,7 +46,7 @@ logger = logging.getLogger("fastalpha")
 
 CPU_SOURCES = ("alpha_cl_cpu.cpp",)
 CUDA_SOURCES = ("alpha_cl_cuda.cpp", "alpha_cl_cuda_kernel.cu")
-HEADERS = ("alpha_cl_common.h", "alpha_cl_rule.h", "vec_math.h", "alpha_cl_cuda_kernel.h")
+HEADERS = ("alpha_cl_common.h", "alpha_cl_rule.h", "alpha_cl_row_math.h", "vec_math.h", "alpha_cl_cuda_kernel.h")
 NAMESPACES = {"cpu": "fastalpha_cpu", "cuda": "fastalpha_cuda"}
 
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import fastalpha
-from fastalpha import cpp_build, cuda_backend, reference
-from fastalpha.rules import RULES, resolve_rule
-from tolerances import assert_close, precision_of
+from fastalpha import cpp_build, reference
+from fastalpha.backends import cpp, cuda
+from fastalpha.rules import RULES, make_spec
+from fastalpha.testing import assert_close, precision_of
 
 BETA_RULES = ("entropy", "direct", "inverse", "square")
 REPO = Path(__file__).resolve().parent.parent
@@ -35,10 +36,10 @@ def test_cuda_sources_compile(tmp_path):
 
 
 def test_cuda_status_explains_without_device():
-    ok, reason = cuda_backend.status()
+    ok, reason = cuda.status()
     if not torch.cuda.is_available():
         assert not ok and reason, "without a GPU the cuda backend must say it is unavailable, and why"
-    ok, reason = cuda_backend.device_status(torch.device("cpu"))
+    ok, reason = cuda.device_status(torch.device("cpu"))
     assert not ok and "CUDA tensors only" in reason
 
 
@@ -47,7 +48,7 @@ def test_cuda_status_explains_without_device():
 
 @pytest.fixture(scope="module")
 def cuda_ready():
-    ok, reason = cuda_backend.status()
+    ok, reason = cuda.status()
     if not ok:
         pytest.skip(f"cuda backend unavailable: {reason}")
 
@@ -61,18 +62,17 @@ def ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def random_rows(gen, n, d, dtype, normalize=True):
+def random_rows(gen, n, d, dtype, unit=True):
     z = torch.nn.functional.normalize(torch.randn(2 * n, d, generator=gen, dtype=torch.float64), dim=1)
-    if not normalize:
+    if not unit:
         z = z * (0.5 + torch.rand(2 * n, 1, generator=gen, dtype=torch.float64))
     return z.to(dtype)
 
 
-def check_kernel(z, params, detach, row_lo, row_hi, weight, precision):
-    rows, grad = cuda_backend.alpha_cl_fused(z.cuda(), row_lo, row_hi, None if weight is None else weight.cuda(),
-                                             params, detach, True)
+def check_kernel(z, spec, row_lo, row_hi, weight, precision):
+    rows, grad = cuda.alpha_cl_fused(z.cuda(), spec, row_lo, row_hi, None if weight is None else weight.cuda(), True)
     w64 = None if weight is None else weight.double()
-    ref_rows, ref_grad = reference.closed_form_gradient(z.double(), params, detach, w64, row_lo, row_hi)
+    ref_rows, ref_grad = reference.closed_form_gradient(z.double(), spec, w64, row_lo, row_hi)
     assert rows.device.type == "cuda" and grad.dtype == z.dtype
     assert_close(rows, ref_rows, precision, "loss rows")
     assert_close(grad, ref_grad, precision, "gradient")
@@ -81,15 +81,16 @@ def check_kernel(z, params, detach, row_lo, row_hi, weight, precision):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n,d", [(3, 3), (37, 24), (257, 130), (1500, 64)])
+@pytest.mark.parametrize("unit", [True, False])
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("rule", RULES)
-def test_cuda_kernel_matches_closed_form(cuda_ready, ieee_fp32, gen, rule, detach, n, d, dtype):
-    z = random_rows(gen, n, d, dtype, normalize=False)
+def test_cuda_kernel_matches_closed_form(cuda_ready, ieee_fp32, gen, rule, detach, unit, n, d, dtype):
+    z = random_rows(gen, n, d, dtype, unit)
     m = 2 * n
     lo = int(torch.randint(0, m // 2, (1,), generator=gen))
     hi = int(torch.randint(lo + 1, m + 1, (1,), generator=gen))
     weight = torch.rand(hi - lo, generator=gen, dtype=torch.float64).to(torch.promote_types(dtype, torch.float32))
-    check_kernel(z, resolve_rule(rule), detach, lo, hi, weight, precision_of(dtype))
+    check_kernel(z, make_spec(rule, normalize=unit, detach_alpha=detach), lo, hi, weight, precision_of(dtype))
 
 
 @pytest.mark.gpu
@@ -104,15 +105,33 @@ def test_cuda_kernel_matches_closed_form(cuda_ready, ieee_fp32, gen, rule, detac
 ])
 @pytest.mark.parametrize("detach", [True, False])
 def test_cuda_rule_parameters(cuda_ready, ieee_fp32, gen, rule, options, detach):
-    z = random_rows(gen, 37, 24, torch.float32)
-    check_kernel(z, resolve_rule(rule, **options), detach, 0, 74, None, "float32")
+    z = random_rows(gen, 37, 24, torch.float32, unit=False)
+    check_kernel(z, make_spec(rule, normalize=False, detach_alpha=detach, **options), 0, 74, None, "float32")
 
 
 @pytest.mark.gpu
 def test_cuda_many_chunks(cuda_ready, gen, monkeypatch):
     monkeypatch.setenv("FASTALPHA_CHUNK_ROWS", "7")
     z = random_rows(gen, 257, 24, torch.float64)
-    check_kernel(z, resolve_rule("square"), False, 5, 500, torch.rand(495, generator=gen, dtype=torch.float64), "float64")
+    check_kernel(z, make_spec("square", detach_alpha=False), 5, 500, torch.rand(495, generator=gen, dtype=torch.float64),
+                 "float64")
+
+
+@pytest.mark.gpu
+def test_cuda_tiny_infonce_losses_keep_float32_precision(cuda_ready, ieee_fp32, gen):
+    """loss_i = log(1 + ξ_i) with ξ_i < 1e-6, against a float64 log1p form."""
+    n, d, tau = 40, 64, 0.02
+    z1 = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    z = torch.cat([z1, torch.nn.functional.normalize(z1 + 1e-3 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)])
+    spec = make_spec("infonce", temperature=tau, eps=1.0, normalize=True)
+    rows, _ = cuda.alpha_cl_fused(z.float().cuda(), spec, 0, 2 * n, None, True)
+    zd = z.float().double()
+    d2 = (1 - zd @ zd.T).clamp_min(0)
+    d2_pos = d2.gather(1, reference.partner_index(2 * n)[:, None])
+    xi = torch.where(reference.negative_mask(2 * n), torch.exp((d2_pos - d2) / tau), torch.zeros_like(d2)).sum(1)
+    expected = torch.log1p(xi)
+    assert expected.max() < 1e-6
+    assert ((rows.cpu().double() - expected).abs() <= 1e-5 * expected).all()
 
 
 @pytest.mark.gpu
@@ -127,7 +146,7 @@ def test_cuda_public_api_matches_autograd(cuda_ready, ieee_fp32, gen, rule, deta
     r1, r2 = (z.detach().cpu().double().requires_grad_() for z in (z1, z2))
     loss = fastalpha.alpha_cl_loss(z1, z2, rule=rule, normalize=normalize, detach_alpha=detach, reduction=reduction,
                                    backend="cuda")
-    ref = reference.alpha_cl_loss(r1, r2, resolve_rule(rule), normalize, detach, reduction)
+    ref = reference.alpha_cl_loss(r1, r2, make_spec(rule, normalize=normalize, detach_alpha=detach), reduction)
     upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
     (ref * upstream).sum().backward()
@@ -150,10 +169,10 @@ def test_cuda_low_precision(cuda_ready, gen, rule, dtype, tf32):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     r1, r2 = (z.detach().cpu().double().requires_grad_() for z in (z1, z2))
-    ref = reference.alpha_cl_loss(r1, r2, resolve_rule(rule), True, True, "mean")
+    ref = reference.alpha_cl_loss(r1, r2, make_spec(rule), "mean")
     ref.backward()
     precision = precision_of(dtype, tf32)
-    assert z1.grad.dtype == dtype and math.isfinite(float(loss))
+    assert loss.dtype == dtype and z1.grad.dtype == dtype and math.isfinite(float(loss))
     assert_close(loss, ref, precision, "loss")
     assert_close(z1.grad, r1.grad, precision, "grad z1")
     assert_close(z2.grad, r2.grad, precision, "grad z2")
@@ -162,10 +181,9 @@ def test_cuda_low_precision(cuda_ready, gen, rule, dtype, tf32):
 @pytest.mark.gpu
 def test_cuda_matches_cpp_at_scale(cuda_ready, ieee_fp32, gen):
     """M = 20000: several chunks of full rows on the GPU; the cpp kernel in float64 is the oracle here."""
-    from fastalpha import cpp_backend
     z = random_rows(gen, 10000, 128, torch.float32)
-    params = resolve_rule("direct")
-    rows, grad = cuda_backend.alpha_cl_fused(z.cuda(), 0, 20000, None, params, True, True)
-    ref_rows, ref_grad = cpp_backend.alpha_cl_fused(z.double(), 0, 20000, None, params, True, True)
+    spec = make_spec("direct")
+    rows, grad = cuda.alpha_cl_fused(z.cuda(), spec, 0, 20000, None, True)
+    ref_rows, ref_grad = cpp.alpha_cl_fused(z.double(), spec, 0, 20000, None, True)
     assert_close(rows, ref_rows, "float32", "loss rows")
     assert_close(grad, ref_grad, "float32", "gradient")

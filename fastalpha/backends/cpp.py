@@ -49,6 +49,6 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
     weight = None if row_weight is None else row_weight.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     loss_rows, grad = ops.alpha_cl_fused(
         zc, row_lo, row_hi, weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
-        spec.detach_alpha, need_grad,
+        spec.detach_alpha, spec.unit_rows, spec.negatives, need_grad,
     )
     return loss_rows, grad.to(z.dtype)

@@ -9,21 +9,22 @@ Per variant the report gives registers, spill bytes, shared memory, the resident
 warps per SM that those allow, and the SASS instruction mix (HGMMA, HMMA, FFMA, DFMA, MUFU,
 local loads/stores).
 
-The matrix: compute types bf16, fp16, tf32 (float32 with TF32 products), fp32 (IEEE) and fp64;
-D ∈ {32, 64, 128, 256}; unit rows (normalize=True, the default); the calls
+The matrix (SECTIONS): the default call (`direct`, α detached, unit rows: ONLINE row pass +
+column pass) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256} with every autotuning candidate
+of blocks.candidate_configs (autotuning may pick any of them); the heavier passes at the
+largest single-chunk D of each tensor-core type (bf16 D = 256, tf32 D = 128), where registers
+and shared memory are tightest:
 
-    direct          α detached, unweighted: ONLINE row pass + column pass (the default call)
     direct-beta-w   detach_alpha=False with row weights (reduction="none" backward): statistics
                     pass, FIXED row pass with β, column pass with β
     square-beta-w   sparsemax threshold pass, FIXED row and column passes with β, weighted
-    infonce         NT-Xent (ε = 1): ONLINE row pass with the log-loss, column pass
 
-which between them launch every kernel family with its heaviest constexprs. On sm_90 every
-autotuning candidate of blocks.candidate_configs is compiled (autotuning may pick any of them);
-on sm_80 the static table only. A tensor-core variant is on the fast path when its products
-are all warpgroup MMAs on sm_90 (HGMMA > 0, HMMA = 0) or warp MMAs on sm_80 (HMMA > 0), it
-spills nothing and its shared memory fits one CTA (227 KiB on sm_90, 163 KiB on sm_80). IEEE
-float32 and float64 variants must stay off the tensor cores (FFMA / DFMA only).
+IEEE float32 and float64 (D = 64) on sm_90, and bf16/tf32 at D = 128 on sm_80 (static table).
+Other rules and flags change only elementwise code of the same kernels. A tensor-core variant
+is on the fast path when its products are all warpgroup MMAs on sm_90 (HGMMA > 0, HMMA = 0) or
+warp MMAs on sm_80 (HMMA > 0), it spills nothing and its shared memory fits one CTA (227 KiB on
+sm_90, 163 KiB on sm_80). IEEE float32 and float64 variants must stay off the tensor cores
+(FFMA / DFMA only).
 
 Each CSV row carries a hash of the kernel sources, so a test can tell a stale report from a
 current one without compiling (tests/test_triton_static.py).
@@ -221,12 +222,15 @@ def render_markdown(rows: list[dict], seconds: float | None = None) -> str:
         "164 KiB (sm_80) shared memory and 64 warps per SM), and SASS instruction counts (static",
         "counts in the binary, not executed counts).",
         "",
-        "Calls (unit rows, i.e. `normalize=True`): `direct` (α detached: row pass + column pass),",
-        "`direct-beta-w` (`detach_alpha=False` with row weights: statistics pass, row pass with β,",
-        "column pass with β), `square-beta-w` (sparsemax threshold pass + row and column passes with",
-        "β, weighted), `infonce` (NT-Xent, ε = 1). D ∈ {32, 64, 128, 256}. On sm_90 every autotuning",
-        "candidate (`role` = candidate) is compiled besides the static table; on sm_80 the static",
-        "table only (autotuning candidates are proven for sm_90).",
+        "Calls (unit rows, i.e. `normalize=True`): `direct` (α detached: row pass + column pass, the",
+        "default call) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256}, with every autotuning",
+        "candidate (`role` = candidate) besides the static table; the heavier passes at the largest",
+        "single-chunk D of each tensor-core type (bf16 D = 256, tf32 D = 128), where registers and",
+        "shared memory are tightest: `direct-beta-w` (`detach_alpha=False` with row weights:",
+        "statistics pass, row pass with β, column pass with β) and `square-beta-w` (sparsemax",
+        "threshold pass, row and column passes with β, weighted); IEEE float32 and float64 at",
+        "D = 64; sm_80 (static table) for bf16 and tf32 at D = 128. Other rules and flags change",
+        "only elementwise code of the same kernels.",
         "",
         "**Fast path** (`fast_path` = yes): a bf16/fp16/tf32 variant's products are all warpgroup",
         "MMAs on sm_90 (HGMMA > 0 and HMMA = 0) or warp MMAs on sm_80 (HMMA > 0), it spills nothing,",

@@ -12,7 +12,7 @@ Work per pair (i, j) of a pass, for the default call (rule `direct`, α detached
     L2 → SM bytes       every program streams all M rows of Z: (M / block_m) · M · D · bytes
 
 and O(M·D) bytes of HBM traffic (Z fits in L2 at these sizes). The time of a pass lies between
-max(terms) (every unit busy at once, perfect overlap) and t_mma + t_mufu + t_alu (no overlap).
+max(terms) (every unit busy at once, perfect overlap) and their sum (no overlap at all).
 
 The baselines are counted, not estimated: their aten ops are run at a small M on the CPU under
 a dispatch-mode counter that adds the matrix-product flops and the bytes read and written of
@@ -65,7 +65,7 @@ def fused_pass(m: int, d: int, compute: str, kind: str, block_m: int = 64) -> di
         "l2": (m / block_m) * m * d * size / _rate("l2_bytes_per_s"),
         "hbm": (m * d * size + 2 * m * d * 4) / _rate("hbm_bytes_per_s"),
     }
-    return {"flops": flops, **terms, "lower": max(terms.values()), "upper": terms["mma"] + terms["mufu"] + terms["alu"]}
+    return {"flops": flops, **terms, "lower": max(terms.values()), "upper": sum(terms.values())}
 
 
 # ------------------------------------------------------------------------------- baselines --

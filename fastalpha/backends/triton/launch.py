@@ -55,8 +55,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _recorded_launches: list | None = None
 
 #: Launch-time tuning budget per candidate: triton.testing.do_bench warm-up and repetition
-#: times in ms. With ≤ 3 candidates per kernel the first call of a new key costs ≈ 3 compiles
-#: plus ≈ 3 × 7 timed launches of each pass, then the choice is cached for the process.
+#: times in ms. With 2 candidates per kernel the first call of a new key costs 2 compiles plus
+#: ≈ 2 × 7 timed launches of each pass, then the choice is cached for the process.
 TUNING_WARMUP_MS, TUNING_REP_MS = 5, 20
 
 

@@ -44,14 +44,15 @@ def sparsemax_mu(values, tau):
     return (lo + hi) / 2
 
 
-def sparsemax_support(values, tau):
+def sparsemax_support(values, tau, inclusive=False):
     """(μ, support) exactly, by sorting: the support is the largest prefix k of the sorted
     values with τ + Σ_{l≤k} s_l > k s_k, and μ = (τ + Σ_{l≤k} s_l)/k. Values equal to μ are
-    outside the support (their weight (μ − v)/τ is 0)."""
+    outside the support (their weight (μ − v)/τ is 0). `inclusive=True` puts them inside
+    instead: the wrong convention, for tests that must tell the two apart."""
     s = sorted(values)
     k = max(k for k in range(1, len(s) + 1) if tau + sum(s[:k]) > k * s[k - 1])
     mu = (tau + sum(s[:k])) / k
-    return mu, [v < mu for v in values]
+    return mu, [(v <= mu) if inclusive else (v < mu) for v in values]
 
 
 def alpha_row(d2_row, d2_pos, neg, m, rule, tau, p, gamma, eps):
@@ -104,14 +105,14 @@ def alpha_matrix(z1, z2, rule, tau, p=4.0, gamma=2.0, eps=0.0, normalize=True):
     return alpha
 
 
-def square_gradient(z1, z2, tau, detach_alpha, normalize, weights=None):
+def square_gradient(z1, z2, tau, detach_alpha, normalize, weights=None, inclusive=False):
     """∂(Σ_i w_i loss_i)/∂(z1, z2) for rule="square", by the chain rule through d2, in loops.
 
     loss_i = Σ_j α_ij (d2_i − d2_ij) with α the sparsemax of −d2_i·/τ. With α a stop-gradient
     ∂loss_i/∂d2_i = Σ_j α_ij = 1 and ∂loss_i/∂d2_ij = −α_ij. Differentiating α too (the
     sparsemax Jacobian on the support S_i, k_i = |S_i|: ∂α_ij/∂d2_il = (1/k_i − [j = l])/τ)
     gives ∂loss_i/∂d2_ij = −(2 α_ij − 1/k_i) on S_i and 0 off it. The support comes from
-    `sparsemax_support` (exact, ties at μ excluded). Then d2_ij = ||z_i − z_j||²/2 or, for
+    `sparsemax_support` (exact, ties at μ excluded unless `inclusive`). Then d2_ij = ||z_i − z_j||²/2 or, for
     normalised rows u = z/||z||, 1 − u_i·u_j, whose derivative goes back through the
     normalisation: ∂u/∂z = (I − u uᵀ)/||z||.
     """
@@ -124,7 +125,7 @@ def square_gradient(z1, z2, tau, detach_alpha, normalize, weights=None):
     coef = np.zeros((m, m))  # coef[i, j] = w_i ∂loss_i/∂d2_ij
     for i in range(m):
         neg = negatives(i, m)
-        mu, inside = sparsemax_support([d2[i, j] for j in neg], tau)
+        mu, inside = sparsemax_support([d2[i, j] for j in neg], tau, inclusive)
         k = sum(inside)
         alpha = {j: (mu - d2[i, j]) / tau if s else 0.0 for j, s in zip(neg, inside)}
         coef[i, (i + m // 2) % m] += weights[i] * sum(alpha.values())

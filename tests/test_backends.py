@@ -256,30 +256,35 @@ def test_eps_reaches_the_kernel(backend, gen, rule):
 # ----------------------------------------------------------------------------- exact sparsemax ties
 
 def tie_views(dtype, device):
-    """Unit-axis rows with exact ties on the sparsemax threshold (τ = 1):
-    z1 = [e1, e1, e2], z2 = [e3, e4, e5]. Anchor z1[0] = e1 has the negatives z1[1] = e1
-    (d2 = 0) and e2, e4, e5 (d2 = 1), so μ = (τ + 0)/1 = 1: three negatives sit exactly on μ
-    and the support is {z1[1]} alone (k = 1), not all four (k = 4). Likewise anchor z1[1].
-    The distances 0 and 1 are exact in every float format."""
-    e = torch.eye(5, dtype=F64)
-    z1 = torch.stack([e[0], e[0], e[1]])
-    z2 = torch.stack([e[2], e[3], e[4]])
+    """Unit-axis rows with an exact tie on the sparsemax threshold (τ = 1):
+    z1 = [e1, e2, −e1], z2 = [e3, −e1, −e1]. Anchor z1[0] = e1 has the negatives e2 (d2 = 1)
+    and −e1 three times (d2 = 2), so μ = (τ + 1)/1 = 2: three negatives sit exactly on μ, the
+    support is {e2} alone (k = 1), not all four (k = 4), and β = 2α − 1/k on e2 is 1, not 1.75.
+    The distances 0, 1 and 2 are exact in every float format."""
+    e = torch.eye(3, dtype=F64)
+    z1 = torch.stack([e[0], e[1], -e[0]])
+    z2 = torch.stack([e[2], -e[0], -e[0]])
     return z1.to(device=device, dtype=dtype), z2.to(device=device, dtype=dtype)
 
 
-def test_tie_input_has_ties():
-    """The precondition of the tie tests: some negatives sit exactly at μ_i (so `d2 < μ` and
-    `d2 <= μ` pick different supports) — otherwise the tie tests would test nothing."""
-    z1, z2 = tie_views(F64, "cpu")
-    z = naive.stacked(z1.numpy(), z2.numpy())
-    d2 = naive.distances(z, normalize=True)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_tie_input_tells_the_support_conventions_apart(normalize):
+    """The precondition of the tie tests: negatives sit exactly at μ_i, and counting them in
+    the support (`d2 <= μ`) changes the gradient with detach_alpha=False by far more than any
+    tolerance — otherwise the tie tests would test nothing."""
+    z1, z2 = (v.numpy() for v in tie_views(F64, "cpu"))
+    z = naive.stacked(z1, z2)
+    d2 = naive.distances(z, normalize=normalize)
     m = len(z)
     ties = 0
     for i in range(m):
         values = [d2[i, j] for j in naive.negatives(i, m)]
-        mu, inside = naive.sparsemax_support(values, 1.0)
+        mu, _ = naive.sparsemax_support(values, 1.0)
         ties += sum(v == mu for v in values)
-    assert ties == 6, ties
+    assert ties >= 3, ties
+    right = naive.square_gradient(z1, z2, 1.0, False, normalize)
+    wrong = naive.square_gradient(z1, z2, 1.0, False, normalize, inclusive=True)
+    assert max(np.abs(r - w).max() for r, w in zip(right, wrong)) > 0.05
 
 
 @pytest.mark.parametrize("detach_alpha", [True, False])

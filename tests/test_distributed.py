@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -412,6 +413,142 @@ def test_bad_input_on_some_ranks_raises_on_every_rank(world, name, world_results
             assert kind == expected[0] and expected[2] in message, (rank, kind, message)
         else:
             assert kind == expected[1] and f"[{offender}]" in message, (rank, kind, message)
+
+
+# ----------------------------------------------------------------------------- ranks as threads
+
+class ThreadWorld:
+    """W ranks as threads of this process, standing in for torch.distributed inside
+    fastalpha.distributed: the same code path (layout exchange, all-gather, fused anchor
+    blocks, reduce-scatter in backward) without gloo, so a wrong value shows as a value in
+    seconds, and a rank that fails breaks the barrier of the others at once instead of
+    leaving them in a collective until a timeout."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots = [None] * world
+        self.local = threading.local()
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def get_rank(self, group=None):
+        return self.local.rank
+
+    def get_world_size(self, group=None):
+        return self.world
+
+    def get_backend(self, group=None):
+        return "gloo"
+
+    def _exchange(self, tensor):
+        self.slots[self.local.rank] = tensor.detach().clone()
+        self.barrier.wait()
+        gathered = list(self.slots)
+        self.barrier.wait()
+        return gathered
+
+    def all_gather_into_tensor(self, output, tensor, group=None):
+        output.copy_(torch.cat([t.reshape(-1) for t in self._exchange(tensor)]).view_as(output))
+
+    def reduce_scatter_tensor(self, output, tensor, group=None):
+        total = torch.stack(self._exchange(tensor)).sum(0)
+        output.copy_(total.view(self.world, *output.shape)[self.local.rank])
+
+    def run(self, fn):
+        """fn(rank) on every rank concurrently; returns the results, re-raising the first error."""
+        results, errors = [None] * self.world, [None] * self.world
+
+        def target(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors[rank] = err
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
+        first = first or next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return results
+
+
+THREAD_SIZES = [(3, 5), (2, 4, 1), (1, 1, 3)]
+
+
+@pytest.mark.parametrize("sizes", THREAD_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_unequal_shares_layout(sizes):
+    """Rank r owns global rows [o_r, o_r + N_r) and [N + o_r, N + o_r + N_r), o_r = Σ_{s<r} N_s."""
+    from fastalpha.distributed import GlobalLayout
+
+    n = sum(sizes)
+    for rank in range(len(sizes)):
+        layout = GlobalLayout(group=None, rank=rank, sizes=tuple(sizes))
+        own = _anchor_rows(sizes, rank)
+        blocks = layout.anchor_blocks()
+        assert [list(range(lo, hi)) for lo, hi in blocks] == [own[: sizes[rank]].tolist(), own[sizes[rank]:].tolist()], \
+            f"rank {rank} of sizes {sizes}: anchor blocks {blocks}"
+        # The padded all-gather buffer holds (rank, view, row) at (2·rank + view)·n_max + row.
+        n_max = max(sizes)
+        expected = [(2 * r + v) * n_max + k for v in (0, 1) for r, size in enumerate(sizes) for k in range(size)]
+        assert layout.padded_index("cpu").tolist() == expected
+        assert layout.n_global == n
+
+
+@pytest.mark.parametrize("sizes", THREAD_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", ["eager", "chunked", "cpp"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_unequal_shares_values_with_ranks_as_threads(monkeypatch, gen, sizes, backend, reduction):
+    """Every rule on unequal shares: each rank's loss and the gradients of its own rows equal
+    the global-batch reference (float64), with the ranks as threads (ThreadWorld)."""
+    import fastalpha.distributed as distributed
+
+    ok, reason = dispatch.backend_status(backend, torch.device("cpu"))
+    if not ok:
+        pytest.skip(reason)
+    world = ThreadWorld(len(sizes))
+    monkeypatch.setattr(distributed, "dist", world)
+    n, m = sum(sizes), 2 * sum(sizes)
+    for rule in RULES:
+        z1 = torch.randn(n, DIM, generator=gen, dtype=torch.float64)
+        z2 = z1 + 0.7 * torch.randn(n, DIM, generator=gen, dtype=torch.float64)
+        weights = torch.randn(m, generator=gen, dtype=torch.float64)
+        own_weights = [torch.cat([weights[:n].split(list(sizes))[r], weights[n:].split(list(sizes))[r]])
+                       for r in range(len(sizes))]
+
+        def rank_fn(rank):
+            lo = sum(sizes[:rank])
+            a = z1[lo:lo + sizes[rank]].clone().requires_grad_()
+            b = z2[lo:lo + sizes[rank]].clone().requires_grad_()
+            loss = alpha_cl_loss_distributed(a, b, rule=rule, reduction=reduction, backend=backend)
+            loss.backward(own_weights[rank] if reduction == "none" else None)
+            return loss.detach(), a.grad, b.grad
+
+        got = world.run(rank_fn)
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        spec = make_spec(rule)
+        rows = reference.loss_rows(reference.stack_views(a, b, True), spec)
+        objective = (rows * weights).sum() if reduction == "none" else rows.mean()
+        g1, g2 = torch.autograd.grad(objective, (a, b))
+        w = len(sizes)
+        for rank, (value, grad1, grad2) in enumerate(got):
+            own = _anchor_rows(sizes, rank)
+            expected = rows.detach()[own] if reduction == "none" else w / m * rows.detach()[own].sum()
+            assert_close(value, expected, "float64", f"{rule} rank {rank} of {sizes} loss")
+            scale = 1.0 if reduction == "none" else w
+            lo = sum(sizes[:rank])
+            assert_close(grad1, scale * g1[lo:lo + sizes[rank]], "float64", f"{rule} rank {rank} of {sizes} grad z1")
+            assert_close(grad2, scale * g2[lo:lo + sizes[rank]], "float64", f"{rule} rank {rank} of {sizes} grad z2")
 
 
 def test_without_process_group_is_the_local_loss_and_warns_once(gen, monkeypatch):

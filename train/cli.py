@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ε in the normaliser of direct/entropy/backprop (default 0) and nce (default 1: today's "
                         "SimCLR NT-Xent, whose denominator holds the positive pair; the paper's Eqn 2 calls ε = 0 "
                         "the SimCLR setting)")
+    g.add_argument("--negatives", choices=("all", "cross", "none"), default="all",
+                   help="each anchor's negatives among the batch: all = every other row of both views (SimCLR), "
+                        "cross = the other view's rows (two towers), none = only the queue's rows (needs "
+                        "--queue-size). Default: all")
+    g.add_argument("--queue-size", type=int, default=0, metavar="K",
+                   help="keep the last K second-view embeddings (detached, first in first out) as extra negatives "
+                        "of every anchor, a memory bank as in MoCo; 0 = no queue. Default: 0")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="loss implementation: auto = cpp on CPU / triton on CUDA when available, else eager "
                         "(the dense reference). An explicit backend never falls back. Default: auto")
@@ -190,6 +197,9 @@ def _check_args(args, parser) -> None:
     if unused:
         uses = ", ".join(f"--{n}" for n in LOSS_PARAMETERS[args.loss]) or "no rule parameter"
         parser.error(f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect on --loss {args.loss} (it uses {uses})")
+    positive("queue-size", args.queue_size, allow_zero=True)
+    if args.negatives == "none" and not args.queue_size:
+        parser.error("--negatives none takes the negatives from the queue only: give --queue-size K > 0")
     try:
         loss_kwargs(args.loss, args)
     except (ValueError, TypeError) as err:
@@ -207,6 +217,7 @@ def loss_kwargs(loss: str, args) -> dict:
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.setdefault("detach_alpha", True)
+    kwargs["negatives"] = getattr(args, "negatives", "all")
     fastalpha.AlphaCLLoss(**kwargs)
     return kwargs
 
@@ -266,6 +277,7 @@ def resolve_config(args, data, spec, device, topology) -> RunConfig:
         schedule=args.schedule, seed=args.seed, threads=args.threads, device=str(device), amp=args.amp,
         backend=args.backend, eval=args.eval, eval_every=args.eval_every, linear_epochs=args.linear_epochs,
         knn_k=args.knn_k, knn_t=args.knn_t, out=out, progress=args.progress, world_size=topology.world_size,
+        queue_size=args.queue_size,
         augment=dict(vars(spec)), baseline=args.baseline,
     )
 

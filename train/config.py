@@ -39,6 +39,7 @@ class RunConfig:
     world_size: int = 1
     baseline: bool = True
     augment: dict = field(default_factory=dict)
+    queue_size: int = 0
 
     @classmethod
     def from_saved(cls, saved: dict) -> "RunConfig":

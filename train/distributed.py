@@ -58,6 +58,17 @@ def all_reduce_sum(values: torch.Tensor, topology: Topology) -> torch.Tensor:
     return values
 
 
+def all_gather_rows(rows: torch.Tensor, topology: Topology) -> torch.Tensor:
+    """Every rank's (B/W, D) rows stacked in rank order (the global batch's order); equal shares."""
+    if not topology.enabled:
+        return rows
+    out = rows.new_empty((topology.world_size * rows.shape[0], rows.shape[1]))
+    # torch >= 2.14 names it all_gather_single; older releases only all_gather_into_tensor.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, rows.contiguous())
+    return out
+
+
 def broadcast_object(obj, topology: Topology):
     """Rank 0's `obj` on every rank."""
     if not topology.enabled:

@@ -79,6 +79,7 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.encoder, self.feature_dim = build_encoder(arch, in_channels, image_size)
         self.projector = projector(self.feature_dim, hidden, out)
+        self.embedding_dim = out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(x))

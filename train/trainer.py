@@ -89,6 +89,9 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.loss_fn = fastalpha.AlphaCLLoss(**cfg.loss_kwargs, backend=cfg.backend, gather_distributed=topology.enabled)
+        # The memory bank of --queue-size: the same rows on every rank (all ranks enqueue the
+        # global batch's second views), part of the checkpoint so that a resumed run sees them.
+        self.queue = fastalpha.Queue(cfg.queue_size, self.model.embedding_dim).to(device) if cfg.queue_size else None
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.wd)
         self.plan = BatchPlan(len(data.pretrain), cfg.batch, cfg.seed, topology.world_size, topology.rank)
         self.images = data.pretrain.to(device)
@@ -121,6 +124,7 @@ class Trainer:
             "rng": checkpoint.capture_rng(),
             "history": list(self.history),
             "probes": dict(self.probes),
+            "queue": self.queue.state_dict() if self.queue is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -132,6 +136,8 @@ class Trainer:
         self.order_state = state["order_state"]
         self.history = list(state["history"])
         self.probes = dict(state["probes"])
+        if self.queue is not None:
+            self.queue.load_state_dict(state["queue"])
         checkpoint.restore_rng(state["rng"])
 
     def save(self) -> None:
@@ -148,7 +154,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             z = self.ddp_model(torch.cat([v1, v2]))
         z1, z2 = z.chunk(2)
-        loss = self.loss_fn(z1, z2)
+        loss = self.loss_fn(z1, z2, queue=self.queue.rows() if self.queue is not None else None)
         # fastalpha.distributed returns W × (this rank's share), so the mean over ranks is the global loss.
         stats = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_requested), device=loss.device)])
         stats = distributed.all_reduce_sum(stats, self.topology).cpu()
@@ -159,6 +165,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.queue is not None:
+            self.queue.enqueue(distributed.all_gather_rows(z2.detach().float(), self.topology))
         return value
 
     def set_lr(self, epoch: int, step: int) -> float:

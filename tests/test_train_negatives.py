@@ -1,0 +1,62 @@
+"""train/run.py with two-tower negatives and a memory bank: the flags reach the loss, the bank
+holds the previous steps' second views, and it is part of the checkpoint (bit-for-bit resume)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train import cli, trainer as trainer_mod  # noqa: E402
+
+# One thread: bit-for-bit comparisons need the same reduction order in every run.
+SMALL = ["--dataset", "synthetic", "--threads", "1", "--no-progress", "--linear-epochs", "2", "--no-baseline"]
+
+
+def run(out, *flags) -> int:
+    return cli.main([*SMALL, "--out", str(out), *flags])
+
+
+def state(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+
+
+def test_negatives_and_queue_reach_the_loss(tmp_path, monkeypatch):
+    seen = []
+    original = trainer_mod.Trainer.train_step
+
+    def spy(self, epoch, step, order):
+        queue_rows = len(self.queue) if self.queue is not None else None
+        seen.append((self.loss_fn.kwargs["negatives"], queue_rows))
+        return original(self, epoch, step, order)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", spy)
+    assert run(tmp_path / "q", "--batch", "16", "--epochs", "1", "--negatives", "cross", "--queue-size", "40") == 0
+    # The bank starts empty and grows by one batch of second views per step, up to its size.
+    assert [rows for _, rows in seen[:4]] == [0, 16, 32, 40]
+    assert all(neg == "cross" for neg, _ in seen)
+    bank = state(tmp_path / "q")["queue"]
+    assert bank["bank"].shape == (40, 128) and int(bank["count"]) == 16 * len(seen)
+
+
+def test_resume_with_a_queue_is_bit_for_bit(tmp_path):
+    flags = ["--batch", "16", "--seed", "2", "--negatives", "none", "--queue-size", "48", "--loss", "nce"]
+    assert run(tmp_path / "full", *flags, "--epochs", "2") == 0
+    assert run(tmp_path / "split", *flags, "--epochs", "1") == 0
+    assert cli.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "2", "--threads", "1", "--no-progress"]) == 0
+    a, b = state(tmp_path / "full"), state(tmp_path / "split")
+    assert torch.equal(a["queue"]["bank"], b["queue"]["bank"])
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), f"weights differ in {key}"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--negatives", "none"], "--queue-size"),
+    (["--queue-size", "-3"], "--queue-size must be >= 0"),
+])
+def test_bad_negative_flags_exit_2(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "bad", "--epochs", "1", *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -21,6 +21,15 @@ def pytest_report_header(config):
     return f"fastalpha test seed: FASTALPHA_TEST_SEED={RUN_SEED}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Print the run seed with every failure, so that a failing draw can be replayed."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("fastalpha test seed", f"replay with FASTALPHA_TEST_SEED={RUN_SEED}"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

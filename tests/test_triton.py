@@ -127,7 +127,7 @@ def _small_single(d):
 RANGE_CASES = [
     # rule,      detach, unit,  M,  D,  lo, hi, weights, config,        dtype,          kwargs
     ("entropy",  False,  False, 70, 40, 10, 53, True,  SMALL_CHUNKED,  torch.float64,  {}),
-    ("entropy",  True,   True,  70, 130, 10, 53, False, SMALL_CHUNKED, torch.float32,  {"eps": 0.3}),
+    ("entropy",  True,   True,  70, 40, 10, 53, False, SMALL_CHUNKED,  torch.float32,  {"eps": 0.3}),
     ("direct",   False,  True,  74, 24, 0,  74, True,  "single",       torch.float32,  {"eps": 0.1}),
     ("direct",   True,   False, 70, 33, 37, 70, False, SMALL_CHUNKED,  torch.float32,  {"p": 3.0}),
     ("inverse",  False,  True,  70, 40, 5,  6,  True,  SMALL_CHUNKED,  torch.float32,  {}),

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from ...rules import LossSpec
 from .blocks import BlockConfig, block_config, candidate_configs, m_bucket

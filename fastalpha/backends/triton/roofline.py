@@ -29,6 +29,8 @@ import functools
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 #: The machine the model predicts for; (value, where it comes from).
 H200 = {
@@ -74,7 +76,7 @@ _VIEWS = {"t", "transpose", "view", "_unsafe_view", "expand", "slice", "select",
           "as_strided", "detach", "alias", "permute", "_reshape_alias", "reshape", "lift_fresh"}
 
 
-class _Counter(torch.utils._python_dispatch.TorchDispatchMode):
+class _Counter(TorchDispatchMode):
     """Matrix-product flops and bytes of large tensors read or written, per aten op."""
 
     def __init__(self, big: int):
@@ -89,7 +91,7 @@ class _Counter(torch.utils._python_dispatch.TorchDispatchMode):
             self.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if name == "bmm" else 1)
         if name not in _VIEWS:
             moved = 0
-            for t in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]:
+            for t in tree_flatten((args, kwargs, out))[0]:
                 if isinstance(t, torch.Tensor) and t.numel() >= self.big:
                     moved += t.numel() * t.element_size()
             if moved:

@@ -84,6 +84,8 @@ def test_autotuning_switch(monkeypatch):
     monkeypatch.setenv("FASTALPHA_AUTOTUNE", "1")
     assert launch.autotune_enabled(True)
     assert not launch.autotune_enabled(False)                        # CPU tensors never tune
+    assert not launch.autotune_enabled(True, (8, 0))                 # candidates are proven for sm_90 only
+    assert launch.autotune_enabled(True, (9, 0))
     monkeypatch.setattr(launch, "interpreted", lambda: True)
     assert not launch.autotune_enabled(True)                         # nor does the interpreter
 

@@ -15,8 +15,8 @@ mirror image of the row pass, instead of the other way round.
 
 Shapes depend on the feature dimension D and the compute type only (input dtype, and for
 float32 whether products run in TF32 or IEEE), never on M, so one compiled kernel serves every
-batch size. With D̂ = max(16, next power of two ≥ D), the static table (used under the
-interpreter, with FASTALPHA_AUTOTUNE=0, and as the first autotuning candidate):
+batch size. With D̂ = max(16, next power of two ≥ D), the static table (used on GPUs other than
+Hopper, under the interpreter, with FASTALPHA_AUTOTUNE=0, and as the first autotuning candidate):
 
 ===============  =================  ==================  =====================  =========
 compute type     single-chunk if    owned × streamed    else K / out chunk     num_warps

@@ -25,9 +25,10 @@ Statistics and accumulators are float32 (float64 for float64 inputs); the produc
 tensor cores for bf16/fp16, in TF32 for float32 when torch.get_float32_matmul_precision() is
 "high" or "medium", and in IEEE float32 when it is "highest" (PyTorch's default).
 
-Tile shapes (blocks.py): on a GPU each kernel is wrapped in `triton.autotune` over the
+Tile shapes (blocks.py): on a Hopper GPU each kernel is wrapped in `triton.autotune` over the
 candidates of blocks.candidate_configs, keyed on D, the dtypes, the rule's constexprs and a
-coarse M bucket; under the interpreter, or with FASTALPHA_AUTOTUNE=0, the static table is used.
+coarse M bucket; on other GPUs, under the interpreter, or with FASTALPHA_AUTOTUNE=0, the
+static table is used.
 """
 from __future__ import annotations
 
@@ -81,9 +82,16 @@ class Launch:
         return {**self.kwargs, **config.tile(self.kind), "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def autotune_enabled(is_cuda: bool) -> bool:
-    """Autotuning runs for CUDA tensors outside the interpreter unless FASTALPHA_AUTOTUNE=0."""
-    return is_cuda and not interpreted() and os.environ.get("FASTALPHA_AUTOTUNE", "1") != "0"
+#: GPU architectures (compute capability major) whose autotuning candidates the static report
+#: proves (HGMMA, no spills): Hopper. Other GPUs run the static table.
+TUNED_ARCHS = (9,)
+
+
+def autotune_enabled(is_cuda: bool, capability: tuple = (9, 0)) -> bool:
+    """Autotuning runs for CUDA tensors on a Hopper GPU outside the interpreter, unless
+    FASTALPHA_AUTOTUNE=0."""
+    return (is_cuda and not interpreted() and capability[0] in TUNED_ARCHS
+            and os.environ.get("FASTALPHA_AUTOTUNE", "1") != "0")
 
 
 def _grid(kind: str, extent: int, chunks: int):
@@ -235,7 +243,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision)
     candidates = (cfg,) if config is not None else tuple(candidate_configs(d, z.dtype, precision))
-    tune = config is None and autotune_enabled(z.is_cuda)
+    tune = config is None and autotune_enabled(z.is_cuda, torch.cuda.get_device_capability(z.device) if z.is_cuda else (0, 0))
     partners = (torch.arange(row_lo, row_hi, device=z.device) + half) % m
     dots = (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)
     empty = z_acc.new_empty((rows,))

@@ -300,9 +300,9 @@ def blocked_tasks(tasks: list[runner.Task], device: torch.device) -> dict:
         if not ok:
             blocked[task.key()] = ("unavailable", reason)
             continue
-        ok, reason = providers.setup_support(task.negatives, task.queue)
-        if not ok:
-            blocked[task.key()] = ("skipped", reason)
+        status, reason = providers.setup_support(task.provider, task.negatives, task.queue)
+        if status != "ok":
+            blocked[task.key()] = (status, reason)
     return blocked
 
 

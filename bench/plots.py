@@ -3,9 +3,10 @@
 One figure per run, a grid with one row per (rule, D, dtype, mode, negatives set-up) and two
 columns (time, memory). Only `ok` measurements are drawn; a provider that ran out of memory
 (or was predicted to) at some sizes says so in its legend entry. The memory panel draws the
-per-call peak (peak_mb, solid) and, where measured, the RSS growth of a fresh process over
-three calls with the default allocator (rss_growth_mb, dashed). A provider of an older file
-under a former name ("eager-chunked") is drawn as the one it is now ("chunked").
+per-call peak (peak_mb, solid, filled markers) and, where measured, the RSS growth of a fresh
+process over three calls with the default allocator (rss_growth_mb, dashed, open markers).
+A provider of an older file under a former name ("eager-chunked") is drawn as the one it is
+now ("chunked"). The title carries the machine, threads, torch, commit and load.
 
     python bench/plots.py bench/results/cpu-....csv      # redraw a figure from its CSV
 """
@@ -66,7 +67,7 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
             with_rss = [r for r in ok if r.get("rss_growth_mb") is not None and r["rss_growth_mb"] > 0]
             if with_rss:
                 ax_mem.plot([r["M"] for r in with_rss], [r["rss_growth_mb"] for r in with_rss], label=f"{provider} (fresh RSS)",
-                            linestyle="--", **style)
+                            linestyle="--", markerfacecolor="none", **style)
         subtitle = f"{rule}, D={d}, {dtype}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, negatives={setup}"
         ax_time.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="median time (ms)", title=subtitle)
         ax_mem.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="memory beyond inputs (MiB)", title=subtitle)
@@ -87,6 +88,17 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
     return path
 
 
+def title_of(name: str, rows: list[dict]) -> str:
+    """A figure title from a CSV's rows: machine, threads, torch, commit and the load range."""
+    first = rows[0] if rows else {}
+    loads = [r[c] for r in rows for c in ("load_start", "load_end") if r.get(c) is not None]
+    load = f"; 1-min load {min(loads):.2f}-{max(loads):.2f}" if loads else ""
+    return (f"{name}: {first.get('device', '?')}, {first.get('threads', '?')} threads, torch {first.get('torch', '?')}, "
+            f"commit {first.get('git_commit') or '?'}{load}")
+
+
 if __name__ == "__main__":
     for csv_path in sys.argv[1:]:
-        print(plot_results(read_csv(csv_path), os.path.splitext(csv_path)[0] + ".png", os.path.basename(csv_path)))
+        rows = read_csv(csv_path)
+        name = os.path.splitext(os.path.basename(csv_path))[0]
+        print(plot_results(rows, os.path.splitext(csv_path)[0] + ".png", title_of(name, rows)))

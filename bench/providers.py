@@ -93,14 +93,23 @@ def setup_kwargs(negatives: str, queue: torch.Tensor | None) -> dict:
     return kwargs
 
 
-def setup_support(negatives: str, queue_rows: int) -> tuple[bool, str]:
-    """Whether this fastalpha's API takes the arguments of a setup, and if not, why not."""
-    needed = [name for name, used in (("negatives", negatives != "all"), ("queue", queue_rows > 0)) if used]
+def setup_support(name: str, negatives: str, queue_rows: int) -> tuple[str, str]:
+    """("ok", "") if provider `name` can run a setup; else ("skipped", why) when this
+    fastalpha's API lacks the setup's arguments, ("unavailable", why) when the backend does
+    not compute that set of negatives."""
+    check_provider(name)
+    needed = [arg for arg, used in (("negatives", negatives != "all"), ("queue", queue_rows > 0)) if used]
+    if not needed:
+        return "ok", ""
     parameters = inspect.signature(fastalpha.alpha_cl_loss).parameters
-    missing = [name for name in needed if name not in parameters]
+    missing = [arg for arg in needed if arg not in parameters]
     if missing:
-        return False, f"fastalpha.alpha_cl_loss has no {' / '.join(repr(m) for m in missing)} parameter in this version"
-    return True, ""
+        return "skipped", f"fastalpha.alpha_cl_loss has no {' / '.join(repr(m) for m in missing)} parameter in this version"
+    supports = getattr(dispatch, "supports", None)
+    if supports is None:
+        return "ok", ""
+    ok, reason = supports("eager" if name == "compile" else name, negatives, queue_rows > 0)
+    return ("ok", "") if ok else ("unavailable", reason)
 
 
 @functools.lru_cache(maxsize=None)

@@ -138,8 +138,11 @@ def table(rows: list[dict]) -> str:
     lines = []
     not_run = {}
     for r in rows:
-        if r["status"] in ("unavailable", "skipped"):
-            not_run.setdefault((r["provider"] if r["status"] == "unavailable" else setup_name(r)), f"{r['status']}: {r['reason']}")
+        if r["status"] == "skipped":
+            not_run.setdefault(f"negatives={setup_name(r)}", f"skipped: {r['reason']}")
+        elif r["status"] == "unavailable":
+            what = r["provider"] + ("" if setup_name(r) == "all" else f", negatives={setup_name(r)}")
+            not_run.setdefault(what, f"unavailable: {r['reason']}")
     for what, why in not_run.items():
         lines.append(f"{what}: {why}")
     groups = defaultdict(list)

@@ -267,7 +267,7 @@ def test_target_report_says_pass_and_fail():
 def test_help_shows_defaults_and_invocations(capsys):
     with pytest.raises(SystemExit):
         compare.parse_args(["--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps to the terminal width
     assert "(default: cpu 1024,4096,8192,16384" in text and "usual invocations:" in text and "--preset cpu-targets" in text
     with pytest.raises(SystemExit):
         compare.parse_args(["--preset", "cpu-targets", "--sizes", "64"])

@@ -9,7 +9,7 @@ import torch
 import fastalpha
 from fastalpha import reference
 from fastalpha.rules import RULES, make_spec
-from fastalpha.testing import assert_close
+from fastalpha.testing import assert_close, loss_scale
 
 import naive
 
@@ -339,10 +339,13 @@ def test_detach_changes_gradient_not_value(gen, rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_float32_reference_tracks_float64(gen, rule):
-    z1, z2 = views(gen, 9, 24)
-    got = fastalpha.alpha_cl_loss(z1.float(), z2.float(), rule=rule, reduction="none", backend="eager")
+    z1, z2 = (v.float() for v in views(gen, 9, 24))
+    got = fastalpha.alpha_cl_loss(z1, z2, rule=rule, reduction="none", backend="eager")
     assert got.dtype == torch.float32
-    assert_close(got, fastalpha.alpha_cl_loss(z1, z2, rule=rule, reduction="none", backend="eager"), "float32", rule)
+    expected = fastalpha.alpha_cl_loss(z1.double(), z2.double(), rule=rule, reduction="none", backend="eager")
+    # Per-anchor losses of independent views are differences of O(1) distances: the error
+    # follows the size of those terms (fastalpha.testing.loss_scale), not the result.
+    assert_close(got, expected, "float32", rule, scale=loss_scale(torch.cat([z1, z2]), make_spec(rule)))
 
 
 def test_energy_and_covariance(gen):

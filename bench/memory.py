@@ -11,9 +11,12 @@ blocks in its heap (and its mmap threshold grows after the first large free), so
 bigger call would leave resident free memory that the next one reuses without raising RSS.
 The memory worker therefore starts with EXACT_MALLOC_ENV: every buffer above 64 KiB is its
 own mapping, unmapped when freed. That setting makes every temporary a fresh page-faulting
-mapping, which was measured to double the time of eager-chunked at M = 8192, so timing runs
-in another worker with the allocator as users have it. (Setting the same thresholds with
+mapping, which was measured to double the time of the chunked baseline at M = 8192, so
+timing runs in another worker with the allocator as users have it. (Setting the same thresholds with
 mallopt() at run time is not enough: blocks already in the heap keep being reused.)
+
+The user-visible figure, the growth of a fresh process with the default allocator over a few
+calls, is bench/runner.py's `run_rss` (its own process per measurement).
 
 CUDA: torch.cuda.max_memory_allocated() − memory_allocated() after the inputs exist.
 """

@@ -2,11 +2,11 @@
 
 CPU: `torch.utils.benchmark.Timer.blocked_autorange`, after the caller's warm-up. The Timer
 runs the call in blocks (one call per block once a call takes more than a few milliseconds,
-more for tiny calls, so that timer overhead stays below 1e-4 of a block) until the timed total
+10^k for tiny calls, so that timer overhead stays below 1e-4 of a block) until the timed total
 passes `min_run_time`, and pins the torch thread count while it does. `time_cpu` sets
 `min_run_time` from the caller's estimate of one call so that about
-`min(repeats, max(min_repeats, budget_s / call))` blocks are timed; blocked_autorange makes one
-more untimed call of its own to choose the block size (a second warm-up).
+`min(repeats, max(min_repeats, budget_s / call))` blocks are timed; blocked_autorange makes
+untimed calls of its own to choose the block size (for calls over 10 ms, one: a second warm-up).
 CUDA: `triton.testing.do_bench` (CUDA events, L2 flushed between calls), with its repetition
 time stretched so that at least `repeats` calls are timed; calls slower than SLOW_CALL_MS are
 timed one by one with CUDA events, at least 3 and at most what `budget_s` allows.
@@ -27,6 +27,8 @@ from torch.utils import benchmark
 #: Largest matmul output the ceiling measurement allocates (elements): 2^24 on the CPU
 #: (64 MiB in float32), 2^28 on a GPU. Bigger M is timed on a row block of the same shape class.
 CEILING_OUTPUT_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+#: Shortest block of calls torch.utils.benchmark's blocked_autorange times (see time_cpu).
+MIN_BLOCK_S = 0.01
 #: On a GPU, calls slower than this are timed individually instead of by do_bench.
 SLOW_CALL_MS = 500.0
 
@@ -45,10 +47,13 @@ def time_cpu(fn: Callable[[], object], repeats: int, budget_s: float, estimate_s
     """
     estimate_s = max(estimate_s, 1e-7)
     wanted = min(max(repeats, 1), max(min_repeats, math.ceil(budget_s / estimate_s)))
-    # The loop stops at the first block that brings the total past min_run_time: half a call
-    # short of `wanted` calls, so that a block slightly faster than the estimate does not add one.
+    # blocked_autorange grows a block by powers of ten until the timer's overhead (about a
+    # microsecond) is under 1e-4 of it: calls under MIN_BLOCK_S come in blocks of 10^k calls.
+    block_s = estimate_s if estimate_s >= MIN_BLOCK_S else estimate_s * 10 ** math.ceil(math.log10(MIN_BLOCK_S / estimate_s))
+    # The loop stops at the first block that brings the total past min_run_time: half a block
+    # short of `wanted` blocks, so that a block slightly faster than the estimate does not add one.
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=(wanted - 0.5) * estimate_s)
+    measurement = timer.blocked_autorange(min_run_time=(wanted - 0.5) * block_s)
     times_ms = [t * 1e3 for t in measurement.times]
     return (*summarize(times_ms), len(times_ms), int(measurement.number_per_run))
 

@@ -6,6 +6,8 @@ Checked statements (float64):
 * Theorem 3: under ||W_l||_F = 1 for every l, max E_α = ½ λ_max(X_α), attained by rank-1
   layers W_l = u_l u_{l−1}ᵀ with u_0 the top eigenvector of X_α; the normalised flow (Eqn. 11)
   from random starts reaches it, with every W_l's singular values → (1, 0, …, 0).
+* Corollary 3: with per-filter normalisation ||w_lk|| = 1/√n_l (l = 1..L−1) the flow still
+  reaches Theorem 3's rank-1 global optimum, and now [v_l]_k = ±1/√n_l.
 * Balancedness: without normalisation d/dt (W_l W_lᵀ − W_{l+1}ᵀ W_{l+1}) = 0 along the flow.
 * Lemma 2: with ℓ2-normalised outputs the loss is invariant to W_l → c W_l (c > 0), so its
   gradient is orthogonal to W_l and gradient flow conserves every ||W_l||_F.
@@ -182,3 +184,38 @@ def test_lemma2_gradient_flow_conserves_layer_norms():
         assert drift_fine < 1e-5 * moved, (drift_fine, moved)
         assert drift_fine < drift_coarse / 8, (drift_coarse, drift_fine)
     assert float(_normalised_loss(fine, x1, x2)) < float(_normalised_loss(ws0, x1, x2))
+
+
+def _fresh_data(gen, n=24, d=6, aug=0.2):
+    scale = torch.linspace(2.0, 0.4, d, dtype=DT)
+    x = torch.randn(n, d, dtype=DT, generator=gen) * scale
+    x1 = x + aug * torch.randn(n, d, dtype=DT, generator=gen)
+    x2 = x + aug * torch.randn(n, d, dtype=DT, generator=gen)
+    return T.contrastive_covariance(x1, x2, T.alpha_phi_psi(x1, x2, T.infonce(tau=2.0, eps=1.0)))
+
+
+def test_corollary3_per_filter_normalisation_gives_plus_minus_one_over_sqrt_n(gen):
+    import math
+
+    xa = _fresh_data(gen)
+    evals, evecs = torch.linalg.eigh(xa)
+    lam = float(evals[-1])
+    assert lam > 0
+    dims = [6, 5, 4, 4, 3]
+    for _ in range(2):
+        ws = [torch.randn(dims[l + 1], dims[l], dtype=DT, generator=gen) for l in range(len(dims) - 1)]
+        run = T.deep_linear_flow(ws, xa, steps=1500, lr=1.0 / lam, record_every=1500, per_filter=True)
+        assert abs(run.objective[-1] - lam / 2) < 1e-9 * lam  # Theorem 3's global optimum
+        for l, w in enumerate(run.ws):
+            svd = torch.linalg.svd(w)
+            assert float(svd.S[1] / svd.S[0]) < 1e-8  # W_l = v_l v_{l−1}ᵀ
+            if l < len(run.ws) - 1:  # [v_l]_k = ±1/√n_l for the per-filter-normalised layers
+                torch.testing.assert_close(svd.U[:, 0].abs(), torch.full((w.shape[0],), 1 / math.sqrt(w.shape[0]), dtype=DT),
+                                           rtol=1e-9, atol=0)
+        _, _, vh = torch.linalg.svd(T.chain(run.ws, 0, len(run.ws)))
+        assert abs(float(vh[0] @ evecs[:, -1])) > 1 - 1e-9  # v_0: the top eigenvector of X_α
+    # Control: with the Frobenius constraint alone (Theorem 3) the hidden v_l are not ±1/√n_l.
+    ws = [torch.randn(dims[l + 1], dims[l], dtype=DT, generator=gen) for l in range(len(dims) - 1)]
+    free = T.deep_linear_flow(T.frobenius_normalize(ws), xa, steps=1500, lr=1.0 / lam, record_every=1500)
+    spread = [float(torch.linalg.svd(w).U[:, 0].abs().std()) for w in free.ws[:-1]]
+    assert max(spread) > 1e-3, spread

@@ -111,7 +111,7 @@ def test_infonce_alpha_matches_design_formula():
     e = torch.where(mask, torch.exp(v / tau), torch.zeros_like(v))
     expected = e / (eps + e.sum(1, keepdim=True))
     torch.testing.assert_close(alpha, expected, rtol=1e-13, atol=0)
-    # A_i = ξ_i / (ε + ξ_i) < 1 (DESIGN.md §1): the positive pair is under-weighted.
+    # A_i = ξ_i / (ε + ξ_i) < 1 (the feasible set after Theorem 2): the positive pair is under-weighted.
     a = alpha.sum(1)
     assert float(a.max()) < 1
 

@@ -1,7 +1,7 @@
 r"""Section 5 of the paper: the max player on a two-layer ReLU net z = W_2 σ(W_1 x), fixed α,
-inputs from the orthogonal mixture x = a e_m (a > 0). The statements are written out in
-fastalpha/theory.py (comment block above `orthogonal_mixture`); each test names the one it
-checks. Everything is float64 and seeded.
+inputs from the orthogonal mixture x = a e_m (a > 0). The statements are written out in the
+docstring of fastalpha/theory/relu.py; each test names the one it checks: the paper's Lemma 3,
+Theorems 4–6, or this project's own Propositions A and B (not the paper's). Float64 throughout.
 """
 import pytest
 import torch
@@ -135,7 +135,7 @@ def test_theorem5_winner_depends_on_initialisation_and_global_value_is_max_diago
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_theorem6a_cooperating_nodes_collapse_to_rank_one(seed):
+def test_proposition_a_cooperating_nodes_collapse_to_rank_one(seed):
     x_alpha = _uniform_x_alpha(10)
     lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
     g = torch.Generator().manual_seed(seed)
@@ -157,7 +157,7 @@ def test_theorem6a_cooperating_nodes_collapse_to_rank_one(seed):
     assert abs(run.objective[-1] - 0.5 * float(x_alpha[m, m] * evals[-1])) < 1e-9 * lam
 
 
-def test_theorem6a_global_bound_for_nonnegative_b():
+def test_proposition_a_global_bound_for_nonnegative_b():
     x_alpha = _uniform_x_alpha(11)
     g = torch.Generator().manual_seed(12)
     w2 = torch.rand(5, 6, dtype=DT, generator=g)
@@ -169,7 +169,7 @@ def test_theorem6a_global_bound_for_nonnegative_b():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_theorem6b_decoupled_nodes_each_pick_their_own_component(seed):
+def test_proposition_b_decoupled_nodes_each_pick_their_own_component(seed):
     x_alpha = _uniform_x_alpha(13)
     lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
     g = torch.Generator().manual_seed(seed)
@@ -209,3 +209,47 @@ def test_joint_training_collapses_to_rank_one_with_rank_one_w2tw2(seed):
     assert int(u[live].argmax(1).unique().numel()) == 1
     sb = torch.linalg.svdvals(run.w2)
     assert float(sb[1] / sb[0]) < 1e-6  # W_2ᵀW_2 = v vᵀ (up to scale)
+
+
+def test_theorem6_every_rank_one_local_optimum_in_theta_is_v_em_unlike_the_linear_net(gen):
+    """Theorem 6 as the paper states it: a local optimum (W_2, W_1) ∈ Θ with E > 0 has W_1 = v e_mᵀ
+    (v ≥ 0) or rank(W_1) > 1. Joint projected ascent in Θ from fresh random starts; each end
+    point is checked to be a local optimum (stationary in Θ, and no nearby point of Θ is better).
+    The linear net z = W_2 W_1 x from the same starts ends at W_1 = v v_0ᵀ, v_0 the top
+    eigenvector of X_α, which is not an e_m: the ReLU is what makes the rank-1 optima axis-aligned."""
+    x1, x2, _ = T.orthogonal_mixture(96, torch.linspace(2.0, 1.0, D).tolist(), aug_std=0.1, generator=gen)
+    m = 2 * x1.shape[0]
+    x_alpha = T.contrastive_covariance(x1, x2, T.negative_mask(m).to(DT) / (m - 2))
+    evals, evecs = torch.linalg.eigh(x_alpha)
+    lam, v0 = float(evals[-1]), evecs[:, -1]
+    assert float(v0.abs().max()) < 0.99  # the linear optimum's direction is not an axis
+    k, out, starts, steps = 6, 5, 8, 1000
+    rank_one = 0
+    for _ in range(starts):
+        w1 = torch.randn(k, D, dtype=DT, generator=gen)
+        w2 = torch.randn(out, k, dtype=DT, generator=gen)
+        w1, w2 = w1 / w1.norm(), w2 / w2.norm()
+        run = T.relu2_flow(w1, w2, x_alpha, steps=steps, lr=0.3 / lam, record_every=steps)
+        e = run.objective[-1]
+        assert e > 0
+        assert T.relu2_stationarity(run.w1, run.w2, x_alpha) < 1e-9
+        for _ in range(50):  # no point of Θ nearby does better: a local optimum, not a saddle
+            a = run.w1 + 1e-3 * torch.randn(k, D, dtype=DT, generator=gen)
+            b = run.w2 + 1e-3 * torch.randn(out, k, dtype=DT, generator=gen)
+            assert float(T.relu2_objective(a / a.norm(), b / b.norm(), x_alpha)) <= e + 1e-9 * lam
+        rank, component = T.rank_one_component(run.w1)
+        if rank == 1:
+            rank_one += 1
+            assert component is not None, "a rank-1 local optimum must be v e_mᵀ"
+            assert float(run.w1.min()) > -1e-9  # v ≥ 0: the negative entries have decayed away
+            torch.testing.assert_close(torch.tensor(e, dtype=DT), 0.5 * x_alpha[component, component]
+                                       * torch.linalg.eigvalsh(run.w2.T @ run.w2)[-1], rtol=1e-9, atol=0)
+            assert e < 0.5 * lam * (1 - 1e-6)  # below the linear optimum
+        else:
+            assert rank > 1
+        linear = T.deep_linear_flow([w1, w2], x_alpha, steps=steps, lr=0.3 / lam, record_every=steps)
+        s = torch.linalg.svd(linear.ws[0])
+        assert float(s.S[1] / s.S[0]) < 1e-8  # linear: rank 1 too (Theorem 3) ...
+        assert abs(float(s.Vh[0] @ v0)) > 1 - 1e-9  # ... but along v_0, not along an e_m
+        assert abs(linear.objective[-1] - lam / 2) < 1e-9 * lam
+    assert rank_one >= 1, "no rank-1 optimum was found: the statement was not exercised"

@@ -5,17 +5,19 @@ r"""Section 5 of Tian (2022): the max player on a two-layer ReLU net, z = W_2 σ
 
 Data: the orthogonal mixture (Assumption 1) with d components, x = a e_m, a > 0, two views
 differing in the magnitude a. With a fixed α ≥ 0 and X_α = C_α[x] (off-diagonal ≤ 0),
-E_α = ½ tr(W_2ᵀW_2 U X_α Uᵀ), U = [W_1]_+ (fastalpha/theory.py states and proves each item).
+E_α = ½ tr(W_2ᵀW_2 U X_α Uᵀ), U = [W_1]_+ (fastalpha/theory/relu.py states each item, and
+says which are the paper's and which are this project's own propositions).
 The script runs projected gradient ascent and prints / plots:
 
 * Theorem 4 (sticky weights): a first-layer weight that is ≤ 0 gets exactly zero gradient,
   so it never becomes positive again (counted along a single-node run);
 * Theorem 5 (one node): W_1 → e_{m*}, E_α → ½ X_α[m*, m*], m* depending on the start;
-* Theorem 6 / Fig. 3 (K nodes): converged W_1 and W_2ᵀW_2 heat maps for
-  (a) W_2 fixed with W_2ᵀW_2 > 0 entrywise → W_1 = v e_mᵀ (rank 1),
-  (b) W_2 fixed with orthonormal columns, per-node normalisation → each node its own e_m,
-      rank(W_1) > 1,
-  (c) W_2 trained as well, fixed α (measured: collapse to W_1 = v e_mᵀ),
+* K nodes, in the style of Fig. 3: converged W_1 and W_2ᵀW_2 heat maps for
+  (a) Proposition A (this project's): W_2 fixed with W_2ᵀW_2 > 0 entrywise → W_1 = v e_mᵀ,
+  (b) Proposition B (this project's): W_2 fixed with orthonormal columns, per-node
+      normalisation (outside the paper's Θ) → each node its own e_m, rank(W_1) > 1,
+  (c) the setting of the paper's Theorem 6: W_2 trained as well in Θ, fixed α (measured:
+      W_1 = v e_mᵀ, the rank-1 branch of the theorem; Fig. 3's rank > 1 does not appear here),
   (d) α-CL proper: InfoNCE's α recomputed from the outputs every step, W_2 trained
       (measured; illustration only, no theorem claimed).
 
@@ -106,11 +108,11 @@ def main(argv=None) -> dict:
     out.update(theorem4_revived=revived, theorem4_died=died, theorem5_winner=m_star,
                theorem5_objective=single.objective[-1], theorem5_winners=winners)
 
-    # --- Theorem 6 / Fig. 3: K hidden nodes -------------------------------------------
+    # --- K hidden nodes: Propositions A/B, Theorem 6's setting, α-CL (Fig. 3 style) --------
     runs, titles = {}, {
-        "a": "(a) $W_2$ fixed, $W_2^TW_2>0$",
-        "b": "(b) $W_2$ fixed, $W_2^TW_2=I$",
-        "c": r"(c) $W_2$ trained, fixed $\alpha$",
+        "a": "(a) Prop. A: $W_2$ fixed, $W_2^TW_2>0$",
+        "b": "(b) Prop. B: $W_2$ fixed, $W_2^TW_2=I$",
+        "c": r"(c) Thm. 6 setting: $W_2$ trained, fixed $\alpha$",
         "d": r"(d) $\alpha$-CL: InfoNCE $\alpha$ each step",
     }
     w1 = torch.rand(k, d, dtype=DT, generator=g)

@@ -9,11 +9,15 @@ Per variant the report gives registers, spill bytes, shared memory, the resident
 warps per SM that those allow, and the SASS instruction mix (HGMMA, HMMA, FFMA, DFMA, MUFU,
 local loads/stores).
 
-The matrix (SECTIONS): the default call (`direct`, α detached, unit rows: ONLINE row pass +
-column pass) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256} with every autotuning candidate
-of blocks.candidate_configs (autotuning may pick any of them); the heavier passes at the
-largest single-chunk D of each tensor-core type (bf16 D = 256, tf32 D = 128), where registers
-and shared memory are tightest:
+The matrix (SECTIONS): the light calls for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256} with
+every autotuning candidate of blocks.candidate_configs (autotuning may pick any of them),
+
+    direct          α detached, unit rows (normalize=True): ONLINE row pass + column pass
+    infonce         NT-Xent (ε = 1), unit rows: ONLINE row pass with the log-loss, column pass
+    direct-rows     `direct` with normalize=False (d2 from the norms)
+
+and the heavier passes at the largest single-chunk D of each tensor-core type (bf16/fp16
+D = 256, tf32 D = 128), where registers and shared memory are tightest:
 
     direct-beta-w   detach_alpha=False with row weights (reduction="none" backward): statistics
                     pass, FIXED row pass with β, column pass with β
@@ -49,19 +53,21 @@ MD_PATH = os.path.join(REPO, "docs", "gpu-static-report.md")
 DIMS = (32, 64, 128, 256)
 COMPUTES = ("bf16", "fp16", "tf32", "fp32", "fp64")
 TENSOR_CORE = ("bf16", "fp16", "tf32")
-#: (name, rule, detach_alpha, weighted, eps)
+#: name: (rule, detach_alpha, weighted, eps, unit rows)
 CASES = {
-    "direct": ("direct", True, False, None),
-    "direct-beta-w": ("direct", False, True, None),
-    "square-beta-w": ("square", False, True, None),
+    "direct": ("direct", True, False, None, True),
+    "infonce": ("infonce", True, False, 1.0, True),
+    "direct-rows": ("direct", True, False, None, False),
+    "direct-beta-w": ("direct", False, True, None, True),
+    "square-beta-w": ("square", False, True, None, True),
 }
 #: The matrix, section by section: (arch, compute types, D values, calls, autotuning candidates
-#: too?). The default call everywhere it matters (every tensor-core type and D, every candidate
+#: too?). The light calls everywhere it matters (every tensor-core type and D, every candidate
 #: on sm_90); the heavier passes (β, sparsemax) at the largest single-chunk D of each tensor-core
 #: type, where registers and shared memory are tightest; IEEE float32 / float64 and sm_80 once.
 SECTIONS = (
-    (90, TENSOR_CORE, DIMS, ("direct",), True),
-    (90, ("bf16",), (256,), ("direct-beta-w", "square-beta-w"), True),
+    (90, TENSOR_CORE, DIMS, ("direct", "infonce", "direct-rows"), True),
+    (90, ("bf16", "fp16"), (256,), ("direct-beta-w", "square-beta-w"), True),
     (90, ("tf32",), (128,), ("direct-beta-w", "square-beta-w"), True),
     (90, ("fp32", "fp64"), (64,), ("direct",), False),
     (80, ("bf16", "tf32"), (128,), ("direct",), False),
@@ -153,8 +159,8 @@ def variants(sections=SECTIONS, archs=ARCHS):
         for compute in computes:
             for d in dims:
                 for name in cases:
-                    rule, detach, weighted, eps = CASES[name]
-                    for item in record(compute, d, rule, detach, weighted, eps=eps):
+                    rule, detach, weighted, eps, unit = CASES[name]
+                    for item in record(compute, d, rule, detach, weighted, unit=unit, eps=eps):
                         for cfg in (item.candidates if tuned else (item.config,)):
                             v = Variant(arch, compute, d, name, item, cfg, "static" if cfg == item.config else "candidate")
                             if v.key not in seen:
@@ -222,11 +228,12 @@ def render_markdown(rows: list[dict], seconds: float | None = None) -> str:
         "164 KiB (sm_80) shared memory and 64 warps per SM), and SASS instruction counts (static",
         "counts in the binary, not executed counts).",
         "",
-        "Calls (unit rows, i.e. `normalize=True`): `direct` (α detached: row pass + column pass, the",
-        "default call) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256}, with every autotuning",
-        "candidate (`role` = candidate) besides the static table; the heavier passes at the largest",
-        "single-chunk D of each tensor-core type (bf16 D = 256, tf32 D = 128), where registers and",
-        "shared memory are tightest: `direct-beta-w` (`detach_alpha=False` with row weights:",
+        "Calls: `direct` (α detached, unit rows i.e. `normalize=True`: row pass + column pass, the",
+        "default call), `infonce` (NT-Xent, ε = 1) and `direct-rows` (`direct` with",
+        "`normalize=False`) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256}, with every",
+        "autotuning candidate (`role` = candidate) besides the static table; the heavier passes at",
+        "the largest single-chunk D of each tensor-core type (bf16/fp16 D = 256, tf32 D = 128), where",
+        "registers and shared memory are tightest: `direct-beta-w` (`detach_alpha=False` with row weights:",
         "statistics pass, row pass with β, column pass with β) and `square-beta-w` (sparsemax",
         "threshold pass, row and column passes with β, weighted); IEEE float32 and float64 at",
         "D = 64; sm_80 (static table) for bf16 and tf32 at D = 128. Other rules and flags change",

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "if installed, else scikit-learn's digits. synthetic = random images for smoke tests. Default: auto")
     g.add_argument("--data-root", default="data", help="folder of torchvision datasets (default: ./data)")
     g.add_argument("--download", action="store_true", help="download a missing torchvision dataset (needs network)")
+    g.add_argument("--pretrain-images", type=int, default=None, metavar="N",
+                   help="pre-train on a fixed draw of N images (the same for every run; 0 = all). Default: 0")
+    g.add_argument("--probe-images", type=int, default=None, metavar="N",
+                   help="train the linear and kNN probes on a fixed draw of N labelled images; the test set stays "
+                        "complete (0 = all). Default: 0")
     g = parser.add_argument_group("recipe (auto = from --recipe)")
     g.add_argument("--recipe", choices=recipes.RECIPES, default="auto",
                    help="paper = ResNet18, Adam lr 0.01 (0.001 with --arch resnet50, Table 2), batch 128, 100 epochs; "
@@ -190,6 +195,8 @@ def _check_args(args, parser) -> None:
     positive("check-eager", args.check_eager, allow_zero=True)
     positive("check-tol", args.check_tol)
     positive("threads", args.threads, allow_zero=True)
+    positive("pretrain-images", args.pretrain_images, allow_zero=True)
+    positive("probe-images", args.probe_images, allow_zero=True)
     if args.batch is not None and args.batch < 2:
         parser.error(f"--batch must be >= 2 (each anchor needs a negative), got {args.batch}")
     unused = [f"--{name}" for name in ("temperature", "p", "gamma", "eps")
@@ -278,7 +285,8 @@ def resolve_config(args, data, spec, device, topology) -> RunConfig:
         backend=args.backend, eval=args.eval, eval_every=args.eval_every, linear_epochs=args.linear_epochs,
         knn_k=args.knn_k, knn_t=args.knn_t, out=out, progress=args.progress, world_size=topology.world_size,
         queue_size=args.queue_size,
-        augment=dict(vars(spec)), baseline=args.baseline,
+        augment=dict(vars(spec)), baseline=args.baseline, pretrain_images=args.pretrain_images or 0,
+        probe_images=args.probe_images or 0,
     )
 
 
@@ -305,7 +313,8 @@ def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> Ru
     comparable = {"loss": args.loss, "dataset": args.dataset, "arch": args.arch, "batch": args.batch, "optimizer": args.optimizer,
                   "lr": args.lr, "wd": args.wd, "schedule": args.schedule, "seed": args.seed, "amp": args.amp,
                   "backend": args.backend, "eval": args.eval, "linear_epochs": args.linear_epochs, "knn_k": args.knn_k,
-                  "knn_t": args.knn_t, "recipe": args.recipe}
+                  "knn_t": args.knn_t, "recipe": args.recipe, "pretrain_images": args.pretrain_images,
+                  "probe_images": args.probe_images}
     for key, value in comparable.items():
         if key in given and value not in (None, "auto") and value != saved.get(key):
             conflicts.append(f"--{key.replace('_', '-')} {value} (the checkpoint has {saved.get(key)!r})")
@@ -431,6 +440,9 @@ def _run(args, argv, parser, topology, device, state, log, threads_note="") -> i
     except datasets.DatasetMissing as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    saved = state["config"] if state is not None else {}
+    data = datasets.subset(data, args.pretrain_images if args.pretrain_images is not None else saved.get("pretrain_images", 0),
+                           args.probe_images if args.probe_images is not None else saved.get("probe_images", 0))
     _banner(log, data)
     spec = recipes.augment_spec(data)
     if state is not None:

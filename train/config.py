@@ -38,6 +38,8 @@ class RunConfig:
     progress: bool
     world_size: int = 1
     baseline: bool = True
+    pretrain_images: int = 0
+    probe_images: int = 0
     augment: dict = field(default_factory=dict)
     queue_size: int = 0
 

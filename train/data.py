@@ -255,3 +255,28 @@ def _load_auto(root: str, download: bool) -> ImageData:
     data = load_digits()
     data.notes = notes + ["--dataset auto fell back to scikit-learn's digits (8×8, 1797 images)"]
     return data
+
+
+def subset(data: ImageData, pretrain_images: int = 0, probe_images: int = 0) -> ImageData:
+    """The same data with fewer pre-training and/or probe-training images (0 = all).
+
+    Each subset is one fixed draw (a permutation seeded with 0, the same for every run and
+    seed), so that runs of a grid differ only in what they are meant to differ in. The test
+    set is always complete.
+    """
+    def draw(n_total, n):
+        return torch.randperm(n_total, generator=torch.Generator().manual_seed(0))[:n]
+
+    notes = list(data.notes)
+    pretrain, train, train_labels = data.pretrain, data.train, data.train_labels
+    if pretrain_images and pretrain_images < len(pretrain):
+        pretrain = pretrain[draw(len(pretrain), pretrain_images)]
+        notes.append(f"pre-training on a fixed draw of {pretrain_images} of the {len(data.pretrain)} images (--pretrain-images)")
+    if probe_images and probe_images < len(train):
+        idx = draw(len(train), probe_images)
+        train, train_labels = train[idx], train_labels[idx]
+        notes.append(f"probes trained on a fixed draw of {probe_images} of the {len(data.train)} labelled images "
+                     "(--probe-images); the test set is complete")
+    return ImageData(data.name, data.source, pretrain, train, train_labels, data.test, data.test_labels,
+                     data.num_classes, notes)
+

@@ -26,12 +26,13 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import fastalpha  # noqa: E402
-from fastalpha import dispatch, eager_backend  # noqa: E402
+from fastalpha import dispatch  # noqa: E402
+from fastalpha.backends import eager as eager_backend  # noqa: E402
 from train import augment, cli, data as datasets, evaluate, trainer as trainer_mod  # noqa: E402
 from train.batches import BatchPlan  # noqa: E402
 
 # One thread: bit-for-bit comparisons need the same reduction order in every run.
-SMALL = ["--dataset", "synthetic", "--workers", "1", "--no-progress", "--linear-epochs", "3"]
+SMALL = ["--dataset", "synthetic", "--threads", "1", "--no-progress", "--linear-epochs", "3"]
 
 
 @pytest.fixture(autouse=True)
@@ -256,7 +257,7 @@ def test_auto_uses_cifar10_when_present_with_the_paper_recipe(tmp_path, monkeypa
     _fake_cifar10(tmp_path / "data", gen)
     out = tmp_path / "run"
     assert cli.main(["--data-root", str(tmp_path / "data"), "--batch", "4", "--epochs", "1", "--eval-every", "0",
-                     "--linear-epochs", "2", "--workers", "1", "--no-progress", "--out", str(out)]) == 0
+                     "--linear-epochs", "2", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
     config = read_json(out / "config.json")
     assert (config["dataset"], config["recipe"], config["arch"], config["optimizer"], config["lr"], config["wd"]) == \
         ("cifar10", "paper", "resnet18", "adam", 0.01, 0.0)
@@ -351,7 +352,7 @@ def test_resume_after_an_epoch_equals_the_uninterrupted_run(tmp_path):
     assert run(tmp_path / "full", *flags, "--epochs", "3") == 0
     assert run(tmp_path / "split", *flags, "--epochs", "1") == 0
     assert state(tmp_path / "split")["epochs_done"] == 1
-    assert cli.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "3", "--workers", "1", "--no-progress"]) == 0
+    assert cli.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "3", "--threads", "1", "--no-progress"]) == 0
     _assert_same_run(tmp_path / "full", tmp_path / "split")
 
 
@@ -372,7 +373,7 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_is_bit_for_bit(tmp_path, monkey
     assert saved["epochs_done"] == 1 and saved["step_in_epoch"] in (1, 2), "stop at a step boundary after Ctrl-C"
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "interrupted"
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", original)
-    assert cli.main(["--resume", str(tmp_path / "cut"), "--workers", "1", "--no-progress"]) == 0
+    assert cli.main(["--resume", str(tmp_path / "cut"), "--threads", "1", "--no-progress"]) == 0
     _assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
@@ -398,13 +399,12 @@ def _fake_backend(perturb: float):
     """A 'cpp' backend that is the eager one, with its gradient scaled by (1 + perturb)."""
 
     class Fake:
-        @staticmethod
-        def status():
-            return True, "test double"
+        status = device_status = staticmethod(lambda *args: (True, "test double"))
+        supports = staticmethod(eager_backend.supports)
 
         @staticmethod
-        def alpha_cl_fused(z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad):
-            loss_rows, grad = eager_backend.alpha_cl_fused(z, row_lo, row_hi, row_weight, params, detach_alpha, need_grad)
+        def alpha_cl_fused(*args, **kwargs):
+            loss_rows, grad = eager_backend.alpha_cl_fused(*args, **kwargs)
             return loss_rows, grad * (1 + perturb)
 
     real = dispatch._module
@@ -479,7 +479,7 @@ def test_digits_quick_start_beats_the_untrained_encoder(tmp_path):
     # differences across machines.
     out = tmp_path / "digits"
     assert cli.main(["--dataset", "digits", "--loss", "direct", "--batch", "256", "--lr", "0.003", "--epochs", "12",
-                     "--eval-every", "0", "--seed", "0", "--workers", "1", "--no-progress", "--out", str(out)]) == 0
+                     "--eval-every", "0", "--seed", "0", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
     summary = read_json(out / "summary.json")
     before, after = summary["untrained"], summary["trained"]
     assert after["linear"]["final"] >= before["linear"]["final"] + 2.0, (before, after)
@@ -499,3 +499,109 @@ def test_torchrun_two_processes_with_global_negatives(tmp_path):
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     assert math.isfinite(summary["final_epoch_loss"])
+
+
+# ----------------------------------------------------------------------------- views per epoch
+def _record_views(monkeypatch):
+    """Every (v1, v2) the trainer draws, in order (the wrapper calls the real two_views)."""
+    calls = []
+    real = augment.two_views
+
+    def recording(*args, **kwargs):
+        v1, v2 = real(*args, **kwargs)
+        calls.append((v1.clone(), v2.clone()))
+        return v1, v2
+
+    monkeypatch.setattr(augment, "two_views", recording)
+    return calls
+
+
+def test_each_epoch_draws_new_views_of_the_same_images(tmp_path, monkeypatch):
+    """All pre-training images are one image, so the data order cannot make the views differ:
+    only the augmentation can. Epoch 2's views must not repeat epoch 1's."""
+    real_load = datasets.load_synthetic
+
+    def one_image(*args, **kwargs):
+        data = real_load(*args, **kwargs)
+        data.pretrain = data.pretrain[:1].expand_as(data.pretrain).clone()
+        return data
+
+    monkeypatch.setattr(datasets, "load_synthetic", one_image)
+    calls = _record_views(monkeypatch)
+    assert run(tmp_path / "run", "--batch", "32", "--epochs", "2", "--eval", "knn", "--eval-every", "0") == 0
+    steps = 96 // 32
+    assert len(calls) == 2 * steps
+    for step in range(steps):
+        first, second = calls[step], calls[steps + step]
+        assert not torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1]), step
+
+
+def test_resumed_run_draws_the_views_of_the_uninterrupted_run(tmp_path, monkeypatch):
+    calls = _record_views(monkeypatch)
+    flags = ("--batch", "32", "--eval", "knn", "--eval-every", "0", "--seed", "3")
+    assert run(tmp_path / "straight", *flags, "--epochs", "2") == 0
+    straight = list(calls)
+    calls.clear()
+    assert run(tmp_path / "split", *flags, "--epochs", "1") == 0
+    calls.clear()
+    assert cli.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "2", "--threads", "1", "--no-progress"]) == 0
+    steps = 96 // 32
+    assert len(straight) == 2 * steps and len(calls) == steps
+    for step in range(steps):  # epoch 2 of the resumed run = epoch 2 of the uninterrupted run
+        assert torch.equal(calls[step][0], straight[steps + step][0])
+        assert torch.equal(calls[step][1], straight[steps + step][1])
+
+
+# ----------------------------------------------------------------------------- flags and recipes
+def test_workers_is_a_deprecated_alias_of_threads(tmp_path, capsys):
+    with pytest.warns(FutureWarning, match="--workers is deprecated"):
+        assert cli.main(["--dataset", "synthetic", "--workers", "1", "--no-progress", "--linear-epochs", "1",
+                         "--eval", "knn", "--out", str(tmp_path / "w")]) == 0
+    assert read_json(tmp_path / "w" / "config.json")["threads"] == 1
+    assert torch.get_num_threads() == 1
+    with pytest.raises(SystemExit) as exit_, pytest.warns(FutureWarning):
+        cli.main(["--dataset", "synthetic", "--workers", "1", "--threads", "2", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    assert "contradicts --threads" in capsys.readouterr().err
+
+
+def test_authors_schedule_is_torchs_cosine_annealing_stepped_per_epoch_after_epoch_10():
+    """Against torch's own CosineAnnealingLR driven as the authors' trainer drives it: T_max = the
+    steps of one epoch, scheduler.step() once per epoch from the end of epoch 10 (0-based) on."""
+    from types import SimpleNamespace
+
+    steps_per_epoch, epochs, lr = 7, 40, 0.01
+    cfg = SimpleNamespace(schedule="authors", lr=lr)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_per_epoch, eta_min=0)
+    for epoch in range(epochs):
+        expected = opt.param_groups[0]["lr"]
+        for step in range(steps_per_epoch):
+            got = trainer_mod.learning_rate(cfg, epoch * steps_per_epoch + step, epochs * steps_per_epoch, steps_per_epoch)
+            assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-15), (epoch, step, got, expected)
+        opt.step()  # no gradient: a no-op, but the order torch expects before scheduler.step()
+        if epoch >= 10:
+            sched.step()
+    assert trainer_mod.learning_rate(cfg, 0, 1, steps_per_epoch) == lr
+
+
+def test_paper_recipe_uses_lr_0_001_for_resnet50_and_0_01_for_resnet18():
+    from train import recipes
+
+    assert recipes.choose("paper", "cifar10", "resnet50").lr == 0.001
+    assert recipes.choose("auto", "cifar100", "resnet50").lr == 0.001
+    assert recipes.choose("paper", "cifar10", "resnet18").lr == 0.01
+    assert recipes.choose("paper", "stl10").lr == 0.01
+
+
+def test_pretrain_and_probe_subsets_are_one_fixed_draw(gen):
+    data = datasets.load_synthetic()
+    a = datasets.subset(data, 50, 40)
+    b = datasets.subset(data, 50, 40)
+    assert a.pretrain.shape[0] == 50 and a.train.shape[0] == 40 and a.test.shape[0] == data.test.shape[0]
+    assert torch.equal(a.pretrain, b.pretrain) and torch.equal(a.train_labels, b.train_labels)
+    # Drawn, not the first N: the subset is spread over the whole set.
+    assert not torch.equal(a.pretrain, data.pretrain[:50])
+    same = datasets.subset(data, 0, 0)
+    assert torch.equal(same.pretrain, data.pretrain) and torch.equal(same.train, data.train)

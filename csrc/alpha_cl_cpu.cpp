@@ -553,9 +553,15 @@ class Symmetric {
     if (cfg_.rule == Rule::Square) {
       square_statistics();
     } else {
+      const bool global = fixed_reference();
+      // With a fixed reference every row's shift is t(0): dmin_ = 0 stands for it below.
+      if (global) std::fill(dmin_.begin() + lo_, dmin_.begin() + hi_, T(0));
       for (const auto& round : rounds_) {
         at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t first, int64_t last) {
-          for (int64_t t = first; t < last; ++t) statistics_tile(round[t].first, round[t].second);
+          for (int64_t t = first; t < last; ++t) {
+            if (global) fixed_reference_statistics_tile(round[t].first, round[t].second);
+            else statistics_tile(round[t].first, round[t].second);
+          }
         });
       }
     }
@@ -641,6 +647,82 @@ class Symmetric {
       if (j0 <= i && i < j0 + cb) row[i - j0] = std::numeric_limits<T>::infinity();
       if (j0 <= p && p < j0 + cb) row[p - j0] = std::numeric_limits<T>::infinity();
     }
+  }
+
+  // True when the log-weights of all pairs lie within kMaxSharedSpread of t(0), their largest
+  // possible value: then t(0) is a valid shift for every row (no exponential leaves the
+  // range), and pass 1 needs no minimum distances. d2 ≤ 2 for unit rows, and
+  // d2 ≤ (√n_i + √n_j)²/2 ≤ 2 max n otherwise. True for the usual losses on unit rows
+  // (direct τ = 0.5: t ∈ [−8, 0]); small τ falls back to per-row running minima.
+  bool fixed_reference() const {
+    double dmax = 2.0;
+    if (!cfg_.unit_rows) {
+      double half_max = 0;
+      for (int64_t k = 0; k < m_; ++k) half_max = std::max<double>(half_max, half_[k]);
+      dmax = 4.0 * half_max;
+    }
+    return log_weight(cfg_, 0.0) - log_weight(cfg_, 1.01 * dmax + 1e-6) <= kMaxSharedSpread<T>;
+  }
+
+  // Pass 1 with the fixed reference t(0): one sweep per tile row from S to the sums of both
+  // orientations (no minima, no rescaling).
+  void fixed_reference_statistics_tile(int64_t a, int64_t b) {
+    Scratch& s = scratch();
+    const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
+    const bool rows_on = blocks_.anchor[a], cols_on = blocks_.anchor[b] && a != b;
+    T* t = s.tile.data();
+    at::Tensor st = tile_view(t, ra, cb);
+    at::mm_out(st, z_.narrow(0, i0, ra), z_.narrow(0, j0, cb).t());
+    const T* hc = half_ + j0;
+    with_weight<T>(cfg_, [&](auto weight) {
+      const T ref = weight.ref(T(0));
+      T* cl = s.col_a.data();
+      T* cld = s.col_b.data();
+      std::fill(cl, cl + cb, T(0));
+      std::fill(cld, cld + cb, T(0));
+      for (int64_t r = 0; r < ra; ++r) {
+        const T* row = t + r * cb;
+        const T hr = half_[i0 + r];
+        // The self and partner columns of row i0 + r in tile coordinates (−1: not in the tile),
+        // masked by an index test, which vectorises where splitting the range did not.
+        const int64_t i = i0 + r, p = partner_of(i, m_);
+        const int64_t cx = j0 <= i && i < j0 + cb ? i - j0 : -1, cy = j0 <= p && p < j0 + cb ? p - j0 : -1;
+        T ls = 0, lds = 0;
+        if (cols_on) {
+#pragma omp simd reduction(+ : ls, lds)
+          for (int64_t c = 0; c < cb; ++c) {
+            T d = hr + hc[c] - row[c];
+            d = d > T(0) ? d : T(0);
+            const bool keep = c != cx && c != cy;
+            const T e = keep ? weight(d, ref) : T(0), ed = e * d;
+            ls += e;
+            lds += ed;
+            cl[c] += e;
+            cld[c] += ed;
+          }
+        } else {
+#pragma omp simd reduction(+ : ls, lds)
+          for (int64_t c = 0; c < cb; ++c) {
+            T d = hr + hc[c] - row[c];
+            d = d > T(0) ? d : T(0);
+            const bool keep = c != cx && c != cy;
+            const T e = keep ? weight(d, ref) : T(0);
+            ls += e;
+            lds += e * d;
+          }
+        }
+        if (rows_on) {
+          l_[i0 + r] += ls;
+          ld_[i0 + r] += lds;
+        }
+      }
+      if (cols_on) {
+        for (int64_t c = 0; c < cb; ++c) {
+          l_[j0 + c] += cl[c];
+          ld_[j0 + c] += cld[c];
+        }
+      }
+    });
   }
 
   // Pass 1 on tile (a, b): statistics of the anchor rows of a over the columns of b and, off
@@ -803,13 +885,21 @@ class Symmetric {
     Scratch& s = scratch();
     const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
     T* t = s.tile.data();
-    tile_distances(a, b, t);
+    at::Tensor st = tile_view(t, ra, cb);
+    at::mm_out(st, z_.narrow(0, i0, ra), z_.narrow(0, j0, cb).t());
+    // The weight sweeps read S and form d2 themselves; the self and partner pairs get W = 0
+    // afterwards (whatever the sweep left there, inf included, is overwritten).
     if (cfg_.rule == Rule::Square) {
       square_weights(t, i0, ra, j0, cb);
     } else {
       with_weight<T>(cfg_, [&](auto weight) {
         log_rule_weights(weight, s, t, i0, ra, blocks_.anchor[a], j0, cb, blocks_.anchor[b]);
       });
+    }
+    for (int64_t r = 0; r < ra; ++r) {
+      const int64_t i = i0 + r, p = partner_of(i, m_);
+      if (j0 <= i && i < j0 + cb) t[r * cb + (i - j0)] = T(0);
+      if (j0 <= p && p < j0 + cb) t[r * cb + (p - j0)] = T(0);
     }
     if (!cfg_.unit_rows) {
       // Σ_j W_kj for the self terms: row sums to block a, column sums to block b.
@@ -841,7 +931,6 @@ class Symmetric {
   template <class Weight>
   void log_rule_weights(const Weight& weight, Scratch& s, T* t, int64_t i0, int64_t ra, bool rows_anchor, int64_t j0,
                         int64_t cb, bool cols_anchor) {
-    constexpr T inf = std::numeric_limits<T>::infinity();
     const bool beta = cfg_.uses_beta;
     // The tile's reference: the smallest dmin among the rows and columns with a weight.
     // Over anchors (a zero row weight included): every pair of the tile that is not masked
@@ -858,6 +947,7 @@ class Symmetric {
       for (int64_t c = 0; c < cb; ++c) include(j0 + c);
     const T* hr = shift_.data() + i0;
     const T* hc = shift_.data() + j0;
+    const T* nc = half_ + j0;
     if (ref_hi < ref_lo) {  // no anchor with a weight in this tile
       std::fill(t, t + ra * cb, T(0));
       return;
@@ -875,21 +965,21 @@ class Symmetric {
       for (int64_t c = 0; c < cb; ++c) rc[c] = factor(j0 + c);
       for (int64_t r = 0; r < ra; ++r) {
         T* row = t + r * cb;
-        const T ri = rr[r], hi = hr[r];
+        const T ri = rr[r], hi = hr[r], nr = half_[i0 + r];
         if (beta) {
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) {
-            const T d = row[c];
+            T d = nr + nc[c] - row[c];
+            d = d > T(0) ? d : T(0);
             const T e = weight(d, ref), sl = weight.slope(d);
-            const T v = beta_log_weight(ri * e, sl, d, hi) + beta_log_weight(rc[c] * e, sl, d, hc[c]);
-            row[c] = d < inf ? v : T(0);
+            row[c] = beta_log_weight(ri * e, sl, d, hi) + beta_log_weight(rc[c] * e, sl, d, hc[c]);
           }
         } else {
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) {
-            const T d = row[c];
-            const T v = weight(d, ref) * (ri + rc[c]);
-            row[c] = d < inf ? v : T(0);
+            T d = nr + nc[c] - row[c];
+            d = d > T(0) ? d : T(0);
+            row[c] = weight(d, ref) * (ri + rc[c]);
           }
         }
       }
@@ -904,10 +994,11 @@ class Symmetric {
     const T* sc = scale_.data() + j0;
     for (int64_t r = 0; r < ra; ++r) {
       T* row = t + r * cb;
-      const T si = sr[r], pi = pr[r], hi = hr[r];
+      const T si = sr[r], pi = pr[r], hi = hr[r], nr = half_[i0 + r];
 #pragma omp simd
       for (int64_t c = 0; c < cb; ++c) {
-        const T d = row[c];
+        T d = nr + nc[c] - row[c];
+        d = d > T(0) ? d : T(0);
         const T ei = si == T(0) ? T(0) : si * weight(d, pi);
         const T ej = sc[c] == T(0) ? T(0) : sc[c] * weight(d, pc[c]);
         T v;
@@ -917,7 +1008,7 @@ class Symmetric {
         } else {
           v = ei + ej;
         }
-        row[c] = d < inf ? v : T(0);
+        row[c] = v;
       }
     }
   }
@@ -932,20 +1023,23 @@ class Symmetric {
     const T* qr = shift_.data() + i0;  // g / k
     const T* qc = shift_.data() + j0;
     const bool beta = cfg_.uses_beta;
+    const T* nc = half_ + j0;
     for (int64_t r = 0; r < ra; ++r) {
       T* row = t + r * cb;
-      const T mi = mr[r], si = sr[r], qi = qr[r];
+      const T mi = mr[r], si = sr[r], qi = qr[r], nr = half_[i0 + r];
       if (beta) {
         const T two_si = 2 * si;
 #pragma omp simd
         for (int64_t c = 0; c < cb; ++c) {
-          const T d = row[c];
+          T d = nr + nc[c] - row[c];
+          d = d > T(0) ? d : T(0);
           row[c] = square_beta(d, mi, inv_tau, two_si, qi) + square_beta(d, mc[c], inv_tau, T(2) * sc[c], qc[c]);
         }
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < cb; ++c) {
-          const T d = row[c];
+          T d = nr + nc[c] - row[c];
+          d = d > T(0) ? d : T(0);
           row[c] = si * square_alpha(d, mi, inv_tau) + sc[c] * square_alpha(d, mc[c], inv_tau);
         }
       }

@@ -1,6 +1,7 @@
 r"""Two-view augmentation of whole batches as tensor ops on the training device.
 
-SimCLR's pipeline (the paper's, after torchvision's PIL transforms), per image:
+SimCLR's pipeline (as the authors' code uses it; the paper does not list its augmentation),
+after torchvision's PIL transforms, per image:
 
     RandomResizedCrop(size, scale, ratio) → HorizontalFlip(p) → RandomApply(ColorJitter(b, c, s, h), p)
     → RandomGrayscale(p) → [GaussianBlur(σ ~ U(0.1, 2), p), STL-10 only] → normalise

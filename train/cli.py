@@ -141,14 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 = autocast the encoder and projector to bfloat16 (the loss gets bf16 inputs). Default: none")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval", choices=("linear", "knn", "both"), default="both",
-                   help="final probes of the trained and the untrained encoder: the paper's linear protocol "
+                   help="final probes of the trained and the untrained encoder: the linear protocol of the authors' code "
                         "(StandardScaler, Linear, Adam 3e-4, wd 1e-3, 50 epochs) and/or weighted kNN. Default: both")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="probe the untrained encoder (same seed) before pre-training; --no-baseline skips it, e.g. "
                         "when other runs of a grid already measured that seed's untrained encoder. Default: on")
     g.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="run the kNN monitor every N epochs and after the last (0 = never). Default: 1")
-    g.add_argument("--linear-epochs", type=int, default=50, help="epochs of the linear probe (paper: 50)")
+    g.add_argument("--linear-epochs", type=int, default=50, help="epochs of the linear probe (the authors' code: 50)")
     g.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
     g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights exp(s/t) (default 0.1)")
     g = parser.add_argument_group("run folder and checks")

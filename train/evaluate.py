@@ -1,14 +1,15 @@
-r"""Probes of a frozen encoder: weighted kNN (the cheap monitor) and the paper's linear protocol.
+r"""Probes of a frozen encoder: weighted kNN (the cheap monitor) and the authors' linear protocol.
 
 Features are the encoder's pooled outputs h (512-d for ResNet18) of the *un-augmented* images,
 computed in eval mode (BatchNorm uses its running statistics).
 
 * kNN (Wu et al. 2018, as in solo-learn): cosine similarities s to the k = 200 nearest training
   features, each neighbour votes for its label with weight exp(s / t), t = 0.1.
-* linear (the paper's code, linear_feature_eval.py): StandardScaler fitted on the training
+* linear (the authors' code, facebookresearch/luckmatters, linear_feature_eval.py; the paper
+  names "linear evaluation protocol" without details): StandardScaler fitted on the training
   features, one Linear layer, cross-entropy, Adam lr 3e-4, weight decay 1e-3, batch 128,
   50 epochs; test top-1 after every epoch. Both the *final* (after the last epoch) and the
-  *best* (max over epochs, which is what the paper's code reports) accuracies are returned.
+  *best* (max over epochs, which is what the authors' code reports) accuracies are returned.
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@ r"""Encoders and the projector of the paper's recipe.
     x ──encoder──▶ h (F-d pooled features: what the probes see) ──projector──▶ z (128-d, into the loss)
 
 * resnet18 / resnet50: torchvision's, without the classifier. For small images (≤ 64 px) the
-  CIFAR stem of SimCLR (Appendix B.9) and of the paper's code: conv1 = 3×3, stride 1, no
+  CIFAR stem of SimCLR (Appendix B.9) and of the authors' code: conv1 = 3×3, stride 1, no
   max-pool; STL-10 (96 px) keeps the ImageNet stem (7×7 stride 2 + max-pool). F = 512 / 2048.
 * small_cnn: three 3×3 conv–BN–ReLU layers of stride 2 (16, 32, 128 channels), global average
-  pool, F = 128 (28 px → 14 → 7 → 4). Sized for two busy CPU cores (README.md, "Training"): a full
+  pool, F = 128 (28 px → 14 → 7 → 4). Sized for two busy CPU cores (docs/training.md): a full
   Fashion-MNIST epoch (60k images × 2 views) in well under a minute. Measured there: an earlier
   4-layer version with a stride-1 first layer cost 4.5× more CPU time per image, and widths
   (32, 64, 128) ~1.4× more time per epoch than these for the same kNN accuracy after 2 epochs.

@@ -53,5 +53,5 @@ def accuracy_table(rows: list[tuple[str, dict]]) -> str:
         best = "—" if not linear else f"{_pct(linear['best'])} ({linear['best_epoch']:>2})"
         lines.append(f"{label:<28} {_pct(result.get('knn_top1')):>10} {_pct(linear.get('final')):>13} {best:>20}")
     lines.append("Accuracies are test top-1 (%). 'final' is after the last linear-probe epoch; 'best' is the "
-                 "maximum over its epochs (what the paper's code reports), with that epoch.")
+                 "maximum over its epochs (what the authors' code reports), with that epoch.")
     return "\n".join(lines)

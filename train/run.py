@@ -1,4 +1,4 @@
-"""Entry point: `python train/run.py --loss direct --batch 1024` (see `--help` and README.md, "Training")."""
+"""Entry point: `python train/run.py --loss direct --batch 1024` (see `--help` and docs/training.md)."""
 import importlib.util
 import os
 import sys

@@ -81,22 +81,29 @@ inline int64_t partner_of(int64_t i, int64_t m) { return i < m / 2 ? i + m / 2 :
 
 enum class Algorithm { OnePass, Symmetric };
 
-// The symmetric algorithm does 4·M²·D flops against the one pass's 6·M²·D (2·M²·D against
-// 2·M²·D for the loss alone of the log-weight rules: pass 1 is the whole forward), but twice
-// the exponentials per pair and one barrier per round of tiles. Measured on 2 cores
-// (docs/cpp.md): it wins from M ≈ 1024 at D ≥ 32, fwd+bwd and forward; at small D the
-// per-pair work dominates and the one pass, with one exponential per ordered pair, stays
-// ahead. Only a full anchor range gains from symmetry: with a partial one (a rank's share of
-// a distributed batch) most tiles have one anchor side. FASTALPHA_CPP_ALGORITHM=onepass|symmetric
-// forces either (tests, measurements).
-Algorithm choose_algorithm(int64_t m, int64_t dim, int64_t rows) {
+// The symmetric algorithm does 4·M²·D flops against the one pass's 6·M²·D (M²·D against
+// 2·M²·D for a forward-only call: pass 1 is the whole forward), but more elementwise work per
+// pair and two barriers per round of tiles, which a busy machine makes expensive. Measured on
+// 2 shared cores (float32, direct, vs the one pass): fwd+bwd at M = 8192, D = 128 1.6× faster;
+// at M = 2048 and M = 1024 (D ≤ 128) slower or even; forward only 2× faster from M = 1024 at
+// D = 128, 2.7× slower at D = 16. Hence: fwd+bwd from M·D ≥ 2^18 with M ≥ 2048, forward
+// from M ≥ 1024, both with D ≥ 32. Only a full anchor range gains from symmetry: with a
+// partial one (a rank's share of a distributed batch) most tiles have one anchor side.
+// FASTALPHA_CPP_ALGORITHM=onepass|symmetric forces either (tests, measurements).
+Algorithm choose_algorithm(int64_t m, int64_t dim, int64_t rows, bool need_grad) {
   if (const char* env = std::getenv("FASTALPHA_CPP_ALGORITHM")) {
     if (std::strcmp(env, "onepass") == 0) return Algorithm::OnePass;
     if (std::strcmp(env, "symmetric") == 0) return Algorithm::Symmetric;
   }
-  const bool large = m >= 1024 && dim >= 32;
+  const bool large = need_grad ? m >= 2048 && m * dim >= (int64_t{1} << 18) : m >= 1024;
   const bool mostly_anchors = 2 * rows >= m;
-  return large && mostly_anchors ? Algorithm::Symmetric : Algorithm::OnePass;
+  return large && dim >= 32 && mostly_anchors ? Algorithm::Symmetric : Algorithm::OnePass;
+}
+
+// Tile size: kTile, smaller for small M so that a round has enough tiles to keep every
+// thread busy (a round of B′ blocks has (B′ − 1)/2 tiles and a diagonal one).
+inline int64_t tile_size(int64_t m) {
+  return env_int("FASTALPHA_TILE", std::clamp<int64_t>(m / 16, 64, kTile));
 }
 
 // ----------------------------------------------------------------------------------------
@@ -537,7 +544,7 @@ class Symmetric {
   Symmetric(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const T* w, const RuleConfig& cfg, bool need_grad)
       : z_(z), m_(z.size(0)), dim_(z.size(1)), lo_(row_lo), hi_(row_hi), w_(w), cfg_(cfg), need_grad_(need_grad),
         half_t_(half_norms<T>(z, cfg.unit_rows)), half_(half_t_.data_ptr<T>()), zp_(z.data_ptr<T>()),
-        blocks_(make_blocks(m_, row_lo, row_hi, env_int("FASTALPHA_TILE", kTile))), rounds_(tournament(blocks_)),
+        blocks_(make_blocks(m_, row_lo, row_hi, tile_size(m_))), rounds_(tournament(blocks_)),
         threads_(at::get_num_threads()), scratch_(threads_) {}
 
   std::tuple<at::Tensor, at::Tensor> run() {
@@ -616,7 +623,7 @@ class Symmetric {
     const int tid = at::get_thread_num();
     TORCH_CHECK(tid < threads_, "fastalpha: thread id ", tid, " outside the ", threads_, " scratch buffers");
     Scratch& s = scratch_[tid];
-    const int64_t tile = env_int("FASTALPHA_TILE", kTile) + 1;
+    const int64_t tile = tile_size(m_) + 1;
     if (s.tile.empty()) {
       s.tile.resize(tile * tile);
       for (auto* v : {&s.row_a, &s.row_b, &s.col_a, &s.col_b, &s.param}) v->resize(tile);
@@ -1072,7 +1079,7 @@ std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& z, int64_t row_lo
                                              bool need_grad) {
   const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
   const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
-  if (choose_algorithm(z.size(0), z.size(1), row_hi - row_lo) == Algorithm::Symmetric)
+  if (choose_algorithm(z.size(0), z.size(1), row_hi - row_lo, need_grad) == Algorithm::Symmetric)
     return Symmetric<T>(z, row_lo, row_hi, w, cfg, need_grad).run();
   return one_pass<T>(z, row_lo, row_hi, w, cfg, need_grad);
 }

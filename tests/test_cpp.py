@@ -142,7 +142,9 @@ def test_tiny_infonce_losses_keep_float32_precision(gen, algorithm):
     xi = torch.where(mask, torch.exp((d2_pos - d2) / tau), torch.zeros_like(d2)).sum(1)
     expected = torch.log1p(xi)
     assert expected.max() < 1e-6, "the construction should give tiny losses"
-    assert ((rows.double() - expected).abs() <= 1e-5 * expected).all(), (rows.double() / expected - 1).abs().max()
+    # The float32 distances carry ~1e-7 absolute error, i.e. ~5e-6 relative in ξ at τ = 0.02;
+    # the lse + d2_i/τ form would be wrong by orders of magnitude here (ξ ~ 1e-17).
+    assert ((rows.double() - expected).abs() <= 1e-4 * expected).all(), (rows.double() / expected - 1).abs().max()
 
 
 # detach_alpha=False only changes the gradient of the β rules; quadratic/infonce get it once.

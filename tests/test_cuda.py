@@ -131,7 +131,8 @@ def test_cuda_tiny_infonce_losses_keep_float32_precision(cuda_ready, ieee_fp32, 
     xi = torch.where(reference.negative_mask(2 * n), torch.exp((d2_pos - d2) / tau), torch.zeros_like(d2)).sum(1)
     expected = torch.log1p(xi)
     assert expected.max() < 1e-6
-    assert ((rows.cpu().double() - expected).abs() <= 1e-5 * expected).all()
+    # float32 distances: ~5e-6 relative in ξ at τ = 0.02; the lse + d2_i/τ form is off by orders of magnitude.
+    assert ((rows.cpu().double() - expected).abs() <= 1e-4 * expected).all()
 
 
 @pytest.mark.gpu

@@ -56,8 +56,8 @@ GRIDS = {
                        "Table 2: nce and direct only, ResNet18 (lr 0.01) and ResNet50 (lr 0.001), CIFAR-100/10, "
                        "STL-10, 100/300/500 epochs, 5 seeds"),
     "fashion-mnist": GridSpec("fashion-mnist", ("fashion-mnist",), ("small_cnn",), TABLE1_LOSSES, (5,), 3, "small", None,
-                              "the 7 losses on Fashion-MNIST with the small CNN (batch 512, Adam 3e-3), "
-                              "5 epochs, 3 seeds: a CPU-sized check of Table 1's ordering"),
+                              "the 7 losses on Fashion-MNIST with the small CNN (the small recipe unless flags "
+                              "after `--` say otherwise), 5 epochs, 3 seeds: a CPU-sized check of Table 1's ordering"),
 }
 
 

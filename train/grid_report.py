@@ -114,8 +114,9 @@ def markdown(spec, runs: list, rows: list[dict], command: str) -> str:
                   f"{statistics.median(loads):.1f})." if loads else f"Machine: {_machine()}.",
                   f"Runs finished: {len(rows)} of {len(runs)}; median wall time per run "
                   f"{statistics.median([r['wall_s'] for r in rows if r['wall_s']] or [0]):.0f} s.", ""]
-    lines += ["Linear top-1 (%) on the test set: mean ± std (seeds). *best* = the best of the linear probe's",
-              "50 epochs (what the authors' code reports), *final* = its last epoch; kNN: k = 200, t = 0.1.", ""]
+    lines += ["Linear top-1 (%) on the complete test set: mean ± sample std over the seeds (n). *best* = the",
+              "best epoch of the linear probe (what the authors' code reports), *final* = its last epoch;",
+              "kNN: k = 200, t = 0.1. Each run's settings are in its config.json.", ""]
     for dataset in dict.fromkeys(r.dataset for r in runs):
         for arch in dict.fromkeys(r.arch for r in runs):
             lines += [f"## {dataset}, {arch}", ""]
@@ -181,6 +182,11 @@ def plot(path: str, spec, runs: list, rows: list[dict]) -> None:
             paper = [paper_results.lookup(dataset, arch, loss, epochs, spec.table) for loss in losses]
             ax.bar([x + width / 2 for x in xs], [p.mean if p else float("nan") for p in paper], width,
                    yerr=[p.std if p else 0.0 for p in paper], capsize=3, label=f"paper, Table {spec.table}", alpha=0.7)
+        untrained = mean_std([r["untrained_linear_best"] for r in rows
+                              if (r["dataset"], r["arch"], r["epochs"]) == (dataset, arch, epochs)])[0]
+        if untrained is not None:
+            ax.axhline(untrained, color="gray", linestyle="--", linewidth=1, label="untrained encoder (mean)")
+            means = means + [untrained]  # keep the baseline inside the y range
         finite = [m for m in means if m == m]
         if finite:
             ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(argv) -> str:
+    """The command that runs this grid (what results.md records: a re-aggregation or a dry run
+    is not how the numbers were made)."""
+    argv = [a for a in argv if a not in ("--report-only", "--dry-run")]
     return "python train/reproduce.py " + " ".join(shlex.quote(a) for a in argv)
 
 

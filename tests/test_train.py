@@ -381,9 +381,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     calls = {"n": 0}
     forward = fastalpha.AlphaCLLoss.forward
 
-    def nan_on_fifth_step(self, z1, z2):
+    def nan_on_fifth_step(self, z1, z2, *args, **kwargs):
         calls["n"] += 1
-        loss = forward(self, z1, z2)
+        loss = forward(self, z1, z2, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(fastalpha.AlphaCLLoss, "forward", nan_on_fifth_step)

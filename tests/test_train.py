@@ -4,7 +4,9 @@ What is checked, and against what:
 * augmentation against torchvision's own functional ops (an independent implementation);
 * every Table-1 loss trains end to end (2 steps) and moves the weights;
 * a resumed run (after an epoch boundary and after a mid-epoch Ctrl-C) equals the
-  uninterrupted run bit for bit: metrics, weights and optimizer state;
+  uninterrupted run bit for bit: metrics, weights and optimizer state; every epoch draws new
+  views of the same images, and a resumed epoch draws those of the uninterrupted run;
+* the `authors` lr schedule against torch's CosineAnnealingLR driven as the authors' code does;
 * --check-eager passes for an exact backend and fails (exit 1) for one whose gradient is 5% off;
 * bad flags give exit status 2 with a message naming the flag;
 * a non-finite loss stops the run with exit 3 and keeps the last good checkpoint;

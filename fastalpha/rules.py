@@ -1,18 +1,22 @@
 r"""The registry of pair-importance rules α (the paper's "min player") and their parameters.
 
-For an anchor row i with negatives J_i (every row but i and its partner p(i)) and squared
+For an anchor row i with negatives J_i (by default every row but i and its partner p(i)) and squared
 distances d2_ij = ||z_i − z_j||² / 2, each rule picks weights α_ij ≥ 0 over J_i:
 
 =========== ====================================================== ===================
 rule        α_ij                                                    Table 1 row
 =========== ====================================================== ===================
-quadratic   1 / (M − 2)                                             L_quadratic
+quadratic   1 / |J_i|                                               L_quadratic
 entropy     softmax_j(−d2_ij / τ)                                   α-CL-r_H
-direct      w_ij / (Σ_k w_ik + ε (M − 2)),  w = exp(−d2^{p/2} / τ)  α-CL-direct
-inverse     (d2_ij + τ)^{−1/γ} / Σ_k (d2_ik + τ)^{−1/γ}             α-CL-r_γ
+direct      w_ij / (Σ_k w_ik + ε |J_i|),  w = exp(−d2^{p/2} / τ)    α-CL-direct
+inverse     (d2_ij + τ)^{−1/γ} / Σ_k (d2_ik + τ)^{−1/γ}             α-CL-r_γ (*)
 square      [(μ_i − d2_ij) / τ]_+ with Σ_j α_ij = 1 (sparsemax)      α-CL-r_s
 infonce     e^{(d2_i − d2_ij)/τ} / (ε + ξ_i)                        L_nce
 =========== ====================================================== ===================
+
+(*) `inverse` is r_γ in the form of the authors' code (facebookresearch/luckmatters), with the
+normaliser's multiplier fixed; the exact argmin of the paper's Sec. 6 is
+`fastalpha.theory.r_gamma_argmin`.
 
 `entropy`, `direct` and `inverse` are "log-weight" rules: α_ij = w(d2_ij) / (Σ_k w(d2_ik) + c)
 with t = log w a function of d2 alone. For them the gradient through α only needs t and

@@ -1,7 +1,8 @@
 r"""Fused Triton kernels of the α-CL family: the `triton` backend of `fastalpha::alpha_cl_fused`.
 
 For Z (M × D) they compute, tile by tile and without any M × M buffer, the per-anchor losses
-and the gradient ∂(Σ_i w_i loss_i)/∂Z of every rule (fastalpha.dispatch has the contract):
+and the gradient ∂(Σ_i w_i loss_i)/∂Z of every rule (fastalpha.dispatch has the contract), for
+every set of negatives ("all", "cross", "none") with or without a queue (K extra columns):
 
     row_pass.py      online row statistics (flash-attention forward with Q = K = V = Z),
                      loss, A_i, row side Σ_j β_ij and βZ
@@ -31,7 +32,7 @@ except ImportError as err:
 if _IMPORT_ERROR is None:
     from .launch import fused_loss_and_grad, interpreted
 
-__all__ = ["status", "device_status", "alpha_cl_fused"]
+__all__ = ["status", "device_status", "supports", "alpha_cl_fused"]
 
 
 def status() -> tuple[bool, str]:
@@ -65,8 +66,14 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return False, f"the triton backend runs on CUDA devices, not {device.type}"
 
 
-def alpha_cl_fused(z: torch.Tensor, spec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
-    """The fused-op contract of fastalpha.dispatch, by the Triton kernels."""
+def supports(negatives: str, has_queue: bool) -> tuple[bool, str]:
+    """Every set of negatives: "all", "cross", "none", each with or without a queue (the
+    kernels' NEGATIVES constexpr and a column range [M, M + K) for the queue)."""
+    return True, ""
+
+
+def alpha_cl_fused(z: torch.Tensor, spec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
+    """The fused-op contract of fastalpha.dispatch, by the Triton kernels (grad has M + K rows with a queue)."""
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"the triton backend is unavailable: triton is not importable: {_IMPORT_ERROR}")
-    return fused_loss_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad)
+    return fused_loss_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue)

@@ -1,6 +1,7 @@
 r"""Column pass: the column side of the gradient, Σ_i ω_ij and (ωᵀ Z)_j with ω_ij = w_i β_ij.
 
-One program owns BLOCK_N columns j (any of the M rows of Z) and one chunk of BLOCK_DO
+One program owns BLOCK_N columns j (any of the C = M + K rows of [Z; queue]: queue columns get
+their gradient rows too) and one chunk of BLOCK_DO
 output features, and loops over the anchor rows i in [row_lo, row_hi) in tiles of BLOCK_M,
 like flash-attention's dK/dV loop: the row statistics (lse_i, c_i or μ_i, 1/k_i) are known
 from the row pass, so α_ij = e^{t_ij − lse_i} (or [(μ_i − d2_ij)/τ]_+) is recomputed per tile
@@ -20,16 +21,22 @@ from .tiles import _distances, _gram, _join, _mma, _negatives, _pair_weights, _r
 def column_pass_kernel(
     z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
     col_sum_ptr, col_acc_ptr,
-    stride_z, stride_acc, M, D, half, row_lo, row_hi,
+    stride_z, stride_acc, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo,
     WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr, HAS_WEIGHT: tl.constexpr, UNIT: tl.constexpr,
+    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
+    # C columns: the rows of [Z; queue]; Z has M = 2·half rows (C = M without a queue).
+    if QUEUE:
+        M = 2 * half
+    else:
+        M = C
     pid_d = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < M
+    col_ok = cols < C                     # [Z; queue]: the queue's rows get gradient rows too
     feats = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     feat_ok = feats < D
 
@@ -57,7 +64,7 @@ def column_pass_kernel(
         stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
         stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
         d2 = _distances(s_t, n_j, _row_norms(norm_ptr, rows, row_ok, UNIT, ACC), UNIT)
-        valid = _negatives(rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], half, M)
+        valid = _negatives(rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], half, M, NEGATIVES)
         alpha, omega = _pair_weights(d2, valid, d2_pos[None, :], stat_a[None, :], stat_b[None, :],
                                      tau, k, inv_gamma, WEIGHT, POWER, BETA)
         if HAS_WEIGHT:

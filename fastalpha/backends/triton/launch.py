@@ -18,6 +18,14 @@ The passes per rule:
 * square: Michelot threshold passes (μ_i, k_i), FIXED row pass, column pass.
 * quadratic: closed form (quadratic.py), no pair loop.
 
+Negative sets (spec.negatives) and a queue: the kernels' columns are the contiguous [Z; queue]
+(C = M + K rows, the kernels' column count; the anchors and their partners are rows of Z,
+M = 2·half), the NEGATIVES constexpr picks
+the mask of tiles._negatives, QUEUE (K > 0) makes the passes stream C columns instead of M,
+the column pass writes all C gradient rows, and |J_i| (the ε-terms)
+is negative_count(M, K, negatives). Without a queue and with negatives="all" this is the
+SimCLR call, compiled as before (C = M).
+
 For unit rows (spec.unit_rows, normalize=True) d2_ij = 1 − z_i·z_j, so ∂d2_ij/∂z_i = −z_j and
 the terms in z_i itself drop out: G = colacc, G[rows] += rowacc − wA ⊙ Z_p, G[p(rows)] −= wA ⊙ Z_rows.
 
@@ -48,7 +56,10 @@ from .column_pass import column_pass_kernel
 from .quadratic import quadratic_loss_and_grad
 from .row_pass import EPS_CONSTANT, EPS_INFONCE, EPS_NONE, row_pass_kernel
 from .sparsemax import sparsemax_threshold_kernel
-from .tiles import WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX
+from .tiles import NEG_ALL, NEG_CROSS, NEG_NONE, WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX
+
+#: `negatives=` of the spec → the kernels' NEGATIVES constexpr (tiles._negatives).
+NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -122,9 +133,10 @@ _TUNED: dict = {}
 #: Autotuning key of each kernel: the arguments whose values change the best tile (Triton adds
 #: the dtypes of the tensor arguments itself).
 _TUNING_KEYS = {
-    "row": ["D", "m_bucket", "WEIGHT", "POWER", "EPS", "ONLINE", "BETA", "ACCUMULATE", "HAS_WEIGHT", "UNIT", "PRECISION"],
-    "column": ["D", "m_bucket", "WEIGHT", "POWER", "BETA", "HAS_WEIGHT", "UNIT", "PRECISION"],
-    "sparsemax": ["D", "m_bucket", "UNIT", "PRECISION"],
+    "row": ["D", "m_bucket", "WEIGHT", "POWER", "EPS", "ONLINE", "BETA", "ACCUMULATE", "HAS_WEIGHT", "UNIT", "PRECISION",
+            "NEGATIVES", "QUEUE"],
+    "column": ["D", "m_bucket", "WEIGHT", "POWER", "BETA", "HAS_WEIGHT", "UNIT", "PRECISION", "NEGATIVES", "QUEUE"],
+    "sparsemax": ["D", "m_bucket", "UNIT", "PRECISION", "NEGATIVES", "QUEUE"],
 }
 
 
@@ -185,14 +197,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight) -> None:
+def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None) -> None:
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D tensor (M, D), got {getattr(z, 'shape', type(z))}")
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend supports {SUPPORTED_DTYPES}, got z.dtype = {z.dtype}")
     m, d = z.shape
-    if m < 4 or m % 2:
-        raise ValueError(f"z must stack two views (M = 2N rows, N >= 2), got M = {m}")
+    if m < (2 if queue is not None else 4) or m % 2:
+        raise ValueError(f"z must stack two views (M = 2N rows, N >= {1 if queue is not None else 2}), got M = {m}")
+    if queue is not None and (not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[1] != d):
+        raise ValueError(f"queue must be a (K, D) tensor with D = {d}, got {getattr(queue, 'shape', type(queue))}")
     if d < 1:
         raise ValueError("z needs D >= 1 features")
     if not 0 <= row_lo <= row_hi <= m:
@@ -201,8 +215,8 @@ def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight) -> None:
         raise ValueError(f"row_weight must have shape ({row_hi - row_lo},), got {tuple(row_weight.shape)}")
 
 
-def _rule_flags(params: LossSpec, m: int) -> dict:
-    """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each)."""
+def _rule_flags(params: LossSpec, count: int) -> dict:
+    """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each); `count` = |J_i|."""
     rule, eps = params.rule, params.eps
     if rule == "inverse":
         weight, k, eps_mode, log_eps = WEIGHT_INVERSE, 1.0, EPS_NONE, 0.0
@@ -213,7 +227,7 @@ def _rule_flags(params: LossSpec, m: int) -> dict:
         eps_mode, log_eps = (EPS_INFONCE, math.log(eps)) if eps > 0 else (EPS_NONE, 0.0)
     elif rule in ("entropy", "direct"):
         weight, k = WEIGHT_POWER, params.exponent
-        eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * (m - 2))) if eps > 0 else (EPS_NONE, 0.0)
+        eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * count)) if eps > 0 and count > 0 else (EPS_NONE, 0.0)
     else:
         raise ValueError(f"unknown rule={rule!r}: the triton backend has pair loops for "
                          "entropy, direct, inverse, square and infonce (quadratic is in closed form)")
@@ -221,25 +235,39 @@ def _rule_flags(params: LossSpec, m: int) -> dict:
     return dict(weight=weight, k=k, power=power, eps_mode=eps_mode, log_eps=log_eps)
 
 
+def negative_count(m: int, queue_rows: int, negatives: str) -> int:
+    """|J_i|: the same for every anchor (docs/design.md's table)."""
+    return {"all": m - 2, "cross": m // 2 - 1, "none": 0}[negatives] + queue_rows
+
+
 def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
-                        config: BlockConfig | None = None):
-    """The contract of fastalpha.dispatch; `config` pins the tile shapes (tests), else blocks.py decides."""
-    _check(z, row_lo, row_hi, row_weight)
-    z = z.contiguous()
+                        config: BlockConfig | None = None, queue: torch.Tensor | None = None):
+    """The contract of fastalpha.dispatch; `config` pins the tile shapes (tests), else blocks.py decides.
+
+    With a `queue` (K, D) the columns are the contiguous [Z; queue] (C = M + K rows): the
+    kernels stream C columns, the column pass writes C gradient rows, and grad has M + K rows.
+    """
+    _check(z, row_lo, row_hi, row_weight, queue)
     m, d = z.shape
+    # The column set: Z, then the queue's rows (in z's dtype; it gets no autograd gradient here).
+    z = z.contiguous() if queue is None else torch.cat([z, queue.detach().to(z.dtype)], 0).contiguous()
+    c = z.shape[0]
     half = m // 2
     rows = row_hi - row_lo
     unit = params.unit_rows
+    count = negative_count(m, c - m, params.negatives)
     acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     z_acc = z.to(acc_dtype)
     if params.rule == "quadratic":
-        loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit)
+        loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit, m, params.negatives)
         return loss, grad.to(z.dtype)
-    if rows == 0:
+    if rows == 0 or count == 0:
+        # No anchor, or no anchor has a negative: an empty sum (loss 0, zero gradient).
         grad = torch.zeros_like(z) if need_grad else z.new_empty((0, d))
-        return z_acc.new_empty((0,)), grad
+        return z_acc.new_zeros((rows,)), grad
 
-    flags = _rule_flags(params, m)
+    flags = _rule_flags(params, count)
+    negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision)
     candidates = (cfg,) if config is not None else tuple(candidate_configs(d, z.dtype, precision))
@@ -260,7 +288,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     common = dict(
         UNIT=unit, PRECISION=precision, UPCAST=interpreted() and z.dtype == torch.bfloat16,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        BLOCK_K=cfg.block_k, SINGLE_CHUNK=cfg.single_chunk,
+        BLOCK_K=cfg.block_k, SINGLE_CHUNK=cfg.single_chunk, NEGATIVES=negatives, QUEUE=c > m,
     )
     bucket = m_bucket(m)
     chunks = triton.cdiv(d, cfg.block_do)
@@ -275,7 +303,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             row_pass_kernel, "row", rows, chunks if accumulate else 1,
             (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
              loss, lse_out, row_a, row_sum, row_acc,
-             z.stride(0), row_acc.stride(0), m, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma, *log_eps),
+             z.stride(0), row_acc.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma, *log_eps),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], EPS=flags["eps_mode"],
                  LOG_LOSS=params.rule == "infonce", ONLINE=online, BETA=use_beta, ACCUMULATE=accumulate,
                  HAS_WEIGHT=weight is not None, BLOCK_DO=cfg.block_do),
@@ -286,7 +314,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             mu, inv_size = z_acc.new_empty((rows,)), z_acc.new_empty((rows,))
             launch(
                 sparsemax_threshold_kernel, "sparsemax", rows, 1,
-                (z, norms, mu, inv_size, z.stride(0), m, d, half, row_lo, row_hi, bucket, *tau),
+                (z, norms, mu, inv_size, z.stride(0), c, d, half, row_lo, row_hi, bucket, *tau),
                 dict(BLOCK_D=cfg.block_do if cfg.single_chunk else cfg.block_k),
             )
             stat_a, stat_b = mu, inv_size
@@ -302,11 +330,11 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
         if not need_grad:
             return loss, z.new_empty((0, d))
 
-        col_sum, grad = z_acc.new_empty((m,)), z_acc.new_empty((m, d))
+        col_sum, grad = z_acc.new_empty((c,)), z_acc.new_empty((c, d))
         launch(
-            column_pass_kernel, "column", m, chunks,
+            column_pass_kernel, "column", c, chunks,
             (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
-             col_sum, grad, z.stride(0), grad.stride(0), m, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma),
+             col_sum, grad, z.stride(0), grad.stride(0), c, d, half, row_lo, row_hi, m_bucket(c), *tau, *k, *inv_gamma),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], BETA=beta, HAS_WEIGHT=weight is not None,
                  BLOCK_DO=cfg.block_do),
         )

@@ -16,7 +16,14 @@ For unit rows (normalize=True) d2_ij = 1 − z_i·z_j (n_i = 1 by construction) 
 ∂d2_ij/∂z_i = −z_j, so the partner term is −w_i z_i and the column side loses its
 (W − w_j − w_{p(j)}) z_j term; the row side is the same.
 
-Everything is O(M·D), computed in float32 (float64 for float64 inputs). Unlike the pair
+Other negative sets (`negatives=`, a queue of K rows appended as columns M..M+K−1) change
+only which totals are subtracted: with |J_i| = c and S_i = Σ_{j∈J_i} z_j the row side is
+w_i (S_i/c − z_p) and the loss d2_i − (c n_i + Σ_{J_i} n_j)/(2c) + z_i·S_i/c, where S_i is
+s − z_i − z_p ("all"), the other view's total minus z_p ("cross"), or nothing ("none"), plus
+the queue's total; the column side of column j sums w_i z_i over the anchors i with j ∈ J_i
+(for a queue row: every anchor). If c = 0 every loss is an empty sum: 0, zero gradient.
+
+Everything is O((M + K)·D), computed in float32 (float64 for float64 inputs). Unlike the pair
 kernels, the distances are not clamped at 0 one by one; they differ from the clamped ones only
 for rounding-level negative distances (duplicated rows).
 """
@@ -26,32 +33,67 @@ import torch
 
 
 def quadratic_loss_and_grad(z_acc: torch.Tensor, row_lo: int, row_hi: int, weight: torch.Tensor | None, need_grad: bool,
-                            unit_rows: bool = False):
-    """(loss_rows, grad) in the dtype of `z_acc` (already float32/float64, contiguous)."""
-    m = z_acc.shape[0]
+                            unit_rows: bool = False, m: int | None = None, negatives: str = "all"):
+    """(loss_rows, grad) in the dtype of `z_acc` (already float32/float64, contiguous).
+
+    `z_acc` holds the C columns [Z; queue]; its first `m` rows (default: all) are Z. grad has C rows.
+    """
+    c, d = z_acc.shape
+    m = c if m is None else m
     half = m // 2
+    count = {"all": m - 2, "cross": half - 1, "none": 0}[negatives] + c - m
     index = torch.arange(row_lo, row_hi, device=z_acc.device)
     partners = (index + half) % m
-    z_rows, z_partners = z_acc[row_lo:row_hi], z_acc[partners]
+    z = z_acc[:m]
+    z_rows, z_partners = z[row_lo:row_hi], z[partners]
     norms = torch.ones_like(z_acc[:, 0]) if unit_rows else (z_acc * z_acc).sum(1)
-    total = z_acc.sum(0)
-    n_rows, n_partners = norms[row_lo:row_hi], norms[partners]
+    n_z = norms[:m]
+    n_rows, n_partners = n_z[row_lo:row_hi], n_z[partners]
     d2_pos = ((n_rows + n_partners) / 2 - (z_rows * z_partners).sum(1)).clamp_min(0)
-    others = total - z_rows - z_partners
-    negatives_d2 = ((m - 2) * n_rows + norms.sum() - n_rows - n_partners) / 2 - (z_rows * others).sum(1)
-    loss = d2_pos - negatives_d2 / (m - 2)
+    if count == 0:
+        return z_acc.new_zeros((row_hi - row_lo,)), (torch.zeros_like(z_acc) if need_grad else z_acc.new_empty((0, d)))
+    # S_i = Σ_{j∈J_i} z_j and Σ_{j∈J_i} n_j.
+    if negatives == "all":
+        others = z.sum(0) - z_rows - z_partners
+        other_norms = n_z.sum() - n_rows - n_partners
+    elif negatives == "cross":
+        other_view = (index < half).long()            # view 0 anchors see view 1, and back
+        view_totals = torch.stack([z[:half].sum(0), z[half:].sum(0)])
+        view_norms = torch.stack([n_z[:half].sum(), n_z[half:].sum()])
+        others = view_totals[other_view] - z_partners
+        other_norms = view_norms[other_view] - n_partners
+    else:
+        others = torch.zeros_like(z_rows)
+        other_norms = torch.zeros_like(n_rows)
+    others = others + z_acc[m:].sum(0)
+    other_norms = other_norms + norms[m:].sum()
+    negatives_d2 = (count * n_rows + other_norms) / 2 - (z_rows * others).sum(1)
+    loss = d2_pos - negatives_d2 / count
     if not need_grad:
-        return loss, z_acc.new_empty((0, z_acc.shape[1]))
+        return loss, z_acc.new_empty((0, d))
 
     w = torch.ones_like(loss) if weight is None else weight.to(z_acc.dtype)
     w_full = torch.zeros(m, dtype=z_acc.dtype, device=z_acc.device)
     w_full[row_lo:row_hi] = w
     w_partner = w_full.roll(-half)                 # w_full[p(j)] for every j
-    weighted_total = w_full @ z_acc
-    column = weighted_total - w_full[:, None] * z_acc - w_partner[:, None] * z_acc.roll(-half, 0)
+    wz = w_full[:, None] * z
+    # Column j: Σ w_i z_i and Σ w_i over the anchors i with j ∈ J_i.
+    column = torch.zeros_like(z_acc)
+    column_w = torch.zeros_like(norms)
+    if negatives == "all":
+        column[:m] = wz.sum(0) - wz - w_partner[:, None] * z.roll(-half, 0)
+        column_w[:m] = w.sum() - w_full - w_partner
+    elif negatives == "cross":
+        col_other = (torch.arange(m, device=z_acc.device) < half).long()
+        view_wz = torch.stack([wz[:half].sum(0), wz[half:].sum(0)])
+        view_w = torch.stack([w_full[:half].sum(), w_full[half:].sum()])
+        column[:m] = view_wz[col_other] - w_partner[:, None] * z.roll(-half, 0)
+        column_w[:m] = view_w[col_other] - w_partner
+    column[m:] = wz.sum(0)
+    column_w[m:] = w.sum()
     if not unit_rows:
-        column -= (w.sum() - w_full - w_partner)[:, None] * z_acc
-    grad = column / (m - 2)
-    grad[row_lo:row_hi] += w[:, None] * (others / (m - 2) - z_partners)
+        column -= column_w[:, None] * z_acc
+    grad = column / count
+    grad[row_lo:row_hi] += w[:, None] * (others / count - z_partners)
     grad.index_add_(0, partners, -w[:, None] * (z_rows if unit_rows else z_rows - z_partners))
     return loss, grad

@@ -1,8 +1,9 @@
 r"""Row pass: per-anchor statistics, loss and the row side of the gradient.
 
 One program owns BLOCK_M anchor rows i (of the range [row_lo, row_hi)) and one chunk of
-BLOCK_DO output features, and loops over all M columns in tiles of BLOCK_N, like the forward
-of flash-attention with Q = K = V = Z.
+BLOCK_DO output features, and loops over all C columns in tiles of BLOCK_N, like the forward
+of flash-attention with Q = K = V = Z. The columns are the M rows of Z, then the K rows of a
+queue (C = M + K, one contiguous [Z; queue] tensor); the anchors and partners are rows of Z.
 
 ONLINE (log-weight rules with α as stop-gradient, and the statistics pass of the others):
 running max m_i and, rescaled by e^{m_old − m_new} at every tile,
@@ -38,14 +39,21 @@ EPS_INFONCE = tl.constexpr(2)
 def row_pass_kernel(
     z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
     loss_ptr, lse_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,
-    stride_z, stride_acc, M, D, half, row_lo, row_hi,
+    stride_z, stride_acc, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, log_eps_hi, log_eps_lo,
     WEIGHT: tl.constexpr, POWER: tl.constexpr, EPS: tl.constexpr, LOG_LOSS: tl.constexpr,
     ONLINE: tl.constexpr, BETA: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, UNIT: tl.constexpr,
+    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
+    # C columns: the rows of [Z; queue]; Z has M = 2·half rows (without a queue C = M, and the
+    # SimCLR call compiles to the kernel it was before queues: no extra argument, same code).
+    if QUEUE:
+        M = 2 * half
+    else:
+        M = C
     pid_d = tl.program_id(1)
     rows = row_lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
@@ -72,9 +80,9 @@ def row_pass_kernel(
     b_i = tl.zeros((BLOCK_M,), ACC)          # FIXED: Σ β
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
 
-    for j0 in range(0, M, BLOCK_N):
+    for j0 in range(0, C, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
+        col_ok = cols < C
         if SINGLE_CHUNK:
             z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
                           mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
@@ -85,7 +93,7 @@ def row_pass_kernel(
                 z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
                               mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
         d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
-        valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M)
+        valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
 
         if ONLINE:
             t = tl.where(valid, _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER), float("-inf"))

@@ -9,7 +9,8 @@ never increases μ (Σ_{S(μ)} (μ − d2) ≥ τ whenever μ ≥ μ_i) and neve
 (S(μ) ⊇ S(μ_i)), so the support shrinks at every step until it stops changing; then
 Σ_{S}(μ − d2) = τ exactly, i.e. μ = μ_i and k_i = |S|. Each step is one pass over the columns
 that only counts and sums. In floating point, μ is kept non-increasing explicitly, which makes
-the support monotone and the loop finite (at most M steps; a handful in practice).
+the support monotone and the loop finite (at most C steps; a handful in practice). The
+columns are [Z; queue] (C = M + K), masked by `tiles._negatives`.
 
 One program owns BLOCK_M rows and iterates until none of its rows changed its support.
 """
@@ -20,12 +21,13 @@ from .tiles import _distances, _gram, _join, _mma, _negatives, _row_norms
 
 
 @triton.jit
-def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
+def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, C, D, half,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+                   SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                   NEGATIVES: tl.constexpr):
     """(d2, valid) for rows × columns [j0, j0 + BLOCK_N)."""
     cols = j0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < M
+    col_ok = cols < C
     if SINGLE_CHUNK:
         feats = tl.arange(0, BLOCK_D)
         z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
@@ -34,19 +36,25 @@ def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, 
     else:
         s = _gram(z_ptr, stride_z, rows, row_ok, cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST, ACC)
     d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
-    valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M)
+    valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
     return d2, valid
 
 
 @triton.jit
 def sparsemax_threshold_kernel(
     z_ptr, norm_ptr, mu_ptr, inv_size_ptr,
-    stride_z, M, D, half, row_lo, row_hi,
+    stride_z, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr,
 ):
+    # C columns: the rows of [Z; queue]; Z has M = 2·half rows (C = M without a queue).
+    if QUEUE:
+        M = 2 * half
+    else:
+        M = C
     rows = row_lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     local = rows - row_lo
@@ -60,9 +68,9 @@ def sparsemax_threshold_kernel(
         z_i = tl.zeros((BLOCK_M, BLOCK_D), z_ptr.dtype.element_ty)   # unused: tiles loop over D
 
     d2_min = tl.full((BLOCK_M,), float("inf"), ACC)
-    for j0 in range(0, M, BLOCK_N):
-        d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC)
+    for j0 in range(0, C, BLOCK_N):
+        d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, C, D, half,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES)
         d2_min = tl.minimum(d2_min, tl.min(tl.where(valid, d2, float("inf")), 1))
 
     mu = tl.where(row_ok, d2_min + tau, 0.0)
@@ -71,9 +79,9 @@ def sparsemax_threshold_kernel(
     while changed > 0:
         count = tl.zeros((BLOCK_M,), tl.int32)
         total = tl.zeros((BLOCK_M,), ACC)
-        for j0 in range(0, M, BLOCK_N):
-            d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, D, half,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC)
+        for j0 in range(0, C, BLOCK_N):
+            d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, C, D, half,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES)
             inside = valid & (d2 < mu[:, None])
             count += tl.sum(inside.to(tl.int32), 1)
             total += tl.sum(tl.where(inside, d2, 0.0), 1)

@@ -6,8 +6,9 @@ recomputes, per tile, the squared distances from the Gram block (and the norms),
     d2_ij = max((n_i + n_j)/2 − z_i·z_j, 0),      n_i = ||z_i||²,
     d2_ij = max(1 − z_i·z_j, 0)                   for unit rows (UNIT: no norm is loaded),
 
-masks the pairs that are not negatives (j = i, j = p(i) = (i + M/2) mod M, or a row/column
-outside the matrix), and turns d2 into the rule's log-weight t = log w(d2):
+masks the pairs that are not negatives (by default j = i, j = p(i) = (i + M/2) mod M, or a
+row/column outside the matrix; `_negatives` has the two-tower and queue-only sets, and the
+columns C = M + K of a queue), and turns d2 into the rule's log-weight t = log w(d2):
 
     power (entropy, direct, infonce)   t = −d2^k / τ,   k = p/2 (k = 1: entropy, infonce;
                                        k = 2: direct's default p = 4; both without exp/log)
@@ -23,6 +24,11 @@ import triton.language as tl
 WEIGHT_POWER = tl.constexpr(0)
 WEIGHT_INVERSE = tl.constexpr(1)
 WEIGHT_SPARSEMAX = tl.constexpr(2)
+
+#: Negative sets (the `negatives=` of the API); a queue adds the columns [M, C) in every mode.
+NEG_ALL = tl.constexpr(0)      # every row of Z but i and p(i) (SimCLR)
+NEG_CROSS = tl.constexpr(1)    # the other view's rows but p(i) (two towers)
+NEG_NONE = tl.constexpr(2)     # no row of Z (queue only: MoCo)
 
 
 @triton.jit
@@ -104,10 +110,22 @@ def _log_add_exp(a, b):
 
 
 @triton.jit
-def _negatives(rows, cols, row_ok, col_ok, half, M):
-    """Mask of the pairs (rows[:, None], cols[None, :]) with cols in J_rows (shapes broadcast)."""
-    partner = (rows + half) % M
-    return row_ok & col_ok & (cols != rows) & (cols != partner)
+def _negatives(rows, cols, row_ok, col_ok, half, M, NEGATIVES: tl.constexpr):
+    """Mask of the pairs (rows[:, None], cols[None, :]) with cols in J_rows (shapes broadcast).
+
+    Columns are [Z; queue]: `col_ok` is cols < C = M + K, columns ≥ M are queue rows, which
+    are negatives of every anchor. NEG_ALL: every other row of Z but p(i) (a queue column is
+    never i or p(i) < M, so the test is the same with or without a queue); NEG_CROSS: the rows
+    of the other view but p(i); NEG_NONE: no row of Z.
+    """
+    if NEGATIVES == NEG_ALL:
+        partner = (rows + half) % M
+        return row_ok & col_ok & (cols != rows) & (cols != partner)
+    if NEGATIVES == NEG_CROSS:
+        partner = (rows + half) % M
+        other_view = (cols < half) != (rows < half)
+        return row_ok & col_ok & (cols != partner) & (other_view | (cols >= M))
+    return row_ok & col_ok & (cols >= M)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation of fastalpha in one go (DESIGN.md §7), for a GPU machine lent for minutes:
+# GPU validation of fastalpha in one go, for a GPU machine lent for minutes:
 #
 #     bash bench/gpu_check.sh OUTDIR
 #

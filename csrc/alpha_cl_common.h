@@ -83,3 +83,29 @@ inline int64_t chunk_rows_from_env(int64_t fallback) {
 }
 
 }  // namespace fastalpha
+
+// The op every compiled library registers: one schema, one way of turning its plain arguments
+// into a RuleConfig and a checked, contiguous z, then the library's float/double kernel. Each
+// library expands these two macros with its own entry point, device and namespace, so the op's
+// signature and argument handling are written once.
+#define FASTALPHA_FUSED_OP_SCHEMA                                                                        \
+  "alpha_cl_fused(Tensor z, int row_lo, int row_hi, Tensor? row_weight, str rule, float temperature, "   \
+  "float p, float gamma, float eps, bool detach_alpha, bool unit_rows, str negatives, bool need_grad) "  \
+  "-> (Tensor, Tensor)"
+
+#define FASTALPHA_DEFINE_FUSED_OP(entry, device, kernel)                                                   \
+  std::tuple<at::Tensor, at::Tensor> entry(                                                                \
+      const at::Tensor& z_in, int64_t row_lo, int64_t row_hi, const std::optional<at::Tensor>& row_weight, \
+      c10::string_view rule, double temperature, double p, double gamma, double eps, bool detach_alpha,    \
+      bool unit_rows, c10::string_view negatives, bool need_grad) {                                        \
+    const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps,    \
+                                     detach_alpha, unit_rows, std::string(negatives.data(), negatives.size())); \
+    check_fused_inputs(z_in, row_lo, row_hi, row_weight, device);                                          \
+    const at::Tensor z = z_in.contiguous();                                                                \
+    if (z.scalar_type() == at::kDouble) return kernel<double>(z, row_lo, row_hi, row_weight, cfg, need_grad); \
+    return kernel<float>(z, row_lo, row_hi, row_weight, cfg, need_grad);                                   \
+  }
+
+#define FASTALPHA_REGISTER_FUSED_OP(library, dispatch_key, entry)                       \
+  TORCH_LIBRARY(library, m) { m.def(FASTALPHA_FUSED_OP_SCHEMA); }                         \
+  TORCH_LIBRARY_IMPL(library, dispatch_key, m) { m.impl("alpha_cl_fused", &fastalpha::entry); }

@@ -84,26 +84,9 @@ std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& z, int64_t row_l
   return {loss, assemble_gradient(z, row_lo, row_hi, omega_t_z, colsum, coef, omega_rowsum, omega_z, cfg.unit_rows)};
 }
 
-std::tuple<at::Tensor, at::Tensor> alpha_cl_fused_cuda(const at::Tensor& z_in, int64_t row_lo, int64_t row_hi,
-                                                       const std::optional<at::Tensor>& row_weight, c10::string_view rule,
-                                                       double temperature, double p, double gamma, double eps,
-                                                       bool detach_alpha, bool unit_rows, c10::string_view negatives,
-                                                       bool need_grad) {
-  const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps, detach_alpha,
-                                   unit_rows, std::string(negatives.data(), negatives.size()));
-  check_fused_inputs(z_in, row_lo, row_hi, row_weight, c10::DeviceType::CUDA);
-  const at::Tensor z = z_in.contiguous();
-  if (z.scalar_type() == at::kDouble) return fused_cuda<double>(z, row_lo, row_hi, row_weight, cfg, need_grad);
-  return fused_cuda<float>(z, row_lo, row_hi, row_weight, cfg, need_grad);
-}
+FASTALPHA_DEFINE_FUSED_OP(alpha_cl_fused_cuda, c10::DeviceType::CUDA, fused_cuda)
 
 }  // namespace
 }  // namespace fastalpha
 
-TORCH_LIBRARY(fastalpha_cuda, m) {
-  m.def(
-      "alpha_cl_fused(Tensor z, int row_lo, int row_hi, Tensor? row_weight, str rule, float temperature, float p, "
-      "float gamma, float eps, bool detach_alpha, bool unit_rows, str negatives, bool need_grad) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastalpha_cuda, CUDA, m) { m.impl("alpha_cl_fused", &fastalpha::alpha_cl_fused_cuda); }
+FASTALPHA_REGISTER_FUSED_OP(fastalpha_cuda, CUDA, alpha_cl_fused_cuda)

@@ -75,7 +75,7 @@ def test_available_backends_shape():
 
 
 def test_rule_defaults():
-    """Unset parameters take the rule's default of DESIGN.md §1 (square τ = 5, infonce ε = 1)."""
+    """Unset parameters take the rule's default (docs/design.md; square τ = 5, infonce ε = 1)."""
     assert make_spec("square").temperature == 5.0
     assert make_spec("infonce").eps == 1.0
     assert make_spec("direct") == make_spec("direct", temperature=0.5, p=4.0, eps=0.0)

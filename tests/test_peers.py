@@ -78,23 +78,15 @@ def test_pytorch_metric_learning_ntxent(backend, gen, dtype, n, d, temperature):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("n,d", SIZES)
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
-def test_lightly_ntxent(backend, gen, dtype, n, d, temperature):
+@pytest.mark.parametrize("loss_name", ["NTXentLoss", "DCLLoss"])
+def test_lightly(backend, gen, dtype, n, d, temperature, loss_name):
+    """fastalpha.NTXentLoss / DCLLoss against lightly's classes of the same name."""
     lightly_loss = pytest.importorskip("lightly.loss")
     name, device = backend
     z1, z2 = views(gen, n, d, dtype, device)
-    compare(fastalpha.NTXentLoss(temperature=temperature, backend=name), lightly_loss.NTXentLoss(temperature=temperature),
-            z1, z2, f"{name} vs lightly NTXentLoss τ={temperature}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
-@pytest.mark.parametrize("n,d", SIZES)
-@pytest.mark.parametrize("temperature", [0.1, 0.5])
-def test_lightly_dcl(backend, gen, dtype, n, d, temperature):
-    lightly_loss = pytest.importorskip("lightly.loss")
-    name, device = backend
-    z1, z2 = views(gen, n, d, dtype, device)
-    compare(fastalpha.DCLLoss(temperature=temperature, backend=name), lightly_loss.DCLLoss(temperature=temperature),
-            z1, z2, f"{name} vs lightly DCLLoss τ={temperature}")
+    ours = getattr(fastalpha, loss_name)(temperature=temperature, backend=name)
+    compare(ours, getattr(lightly_loss, loss_name)(temperature=temperature), z1, z2,
+            f"{name} vs lightly {loss_name} τ={temperature}")
 
 
 def test_single_pair_like_the_peers():

@@ -1,4 +1,4 @@
-"""The dense reference against the maths of DESIGN.md §1: closed forms, an independent naive
+"""The dense reference against the maths of docs/design.md: closed forms, an independent naive
 implementation, the paper's theorems, and the gradient formula the fused kernels implement."""
 import math
 

@@ -32,6 +32,12 @@ def _uniform_x_alpha(seed=0):
     return x_alpha
 
 
+def _x_alpha_and_top_eigenvalue(seed):
+    """X_α of the mixture and its largest eigenvalue (the scale of the flows' step size)."""
+    x_alpha = _uniform_x_alpha(seed)
+    return x_alpha, float(torch.linalg.eigvalsh(x_alpha)[-1])
+
+
 def test_orthogonal_mixture_has_nonpositive_off_diagonal_contrastive_covariance():
     x1, x2, labels = _mixture(1)
     assert torch.all(x1 >= 0) and torch.all((x1 > 0).sum(1) == 1) and torch.equal(x1 > 0, x2 > 0)
@@ -80,8 +86,7 @@ def test_theorem4_gradient_vanishes_on_nonpositive_first_layer_weights():
 
 
 def test_theorem4_nonpositive_weights_stay_nonpositive_along_the_flow():
-    x_alpha = _uniform_x_alpha(6)
-    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    x_alpha, lam = _x_alpha_and_top_eigenvalue(6)
     g = torch.Generator().manual_seed(7)
     w1 = torch.randn(6, D, dtype=DT, generator=g)
     w2 = torch.randn(5, 6, dtype=DT, generator=g)
@@ -100,8 +105,7 @@ def test_theorem4_nonpositive_weights_stay_nonpositive_along_the_flow():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_theorem5_single_hidden_node_converges_to_one_component(seed):
-    x_alpha = _uniform_x_alpha(8)
-    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    x_alpha, lam = _x_alpha_and_top_eigenvalue(8)
     g = torch.Generator().manual_seed(seed)
     w1 = torch.randn(1, D, dtype=DT, generator=g)
     w1 = w1 / w1.norm()
@@ -119,8 +123,7 @@ def test_theorem5_single_hidden_node_converges_to_one_component(seed):
 
 
 def test_theorem5_winner_depends_on_initialisation_and_global_value_is_max_diagonal():
-    x_alpha = _uniform_x_alpha(8)
-    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    x_alpha, lam = _x_alpha_and_top_eigenvalue(8)
     winners = set()
     for seed in range(6):
         g = torch.Generator().manual_seed(seed)
@@ -136,8 +139,7 @@ def test_theorem5_winner_depends_on_initialisation_and_global_value_is_max_diago
 
 @pytest.mark.parametrize("seed", range(3))
 def test_proposition_a_cooperating_nodes_collapse_to_rank_one(seed):
-    x_alpha = _uniform_x_alpha(10)
-    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    x_alpha, lam = _x_alpha_and_top_eigenvalue(10)
     g = torch.Generator().manual_seed(seed)
     k = 6
     w1 = torch.rand(k, D, dtype=DT, generator=g)
@@ -170,8 +172,7 @@ def test_proposition_a_global_bound_for_nonnegative_b():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_proposition_b_decoupled_nodes_each_pick_their_own_component(seed):
-    x_alpha = _uniform_x_alpha(13)
-    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    x_alpha, lam = _x_alpha_and_top_eigenvalue(13)
     g = torch.Generator().manual_seed(seed)
     k = 6
     w1 = torch.randn(k, D, dtype=DT, generator=g).abs()
@@ -195,8 +196,7 @@ def test_proposition_b_decoupled_nodes_each_pick_their_own_component(seed):
 @pytest.mark.parametrize("seed", range(2))
 def test_joint_training_collapses_to_rank_one_with_rank_one_w2tw2(seed):
     """Measured outcome (not a theorem): W_2 trained too, both layers Frobenius-normalised."""
-    x_alpha = _uniform_x_alpha(14)
-    lam = float(torch.linalg.eigvalsh(x_alpha)[-1])
+    x_alpha, lam = _x_alpha_and_top_eigenvalue(14)
     g = torch.Generator().manual_seed(seed)
     k = 6
     w1 = torch.randn(k, D, dtype=DT, generator=g)

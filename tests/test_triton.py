@@ -41,13 +41,8 @@ def compiler_env():
     return env
 
 
-@pytest.fixture(autouse=True)
-def ieee_float32():
-    """float32 products in IEEE (the interpreter ignores TF32; GPU tests opt in explicitly)."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(old)
+# float32 products in IEEE: the interpreter ignores TF32 (GPU tests opt in explicitly).
+pytestmark = pytest.mark.usefixtures("ieee_float32")
 
 
 def make_views(gen, n, d, dtype, on_sphere):

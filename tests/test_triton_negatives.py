@@ -38,13 +38,8 @@ RULE_PARAMS = {"quadratic": {}, "entropy": dict(eps=0.5), "direct": dict(eps=0.3
                "square": dict(temperature=1.0), "infonce": dict(eps=1.0)}
 
 
-@pytest.fixture(autouse=True)
-def ieee_float32():
-    """float32 products in IEEE (the interpreter ignores TF32)."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(old)
+# float32 products in IEEE: the interpreter ignores TF32 (GPU tests opt in explicitly).
+pytestmark = pytest.mark.usefixtures("ieee_float32")
 
 
 def rows_and_queue(gen, n, d, k, unit, dtype=torch.float64):

@@ -45,12 +45,8 @@ def _lockstep(cfg, data, spec, device, backend: str, steps: int, log) -> dict:
     fused_loss = fastalpha.AlphaCLLoss(**cfg.loss_kwargs, backend=backend)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    rows, order = [], None
-    for k in range(steps):
-        epoch, step = 1 + k // trainer.plan.steps_per_epoch, k % trainer.plan.steps_per_epoch
-        if step == 0:
-            order = trainer.plan.epoch_order()
-        trainer.set_lr(epoch, step)
+    rows = []
+    for epoch, step, order in _first_steps(trainer, steps):
         idx, offset = trainer.plan.local_indices(order, step)
         gen = augment.step_generator(cfg.seed, epoch, step)
         v1, v2 = augment.two_views(trainer.images[idx.to(device)], spec, gen, trainer.plan.global_batch, offset)
@@ -73,15 +69,20 @@ def _lockstep(cfg, data, spec, device, backend: str, steps: int, log) -> dict:
     return rows
 
 
-def _free_run(cfg, data, spec, device, backend: str, steps: int, log):
-    trainer = Trainer(dataclasses.replace(cfg, backend=backend), data, spec, device, log=log)
-    losses, order = [], None
+def _first_steps(trainer, steps: int):
+    """(epoch, step, data order) of the run's first `steps` steps, the lr of each set on the way."""
+    order = None
     for k in range(steps):
         epoch, step = 1 + k // trainer.plan.steps_per_epoch, k % trainer.plan.steps_per_epoch
         if step == 0:
             order = trainer.plan.epoch_order()
         trainer.set_lr(epoch, step)
-        losses.append(trainer.train_step(epoch, step, order))
+        yield epoch, step, order
+
+
+def _free_run(cfg, data, spec, device, backend: str, steps: int, log):
+    trainer = Trainer(dataclasses.replace(cfg, backend=backend), data, spec, device, log=log)
+    losses = [trainer.train_step(epoch, step, order) for epoch, step, order in _first_steps(trainer, steps)]
     return losses, {name: p.detach().float().cpu().clone() for name, p in trainer.model.named_parameters()}
 
 

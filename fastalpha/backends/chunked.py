@@ -30,6 +30,7 @@ import math
 import torch
 
 from ..rules import LossSpec
+from . import every_negative_set
 
 #: Elements of one (R × M) chunk buffer. CPU: 2^21 float32 = 8 MiB, big enough that the
 #: three products run at matmul speed and small enough to stay near the cache (among 2^18…2^22
@@ -122,13 +123,7 @@ def status() -> tuple[bool, str]:
     return True, "plain PyTorch, full-row chunks, O(R*M) memory"
 
 
-def device_status(device: torch.device) -> tuple[bool, str]:
-    return status()
-
-
-def supports(negatives: str, has_queue: bool) -> tuple[bool, str]:
-    """Every set of negatives: "all", "cross", "none", each with or without a queue."""
-    return True, ""
+supports = every_negative_set
 
 
 def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):

@@ -14,6 +14,7 @@ import torch
 
 from .. import cpp_build
 from ..rules import LossSpec
+from . import on_device_type
 
 
 def status() -> tuple[bool, str]:
@@ -22,9 +23,7 @@ def status() -> tuple[bool, str]:
 
 
 def device_status(device: torch.device) -> tuple[bool, str]:
-    if device.type != "cpu":
-        return False, f"the cpp backend runs on CPU tensors only, got {device.type} tensors"
-    return status()
+    return on_device_type(device, "cpu", "cpp", status)
 
 
 def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):

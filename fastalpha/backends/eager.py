@@ -9,19 +9,14 @@ import torch
 
 from .. import reference
 from ..rules import LossSpec
+from . import every_negative_set
 
 
 def status() -> tuple[bool, str]:
     return True, "dense PyTorch reference, O(M^2) memory"
 
 
-def device_status(device: torch.device) -> tuple[bool, str]:
-    return status()
-
-
-def supports(negatives: str, has_queue: bool) -> tuple[bool, str]:
-    """Every set of negatives: "all", "cross", "none", each with or without a queue."""
-    return True, ""
+supports = every_negative_set
 
 
 def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):

@@ -21,7 +21,7 @@ import fastalpha
 from fastalpha import cpp_build, dispatch, reference
 from fastalpha.backends import cpp
 from fastalpha.rules import RULES, make_spec
-from fastalpha.testing import assert_close, precision_of
+from fastalpha.testing import assert_close, loss_scale, precision_of
 
 if cpp_build.flag_set("FASTALPHA_NO_CPP"):
     pytest.skip("the cpp backend is disabled by FASTALPHA_NO_CPP=1", allow_module_level=True)
@@ -78,6 +78,9 @@ def check_kernel(z, spec, row_lo, row_hi, weight, precision):
 @pytest.mark.parametrize("rule", RULES)
 def test_kernel_matches_closed_form(gen, algorithm, rule, detach, unit, n, d, dtype):
     """Row sub-range, random row weights, unit or raw rows: the whole kernel contract."""
+    if rule == "square" and not detach and dtype == torch.float32:
+        pytest.skip("square's β = 2α − 1/k jumps where a distance crosses μ: float32 rounding of d2 moves pairs "
+                    "across it, so this case is checked in float64 (the same shapes, above)")
     z = random_rows(gen, n, d, dtype, unit)
     lo, hi = random_row_range(gen, 2 * n)
     weight = torch.rand(hi - lo, generator=gen, dtype=torch.float64).to(torch.promote_types(dtype, torch.float32))
@@ -173,7 +176,10 @@ def test_public_api_matches_autograd(gen, rule, detach, normalize, reduction):
     upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     (loss * upstream.to(loss.dtype)).sum().backward()
     (ref * upstream).sum().backward()
-    assert_close(loss, ref, "float32", "loss")
+    # The loss of independent random views nearly cancels (quadratic, inverse): its error
+    # follows the size of the terms it is summed from, not its own size.
+    rows = 2 * n if reduction == "sum" else 1
+    assert_close(loss, ref, "float32", "loss", scale=loss_scale(torch.cat([r1, r2]).detach(), spec, rows))
     assert_close(z1.grad, r1.grad, "float32", "grad z1")
     assert_close(z2.grad, r2.grad, "float32", "grad z2")
 

@@ -46,9 +46,9 @@ import torch.distributed as dist
 
 from . import dispatch, reference
 from .checks import check_views
-from .functional import alpha_cl_loss, check_queue, negative_count, no_negatives_loss
+from .functional import alpha_cl_loss, check_queue, no_negatives_loss
 from .ops import call_fused
-from .rules import LossSpec, check_reduction, make_spec
+from .rules import LossSpec, check_reduction, make_spec, negative_count
 
 #: Floating dtypes, by the code that travels in the rank header.
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -20,7 +20,7 @@ import torch
 from . import dispatch, reference
 from .checks import check_flag, check_views
 from .ops import FusedAlphaCL
-from .rules import LossSpec, check_reduction, make_spec
+from .rules import LossSpec, check_reduction, make_spec, negative_count
 
 
 def alpha_cl_loss(
@@ -111,11 +111,6 @@ def loss_of_spec(z1: torch.Tensor, z2: torch.Tensor, spec: LossSpec, reduction: 
     z = reference.stack_views(z1, z2, spec.unit_rows)
     queue = reference.prepare_queue(queue, spec.unit_rows)
     return FusedAlphaCL.apply(z, queue, temperature, spec, reduction, backend)
-
-
-def negative_count(n: int, queue_rows: int, negatives: str) -> int:
-    """|J_i| for N pairs and K queue rows: the same for every anchor."""
-    return {"all": 2 * n - 2, "cross": n - 1, "none": 0}[negatives] + queue_rows
 
 
 class _NoNegatives(torch.autograd.Function):

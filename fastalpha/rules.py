@@ -149,6 +149,11 @@ class LossSpec:
         return replace(self, **changes)
 
 
+def negative_count(n: int, queue_rows: int, negatives: str) -> int:
+    """|J_i| for N pairs and K queue rows: the same for every anchor (docs/design.md)."""
+    return {"all": 2 * n - 2, "cross": n - 1, "none": 0}[negatives] + queue_rows
+
+
 def _real_scalar(name: str, value) -> float:
     """Any real scalar as a float: int/float, numpy scalar, 0-dim tensor without grad."""
     if isinstance(value, torch.Tensor):

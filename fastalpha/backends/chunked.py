@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from ..rules import LossSpec
+from ..rules import LossSpec, negative_count
 from . import every_negative_set
 
 #: Elements of one (R × M) chunk buffer. CPU: 2^21 float32 = 8 MiB, big enough that the
@@ -131,11 +131,6 @@ def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, ro
     return loss_rows_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue)
 
 
-def negative_count(m: int, queue_rows: int, negatives: str) -> int:
-    """|J_i|: the same for every anchor in every mode."""
-    return {"all": m - 2, "cross": m // 2 - 1, "none": 0}[negatives] + queue_rows
-
-
 def _chunk_mask(lo: int, hi: int, m: int, queue_rows: int, negatives: str, device):
     """`mask_(t, value)` for the chunk of anchors [lo, hi): sets t outside J_i to value, in place.
 
@@ -178,7 +173,7 @@ def loss_rows_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: i
     half = m // 2
     cols = z if queue is None else torch.cat([z, queue.detach().to(z.dtype)], 0)
     c = cols.shape[0]
-    count = negative_count(m, c - m, params.negatives)
+    count = negative_count(m // 2, c - m, params.negatives)
     stat = torch.promote_types(z.dtype, torch.float32)
     chunk = default_chunk_rows(c, z.device.type) if chunk_rows is None else int(chunk_rows)
     if chunk < 1:

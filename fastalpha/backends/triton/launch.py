@@ -23,7 +23,7 @@ Negative sets (spec.negatives) and a queue: the kernels' columns are the contigu
 M = 2·half), the NEGATIVES constexpr picks
 the mask of tiles._negatives, QUEUE (K > 0) makes the passes stream C columns instead of M,
 the column pass writes all C gradient rows, and |J_i| (the ε-terms)
-is negative_count(M, K, negatives). Without a queue and with negatives="all" this is the
+is rules.negative_count(N, K, negatives). Without a queue and with negatives="all" this is the
 SimCLR call, compiled as before (C = M).
 
 For unit rows (spec.unit_rows, normalize=True) d2_ij = 1 − z_i·z_j, so ∂d2_ij/∂z_i = −z_j and
@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from ...rules import LossSpec
+from ...rules import LossSpec, negative_count
 from .blocks import BlockConfig, block_config, candidate_configs, m_bucket
 from .column_pass import column_pass_kernel
 from .quadratic import quadratic_loss_and_grad
@@ -235,11 +235,6 @@ def _rule_flags(params: LossSpec, count: int) -> dict:
     return dict(weight=weight, k=k, power=power, eps_mode=eps_mode, log_eps=log_eps)
 
 
-def negative_count(m: int, queue_rows: int, negatives: str) -> int:
-    """|J_i|: the same for every anchor (docs/design.md's table)."""
-    return {"all": m - 2, "cross": m // 2 - 1, "none": 0}[negatives] + queue_rows
-
-
 def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
                         config: BlockConfig | None = None, queue: torch.Tensor | None = None):
     """The contract of fastalpha.dispatch; `config` pins the tile shapes (tests), else blocks.py decides.
@@ -255,7 +250,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     half = m // 2
     rows = row_hi - row_lo
     unit = params.unit_rows
-    count = negative_count(m, c - m, params.negatives)
+    count = negative_count(m // 2, c - m, params.negatives)
     acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     z_acc = z.to(acc_dtype)
     if params.rule == "quadratic":

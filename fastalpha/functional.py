@@ -108,9 +108,8 @@ def loss_of_spec(z1: torch.Tensor, z2: torch.Tensor, spec: LossSpec, reduction: 
     if backend == "eager":
         eager_spec = spec if temperature is None else spec.with_(temperature=temperature)
         return reference.alpha_cl_loss(z1, z2, eager_spec, reduction, queue).to(z1.dtype)
-    z = reference.stack_views(z1, z2, spec.unit_rows)
     queue = reference.prepare_queue(queue, spec.unit_rows)
-    return FusedAlphaCL.apply(z, queue, temperature, spec, reduction, backend)
+    return FusedAlphaCL.apply(z1, z2, queue, temperature, spec, reduction, backend)
 
 
 class _NoNegatives(torch.autograd.Function):

@@ -78,11 +78,11 @@ def call_fused(z: torch.Tensor, spec: LossSpec, backend: str, row_lo: int, row_h
 _double_backward_logged = False
 
 
-def differentiable_gradient(z, queue, temperature, spec: LossSpec, row_weight: torch.Tensor):
-    """(∂/∂Z, ∂/∂τ) of Σ_i w_i loss_i by dense autograd with a graph, for second derivatives.
+def differentiable_gradient(z1, z2, queue, temperature, spec: LossSpec, row_weight: torch.Tensor):
+    """(∂/∂z1, ∂/∂z2, ∂/∂τ) of Σ_i w_i loss_i by dense autograd with a graph, for second derivatives.
 
-    `z` is the saved input of the fused Function: inside a `create_graph=True` backward it
-    carries its graph, so the result is differentiable in z (and in the weights w).
+    `z1`, `z2` are the saved inputs of the fused Function: inside a `create_graph=True` backward
+    they carry their graph, so the result is differentiable in them (and in the weights w).
     """
     global _double_backward_logged
     if not _double_backward_logged:
@@ -90,55 +90,128 @@ def differentiable_gradient(z, queue, temperature, spec: LossSpec, row_weight: t
         logger.info("fastalpha: create_graph=True: the gradient is recomputed by the dense eager reference "
                     "(O(M^2) memory) so that second derivatives are exact")
     with torch.enable_grad():
-        zg = z if z.requires_grad else z.detach().requires_grad_()
-        inputs = [zg] if temperature is None else [zg, temperature]
-        rows = reference.loss_rows(zg, spec if temperature is None else spec.with_(temperature=temperature), queue=queue)
+        views = [v if v.requires_grad else v.detach().requires_grad_() for v in (z1, z2)]
+        inputs = views if temperature is None else views + [temperature]
+        z = reference.stack_views(*views, spec.unit_rows)
+        rows = reference.loss_rows(z, spec if temperature is None else spec.with_(temperature=temperature), queue=queue)
         grads = torch.autograd.grad(rows, inputs, row_weight.to(rows.dtype), create_graph=True, allow_unused=True)
-    return grads[0], (grads[1] if temperature is not None else None)
+    return grads[0], grads[1], (grads[2] if temperature is not None else None)
+
+
+# torch.nn.functional.normalize's default: the fused path normalises the rows exactly as the
+# reference does (x / max(|x|, eps)).
+NORM_EPS = 1e-12
+# Rows per step of the row-wise passes over an M × D buffer: their temporaries stay this × D.
+ROW_CHUNK = 1024
+
+
+def stack_rows(z1: torch.Tensor, z2: torch.Tensor, unit_rows: bool):
+    """Z = [z1; z2], row-normalised when unit_rows, written once into one M × D buffer, and
+    the rows' norms |x_i| (M × 1, or None): what `torch.cat` + `F.normalize` compute, without
+    their intermediate M × D tensors."""
+    n = z1.shape[0]
+    z = z1.new_empty((2 * n, z1.shape[1]))
+    if not unit_rows:
+        z[:n].copy_(z1)
+        z[n:].copy_(z2)
+        return z, None
+    norms = torch.cat([torch.linalg.vector_norm(v, dim=1, keepdim=True) for v in (z1, z2)])
+    denominators = norms.clamp_min(NORM_EPS)
+    torch.div(z1, denominators[:n], out=z[:n])
+    torch.div(z2, denominators[n:], out=z[n:])
+    return z, norms
+
+
+def through_normalisation_(grad: torch.Tensor, z: torch.Tensor, norms, scale) -> torch.Tensor:
+    r"""In place: grad (∂/∂Z of the normalised rows) → scale · ∂/∂X of the raw rows.
+
+    For y = x / c with c = max(|x|, eps): ∂/∂x = (g − (g·y) y) / |x| when |x| ≥ eps, g / eps
+    below (the clamp cuts the norm's path, as in autograd). Row chunks keep the temporaries at
+    ROW_CHUNK × D. `scale` is a scalar tensor (the reduction's factor) or None; without
+    normalisation only the scale applies.
+    """
+    if norms is None:
+        return grad if scale is None else grad.mul_(scale.to(grad.dtype))
+    stat = torch.promote_types(grad.dtype, torch.float32)
+    for start in range(0, z.shape[0], ROW_CHUNK):
+        g, y, norm = grad[start:start + ROW_CHUNK], z[start:start + ROW_CHUNK], norms[start:start + ROW_CHUNK]
+        dot = (g.to(stat) * y.to(stat)).sum(1, keepdim=True)
+        dot.masked_fill_(norm < NORM_EPS, 0)
+        factor = 1 / norm.to(stat).clamp_min(NORM_EPS)
+        if scale is not None:
+            factor = factor * scale.to(stat)
+        g.addcmul_(y, dot.to(g.dtype), value=-1).mul_(factor.to(g.dtype))
+    return grad
+
+
+def rows_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ over all entries in promote(dtype, float32), in row chunks (no full-size product)."""
+    stat = torch.promote_types(a.dtype, torch.float32)
+    return sum((a[s:s + ROW_CHUNK].to(stat) * b[s:s + ROW_CHUNK].to(stat)).sum()
+               for s in range(0, a.shape[0], ROW_CHUNK))
 
 
 class FusedAlphaCL(torch.autograd.Function):
-    """loss = reduce(loss_rows(Z)); backward scales the gradient the forward already has.
+    """loss = reduce(loss_rows(Z)), Z = [z1; z2] (normalised when spec.unit_rows); the backward
+    scales the gradient the forward already has and takes it through the normalisation.
 
-    Inputs: z (M × D, normalised), queue (K × D or None, no gradient), temperature (None, or
-    the learnable 0-dim τ whose value spec.temperature holds). The losses are homogeneous of
-    degree 0 in (Z, τ) jointly under Z → cZ, τ → c²τ (every d2 difference is quadratic in the
-    rows), so Euler's identity gives the temperature's gradient from the rows' gradient G of
-    Σ_i w_i loss_i over [Z; queue]: ∂/∂τ = −⟨[Z; queue], G⟩ / (2τ). No extra kernel output.
+    Inputs: the two views z1, z2 (N × D, raw), queue (K × D, already prepared, or None, no
+    gradient), temperature (None, or the learnable 0-dim τ whose value spec.temperature holds).
+    Stacking, normalisation and its backward are fused here so that a call holds Z and the
+    kernel's gradient G (M × D each) and no other M × D tensor: the backward works on G in
+    place (once; a second backward of a retained graph recomputes G).
+
+    The losses are homogeneous of degree 0 in (Z, τ) jointly under Z → cZ, τ → c²τ (every d2
+    difference is quadratic in the rows), so Euler's identity gives the temperature's gradient
+    from the rows' gradient G of Σ_i w_i loss_i over [Z; queue]: ∂/∂τ = −⟨[Z; queue], G⟩ / (2τ).
     """
 
     @staticmethod
-    def forward(ctx, z, queue, temperature, spec: LossSpec, reduction: str, backend: str):
+    def forward(ctx, z1, z2, queue, temperature, spec: LossSpec, reduction: str, backend: str):
+        with torch.no_grad():
+            z, norms = stack_rows(z1, z2, spec.unit_rows)
         m = z.shape[0]
-        need_grad = (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]) and reduction != "none"
-        loss_rows, grad = call_fused(z, spec, backend, 0, m, None, need_grad, queue)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        loss_rows, grad = call_fused(z, spec, backend, 0, m, None, needs_grad and reduction != "none", queue)
         ctx.spec, ctx.reduction, ctx.backend = spec, reduction, backend
-        ctx.save_for_backward(z, queue, temperature, grad)
-        loss_rows = loss_rows.to(z.dtype)
+        ctx.save_for_backward(z1, z2, z, norms, queue, temperature)
+        # Not saved for backward: the backward consumes it in place (see there).
+        ctx.fused_grad = grad
+        loss_rows = loss_rows.to(z1.dtype)
         if reduction == "none":
             return loss_rows
         return loss_rows.mean() if reduction == "mean" else loss_rows.sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, queue, temperature, grad = ctx.saved_tensors
-        m = z.shape[0]
+        z1, z2, z, norms, queue, temperature = ctx.saved_tensors
+        m, n = z.shape[0], z1.shape[0]
         stat = torch.promote_types(z.dtype, torch.float32)
         if ctx.reduction == "none":
-            row_weight = grad_out.to(stat).contiguous()
+            row_weight, scale = grad_out.to(stat).contiguous(), None
         else:
-            scale = grad_out / m if ctx.reduction == "mean" else grad_out
-            row_weight = scale.to(stat).expand(m)
+            scale = (grad_out / m if ctx.reduction == "mean" else grad_out).to(stat)
+            row_weight = scale.expand(m)
         if torch.is_grad_enabled():
-            grad_z, grad_t = differentiable_gradient(z, queue, temperature, ctx.spec, row_weight)
-            return grad_z.to(z.dtype), None, grad_t, None, None, None
+            grad_1, grad_2, grad_t = differentiable_gradient(z1, z2, queue, temperature, ctx.spec, row_weight)
+            return grad_1, grad_2, None, grad_t, None, None, None
+        # The forward's G is consumed in place by the first backward (torch.compile's traced
+        # backward works on a copy); a retained graph's next backward recomputes it.
+        grad = ctx.fused_grad
+        if torch.compiler.is_compiling():
+            grad = None if grad is None else grad.clone()
+        else:
+            ctx.fused_grad = None
         if ctx.reduction == "none":
             _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, row_weight, True, queue)
-        else:
-            grad = grad * row_weight[0].to(grad.dtype)
+        elif grad is None:
+            # Recomputed as the forward computed it, so that every backward gives the same bits.
+            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, None, True, queue)
         grad_t = None
-        if temperature is not None and ctx.needs_input_grad[2]:
-            cols = z if queue is None else torch.cat([z, queue.to(z.dtype)], 0)
-            inner = (cols.to(stat) * grad.to(stat)).sum()
+        if temperature is not None and ctx.needs_input_grad[3]:
+            inner = rows_inner(z, grad[:m]) + (0 if queue is None else rows_inner(queue, grad[m:]))
+            if scale is not None:
+                inner = inner * scale
             grad_t = (-inner / (2 * ctx.spec.temperature)).to(temperature.dtype)
-        return grad[:m], None, grad_t, None, None, None
+        grad = through_normalisation_(grad[:m], z, norms, scale)
+        return grad[:n], grad[n:], None, grad_t, None, None, None

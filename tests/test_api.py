@@ -118,19 +118,45 @@ def test_non_contiguous_inputs(gen):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("rule", RULES)
 def test_fused_op_path_with_eager_kernel(gen, rule, reduction):
-    """The custom op + autograd.Function (what every fused backend runs under) equal autograd."""
-    z = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    """The custom op + autograd.Function (what every fused backend runs under, with its fused
+    stacking and normalisation) equal autograd through cat + F.normalize."""
+    z1, z2 = (torch.randn(5, 4, generator=gen, dtype=torch.float64) * 3 for _ in range(2))
     for detach in (True, False):
-        spec = make_spec(rule, normalize=False, detach_alpha=detach)
-        leaf = z.clone().requires_grad_()
-        out = FusedAlphaCL.apply(leaf, None, None, spec, reduction, "eager")  # no queue, fixed temperature
-        weight = torch.rand(out.shape, generator=gen, dtype=torch.float64)
-        (out * weight).sum().backward()
-        ref_leaf = z.clone().requires_grad_()
-        expected = reference.reduce_rows(reference.loss_rows(ref_leaf, spec), reduction)
-        (expected * weight).sum().backward()
-        assert_close(out, expected, "float64", "value")
-        assert_close(leaf.grad, ref_leaf.grad, "float64", f"grad {rule} detach={detach}")
+        for normalize in (False, True):
+            spec = make_spec(rule, normalize=normalize, detach_alpha=detach)
+            leaves = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+            out = FusedAlphaCL.apply(*leaves, None, None, spec, reduction, "eager")  # no queue, fixed temperature
+            weight = torch.rand(out.shape, generator=gen, dtype=torch.float64)
+            (out * weight).sum().backward()
+            ref_leaves = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+            expected = reference.reduce_rows(reference.loss_rows(reference.stack_views(*ref_leaves, normalize), spec), reduction)
+            (expected * weight).sum().backward()
+            where = f"{rule} detach={detach} normalize={normalize}"
+            assert_close(out, expected, "float64", f"value {where}")
+            for leaf, ref_leaf in zip(leaves, ref_leaves):
+                assert_close(leaf.grad, ref_leaf.grad, "float64", f"grad {where}")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpp"])
+def test_backward_of_a_retained_graph_twice(gen, backend):
+    """The fused backward consumes its saved gradient in place: a second backward of a retained
+    graph (and a learnable τ's gradient with it) must still equal the reference's."""
+    if not fastalpha.available_backends()[backend][0]:
+        pytest.skip(f"backend {backend!r} unavailable: {fastalpha.available_backends()[backend][1]}")
+    a, b = (torch.randn(9, 5, generator=gen) * 2 for _ in range(2))
+    tau = torch.tensor(0.3, requires_grad=True)
+    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    loss = fastalpha.alpha_cl_loss(*leaves, rule="infonce", temperature=tau, backend=backend)
+    loss.backward(retain_graph=True)
+    first = [leaf.grad.clone() for leaf in leaves] + [tau.grad.clone()]
+    loss.backward()
+    second = [leaf.grad - g for leaf, g in zip(leaves, first)] + [tau.grad - first[2]]
+    ref_tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    ref = [a.double().requires_grad_(), b.double().requires_grad_()]
+    fastalpha.alpha_cl_loss(*ref, rule="infonce", temperature=ref_tau, backend="eager").backward()
+    for name, got_1, got_2, want in zip(("z1", "z2", "tau"), first, second, [r.grad for r in ref] + [ref_tau.grad]):
+        assert_close(got_1, want.float(), "float32", f"first backward, grad {name}")
+        assert_close(got_2, want.float(), "float32", f"second backward, grad {name}")
 
 
 def test_custom_op_opcheck(gen):

@@ -12,6 +12,9 @@
 // so a kernel needs, per row, coef_i = w_i A_i, the row sum of ω and (ωZ)_i, and per column
 // C_k = Σ_i ω_ik and (ωᵀZ)_k. All of it is O(M·D): the M × M matrix is never stored. With
 // unit rows the terms in z_k itself (those with C_k, w_k A_k z_k and Σ_j ω_kj z_k) are absent.
+// With a queue Q (K × D) the columns are [Z; Q] and k runs over all M + K of them; queue rows
+// are never anchors or partners, so they get the column side only (what a learnable
+// temperature's gradient reads; the public API discards them).
 #pragma once
 
 #include <cstdint>
@@ -20,20 +23,31 @@
 
 #include <ATen/ATen.h>
 
+#include "alpha_cl_rule.h"
+
 namespace fastalpha {
 
-inline void check_fused_inputs(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
-                               const std::optional<at::Tensor>& row_weight, c10::DeviceType device) {
+inline void check_fused_inputs(const at::Tensor& z, const std::optional<at::Tensor>& queue, int64_t row_lo,
+                               int64_t row_hi, const std::optional<at::Tensor>& row_weight, c10::DeviceType device) {
   TORCH_CHECK(z.dim() == 2, "fastalpha: z must be 2-D (M, D), got ", z.dim(), " dimensions");
   TORCH_CHECK(z.device().type() == device, "fastalpha: this kernel takes ", c10::DeviceTypeName(device),
               " tensors, got z on ", z.device());
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
               "fastalpha: the kernel computes in float32 or float64 (upcast half types first), got ", z.scalar_type());
   const int64_t m = z.size(0);
-  TORCH_CHECK(m >= 4 && m % 2 == 0, "fastalpha: z must stack two views of N >= 2 rows (M = 2N even, >= 4), got M = ", m);
+  // N = 1 is legitimate with a queue; whether any anchor has a negative is the caller's count.
+  TORCH_CHECK(m >= 2 && m % 2 == 0, "fastalpha: z must stack two views of N >= 1 rows (M = 2N even), got M = ", m);
   TORCH_CHECK(z.size(1) >= 1, "fastalpha: z needs D >= 1 columns");
   TORCH_CHECK(0 <= row_lo && row_lo <= row_hi && row_hi <= m, "fastalpha: need 0 <= row_lo <= row_hi <= M = ", m,
               ", got [", row_lo, ", ", row_hi, ")");
+  if (queue.has_value()) {
+    const at::Tensor& q = *queue;
+    TORCH_CHECK(q.dim() == 2 && q.size(1) == z.size(1), "fastalpha: queue must have shape (K, ", z.size(1),
+                "), got ", q.sizes());
+    TORCH_CHECK(q.scalar_type() == z.scalar_type(), "fastalpha: queue must have dtype ", z.scalar_type(), ", got ",
+                q.scalar_type());
+    TORCH_CHECK(q.device() == z.device(), "fastalpha: queue must be on ", z.device(), ", got ", q.device());
+  }
   if (row_weight.has_value()) {
     const at::Tensor& w = *row_weight;
     TORCH_CHECK(w.dim() == 1 && w.size(0) == row_hi - row_lo, "fastalpha: row_weight must have shape (",
@@ -44,20 +58,29 @@ inline void check_fused_inputs(const at::Tensor& z, int64_t row_lo, int64_t row_
   }
 }
 
+// The columns every anchor is compared with: [Z; Q] ((M + K) × D, contiguous), or Z itself
+// without a queue (no copy).
+inline at::Tensor column_rows(const at::Tensor& z, const std::optional<at::Tensor>& queue) {
+  if (!queue.has_value() || queue->size(0) == 0) return z.contiguous();
+  return at::cat({z, *queue}, 0).contiguous();
+}
+
 // p(i) = (i + M/2) mod M for i ∈ [row_lo, row_hi), as an index tensor on z's device.
 inline at::Tensor partner_rows(const at::Tensor& z, int64_t row_lo, int64_t row_hi) {
   const int64_t m = z.size(0);
   return at::arange(row_lo, row_hi, z.options().dtype(at::kLong)).add_(m / 2).remainder_(m);
 }
 
-// G from the statistics above; `omega_t_z` is (ωᵀZ) and `colsum` is C, both summed over all
-// rows. For unit rows (d2 = 1 − z_i·z_j) the terms in z_k itself drop out: only the cross
-// terms ωZ, ωᵀZ and −c z_p remain.
-inline at::Tensor assemble_gradient(const at::Tensor& z, int64_t row_lo, int64_t row_hi, at::Tensor omega_t_z,
-                                    const at::Tensor& colsum, const at::Tensor& coef, const at::Tensor& omega_rowsum,
-                                    const at::Tensor& omega_z, bool unit_rows) {
-  at::Tensor grad = unit_rows ? omega_t_z : omega_t_z.sub_(colsum.unsqueeze(1) * z);
+// G ((M + K) × D) from the statistics above; `cols` is [Z; Q] (its first M rows are Z),
+// `omega_t_z` is (ωᵀ[Z; Q]) and `colsum` is C, both over all M + K columns. For unit rows
+// (d2 = 1 − z_i·z_j) the terms in z_k itself drop out: only the cross terms ωZ, ωᵀZ and −c z_p
+// remain. Queue rows have no partner and are no anchors: they get the column side only.
+inline at::Tensor assemble_gradient(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
+                                    at::Tensor omega_t_z, const at::Tensor& colsum, const at::Tensor& coef,
+                                    const at::Tensor& omega_rowsum, const at::Tensor& omega_z, bool unit_rows) {
+  at::Tensor grad = unit_rows ? omega_t_z : omega_t_z.sub_(colsum.unsqueeze(1) * cols);
   if (row_hi == row_lo) return grad;
+  const at::Tensor z = cols.narrow(0, 0, m);
   const at::Tensor partners = partner_rows(z, row_lo, row_hi);
   const at::Tensor rows = z.narrow(0, row_lo, row_hi - row_lo);
   const at::Tensor partner_rows_z = z.index_select(0, partners);
@@ -85,25 +108,34 @@ inline int64_t chunk_rows_from_env(int64_t fallback) {
 }  // namespace fastalpha
 
 // The op every compiled library registers: one schema, one way of turning its plain arguments
-// into a RuleConfig and a checked, contiguous z, then the library's float/double kernel. Each
-// library expands these two macros with its own entry point, device and namespace, so the op's
-// signature and argument handling are written once.
-#define FASTALPHA_FUSED_OP_SCHEMA                                                                        \
-  "alpha_cl_fused(Tensor z, int row_lo, int row_hi, Tensor? row_weight, str rule, float temperature, "   \
-  "float p, float gamma, float eps, bool detach_alpha, bool unit_rows, str negatives, bool need_grad) "  \
-  "-> (Tensor, Tensor)"
+// into a RuleConfig and checked, contiguous columns [Z; Q], then the library's float/double
+// kernel, called as kernel<T>(cols, M, row_lo, row_hi, row_weight, cfg, need_grad) with the
+// queue's rows as cols[M:]. Each library expands these two macros with its own entry point,
+// device and namespace, so the op's signature and argument handling are written once. When no
+// anchor has a negative (N = 1 without a queue, or "none" with an empty one) the losses are
+// an empty sum: 0, with a zero gradient.
+#define FASTALPHA_FUSED_OP_SCHEMA                                                                          \
+  "alpha_cl_fused(Tensor z, Tensor? queue, int row_lo, int row_hi, Tensor? row_weight, str rule, "         \
+  "float temperature, float p, float gamma, float eps, bool detach_alpha, bool unit_rows, str negatives, " \
+  "bool need_grad) -> (Tensor, Tensor)"
 
-#define FASTALPHA_DEFINE_FUSED_OP(entry, device, kernel)                                                   \
-  std::tuple<at::Tensor, at::Tensor> entry(                                                                \
-      const at::Tensor& z_in, int64_t row_lo, int64_t row_hi, const std::optional<at::Tensor>& row_weight, \
-      c10::string_view rule, double temperature, double p, double gamma, double eps, bool detach_alpha,    \
-      bool unit_rows, c10::string_view negatives, bool need_grad) {                                        \
-    const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps,    \
+#define FASTALPHA_DEFINE_FUSED_OP(entry, device, kernel)                                                     \
+  std::tuple<at::Tensor, at::Tensor> entry(                                                                  \
+      const at::Tensor& z_in, const std::optional<at::Tensor>& queue, int64_t row_lo, int64_t row_hi,        \
+      const std::optional<at::Tensor>& row_weight, c10::string_view rule, double temperature, double p,      \
+      double gamma, double eps, bool detach_alpha, bool unit_rows, c10::string_view negatives,               \
+      bool need_grad) {                                                                                      \
+    const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps,      \
                                      detach_alpha, unit_rows, std::string(negatives.data(), negatives.size())); \
-    check_fused_inputs(z_in, row_lo, row_hi, row_weight, device);                                          \
-    const at::Tensor z = z_in.contiguous();                                                                \
-    if (z.scalar_type() == at::kDouble) return kernel<double>(z, row_lo, row_hi, row_weight, cfg, need_grad); \
-    return kernel<float>(z, row_lo, row_hi, row_weight, cfg, need_grad);                                   \
+    check_fused_inputs(z_in, queue, row_lo, row_hi, row_weight, device);                                     \
+    const int64_t m = z_in.size(0), k = queue.has_value() ? queue->size(0) : 0;                              \
+    if (negative_count(m / 2, k, cfg.negatives) == 0)                                                        \
+      return {at::zeros({row_hi - row_lo}, z_in.options()),                                                  \
+              at::zeros({need_grad ? m + k : 0, z_in.size(1)}, z_in.options())};                             \
+    const at::Tensor cols = column_rows(z_in, queue);                                                        \
+    if (cols.scalar_type() == at::kDouble)                                                                   \
+      return kernel<double>(cols, m, row_lo, row_hi, row_weight, cfg, need_grad);                            \
+    return kernel<float>(cols, m, row_lo, row_hi, row_weight, cfg, need_grad);                               \
   }
 
 #define FASTALPHA_REGISTER_FUSED_OP(library, dispatch_key, entry)                       \

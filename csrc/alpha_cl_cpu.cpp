@@ -19,6 +19,13 @@
 // row for the rule, ωZ and ωᵀZ; each thread has an M × (D + 1) accumulator. Fewer, larger
 // products and one exponential per ordered pair, which wins where tiles would be tiny.
 //
+// Negative sets and queues. The columns are [Z; Q] (a queue's K rows after Z's M, never
+// anchors) and J_i is at most three column ranges (negative_ranges, alpha_cl_rule.h). The one
+// pass sweeps those ranges of each full row. The symmetric algorithm makes the queue blocks
+// non-anchor column blocks and schedules only the tiles that hold pairs of J: "cross" drops
+// the same-view tiles, "none" keeps only anchor × queue tiles; self and partner are masked
+// inside a tile as for "all". Every count |J_i| is negative_count.
+//
 // `choose_algorithm` holds the rule between the two. Both finish each row with
 // finalize_row (alpha_cl_row_math.h, shared with the CUDA kernel).
 #include <algorithm>
@@ -89,12 +96,19 @@ enum class Algorithm { OnePass, Symmetric };
 // D = 128, 2.7× slower at D = 16. Hence: fwd+bwd from M·D ≥ 2^18 with M ≥ 2048, forward
 // from M ≥ 1024, both with D ≥ 32. Only a full anchor range gains from symmetry: with a
 // partial one (a rank's share of a distributed batch) most tiles have one anchor side.
-// FASTALPHA_CPP_ALGORITHM=onepass|symmetric forces either (tests, measurements).
-Algorithm choose_algorithm(int64_t m, int64_t dim, int64_t rows, bool need_grad) {
+// Other negative sets: symmetry pays only on pairs of Z. "none" has none (every pair is an
+// anchor against a queue row), and a queue row is a column only, so its pairs cost the two
+// passes 8·M·K·D flops against the one pass's 6·M·K·D: the symmetric algorithm wins only while
+// K < M (4·M²·D + 8·M·K·D < 6·M²·D + 6·M·K·D). "cross" keeps the rule: its tiles are the
+// cross-view half, the one pass computes (and masks) the same-view columns too.
+// FASTALPHA_CPP_ALGORITHM=onepass|symmetric forces either (tests, measurements); both compute
+// every negative set.
+Algorithm choose_algorithm(int64_t m, int64_t k, int64_t dim, int64_t rows, bool need_grad, Negatives negatives) {
   if (const char* env = std::getenv("FASTALPHA_CPP_ALGORITHM")) {
     if (std::strcmp(env, "onepass") == 0) return Algorithm::OnePass;
     if (std::strcmp(env, "symmetric") == 0) return Algorithm::Symmetric;
   }
+  if (negatives == Negatives::None || k >= m) return Algorithm::OnePass;
   const bool large = need_grad ? m >= 2048 && m * dim >= (int64_t{1} << 18) : m >= 1024;
   const bool mostly_anchors = 2 * rows >= m;
   return large && dim >= 32 && mostly_anchors ? Algorithm::Symmetric : Algorithm::OnePass;
@@ -171,67 +185,71 @@ void with_weight(const RuleConfig& cfg, F&& f) {
   }
 }
 
-// body(begin, end) on the column ranges of J_i = [0, M) \ {a, b}, a < b: the self and the
-// partner column are skipped by splitting the range rather than by a mask in the hot loop.
+// body(begin, end) on the column ranges of J_i (negative_ranges): the excluded columns (self,
+// partner, the same view for "cross", Z for "none") are skipped by splitting the range rather
+// than by a mask in the hot loop.
 template <class Body>
-inline void for_negatives(int64_t a, int64_t b, int64_t m, Body&& body) {
-  body(int64_t{0}, a);
-  body(a + 1, b);
-  body(b + 1, m);
+inline void for_negatives(const NegativeRanges& r, Body&& body) {
+  body(r.begin[0], r.end[0]);
+  body(r.begin[1], r.end[1]);
+  body(r.begin[2], r.end[2]);
 }
 
 // ----------------------------------------------------------------------------------------
 // Full rows: the one-pass sweep, and the statistics pass of `square` in the symmetric path.
 
+// A row has C = M + K columns ([Z; Q]); its negatives are the ranges of negative_ranges.
 template <typename T>
 class RowSweep {
  public:
-  RowSweep(const RuleConfig& cfg, const T* half, int64_t m) : cfg_(cfg), half_(half), m_(m) {}
+  RowSweep(const RuleConfig& cfg, const T* half, int64_t m, int64_t c) : cfg_(cfg), half_(half), m_(m), c_(c) {}
 
-  // `row` holds S_i· on entry and d2_i· on exit. Returns the row's statistics relative to its
-  // closest negative (`dmin`, and μ for square); writes e_ij into `e` when it is not null.
+  // `row` holds S_i· on entry and d2_i· on exit (over J_i; the other columns keep S). Returns
+  // the row's statistics relative to its closest negative (`dmin`, and μ for square); writes
+  // e_ij into `e` when it is not null (0 outside J_i).
   RowStats operator()(int64_t i, T* row, T* e, double& dmin_out, double& mu_out) const {
-    const int64_t partner = partner_of(i, m_);
-    const int64_t a = std::min(i, partner), b = std::max(i, partner);
-    const T dmin = distances(i, a, b, row);
+    const NegativeRanges rng = negative_ranges(cfg_.negatives, i, m_, c_);
+    const T dmin = distances(i, rng, row);
     dmin_out = dmin;
     RowStats s{};
     s.m = log_weight(cfg_, static_cast<double>(dmin));
     if (cfg_.rule == Rule::Square) {
       double mu;
       int64_t support;
-      sparsemax_threshold(a, b, row, dmin, mu, support);
+      sparsemax_threshold(rng, row, dmin, mu, support);
       const T mu_t = static_cast<T>(mu), inv_tau = static_cast<T>(cfg_.inv_tau);
-      weights(a, b, row, e, [=](T d) { return square_alpha(d, mu_t, inv_tau); }, s.l, s.ld);
+      weights(rng, row, e, [=](T d) { return square_alpha(d, mu_t, inv_tau); }, s.l, s.ld);
       s.support = static_cast<double>(support);
       s.m = 0;
       mu_out = mu;
     } else {
       with_weight<T>(cfg_, [&](auto weight) {
         const T r = weight.ref(dmin);
-        weights(a, b, row, e, [=](T d) { return weight(d, r); }, s.l, s.ld);
+        weights(rng, row, e, [=](T d) { return weight(d, r); }, s.l, s.ld);
       });
     }
     if (e != nullptr) {
-      e[a] = T(0);
-      e[b] = T(0);
+      // The gaps between the ranges ("all": the two columns i and p(i)).
+      std::fill(e, e + rng.begin[0], T(0));
+      std::fill(e + rng.end[0], e + rng.begin[1], T(0));
+      std::fill(e + rng.end[1], e + rng.begin[2], T(0));
+      std::fill(e + rng.end[2], e + c_, T(0));
     }
     return s;
   }
 
   // ω_i· = scale · β over J_i from e (in place); returns Σ_j ω_ij.
   double write_beta(int64_t i, const T* row, T* e, double scale, const RowFinal& f, double mu, double support) const {
-    const int64_t partner = partner_of(i, m_);
-    const int64_t a = std::min(i, partner), b = std::max(i, partner);
+    const NegativeRanges rng = negative_ranges(cfg_.negatives, i, m_, c_);
     double total = 0;
     if (cfg_.rule == Rule::Square) {
       const T mu_t = static_cast<T>(mu), inv_tau = static_cast<T>(cfg_.inv_tau);
       const T two_scale = static_cast<T>(2 * scale), over_k = static_cast<T>(scale / support);
-      total = map_row(a, b, row, e, [=](T, T d) { return square_beta(d, mu_t, inv_tau, two_scale, over_k); });
+      total = map_row(rng, row, e, [=](T, T d) { return square_beta(d, mu_t, inv_tau, two_scale, over_k); });
     } else {
       with_weight<T>(cfg_, [&](auto weight) {
         const T s = static_cast<T>(scale * f.inv), shift = static_cast<T>(f.shift);
-        total = map_row(a, b, row, e, [=](T ev, T d) { return beta_log_weight(s * ev, weight.slope(d), d, shift); });
+        total = map_row(rng, row, e, [=](T ev, T d) { return beta_log_weight(s * ev, weight.slope(d), d, shift); });
       });
     }
     return total;
@@ -239,11 +257,11 @@ class RowSweep {
 
  private:
   // d2_ij = max(0, n_i/2 + n_j/2 − S_ij) in place over J_i; returns min_j d2_ij.
-  T distances(int64_t i, int64_t a, int64_t b, T* row) const {
+  T distances(int64_t i, const NegativeRanges& rng, T* row) const {
     const T hi = half_[i];
     const T* h = half_;
     T dmin = std::numeric_limits<T>::infinity();
-    for_negatives(a, b, m_, [&](int64_t s, int64_t e) {
+    for_negatives(rng, [&](int64_t s, int64_t e) {
       T lo = dmin;
 #pragma omp simd reduction(min : lo)
       for (int64_t j = s; j < e; ++j) {
@@ -259,10 +277,10 @@ class RowSweep {
 
   // e[j] = weight(d2_ij) over J_i (if e is not null), with l = Σ e and ld = Σ e d2.
   template <class Weight>
-  void weights(int64_t a, int64_t b, const T* row, T* e_out, Weight weight, double& l, double& ld) const {
+  void weights(const NegativeRanges& rng, const T* row, T* e_out, Weight weight, double& l, double& ld) const {
     l = 0;
     ld = 0;
-    for_negatives(a, b, m_, [&](int64_t s, int64_t e) {
+    for_negatives(rng, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
         const int64_t e0 = std::min(e, s0 + kSumBlock);
         T ls = 0, lds = 0;
@@ -290,9 +308,9 @@ class RowSweep {
 
   // e[j] = f(e[j], d2_ij) over J_i; returns Σ_j e[j].
   template <class F>
-  double map_row(int64_t a, int64_t b, const T* row, T* e_io, F f) const {
+  double map_row(const NegativeRanges& rng, const T* row, T* e_io, F f) const {
     double total = 0;
-    for_negatives(a, b, m_, [&](int64_t s, int64_t e) {
+    for_negatives(rng, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
         const int64_t e0 = std::min(e, s0 + kSumBlock);
         T part = 0;
@@ -309,10 +327,10 @@ class RowSweep {
   }
 
   // |{j ∈ J_i : d2_ij < mu}| and the sum of those d2_ij.
-  void count_below(int64_t a, int64_t b, const T* row, T mu, int64_t& count, double& sum) const {
+  void count_below(const NegativeRanges& rng, const T* row, T mu, int64_t& count, double& sum) const {
     count = 0;
     sum = 0;
-    for_negatives(a, b, m_, [&](int64_t s, int64_t e) {
+    for_negatives(rng, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
         const int64_t e0 = std::min(e, s0 + kSumBlock);
         T c = 0, part = 0;  // c ≤ kSumBlock is exact in float
@@ -332,16 +350,16 @@ class RowSweep {
   // μ ← (τ + Σ_{d2<μ} d2) / |{d2 < μ}| from μ_0 = min d2 + τ ≥ μ*: the support only shrinks,
   // and once an iteration leaves its size unchanged it is exactly {d2 < μ*} (ties at a
   // distance are in or out together, since the test is strict).
-  void sparsemax_threshold(int64_t a, int64_t b, const T* row, T dmin, double& mu, int64_t& support) const {
+  void sparsemax_threshold(const NegativeRanges& rng, const T* row, T dmin, double& mu, int64_t& support) const {
     // At least the closest negative is in the support even when τ is below d2's resolution.
     const T floor_mu = std::nextafter(dmin, std::numeric_limits<T>::infinity());
     T mu_t = std::max(static_cast<T>(dmin + static_cast<T>(cfg_.temperature)), floor_mu);
     double sum;
-    count_below(a, b, row, mu_t, support, sum);
-    for (int64_t iter = 0; iter <= m_; ++iter) {
+    count_below(rng, row, mu_t, support, sum);
+    for (int64_t iter = 0; iter <= c_; ++iter) {
       mu_t = std::max(static_cast<T>((cfg_.temperature + sum) / static_cast<double>(support)), floor_mu);
       int64_t next_support;
-      count_below(a, b, row, mu_t, next_support, sum);
+      count_below(rng, row, mu_t, next_support, sum);
       const bool converged = next_support >= support;
       support = next_support;
       if (converged) break;
@@ -351,7 +369,7 @@ class RowSweep {
 
   const RuleConfig cfg_;
   const T* half_;
-  const int64_t m_;
+  const int64_t m_, c_;
 };
 
 // Per-anchor outputs and the inputs of the gradient assembly.
@@ -363,10 +381,22 @@ struct RowOutputs {
 
 // G_k += u (c_k + c_{p(k)} − wsum_k) z_k − (c_k + c_{p(k)}) z_{p(k)}, with c = coef and
 // u = 0 for unit rows (their d2 = 1 − z_i·z_j has no term in z_k itself): the partner terms
-// of every anchor and the self terms of the pair sum (reference.closed_form_gradient).
+// of every anchor and the self terms of the pair sum (reference.closed_form_gradient). `z` is
+// [Z; Q] with `ncols` rows; a queue row k ≥ M has no partner: G_k −= u wsum_k q_k.
 template <typename T>
-void add_partner_and_self_terms(const T* z, int64_t m, int64_t dim, bool unit_rows, const T* coef, const T* wsum,
-                                T* grad) {
+void add_partner_and_self_terms(const T* z, int64_t m, int64_t ncols, int64_t dim, bool unit_rows, const T* coef,
+                                const T* wsum, T* grad) {
+  if (!unit_rows && ncols > m) {
+    at::parallel_for(m, ncols, 256, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        const T self = -wsum[k];
+        const T* zk = z + k * dim;
+        T* g = grad + k * dim;
+#pragma omp simd
+        for (int64_t col = 0; col < dim; ++col) g[col] += self * zk[col];
+      }
+    });
+  }
   at::parallel_for(0, m, 256, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const int64_t p = partner_of(k, m);
@@ -391,52 +421,55 @@ at::Tensor half_norms(const at::Tensor& z, bool unit_rows) {
 // ----------------------------------------------------------------------------------------
 // The one-pass algorithm.
 
+// `cols` is [Z; Q] (C = M + K rows, the queue's K after the M rows of Z): every chunk row is
+// an anchor of Z, every column of cols a candidate negative (negative_ranges picks J_i).
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const T* w,
-                                            const RuleConfig& cfg, bool need_grad) {
-  const int64_t m = z.size(0), dim = z.size(1), rows = row_hi - row_lo;
-  const auto opts = z.options();
-  const at::Tensor half = half_norms<T>(z, cfg.unit_rows);
+std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
+                                            const T* w, const RuleConfig& cfg, bool need_grad) {
+  const int64_t ncols = cols.size(0), dim = cols.size(1), rows = row_hi - row_lo;
+  const at::Tensor z = cols.narrow(0, 0, m);
+  const auto opts = cols.options();
+  const at::Tensor half = half_norms<T>(cols, cfg.unit_rows);
   at::Tensor loss = at::empty({rows}, opts);
-  std::vector<T> coef(need_grad ? m : 0, T(0)), wsum(need_grad ? m : 0, T(0));
+  std::vector<T> coef(need_grad ? ncols : 0, T(0)), wsum(need_grad ? ncols : 0, T(0));
   at::Tensor omega_z = need_grad ? at::empty({rows, dim}, opts) : at::Tensor();
 
   const int threads = at::get_num_threads();
-  int64_t chunk = env_int("FASTALPHA_CHUNK_ROWS", std::clamp<int64_t>(kChunkElements / m, 64, 256));
+  int64_t chunk = env_int("FASTALPHA_CHUNK_ROWS", std::clamp<int64_t>(kChunkElements / ncols, 64, 256));
   // Every thread gets the same number of chunks of near-equal size (parallel_for splits statically).
   if (rows > 0) {
     const int64_t per_thread = (rows + threads * chunk - 1) / (threads * chunk);
     chunk = std::max<int64_t>(1, (rows + threads * per_thread - 1) / (threads * per_thread));
   }
   const int64_t n_chunks = rows == 0 ? 0 : (rows + chunk - 1) / chunk;
-  // Per thread: acc = [ωᵀZ | C], M × (D + 1); the last column, Σ_i ω_ij, comes free from a
-  // column of ones appended to the chunk's rows (times the row scales).
+  // Per thread: acc = [ωᵀ[Z; Q] | C], (M + K) × (D + 1); the last column, Σ_i ω_ij, comes
+  // free from a column of ones appended to the chunk's rows (times the row scales).
   std::vector<at::Tensor> acc(threads);
   std::vector<T> row_sum(need_grad ? rows : 0);
 
-  const RowSweep<T> sweep(cfg, half.data_ptr<T>(), m);
+  const RowSweep<T> sweep(cfg, half.data_ptr<T>(), m, ncols);
   T* loss_out = loss.data_ptr<T>();
-  const double n_neg = static_cast<double>(m - 2);
+  const double n_neg = static_cast<double>(negative_count(m / 2, ncols - m, cfg.negatives));
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
     const int tid = at::get_thread_num();
     TORCH_CHECK(tid < threads, "fastalpha: thread id ", tid, " outside the ", threads, " accumulators");
-    at::Tensor sim = at::empty({chunk, m}, opts);
-    at::Tensor omega = need_grad ? at::empty({chunk, m}, opts) : at::Tensor();
+    at::Tensor sim = at::empty({chunk, ncols}, opts);
+    at::Tensor omega = need_grad ? at::empty({chunk, ncols}, opts) : at::Tensor();
     at::Tensor scale = at::empty({chunk}, opts), z_aug = at::empty({chunk, dim + 1}, opts);
-    if (need_grad) acc[tid] = at::zeros({m, dim + 1}, opts);
-    for (int64_t c = first; c < last; ++c) {
-      const int64_t r0 = row_lo + c * chunk, n = std::min(chunk, row_hi - r0);
+    if (need_grad) acc[tid] = at::zeros({ncols, dim + 1}, opts);
+    for (int64_t ch = first; ch < last; ++ch) {
+      const int64_t r0 = row_lo + ch * chunk, n = std::min(chunk, row_hi - r0);
       const at::Tensor z_rows = z.narrow(0, r0, n);
       at::Tensor s = sim.narrow(0, 0, n), f = scale.narrow(0, 0, n);
-      at::mm_out(s, z_rows, z.t());
+      at::mm_out(s, z_rows, cols.t());
       T* s_ptr = s.data_ptr<T>();
       T* o_ptr = need_grad ? omega.data_ptr<T>() : nullptr;
       T* f_ptr = f.data_ptr<T>();
       for (int64_t r = 0; r < n; ++r) {
         const int64_t i = r0 + r, out = i - row_lo;
-        T* row = s_ptr + r * m;
-        T* e = need_grad ? o_ptr + r * m : nullptr;
+        T* row = s_ptr + r * ncols;
+        T* e = need_grad ? o_ptr + r * ncols : nullptr;
         double dmin, mu = 0;
         const RowStats st = sweep(i, row, e, dmin, mu);
         const double d2_pos = std::max(0.0, static_cast<double>(half.data_ptr<T>()[i] + half.data_ptr<T>()[partner_of(i, m)]) -
@@ -456,10 +489,10 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& z, int64_t row_lo,
         }
       }
       if (need_grad) {
-        // ω = diag(f) E: ωZ = f ⊙ (E Z) and ωᵀ[Z_r | 1] = Eᵀ [f ⊙ Z_r | f].
+        // ω = diag(f) E: ω[Z; Q] = f ⊙ (E [Z; Q]) and ωᵀ[Z_r | 1] = Eᵀ [f ⊙ Z_r | f].
         at::Tensor o = omega.narrow(0, 0, n);
         at::Tensor oz = omega_z.narrow(0, r0 - row_lo, n);
-        at::mm_out(oz, o, z);
+        at::mm_out(oz, o, cols);
         oz.mul_(f.unsqueeze(1));
         at::Tensor za = z_aug.narrow(0, 0, n);
         at::Tensor za_z = za.narrow(1, 0, dim);
@@ -477,60 +510,77 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& z, int64_t row_lo,
     if (total.defined()) total.add_(acc[t]);
     else total = acc[t];
   }
-  if (!total.defined()) total = at::zeros({m, dim + 1}, opts);
-  // G = ωᵀZ (+ ωZ on the anchors), wsum = column sums (+ row sums on the anchors).
+  if (!total.defined()) total = at::zeros({ncols, dim + 1}, opts);
+  // G = ωᵀ[Z; Q] (+ ω[Z; Q] on the anchors), wsum = column sums (+ row sums on the anchors).
   at::Tensor grad = total.narrow(1, 0, dim).contiguous();
   const T* tp = total.data_ptr<T>();
-  for (int64_t k = 0; k < m; ++k) wsum[k] = tp[k * (dim + 1) + dim];
+  for (int64_t k = 0; k < ncols; ++k) wsum[k] = tp[k * (dim + 1) + dim];
   if (rows > 0) {
     grad.narrow(0, row_lo, rows).add_(omega_z);
     for (int64_t r = 0; r < rows; ++r) wsum[row_lo + r] += row_sum[r];
   }
-  add_partner_and_self_terms<T>(z.data_ptr<T>(), m, dim, cfg.unit_rows, coef.data(), wsum.data(), grad.data_ptr<T>());
+  add_partner_and_self_terms<T>(cols.data_ptr<T>(), m, ncols, dim, cfg.unit_rows, coef.data(), wsum.data(),
+                                grad.data_ptr<T>());
   return {loss, grad};
 }
 
 // ----------------------------------------------------------------------------------------
 // The symmetric algorithm.
 
-// Row blocks of at most `tile` rows with boundaries at row_lo and row_hi, so that a block is
-// all anchors or none; `start` has one entry more than there are blocks.
+// Row blocks of [Z; Q] (C = M + K rows) of at most `tile` rows, with boundaries at row_lo,
+// row_hi and M (and at N for "cross"), so that a block is all anchors or none, lies in Z or in
+// the queue, and for "cross" in one view; `start` has one entry more than there are blocks.
+// Queue blocks are never anchors: they are columns only, as the rows of Z outside
+// [row_lo, row_hi) are. "all" without a queue gets the blocks it always had.
 struct Blocks {
   std::vector<int64_t> start;
   std::vector<char> anchor;
+  std::vector<char> part;  // where the block starts: 0 the first view, 1 the second, 2 the queue
   int64_t count() const { return static_cast<int64_t>(anchor.size()); }
   int64_t size(int64_t b) const { return start[b + 1] - start[b]; }
 };
 
-inline Blocks make_blocks(int64_t m, int64_t row_lo, int64_t row_hi, int64_t tile) {
+inline Blocks make_blocks(int64_t m, int64_t c, int64_t row_lo, int64_t row_hi, int64_t tile, Negatives negatives) {
+  std::vector<int64_t> edges = {0, row_lo, row_hi, m, c};
+  if (negatives == Negatives::Cross) edges.push_back(m / 2);
+  std::sort(edges.begin(), edges.end());
+  edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
   Blocks blocks;
   blocks.start.push_back(0);
-  const int64_t edges[4] = {0, row_lo, row_hi, m};
-  for (int part = 0; part < 3; ++part) {
+  for (size_t part = 0; part + 1 < edges.size(); ++part) {
     const int64_t lo = edges[part], hi = edges[part + 1], len = hi - lo;
-    if (len == 0) continue;
     const int64_t n = (len + tile - 1) / tile;
     for (int64_t b = 1; b <= n; ++b) {
       blocks.start.push_back(lo + len * b / n);  // n near-equal blocks
-      blocks.anchor.push_back(part == 1);
+      blocks.anchor.push_back(row_lo <= lo && hi <= row_hi);
+      blocks.part.push_back(lo < m / 2 ? 0 : lo < m ? 1 : 2);
     }
   }
   return blocks;
 }
 
-// The tiles (a, b), a ≤ b, that have an anchor side, in rounds of pairwise disjoint blocks:
+// Whether tile (a, b) holds pairs of J: an anchor side, and for "cross" blocks of different
+// views or the queue (a same-view tile has no negatives), for "none" one queue block.
+inline bool tile_has_negatives(const Blocks& blocks, int64_t a, int64_t b, Negatives negatives) {
+  if (!(blocks.anchor[a] || blocks.anchor[b])) return false;
+  if (negatives == Negatives::Cross) return blocks.part[a] != blocks.part[b];
+  if (negatives == Negatives::None) return (blocks.part[a] == 2) != (blocks.part[b] == 2);
+  return true;
+}
+
+// The tiles (a, b), a ≤ b, that hold pairs of J, in rounds of pairwise disjoint blocks:
 // a round-robin tournament over B' = B (odd) or B + 1 teams. In round r, team r plays itself
 // (the diagonal tile) and teams r + s and r − s (mod B') meet for s = 1 … (B' − 1)/2; every
 // pair meets exactly once, since a + b ≡ 2r (mod B') has one solution r for odd B'.
-inline std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(const Blocks& blocks) {
+inline std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(const Blocks& blocks, Negatives negatives) {
   const int64_t n = blocks.count(), teams = n % 2 == 1 ? n : n + 1;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
   for (int64_t r = 0; r < teams; ++r) {
     std::vector<std::pair<int64_t, int64_t>> round;
-    if (r < n && blocks.anchor[r]) round.emplace_back(r, r);
+    if (r < n && tile_has_negatives(blocks, r, r, negatives)) round.emplace_back(r, r);
     for (int64_t s = 1; s <= (teams - 1) / 2; ++s) {
       const int64_t a = (r + s) % teams, b = (r - s + teams) % teams;
-      if (a >= n || b >= n || !(blocks.anchor[a] || blocks.anchor[b])) continue;
+      if (a >= n || b >= n || !tile_has_negatives(blocks, a, b, negatives)) continue;
       round.emplace_back(std::min(a, b), std::max(a, b));
     }
     if (!round.empty()) rounds.push_back(std::move(round));
@@ -541,22 +591,25 @@ inline std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(const Bl
 template <typename T>
 class Symmetric {
  public:
-  Symmetric(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const T* w, const RuleConfig& cfg, bool need_grad)
-      : z_(z), m_(z.size(0)), dim_(z.size(1)), lo_(row_lo), hi_(row_hi), w_(w), cfg_(cfg), need_grad_(need_grad),
-        half_t_(half_norms<T>(z, cfg.unit_rows)), half_(half_t_.data_ptr<T>()), zp_(z.data_ptr<T>()),
-        blocks_(make_blocks(m_, row_lo, row_hi, tile_size(m_))), rounds_(tournament(blocks_)),
+  // `cols` is [Z; Q] (C = M + K rows); the anchors are rows [row_lo, row_hi) of its first M.
+  Symmetric(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi, const T* w, const RuleConfig& cfg,
+            bool need_grad)
+      : cols_(cols), m_(m), c_(cols.size(0)), dim_(cols.size(1)), lo_(row_lo), hi_(row_hi), w_(w), cfg_(cfg),
+        need_grad_(need_grad), half_t_(half_norms<T>(cols, cfg.unit_rows)), half_(half_t_.data_ptr<T>()),
+        zp_(cols.data_ptr<T>()), blocks_(make_blocks(m_, c_, row_lo, row_hi, tile_size(m_), cfg.negatives)),
+        rounds_(tournament(blocks_, cfg.negatives)),
         threads_(at::get_num_threads()), scratch_(threads_) {}
 
   std::tuple<at::Tensor, at::Tensor> run() {
     const int64_t rows = hi_ - lo_;
-    const auto opts = z_.options();
+    const auto opts = cols_.options();
     at::Tensor loss = at::empty({rows}, opts);
-    // Row statistics, indexed by global row (only anchors are used).
-    dmin_.assign(m_, std::numeric_limits<T>::infinity());
-    l_.assign(m_, 0.0);
-    ld_.assign(m_, 0.0);
-    support_.assign(m_, 0.0);
-    mu_.assign(m_, -std::numeric_limits<T>::infinity());
+    // Row statistics, indexed by global row of [Z; Q] (only anchors are used).
+    dmin_.assign(c_, std::numeric_limits<T>::infinity());
+    l_.assign(c_, 0.0);
+    ld_.assign(c_, 0.0);
+    support_.assign(c_, 0.0);
+    mu_.assign(c_, -std::numeric_limits<T>::infinity());
     if (cfg_.rule == Rule::Square) {
       square_statistics();
     } else {
@@ -573,10 +626,10 @@ class Symmetric {
       }
     }
     // Finish the rows: losses, and the per-row parameters of pass 2.
-    const double n_neg = static_cast<double>(m_ - 2);
-    coef_.assign(m_, T(0));
-    scale_.assign(m_, T(0));
-    shift_.assign(m_, T(0));
+    const double n_neg = static_cast<double>(negative_count(m_ / 2, c_ - m_, cfg_.negatives));
+    coef_.assign(c_, T(0));
+    scale_.assign(c_, T(0));
+    shift_.assign(c_, T(0));
     T* loss_out = loss.data_ptr<T>();
     for (int64_t i = lo_; i < hi_; ++i) {
       const int64_t p = partner_of(i, m_);
@@ -602,15 +655,15 @@ class Symmetric {
     }
     if (!need_grad_) return {loss, at::empty({0, dim_}, opts)};
 
-    at::Tensor grad = at::zeros({m_, dim_}, opts);
+    at::Tensor grad = at::zeros({c_, dim_}, opts);
     grad_ = grad.data_ptr<T>();
-    wsum_.assign(m_, T(0));
+    wsum_.assign(c_, T(0));
     for (const auto& round : rounds_) {
       at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t first, int64_t last) {
         for (int64_t t = first; t < last; ++t) gradient_tile(round[t].first, round[t].second);
       });
     }
-    add_partner_and_self_terms<T>(zp_, m_, dim_, cfg_.unit_rows, coef_.data(), wsum_.data(), grad_);
+    add_partner_and_self_terms<T>(zp_, m_, c_, dim_, cfg_.unit_rows, coef_.data(), wsum_.data(), grad_);
     return {loss, grad};
   }
 
@@ -632,15 +685,18 @@ class Symmetric {
   }
 
   at::Tensor tile_view(T* data, int64_t rows, int64_t cols) const {
-    return at::from_blob(data, {rows, cols}, z_.options());
+    return at::from_blob(data, {rows, cols}, cols_.options());
   }
 
   // d2 of the tile rows of block a × columns of block b, in `t` (ra × cb, row-major), with
-  // +inf at the self and partner pairs (excluded from every minimum, sum and weight).
+  // +inf at the self and partner pairs (excluded from every minimum, sum and weight). The
+  // other exclusions of J are whole tiles, never scheduled (tile_has_negatives). Block a is
+  // always a block of Z: queue blocks come last and never meet each other, so in a tile
+  // (a, b), a ≤ b, only b can be one.
   void tile_distances(int64_t a, int64_t b, T* t) const {
     const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
     at::Tensor s = tile_view(t, ra, cb);
-    at::mm_out(s, z_.narrow(0, i0, ra), z_.narrow(0, j0, cb).t());
+    at::mm_out(s, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
     const T* hc = half_ + j0;
     for (int64_t r = 0; r < ra; ++r) {
       T* row = t + r * cb;
@@ -665,7 +721,7 @@ class Symmetric {
     double dmax = 2.0;
     if (!cfg_.unit_rows) {
       double half_max = 0;
-      for (int64_t k = 0; k < m_; ++k) half_max = std::max<double>(half_max, half_[k]);
+      for (int64_t k = 0; k < c_; ++k) half_max = std::max<double>(half_max, half_[k]);
       dmax = 4.0 * half_max;
     }
     return log_weight(cfg_, 0.0) - log_weight(cfg_, 1.01 * dmax + 1e-6) <= kMaxSharedSpread<T>;
@@ -679,7 +735,7 @@ class Symmetric {
     const bool rows_on = blocks_.anchor[a], cols_on = blocks_.anchor[b] && a != b;
     T* t = s.tile.data();
     at::Tensor st = tile_view(t, ra, cb);
-    at::mm_out(st, z_.narrow(0, i0, ra), z_.narrow(0, j0, cb).t());
+    at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
     const T* hc = half_ + j0;
     with_weight<T>(cfg_, [&](auto weight) {
       const T ref = weight.ref(T(0));
@@ -864,18 +920,18 @@ class Symmetric {
   // Square's statistics: full rows (Michelot's iteration needs them), chunk by chunk.
   void square_statistics() {
     const int64_t rows = hi_ - lo_;
-    const int64_t chunk = std::clamp<int64_t>(kChunkElements / m_, 4, 64);
+    const int64_t chunk = std::clamp<int64_t>(kChunkElements / c_, 4, 64);
     const int64_t n_chunks = (rows + chunk - 1) / chunk;
-    const RowSweep<T> sweep(cfg_, half_, m_);
+    const RowSweep<T> sweep(cfg_, half_, m_, c_);
     at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
-      at::Tensor sim = at::empty({chunk, m_}, z_.options());
+      at::Tensor sim = at::empty({chunk, c_}, cols_.options());
       for (int64_t c = first; c < last; ++c) {
         const int64_t r0 = lo_ + c * chunk, n = std::min(chunk, hi_ - r0);
         at::Tensor s = sim.narrow(0, 0, n);
-        at::mm_out(s, z_.narrow(0, r0, n), z_.t());
+        at::mm_out(s, cols_.narrow(0, r0, n), cols_.t());
         for (int64_t r = 0; r < n; ++r) {
           double dmin, mu;
-          const RowStats st = sweep(r0 + r, s.data_ptr<T>() + r * m_, nullptr, dmin, mu);
+          const RowStats st = sweep(r0 + r, s.data_ptr<T>() + r * c_, nullptr, dmin, mu);
           l_[r0 + r] = st.l;
           ld_[r0 + r] = st.ld;
           support_[r0 + r] = st.support;
@@ -893,7 +949,7 @@ class Symmetric {
     const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
     T* t = s.tile.data();
     at::Tensor st = tile_view(t, ra, cb);
-    at::mm_out(st, z_.narrow(0, i0, ra), z_.narrow(0, j0, cb).t());
+    at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
     // The weight sweeps read S and form d2 themselves; the self and partner pairs get W = 0
     // afterwards (whatever the sweep left there, inf included, is overwritten).
     if (cfg_.rule == Rule::Square) {
@@ -926,11 +982,11 @@ class Symmetric {
         for (int64_t c = 0; c < cb; ++c) wsum_[j0 + c] += cs[c];
     }
     const at::Tensor w = tile_view(t, ra, cb);
-    at::Tensor ga = at::from_blob(grad_ + i0 * dim_, {ra, dim_}, z_.options());
-    ga.addmm_(w, z_.narrow(0, j0, cb));
+    at::Tensor ga = at::from_blob(grad_ + i0 * dim_, {ra, dim_}, cols_.options());
+    ga.addmm_(w, cols_.narrow(0, j0, cb));
     if (a != b) {
-      at::Tensor gb = at::from_blob(grad_ + j0 * dim_, {cb, dim_}, z_.options());
-      gb.addmm_(w.t(), z_.narrow(0, i0, ra));
+      at::Tensor gb = at::from_blob(grad_ + j0 * dim_, {cb, dim_}, cols_.options());
+      gb.addmm_(w.t(), cols_.narrow(0, i0, ra));
     }
   }
 
@@ -1053,8 +1109,8 @@ class Symmetric {
     }
   }
 
-  const at::Tensor& z_;
-  const int64_t m_, dim_, lo_, hi_;
+  const at::Tensor& cols_;  // [Z; Q]
+  const int64_t m_, c_, dim_, lo_, hi_;
   const T* w_;
   const RuleConfig cfg_;
   const bool need_grad_;
@@ -1074,14 +1130,15 @@ class Symmetric {
 };
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
+std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
                                              const std::optional<at::Tensor>& row_weight, const RuleConfig& cfg,
                                              bool need_grad) {
   const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
   const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
-  if (choose_algorithm(z.size(0), z.size(1), row_hi - row_lo, need_grad) == Algorithm::Symmetric)
-    return Symmetric<T>(z, row_lo, row_hi, w, cfg, need_grad).run();
-  return one_pass<T>(z, row_lo, row_hi, w, cfg, need_grad);
+  const Algorithm algorithm = choose_algorithm(m, cols.size(0) - m, cols.size(1), row_hi - row_lo, need_grad,
+                                               cfg.negatives);
+  if (algorithm == Algorithm::Symmetric) return Symmetric<T>(cols, m, row_lo, row_hi, w, cfg, need_grad).run();
+  return one_pass<T>(cols, m, row_lo, row_hi, w, cfg, need_grad);
 }
 
 FASTALPHA_DEFINE_FUSED_OP(alpha_cl_fused_cpu, c10::DeviceType::CPU, fused_cpu)

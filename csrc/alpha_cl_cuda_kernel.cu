@@ -2,7 +2,8 @@
 //
 // The CUDA backend runs the CPU kernel's chunked pass (alpha_cl_cpu.cpp) with cuBLAS for
 // the three products per chunk (S = Z_r Zᵀ, ωZ, ωᵀZ) and this kernel for everything in
-// between. One thread block owns one anchor row i of the chunk and sweeps its M columns:
+// between. One thread block owns one anchor row i of the chunk and sweeps its M + K columns
+// ([Z; Q]; J_i is the mode's column ranges, negative_ranges in alpha_cl_rule.h):
 //
 //   1. d2_ij = max(0, n_i/2 + n_j/2 − S_ij) in place, and min_{j∈J_i} d2_ij
 //   2. the rule's weights e_ij relative to the closest negative (no overflow), with
@@ -87,21 +88,22 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
   __shared__ T scratch_t[kWarps];
   using M = DeviceMath<T>;
   const int64_t r = blockIdx.x;
-  const int64_t i = a.row0 + r, m = a.m;
-  const int64_t partner = i < m / 2 ? i + m / 2 : i - m / 2;
-  T* row = a.sim + r * m;
-  T* omega = a.need_grad ? a.omega + r * m : nullptr;
+  const int64_t i = a.row0 + r, ncols = a.cols;
+  const int64_t partner = i < a.m / 2 ? i + a.m / 2 : i - a.m / 2;
+  const NegativeRanges neg = negative_ranges(cfg.negatives, i, a.m, a.cols);
+  T* row = a.sim + r * ncols;
+  T* omega = a.need_grad ? a.omega + r * ncols : nullptr;
   const T tau = static_cast<T>(cfg.temperature), inv_tau = static_cast<T>(cfg.inv_tau);
   const T inv_gamma = static_cast<T>(cfg.inv_gamma);
 
   // 1. Distances and the closest negative.
   const T half_i = a.half[i];
   T dmin = static_cast<T>(INFINITY);
-  for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
     T d = half_i + a.half[j] - row[j];
     d = d > T(0) ? d : T(0);
     row[j] = d;
-    if (j != i && j != partner) dmin = d < dmin ? d : dmin;
+    if (neg.contains(j)) dmin = d < dmin ? d : dmin;
   }
   dmin = block_min(dmin, scratch_t);  // its __syncthreads also publishes the d2 row
   const double d2_pos = static_cast<double>(row[partner]);
@@ -115,11 +117,11 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
     const T floor_mu = M::next_up(dmin);
     T threshold = fmax(dmin + tau, floor_mu);
     double sum = 0;
-    for (int64_t iter = 0; iter <= m + 1; ++iter) {
+    for (int64_t iter = 0; iter <= ncols + 1; ++iter) {
       double count_part = 0, sum_part = 0;
-      for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+      for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
         const T d = row[j];
-        if (j != i && j != partner && d < threshold) {
+        if (neg.contains(j) && d < threshold) {
           count_part += 1;
           sum_part += static_cast<double>(d);
         }
@@ -137,10 +139,10 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
   }
   const T dmin_k = power_k(dmin, cfg.k), base = dmin + tau;
   double l_part = 0, ld_part = 0;
-  for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
     const T d = row[j];
     T e = T(0);
-    if (j != i && j != partner) {
+    if (neg.contains(j)) {
       switch (cfg.rule) {
         case Rule::Quadratic:
           e = T(1);
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
   stats.support = support;
 
   // 3. The row's loss and A_i, then ω = w g α (or w g β).
-  const RowFinal fin = finalize_row(cfg, stats, d2_pos, static_cast<double>(m - 2));
+  const RowFinal fin = finalize_row(cfg, stats, d2_pos, a.n_neg);
   const double weight = a.weight != nullptr ? static_cast<double>(a.weight[r]) : 1.0;
   const double g = weight * cfg.grad_scale;
 
@@ -177,9 +179,9 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
     const T two_g = static_cast<T>(2 * g), g_over_k = static_cast<T>(support > 0 ? g / support : 0.0);
     const T k = static_cast<T>(cfg.k);
     double part = 0;
-    for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+    for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
       T w = T(0);
-      if (j != i && j != partner) {
+      if (neg.contains(j)) {
         const T e = omega[j], d = row[j];
         if (!cfg.uses_beta) {
           w = scale * e;

@@ -11,12 +11,14 @@
 namespace fastalpha {
 namespace cuda {
 
-// Pointers to one chunk of `rows` anchors starting at global row `row0`, all on the device:
-//   sim        rows × m   S = Z_r Zᵀ on entry, d2 on exit
-//   omega      rows × m   receives ω (zeros at i and p(i)); untouched if !need_grad
-//   half       m          n_j / 2
-//   weight     rows       w_i, or nullptr for all ones
+// Pointers to one chunk of `rows` anchors starting at global row `row0`, all on the device;
+// the columns are [Z; Q], `cols` = M + K of them:
+//   sim        rows × cols   S = Z_r [Z; Q]ᵀ on entry, d2 on exit
+//   omega      rows × cols   receives ω (zeros outside J_i); untouched if !need_grad
+//   half       cols          n_j / 2
+//   weight     rows          w_i, or nullptr for all ones
 //   loss, coef, omega_rowsum   rows   outputs: loss_i, w_i A_i (× 1/τ for infonce), Σ_j ω_ij
+//   n_neg      |J_i| (negative_count)
 template <typename T>
 struct RowSweepArgs {
   T* sim;
@@ -29,6 +31,8 @@ struct RowSweepArgs {
   int64_t row0;
   int64_t rows;
   int64_t m;
+  int64_t cols;
+  double n_neg;
   bool need_grad;
 };
 

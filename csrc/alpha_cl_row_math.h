@@ -49,7 +49,7 @@ FASTALPHA_HD double log_weight(const RuleConfig& c, double d) {
 }
 
 // loss_i, A_i, the normaliser and the β shift from the statistics of row i.
-//   d2_pos  the positive's distance d2_i;  n_neg  |J_i| (the M − 2 of ε (M − 2)).
+//   d2_pos  the positive's distance d2_i;  n_neg  |J_i| of the negative set (negative_count).
 //
 //   infonce:  log ξ_i = d2_i/τ + m + log l, loss = log(ε + ξ_i) formed from log ξ_i as
 //             max(a, b) + log1p(e^{−|a − b|}), a = log ξ_i, b = log ε: a tiny loss (ξ_i ≪ ε)

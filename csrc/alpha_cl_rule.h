@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -23,6 +24,11 @@ namespace fastalpha {
 
 enum class Rule : int { Quadratic, Entropy, Direct, Inverse, Square, InfoNCE };
 
+// The negative set J_i of anchor i (docs/design.md): "all" (every row of Z but i and p(i)),
+// "cross" (the other view's rows but p(i)) or "none" (no row of Z); a queue's K rows, columns
+// [M, M + K) of [Z; Q], are negatives of every anchor in every mode.
+enum class Negatives : int { All, Cross, None };
+
 struct RuleConfig {
   Rule rule;
   double temperature;  // τ
@@ -31,6 +37,7 @@ struct RuleConfig {
   double eps;          // entropy/direct/infonce normaliser ε (0 for the other rules)
   bool detach_alpha;   // false: the pair term of the gradient uses β instead of α
   bool unit_rows;      // rows are unit vectors: d2 = 1 − z_i·z_j, no gradient terms in z_i itself
+  Negatives negatives; // which rows of Z are in J_i
 
   // Derived once by make_rule.
   double k;            // p / 2
@@ -51,12 +58,51 @@ inline Rule parse_rule(const std::string& name) {
               "'; expected quadratic, entropy, direct, inverse, square or infonce");
 }
 
-// The spec's fields as the Python LossSpec holds them. `negatives` names the negative set J_i;
-// only "all" (every row but i and p(i)) exists so far.
+inline Negatives parse_negatives(const std::string& name) {
+  if (name == "all") return Negatives::All;
+  if (name == "cross") return Negatives::Cross;
+  if (name == "none") return Negatives::None;
+  TORCH_CHECK(false, "fastalpha: unknown negatives='", name, "'; expected all, cross or none");
+}
+
+// |J_i| for N pairs and K queue rows, the same for every anchor (fastalpha.rules.negative_count).
+inline int64_t negative_count(int64_t n, int64_t k, Negatives negatives) {
+  const int64_t in_z = negatives == Negatives::All ? 2 * n - 2 : negatives == Negatives::Cross ? n - 1 : 0;
+  return in_z + k;
+}
+
+// J_i as three ascending, disjoint column ranges [begin, end) of [Z; Q] (C = M + K columns,
+// some possibly empty): kernels loop over the ranges instead of testing a mask per column.
+//   all     [0, a), (a, b), (b, C)        a, b = min and max of i and p(i)
+//   cross   i < N: [N, p(i)), (p(i), C)   i ≥ N: [0, p(i)), (p(i), N), [M, C)
+//   none    [M, C)
+struct NegativeRanges {
+  int64_t begin[3];
+  int64_t end[3];
+
+  FASTALPHA_HD bool contains(int64_t j) const {
+    return (begin[0] <= j && j < end[0]) || (begin[1] <= j && j < end[1]) || (begin[2] <= j && j < end[2]);
+  }
+};
+
+FASTALPHA_HD NegativeRanges negative_ranges(Negatives negatives, int64_t i, int64_t m, int64_t c) {
+  const int64_t n = m / 2, p = i < n ? i + n : i - n;
+  if (negatives == Negatives::All) {
+    const int64_t a = i < p ? i : p, b = i < p ? p : i;
+    return {{0, a + 1, b + 1}, {a, b, c}};
+  }
+  if (negatives == Negatives::Cross) {
+    if (i < n) return {{n, p + 1, c}, {p, c, c}};
+    return {{0, p + 1, m}, {p, n, c}};
+  }
+  return {{m, c, c}, {c, c, c}};
+}
+
+// The spec's fields as the Python LossSpec holds them; `negatives` names the negative set J_i.
 inline RuleConfig make_rule(const std::string& rule, double temperature, double p, double gamma, double eps,
                             bool detach_alpha, bool unit_rows, const std::string& negatives) {
   const Rule r = parse_rule(rule);
-  TORCH_CHECK(negatives == "all", "fastalpha: unknown negatives='", negatives, "'; the kernels support 'all'");
+  const Negatives neg = parse_negatives(negatives);
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "fastalpha: temperature must be finite and > 0, got ",
               temperature);
   TORCH_CHECK(std::isfinite(p) && p > 0, "fastalpha: p must be finite and > 0, got ", p);
@@ -73,6 +119,7 @@ inline RuleConfig make_rule(const std::string& rule, double temperature, double 
   cfg.eps = has_eps ? eps : 0.0;
   cfg.detach_alpha = detach_alpha;
   cfg.unit_rows = unit_rows;
+  cfg.negatives = neg;
   cfg.k = cfg.p / 2.0;
   cfg.inv_tau = 1.0 / temperature;
   cfg.inv_gamma = 1.0 / gamma;

@@ -2,9 +2,10 @@
 
 Two levels, both on fresh random inputs:
   * the kernel contract (fastalpha.backends.cpp.alpha_cl_fused: a row range, row weights,
-    raw or unit rows) against reference.closed_form_gradient in float64, for both CPU
-    algorithms (the one-pass full-row chunks and the symmetric two-pass tiles, forced through
-    FASTALPHA_CPP_ALGORITHM with small tiles so that every tile case occurs at small M);
+    raw or unit rows, every negative set with or without a queue) against
+    reference.closed_form_gradient in float64, for both CPU algorithms (the one-pass full-row
+    chunks and the symmetric two-pass tiles, forced through FASTALPHA_CPP_ALGORITHM, which is
+    read per call, with small tiles so that every tile case occurs at small M);
   * the public API (fastalpha.alpha_cl_loss(..., backend="cpp")) against autograd through
     the dense reference, value and both input gradients, every reduction and option.
 The first call compiles csrc/ (about a minute, once per machine: fastalpha.cpp_build caches it).
@@ -61,10 +62,11 @@ def random_row_range(gen, m):
     return lo, hi
 
 
-def check_kernel(z, spec, row_lo, row_hi, weight, precision):
-    rows, grad = cpp.alpha_cl_fused(z, spec, row_lo, row_hi, weight, True)
+def check_kernel(z, spec, row_lo, row_hi, weight, precision, queue=None):
+    rows, grad = cpp.alpha_cl_fused(z, spec, row_lo, row_hi, weight, True, queue=queue)
     w64 = None if weight is None else weight.double()
-    ref_rows, ref_grad = reference.closed_form_gradient(z.double(), spec, w64, row_lo, row_hi)
+    q64 = None if queue is None else queue.double()
+    ref_rows, ref_grad = reference.closed_form_gradient(z.double(), spec, w64, row_lo, row_hi, queue=q64)
     assert rows.dtype == torch.promote_types(z.dtype, torch.float32)
     assert grad.dtype == z.dtype
     assert_close(rows, ref_rows, precision, "loss rows")
@@ -255,6 +257,81 @@ def test_default_algorithm_at_a_larger_size(gen, dtype):
         check_kernel(z, make_spec(rule, normalize=True, detach_alpha=detach), 0, 2050, None, precision_of(dtype))
 
 
+# (negatives, K): every negative set; K = 1, and K = 45, not a multiple of the 32-row tiles.
+NEGATIVE_SETS = [("all", 1), ("all", 45), ("cross", 0), ("cross", 1), ("cross", 45), ("none", 1), ("none", 45)]
+# ε > 0 wherever a rule has one, so that the count |J_i| of the set enters (ε|J_i|).
+EPS = {"entropy": 0.5, "direct": 0.3, "infonce": 1.0}
+
+
+def random_queue(gen, k, d, dtype, unit=True):
+    q = torch.nn.functional.normalize(torch.randn(k, d, generator=gen, dtype=torch.float64), dim=1)
+    if not unit:
+        q = q * (0.5 + torch.rand(k, 1, generator=gen, dtype=torch.float64))
+    return q.to(dtype) if k else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("negatives,k", NEGATIVE_SETS)
+@pytest.mark.parametrize("unit", [True, False])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("rule", RULES)
+def test_negative_sets_match_closed_form(gen, algorithm, rule, detach, unit, negatives, k, dtype):
+    """Odd shapes: M = 74 (not a multiple of the 32-row tiles, N = 37 splits a tile), D = 7,
+    a random row range with random weights; the queue's gradient rows are compared too."""
+    if rule == "square" and not detach and dtype == torch.float32:
+        pytest.skip("square's β jumps where a distance crosses μ: checked in float64 (see test_kernel_matches_closed_form)")
+    z = random_rows(gen, 37, 7, dtype, unit)
+    queue = random_queue(gen, k, 7, dtype, unit)
+    lo, hi = random_row_range(gen, 74)
+    weight = torch.rand(hi - lo, generator=gen, dtype=torch.float64).to(torch.promote_types(dtype, torch.float32))
+    spec = make_spec(rule, normalize=unit, detach_alpha=detach, negatives=negatives, eps=EPS.get(rule))
+    check_kernel(z, spec, lo, hi, weight, precision_of(dtype), queue)
+
+
+@pytest.mark.parametrize("negatives,k", [("all", 70), ("cross", 3), ("none", 300)])
+@pytest.mark.parametrize("rule", ["direct", "square", "infonce"])
+def test_negative_sets_full_range(gen, algorithm, rule, negatives, k):
+    """Every row an anchor and several tile rounds (M = 202, D = 40); K beside, below and above M."""
+    z = random_rows(gen, 101, 40, torch.float32)
+    queue = random_queue(gen, k, 40, torch.float32)
+    spec = make_spec(rule, normalize=True, negatives=negatives, eps=EPS.get(rule))
+    check_kernel(z, spec, 0, 202, None, "float32", queue)
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross", "none"])
+def test_one_pair_with_a_queue(gen, algorithm, negatives):
+    """N = 1 (M = 2): only a queue gives the anchors negatives ("cross" has none in Z)."""
+    z = random_rows(gen, 1, 5, torch.float64, unit=False)
+    queue = random_queue(gen, 3, 5, torch.float64, unit=False)
+    spec = make_spec("direct", normalize=False, eps=0.2, negatives=negatives)
+    check_kernel(z, spec, 0, 2, None, "float64", queue)
+
+
+def test_no_negatives_is_an_empty_sum():
+    """A raw call where no anchor has a negative returns zero losses and a zero gradient."""
+    z = torch.randn(2, 3, dtype=torch.float64)
+    for negatives, queue in (("cross", None), ("all", None), ("none", torch.zeros(0, 3, dtype=torch.float64))):
+        rows, grad = cpp.alpha_cl_fused(z, make_spec("infonce", negatives=negatives), 0, 2, None, True, queue=queue)
+        assert torch.equal(rows, torch.zeros(2, dtype=torch.float64)) and torch.equal(grad, torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_cross_and_queue_through_the_public_api(gen):
+    """alpha_cl_loss(backend="cpp", negatives=..., queue=...) vs autograd of the float64 reference."""
+    z1 = torch.randn(13, 9, generator=gen).requires_grad_()
+    z2 = torch.randn(13, 9, generator=gen).requires_grad_()
+    queue = torch.randn(6, 9, generator=gen)
+    for negatives, q in (("cross", None), ("cross", queue), ("none", queue), ("all", queue)):
+        spec = make_spec("direct", negatives=negatives)
+        r1, r2 = (z.detach().double().requires_grad_() for z in (z1, z2))
+        loss = fastalpha.alpha_cl_loss(z1, z2, rule="direct", negatives=negatives, queue=q, backend="cpp")
+        ref = reference.alpha_cl_loss(r1, r2, spec, "mean", None if q is None else q.double())
+        g1, g2 = torch.autograd.grad(loss, (z1, z2))
+        e1, e2 = torch.autograd.grad(ref, (r1, r2))
+        assert_close(loss, ref, "float32", f"{negatives} loss", scale=loss_scale(torch.cat([r1, r2]).detach(), spec))
+        assert_close(g1, e1, "float32", f"{negatives} grad z1")
+        assert_close(g2, e2, "float32", f"{negatives} grad z2")
+
+
 def test_loss_only_and_empty_range(gen, algorithm):
     z = random_rows(gen, 37, 24, torch.float64, unit=False)
     spec = make_spec("inverse", normalize=False)
@@ -269,14 +346,18 @@ def test_loss_only_and_empty_range(gen, algorithm):
 def test_auto_picks_cpp_for_cpu_tensors():
     assert dispatch.resolve_backend("auto", torch.device("cpu")) == "cpp"
     assert fastalpha.available_backends()["cpp"][0]
+    spec = make_spec("direct", negatives="cross")
+    assert dispatch.resolve_backend("auto", torch.device("cpu"), spec, has_queue=True) == "cpp"
+    assert dispatch.resolve_backend("auto", torch.device("cpu"), make_spec("direct", negatives="none"), True) == "cpp"
 
 
-def _raw_call(ops, z, lo, hi, weight, rule="direct", negatives="all"):
-    return ops.alpha_cl_fused(z, lo, hi, weight, rule, 0.5, 4.0, 2.0, 0.0, True, False, negatives, True)
+def _raw_call(ops, z, lo, hi, weight, rule="direct", negatives="all", queue=None):
+    return ops.alpha_cl_fused(z, queue, lo, hi, weight, rule, 0.5, 4.0, 2.0, 0.0, True, False, negatives, True)
 
 
 @pytest.mark.parametrize("bad,message", [
     (lambda z: (z[:5], 0, 5, None), "M = 2N even"),
+    (lambda z: (z[:0], 0, 0, None), "M = 2N even"),
     (lambda z: (z, 3, 2, None), "row_lo <= row_hi"),
     (lambda z: (z, 0, 80, None), "row_hi <= M"),
     (lambda z: (z, 0, 6, torch.ones(5, dtype=z.dtype)), "row_weight must have shape"),
@@ -295,8 +376,18 @@ def test_raw_op_rejects_unknown_rule_and_negatives():
     ops = cpp_build.ops("cpu")
     with pytest.raises(RuntimeError, match="unknown rule 'cubic'"):
         _raw_call(ops, torch.randn(6, 4), 0, 6, None, rule="cubic")
-    with pytest.raises(RuntimeError, match="negatives"):
-        _raw_call(ops, torch.randn(6, 4), 0, 6, None, negatives="cross")
+    with pytest.raises(RuntimeError, match="unknown negatives='others'; expected all, cross or none"):
+        _raw_call(ops, torch.randn(6, 4), 0, 6, None, negatives="others")
+
+
+@pytest.mark.parametrize("queue,message", [
+    (torch.randn(3, 5), r"queue must have shape \(K, 4\)"),
+    (torch.randn(3), r"queue must have shape \(K, 4\)"),
+    (torch.randn(3, 4, dtype=torch.float64), "queue must have dtype Float"),
+])
+def test_raw_op_rejects_bad_queue(queue, message):
+    with pytest.raises(RuntimeError, match=message):
+        _raw_call(cpp_build.ops("cpu"), torch.randn(6, 4), 0, 6, None, queue=queue)
 
 
 def test_cpp_backend_rejects_cuda_device_request():

@@ -1,9 +1,11 @@
 r"""Backend "cpp": the fused C++ CPU kernel of csrc/alpha_cl_cpu.cpp (built on first use).
 
 Implements the fused-op contract of fastalpha.dispatch for CPU tensors: for anchors
-i ∈ [row_lo, row_hi) of the stacked, normalised Z (M × D) it returns loss_i and
-∂(Σ_i w_i loss_i)/∂Z in one pass over chunks of full rows, three matrix products per chunk
-(S = Z_r Zᵀ, ωZ, ωᵀZ) and one fused sweep per row for the rule, in O(M·D) memory per thread.
+i ∈ [row_lo, row_hi) of the stacked, normalised Z (M × D) and an optional queue Q (K × D) it
+returns loss_i and ∂(Σ_i w_i loss_i)/∂[Z; Q] ((M + K) × D) without the pair matrix: symmetric
+two-pass tiles of S = [Z; Q][Z; Q]ᵀ for large batches, one pass over chunks of full rows
+(S = Z_r [Z; Q]ᵀ, ωZ, ωᵀZ) otherwise, O((M + K)·D) memory plus per-thread buffers. Every
+negative set ("all", "cross", "none"), with or without a queue (docs/cpp.md).
 
 float32 and float64 run natively; bfloat16/float16 are upcast to float32 (the gradient is
 returned in the input dtype, the losses in float32, as the contract says).
@@ -14,7 +16,7 @@ import torch
 
 from .. import cpp_build
 from ..rules import LossSpec
-from . import on_device_type
+from . import every_negative_set, on_device_type
 
 
 def status() -> tuple[bool, str]:
@@ -26,15 +28,21 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return on_device_type(device, "cpu", "cpp", status)
 
 
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
-    return call_compiled("cpu", z, spec, row_lo, row_hi, row_weight, need_grad)
+supports = every_negative_set
 
 
-def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
+    """The fused-op contract (fastalpha.dispatch); with a queue the gradient has M + K rows."""
+    return call_compiled("cpu", z, spec, row_lo, row_hi, row_weight, need_grad, queue)
+
+
+def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
+                  queue: torch.Tensor | None = None):
     """Run the compiled `kind` ("cpu" or "cuda") kernel under the fused-op contract.
 
-    Half types are upcast to float32 (statistics and products in float32), the gradient is
-    cast back to z's dtype; the losses stay in promote(z.dtype, float32).
+    Half types are upcast to float32 (statistics and products in float32), z's and the queue's
+    alike; the gradient ([Z; Q] rows) is cast back to z's dtype; the losses stay in
+    promote(z.dtype, float32).
     """
     backend, device_type = ("cpp", "cpu") if kind == "cpu" else ("cuda", "cuda")
     if z.device.type != device_type:
@@ -45,9 +53,10 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
         raise RuntimeError(f"backend {backend!r} is not available: {err}") from err
     compute_dtype = torch.promote_types(z.dtype, torch.float32)
     zc = z.detach().to(compute_dtype).contiguous()
+    qc = None if queue is None else queue.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     weight = None if row_weight is None else row_weight.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     loss_rows, grad = ops.alpha_cl_fused(
-        zc, row_lo, row_hi, weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
+        zc, qc, row_lo, row_hi, weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
         spec.detach_alpha, spec.unit_rows, spec.negatives, need_grad,
     )
     return loss_rows, grad.to(z.dtype)

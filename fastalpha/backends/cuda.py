@@ -1,9 +1,10 @@
 r"""Backend "cuda": the CUDA kernel of csrc/ (cuBLAS products + a fused row-sweep kernel).
 
-The same chunked single pass as the cpp backend (fastalpha.backends.cpp), on CUDA tensors:
-per chunk of full rows, S = Z_r Zᵀ, ωZ and ωᵀZ by cuBLAS and one kernel between them that
-sweeps each row once for distances, the rule's weights (exact sparsemax threshold for
-`square`), the loss and ω. float32 products honour torch's tf32 setting; bfloat16/float16
+The chunked single pass of the cpp backend (fastalpha.backends.cpp), on CUDA tensors: per
+chunk of full rows, S = Z_r [Z; Q]ᵀ, ω[Z; Q] and ωᵀZ_r by cuBLAS and one kernel between them
+that sweeps each row once over its negatives J_i (every negative set, an optional queue Q of
+K columns) for distances, the rule's weights (exact sparsemax threshold for `square`), the
+loss and ω. float32 products honour torch's tf32 setting; bfloat16/float16
 inputs are upcast to float32. Compiled on first use where nvcc and a CUDA build of torch
 exist (fastalpha.cpp_build); FASTALPHA_NO_CUDA=1 turns it off.
 """
@@ -14,7 +15,7 @@ import torch
 from .. import cpp_build
 from .cpp import call_compiled
 from ..rules import LossSpec
-from . import on_device_type
+from . import every_negative_set, on_device_type
 
 
 def status() -> tuple[bool, str]:
@@ -32,5 +33,9 @@ def device_status(device: torch.device) -> tuple[bool, str]:
     return on_device_type(device, "cuda", "cuda", status)
 
 
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool):
-    return call_compiled("cuda", z, spec, row_lo, row_hi, row_weight, need_grad)
+supports = every_negative_set
+
+
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
+    """The fused-op contract (fastalpha.dispatch); with a queue the gradient has M + K rows."""
+    return call_compiled("cuda", z, spec, row_lo, row_hi, row_weight, need_grad, queue)

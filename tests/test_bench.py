@@ -89,7 +89,7 @@ def test_worker_failure_is_recorded_and_the_run_goes_on(tmp_path):
 
 
 def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path, capsys):
-    rows = compare.main(["--providers", "eager,chunked,cuda", "--rules", "direct", "--sizes", "64,1024", "--dims", "32",
+    rows = compare.main(["--providers", "eager,chunked,cuda", "--rules", "direct", "--sizes", "64,512", "--dims", "32",
                          "--modes", "fwd,fwdbwd", "--repeats", "2", "--budget-s", "0", "--threads", "1",
                          "--out", str(tmp_path), "--name", "tiny"])
     printed = capsys.readouterr().out
@@ -105,7 +105,7 @@ def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path, capsys):
 
     parsed = {(r["provider"], r["M"], r["mode"]): r for r in report.read_csv(str(csv_path))}
     for mode in ("fwd", "fwdbwd"):
-        for m in (64, 1024):
+        for m in (64, 512):
             cuda = parsed[("cuda", m, mode)]
             assert cuda["status"] == "unavailable" and cuda["reason"], cuda
             for provider in ("eager", "chunked"):
@@ -123,10 +123,10 @@ def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path, capsys):
             assert chunk["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / chunk["median_ms"], rel=1e-4)
             assert chunk["speedup_vs_chunked"] == pytest.approx(1.0)
         # The dense reference holds several M x M float32 matrices at once: its measured peak
-        # beyond the inputs must exceed one of them (4 MiB at M = 1024); the chunked one must not
+        # beyond the inputs must exceed one of them (1 MiB at M = 512); the chunked one must not
         # reach the dense one.
-        dense, rows_chunked = parsed[("eager", 1024, mode)], parsed[("chunked", 1024, mode)]
-        assert dense["peak_mb"] > 1024 * 1024 * 4 / 2**20, dense
+        dense, rows_chunked = parsed[("eager", 512, mode)], parsed[("chunked", 512, mode)]
+        assert dense["peak_mb"] > 512 * 512 * 4 / 2**20, dense
         assert rows_chunked["peak_mb"] < dense["peak_mb"], (rows_chunked, dense)
 
 

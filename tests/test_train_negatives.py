@@ -1,5 +1,6 @@
 """train/run.py with two-tower negatives and a memory bank: the flags reach the loss, the bank
 holds the previous steps' second views, and it is part of the checkpoint (bit-for-bit resume)."""
+import json
 import os
 import sys
 
@@ -60,3 +61,14 @@ def test_bad_negative_flags_exit_2(tmp_path, capsys, flags, message):
         run(tmp_path / "bad", "--epochs", "1", *flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_check_eager_compares_with_the_memory_bank(tmp_path):
+    """--check-eager with --queue-size: both backends see the bank the trainer fills. With
+    negatives="none" the first step has no negatives (empty bank, loss 0) and the next ones the
+    previous steps' second views; the check passes on the real backend."""
+    assert run(tmp_path / "c", "--batch", "16", "--negatives", "none", "--queue-size", "40", "--check-eager", "3") == 0
+    report = json.loads((tmp_path / "c" / "check_eager.json").read_text())
+    losses = [row["loss_eager"] for row in report["lockstep"]]
+    assert losses[0] == 0 and all(loss != 0 for loss in losses[1:]), losses
+    assert report["passed"], report

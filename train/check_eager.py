@@ -53,9 +53,11 @@ def _lockstep(cfg, data, spec, device, backend: str, steps: int, log) -> dict:
         with torch.autocast(device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
             z = trainer.model(torch.cat([v1, v2]))
         z1, z2 = z.chunk(2)
-        loss_f = fused_loss(z1, z2)
+        # Both see the memory bank of --queue-size as the trainer fills it (on the eager trajectory).
+        queue = trainer.queue.rows() if trainer.queue is not None else None
+        loss_f = fused_loss(z1, z2, queue=queue)
         grads_f = torch.autograd.grad(loss_f, params, retain_graph=True)
-        loss_e = trainer.loss_fn(z1, z2)
+        loss_e = trainer.loss_fn(z1, z2, queue=queue)
         grads_e = torch.autograd.grad(loss_e, params)
         devs = [_rel(gf, ge) for gf, ge in zip(grads_f, grads_e)]
         worst = max(range(len(devs)), key=devs.__getitem__)
@@ -66,6 +68,8 @@ def _lockstep(cfg, data, spec, device, backend: str, steps: int, log) -> dict:
         for p, g in zip(params, grads_e):
             p.grad = g
         trainer.optimizer.step()
+        if trainer.queue is not None:
+            trainer.queue.enqueue(z2.detach().float())
     return rows
 
 

@@ -96,11 +96,14 @@ enum class Algorithm { OnePass, Symmetric };
 // D = 128, 2.7× slower at D = 16. Hence: fwd+bwd from M·D ≥ 2^18 with M ≥ 2048, forward
 // from M ≥ 1024, both with D ≥ 32. Only a full anchor range gains from symmetry: with a
 // partial one (a rank's share of a distributed batch) most tiles have one anchor side.
-// Other negative sets: symmetry pays only on pairs of Z. "none" has none (every pair is an
-// anchor against a queue row), and a queue row is a column only, so its pairs cost the two
-// passes 8·M·K·D flops against the one pass's 6·M·K·D: the symmetric algorithm wins only while
-// K < M (4·M²·D + 8·M·K·D < 6·M²·D + 6·M·K·D). "cross" keeps the rule: its tiles are the
-// cross-view half, the one pass computes (and masks) the same-view columns too.
+// Other negative sets: symmetry pays only on pairs of Z. A queue row is a column only, so its
+// pairs cost the two passes 8·M·K·D flops against the one pass's 6·M·K·D, and its blocks add
+// about K/T rounds whose few tiles all share the anchor blocks: two barriers per round for
+// little work. Measured (direct, D = 128, float32) on 2 shared cores the symmetric algorithm
+// was 1.5-5x slower for "none" (M = 512, K = 4096 and 16384) and 2x slower for K = 2M
+// (M = 2048), on one thread 1.1-1.8x faster: the rounds decide. Hence "none", and any queue
+// with K ≥ M, run the one pass. "cross" keeps the rule: its tiles are the cross-view half (a
+// sixth of the one pass's flops, which computes and masks the same-view columns too).
 // FASTALPHA_CPP_ALGORITHM=onepass|symmetric forces either (tests, measurements); both compute
 // every negative set.
 Algorithm choose_algorithm(int64_t m, int64_t k, int64_t dim, int64_t rows, bool need_grad, Negatives negatives) {

@@ -103,7 +103,8 @@ enum class Algorithm { OnePass, Symmetric };
 // was 1.5-5x slower for "none" (M = 512, K = 4096 and 16384) and 2x slower for K = 2M
 // (M = 2048), on one thread 1.1-1.8x faster: the rounds decide. Hence "none", and any queue
 // with K ≥ M, run the one pass. "cross" keeps the rule: its tiles are the cross-view half (a
-// sixth of the one pass's flops, which computes and masks the same-view columns too).
+// third of the one pass's flops, 2·M²·D against 6·M²·D: the one pass computes and masks the
+// same-view columns too).
 // FASTALPHA_CPP_ALGORITHM=onepass|symmetric forces either (tests, measurements); both compute
 // every negative set.
 Algorithm choose_algorithm(int64_t m, int64_t k, int64_t dim, int64_t rows, bool need_grad, Negatives negatives) {

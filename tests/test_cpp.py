@@ -73,11 +73,17 @@ def check_kernel(z, spec, row_lo, row_hi, weight, precision, queue=None):
     assert_close(grad, ref_grad, precision, "gradient")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def over_the_contract_matrix(test):
+    """Parametrize a kernel-contract test over rule × detach × unit/raw rows × float64/float32."""
+    for mark in (pytest.mark.parametrize("rule", RULES), pytest.mark.parametrize("detach", [True, False]),
+                 pytest.mark.parametrize("unit", [True, False]),
+                 pytest.mark.parametrize("dtype", [torch.float64, torch.float32])):
+        test = mark(test)
+    return test
+
+
+@over_the_contract_matrix
 @pytest.mark.parametrize("n,d", SHAPES)
-@pytest.mark.parametrize("unit", [True, False])
-@pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("rule", RULES)
 def test_kernel_matches_closed_form(gen, algorithm, rule, detach, unit, n, d, dtype):
     """Row sub-range, random row weights, unit or raw rows: the whole kernel contract."""
     if rule == "square" and not detach and dtype == torch.float32:
@@ -270,11 +276,8 @@ def random_queue(gen, k, d, dtype, unit=True):
     return q.to(dtype) if k else None
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@over_the_contract_matrix
 @pytest.mark.parametrize("negatives,k", NEGATIVE_SETS)
-@pytest.mark.parametrize("unit", [True, False])
-@pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("rule", RULES)
 def test_negative_sets_match_closed_form(gen, algorithm, rule, detach, unit, negatives, k, dtype):
     """Odd shapes: M = 74 (not a multiple of the 32-row tiles, N = 37 splits a tile), D = 7,
     a random row range with random weights; the queue's gradient rows are compared too."""

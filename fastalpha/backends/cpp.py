@@ -24,16 +24,29 @@ def status() -> tuple[bool, str]:
     return cpp_build.status("cpu")
 
 
-def device_status(device: torch.device) -> tuple[bool, str]:
-    return on_device_type(device, "cpu", "cpp", status)
-
-
 supports = every_negative_set
 
+# (backend name, device type) of each compiled library.
+_COMPILED = {"cpu": ("cpp", "cpu"), "cuda": ("cuda", "cuda")}
 
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
-    """The fused-op contract (fastalpha.dispatch); with a queue the gradient has M + K rows."""
-    return call_compiled("cpu", z, spec, row_lo, row_hi, row_weight, need_grad, queue)
+
+def entry_points(kind: str, status):
+    """`device_status` and `alpha_cl_fused` (the dispatch contract) of the compiled backend
+    `kind` ("cpu" for cpp, "cuda" for cuda), whose library-level `status` is given."""
+    backend, device_type = _COMPILED[kind]
+
+    def device_status(device: torch.device) -> tuple[bool, str]:
+        return on_device_type(device, device_type, backend, status)
+
+    def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
+                       queue=None):
+        """The fused-op contract (fastalpha.dispatch); with a queue the gradient has M + K rows."""
+        return call_compiled(kind, z, spec, row_lo, row_hi, row_weight, need_grad, queue)
+
+    return device_status, alpha_cl_fused
+
+
+device_status, alpha_cl_fused = entry_points("cpu", status)
 
 
 def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
@@ -44,7 +57,7 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
     alike; the gradient ([Z; Q] rows) is cast back to z's dtype; the losses stay in
     promote(z.dtype, float32).
     """
-    backend, device_type = ("cpp", "cpu") if kind == "cpu" else ("cuda", "cuda")
+    backend, device_type = _COMPILED[kind]
     if z.device.type != device_type:
         raise ValueError(f"backend {backend!r} takes {device_type} tensors, got z on {z.device}")
     try:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from .. import cpp_build
-from .cpp import call_compiled
-from ..rules import LossSpec
-from . import every_negative_set, on_device_type
+from .cpp import entry_points
+from . import every_negative_set
 
 
 def status() -> tuple[bool, str]:
@@ -29,13 +28,5 @@ def status() -> tuple[bool, str]:
     return cpp_build.status("cuda")
 
 
-def device_status(device: torch.device) -> tuple[bool, str]:
-    return on_device_type(device, "cuda", "cuda", status)
-
-
 supports = every_negative_set
-
-
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
-    """The fused-op contract (fastalpha.dispatch); with a queue the gradient has M + K rows."""
-    return call_compiled("cuda", z, spec, row_lo, row_hi, row_weight, need_grad, queue)
+device_status, alpha_cl_fused = entry_points("cuda", status)

@@ -190,7 +190,9 @@ def test_tiny_infonce_loss_keeps_float32_precision(gen, unit):
     relative error of 1e-2 here); from log ξ_i by log1p it keeps float32's relative precision.
     Oracle: the float64 log1p form on the same float32 inputs."""
     n, d, tau = 19, 48, 0.05
-    base = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    # Orthonormal anchors, so that every negative is far (cos = 0) whatever the draw: random
+    # rows in 48 dimensions can reach cos ≈ 0.5, and then ξ_i is no longer tiny.
+    base = torch.linalg.qr(torch.randn(d, n, generator=gen, dtype=torch.float64))[0].T
     near = F.normalize(base + 2e-3 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
     z = torch.cat([base, near]).float()
     if not unit:

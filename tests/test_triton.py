@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import fastalpha
 from fastalpha import reference
 from fastalpha.rules import make_spec
-from fastalpha.testing import assert_close, precision_of
+from fastalpha.testing import assert_close, grad_scale, loss_scale, precision_of
 
 kernels = pytest.importorskip("fastalpha.backends.triton")
 if not kernels.status()[0]:
@@ -104,9 +104,15 @@ def test_public_api_matches_reference(gen, rule, detach, n, d, normalize, reduct
     precision = precision_of(dtype)
     assert loss.dtype == dtype
     assert a.grad.dtype == dtype and b.grad.dtype == dtype
-    assert_close(loss, ref_loss, precision, "loss")
-    assert_close(a.grad, ref_g1, precision, "grad z1")
-    assert_close(b.grad, ref_g2, precision, "grad z2")
+    # Tolerances follow the size of the summed terms, not the result: a loss of random views
+    # can be a near-cancellation (fastalpha.testing.loss_scale / grad_scale).
+    stacked = torch.cat([z1, z2]).cpu()
+    rows = 2 * n if reduction == "sum" else 1
+    anchor_weight = {"mean": 1.0 / (2 * n), "sum": 1.0}.get(reduction) or upstream.abs().max().item()
+    g_scale = grad_scale(stacked, spec, anchor_weight)
+    assert_close(loss, ref_loss, precision, "loss", scale=loss_scale(stacked, spec, rows))
+    assert_close(a.grad, ref_g1, precision, "grad z1", scale=g_scale)
+    assert_close(b.grad, ref_g2, precision, "grad z2", scale=g_scale)
 
 
 SMALL_CHUNKED = BlockConfig(16, 16, 16, 16, False, 4, 2)

@@ -81,8 +81,9 @@ def resolve_backend(backend: str, device: torch.device, spec=None, has_queue: bo
 
 # The choice depends only on the machine and the arguments, never on tensor values: under
 # torch.compile it is evaluated once at trace time and baked into the graph instead of
-# tracing imports and logging.
-@torch.compiler.assume_constant_result
+# tracing imports and logging. The mark is the one torch.compiler.assume_constant_result sets
+# (tests/test_compile.py checks that they agree), set here because that decorator imports
+# torch._dynamo, which would add seconds to every `import fastalpha`.
 def _resolve_backend(backend: str, device_type: str, device_index, negatives: str, has_queue: bool) -> str:
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     if not isinstance(backend, str):
@@ -110,6 +111,9 @@ def _resolve_backend(backend: str, device_type: str, device_index, negatives: st
         raise ValueError(f"backend={backend!r} does not support negatives={negatives!r}"
                          f"{' with a queue' if has_queue else ''}: {reason}")
     return backend
+
+
+_resolve_backend._dynamo_marked_constant = True
 
 
 def implementation(name: str):

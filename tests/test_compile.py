@@ -54,6 +54,16 @@ def test_fullgraph_has_no_graph_break(gen, rule, reduction, detach_alpha):
     assert "fastalpha.alpha_cl_fused" in ops, ops      # the fused op itself, not a fallback
 
 
+def test_backend_choice_carries_the_mark_of_assume_constant_result():
+    # fastalpha.dispatch sets the mark itself so that `import fastalpha` does not import
+    # torch._dynamo; it must be exactly what the public decorator sets, in this torch.
+    probe = torch.compiler.assume_constant_result(lambda: None)
+    marks = {name: value for name, value in vars(probe).items() if name.startswith("_dynamo")}
+    assert marks, "torch.compiler.assume_constant_result no longer marks the function: set the mark another way"
+    for name, value in marks.items():
+        assert getattr(fastalpha.dispatch._resolve_backend, name, None) == value, name
+
+
 @pytest.mark.parametrize("compiler,rule,reduction,detach_alpha", [
     ("aot_eager", "direct", "mean", False),
     ("aot_eager", "square", "none", True),        # backward runs the op again, with row weights

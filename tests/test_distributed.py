@@ -1,7 +1,7 @@
 """Global-batch α-CL over gloo ranks equals one process on the whole batch (fastalpha.distributed).
 
-For each world size W the W ranks are started ONCE, as subprocesses of this file (gloo on
-127.0.0.1, a free port, a wall-clock timeout). They run every case below and write what they
+For each world size W the W ranks are started ONCE, as subprocesses of this file (gloo, a
+rendezvous file of the test's own, a wall-clock timeout). They run every case below and write what they
 got (per-rank loss, input gradients, which anchor rows each fused call computed, errors) to a
 file; the tests here compare those with the float64 dense reference — autograd of
 fastalpha.reference on the global batch — at the tolerances of fastalpha.testing.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -112,7 +111,7 @@ ERROR_CASES = ("columns-differ", "one-rank-int", "dtype-differs", "grad-differs"
 def _worker_main(cases_path: str, out_path: str) -> None:
     """One rank: run every case of `cases_path` inside one gloo group, save results to `out_path`."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['FASTALPHA_TEST_PORT']}",
+    dist.init_process_group("gloo", init_method=f"file://{os.environ['FASTALPHA_TEST_RENDEZVOUS']}",
                             rank=rank, world_size=world, timeout=timedelta(seconds=60))
     spec = torch.load(cases_path, weights_only=False)  # written by the parent test
     calls = []
@@ -210,12 +209,6 @@ def _run_error_case(name: str, rank: int, world: int) -> dict:
 
 # ----------------------------------------------------------------------------- parent side
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _split(tensor: torch.Tensor, sizes) -> list:
     return [piece.clone() for piece in tensor.split(list(sizes))]
 
@@ -251,8 +244,12 @@ _RUNS: dict = {}
 
 
 def _world_results(world: int, tmp_dir) -> tuple[dict, list]:
-    """Start the W ranks once per world size; (inputs, per-rank results)."""
+    """Start the W ranks once per world size; (inputs, per-rank results).
+
+    A failed start is remembered too, so that every test of that world size reports its cause."""
     if world in _RUNS:
+        if isinstance(_RUNS[world], Exception):
+            raise _RUNS[world]
         return _RUNS[world]
     from conftest import RUN_SEED
 
@@ -268,7 +265,9 @@ def _world_results(world: int, tmp_dir) -> tuple[dict, list]:
     # Cases travel as plain dicts: this file runs as __main__ in the workers.
     torch.save({kind: [(asdict(c), {k: v for k, v in d.items() if k != "global"}) for c, d in inputs[kind]]
                 for kind in ("loss", "ddp")}, cases_path)
-    env = dict(os.environ, WORLD_SIZE=str(world), FASTALPHA_TEST_PORT=str(_free_port()), TRITON_INTERPRET="1",
+    # A rendezvous file, not a TCP port picked here: another process (another test run on this
+    # machine) could take such a port in the seconds before rank 0 binds it.
+    env = dict(os.environ, WORLD_SIZE=str(world), FASTALPHA_TEST_RENDEZVOUS=str(folder / "rendezvous"), TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
                OMP_NUM_THREADS="1")
     procs = []
@@ -289,7 +288,8 @@ def _world_results(world: int, tmp_dir) -> tuple[dict, list]:
         if code != 0:
             failures.append(f"rank {rank} exited with {code}:\n" + (folder / f"rank{rank}.log").read_text()[-3000:])
     if failures:
-        raise RuntimeError(f"world size {world}: worker failure\n" + "\n".join(failures))
+        _RUNS[world] = RuntimeError(f"world size {world}: worker failure\n" + "\n".join(failures))
+        raise _RUNS[world]
     _RUNS[world] = inputs, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return _RUNS[world]
 

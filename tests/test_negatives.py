@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -252,8 +251,8 @@ def test_queue_is_a_fifo_of_detached_rows(gen):
 _DISTRIBUTED_WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     import fastalpha
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rank, world, rendezvous, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     data = torch.load(sys.argv[5])
     sizes = data["sizes"]
     lo = sum(sizes[:rank]); hi = lo + sizes[rank]
@@ -269,12 +268,6 @@ _DISTRIBUTED_WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_cross_and_queue_match_the_global_batch(gen, tmp_path):
     """gloo, world 2, unequal shares: "cross" uses the other view's rows of every rank; the
     queue is the same on every rank, not gathered, and gets no gradient."""
@@ -287,9 +280,11 @@ def test_distributed_cross_and_queue_match_the_global_batch(gen, tmp_path):
     torch.save(dict(sizes=sizes, z1=z1, z2=z2, queue=queue, cases=cases), data_path)
     worker = tmp_path / "worker.py"
     worker.write_text(_DISTRIBUTED_WORKER)
-    port, out = str(_free_port()), str(tmp_path / "out")
+    # A rendezvous file of this test's own, not a TCP port: a port picked here could be taken
+    # by another process (another test run on this machine) before rank 0 binds it.
+    rendezvous, out = str(tmp_path / "rendezvous"), str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", port, out, str(data_path)], env=env)
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", rendezvous, out, str(data_path)], env=env)
              for r in range(2)]
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], f"workers exited with {codes}"

@@ -3,8 +3,10 @@
 Nothing is compiled at install time: the first call that needs a kernel builds it with
 `torch.utils.cpp_extension.load` (ninja) into a per-user cache, keyed on everything that
 changes the binary (source text, flags, torch and CUDA versions, Python ABI, the CPU for a
-`-march=native` build, the GPU architectures). Later processes load the cached library in
-well under a second; a source edit or a torch upgrade builds a fresh one beside it.
+`-march=native` build, the GPU architectures), from a copy of the sources kept in that cache
+folder, so that checkouts with the same sources share one build. Later processes load the
+cached library in well under a second; a source edit or a torch upgrade builds a fresh one
+beside it.
 
 Two libraries, so a CPU-only machine never needs nvcc:
 
@@ -196,6 +198,25 @@ def _check_toolchain(kind: str) -> None:
         raise BuildError("ninja is not installed (pip install ninja)")
 
 
+def _stage_sources(src: Path, build_dir: Path, sources: tuple[str, ...]) -> Path:
+    """Copy the sources the build key hashed into `build_dir`/src and return that folder.
+
+    ninja's build file names its source paths, so building from a checkout's own csrc/ made
+    two checkouts with the same sources (a worktree, a wheel beside an editable install)
+    rewrite each other's build file and recompile on every switch. Built from the copy, the
+    same key gives the same build file. A file is written only when missing, so that its
+    modification time never makes ninja rebuild; the copy lands under its name atomically."""
+    staged = build_dir / "src"
+    staged.mkdir(exist_ok=True)
+    for name in sorted(set(sources) | set(HEADERS)):
+        target = staged / name
+        if (src / name).is_file() and not target.exists():
+            partial = staged / f".{name}.{os.getpid()}.{threading.get_ident()}"
+            shutil.copyfile(src / name, partial)
+            os.replace(partial, target)
+    return staged
+
+
 def _build(kind: str) -> str:
     """Compile (or reuse) and load one library; returns the path of the loaded .so."""
     if kind == "cpu" and flag_set("FASTALPHA_NO_CPP"):
@@ -216,6 +237,7 @@ def _build(kind: str) -> str:
     if flag_set("FASTALPHA_REBUILD") and build_dir.exists():
         shutil.rmtree(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
+    staged = _stage_sources(src, build_dir, sources)
     library = build_dir / f"{name}.so"
     if not library.exists():
         logger.warning("fastalpha: compiling the %s kernels in %s (first use; later runs load the cache)", kind, build_dir)
@@ -223,11 +245,11 @@ def _build(kind: str) -> str:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(src / s) for s in sources],
+            sources=[str(staged / s) for s in sources],
             extra_cflags=cflags,
             extra_cuda_cflags=cuda_cflags,
             extra_ldflags=ldflags,
-            extra_include_paths=[str(src)],
+            extra_include_paths=[str(staged)],
             build_directory=str(build_dir),
             verbose=verbose,
             with_cuda=kind == "cuda",

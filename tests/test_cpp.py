@@ -430,3 +430,36 @@ def test_unavailable_backend_says_why(tmp_path, env, expected):
     assert lines["STATUS"].startswith("False") and expected in lines["STATUS"], out.stdout
     assert expected in lines["EXPLICIT"], out.stdout
     assert math.isfinite(float(lines["AUTO"])), out.stdout  # a fallback backend ran
+
+
+def test_two_checkouts_with_the_same_sources_share_one_build(tmp_path, monkeypatch):
+    """The build reads a copy of the sources inside its cache folder, so a second checkout
+    (same text, another path) hands ninja the very same build and does not recompile; the
+    copy is the checkout's text and is not rewritten (its mtime would make ninja rebuild)."""
+    import shutil
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("FASTALPHA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTALPHA_NO_CPP", raising=False)
+    monkeypatch.delenv("FASTALPHA_REBUILD", raising=False)
+    checkouts = [tmp_path / "one" / "csrc", tmp_path / "two" / "csrc"]
+    for folder in checkouts:
+        shutil.copytree(cpp_build.csrc_dir(), folder)
+    mtimes = []
+    for folder in checkouts:
+        monkeypatch.setenv("FASTALPHA_CSRC", str(folder))
+        cpp_build._build("cpu")
+        staged = {name: os.stat(name).st_mtime_ns for name in calls[-1]["sources"]}
+        mtimes.append(staged)
+    first, second = calls
+    assert first == second, "the same sources in another folder must give the same build"
+    staged = os.path.dirname(first["sources"][0])
+    assert staged.startswith(str(tmp_path / "cache")) and first["extra_include_paths"] == [staged], first
+    for source in first["sources"]:
+        assert os.path.dirname(source) == staged, source
+        assert open(source, "rb").read() == (checkouts[0] / os.path.basename(source)).read_bytes()
+    assert mtimes[0] == mtimes[1], "staging again must not touch the copied sources"
+    for header in cpp_build.HEADERS:
+        assert open(os.path.join(staged, header), "rb").read() == (checkouts[0] / header).read_bytes(), header

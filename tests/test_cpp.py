@@ -22,7 +22,7 @@ import fastalpha
 from fastalpha import cpp_build, dispatch, reference
 from fastalpha.backends import cpp
 from fastalpha.rules import RULES, make_spec
-from fastalpha.testing import assert_close, loss_scale, precision_of
+from fastalpha.testing import assert_close, grad_scale, loss_scale, precision_of
 
 if cpp_build.flag_set("FASTALPHA_NO_CPP"):
     pytest.skip("the cpp backend is disabled by FASTALPHA_NO_CPP=1", allow_module_level=True)
@@ -69,8 +69,12 @@ def check_kernel(z, spec, row_lo, row_hi, weight, precision, queue=None):
     ref_rows, ref_grad = reference.closed_form_gradient(z.double(), spec, w64, row_lo, row_hi, queue=q64)
     assert rows.dtype == torch.promote_types(z.dtype, torch.float32)
     assert grad.dtype == z.dtype
-    assert_close(rows, ref_rows, precision, "loss rows")
-    assert_close(grad, ref_grad, precision, "gradient")
+    # Errors follow the size of the terms each value is summed from: a row's loss can be a
+    # near-cancellation of O(1) terms (inverse on unit rows: 6e-4 out of terms of about 2).
+    stacked = z if queue is None else torch.cat([z, queue])
+    anchor_weight = 1.0 if weight is None else weight.abs().max().item()
+    assert_close(rows, ref_rows, precision, "loss rows", scale=loss_scale(stacked, spec))
+    assert_close(grad, ref_grad, precision, "gradient", scale=grad_scale(stacked, spec, anchor_weight))
 
 
 def over_the_contract_matrix(test):

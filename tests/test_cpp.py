@@ -12,6 +12,7 @@ The first call compiles csrc/ (about a minute, once per machine: fastalpha.cpp_b
 """
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -440,7 +441,6 @@ def test_two_checkouts_with_the_same_sources_share_one_build(tmp_path, monkeypat
     """The build reads a copy of the sources inside its cache folder, so a second checkout
     (same text, another path) hands ninja the very same build and does not recompile; the
     copy is the checkout's text and is not rewritten (its mtime would make ninja rebuild)."""
-    import shutil
     import torch.utils.cpp_extension as cpp_extension
 
     calls = []
@@ -455,8 +455,7 @@ def test_two_checkouts_with_the_same_sources_share_one_build(tmp_path, monkeypat
     for folder in checkouts:
         monkeypatch.setenv("FASTALPHA_CSRC", str(folder))
         cpp_build._build("cpu")
-        staged = {name: os.stat(name).st_mtime_ns for name in calls[-1]["sources"]}
-        mtimes.append(staged)
+        mtimes.append({name: os.stat(name).st_mtime_ns for name in calls[-1]["sources"]})
     first, second = calls
     assert first == second, "the same sources in another folder must give the same build"
     staged = os.path.dirname(first["sources"][0])

@@ -8,6 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import background  # noqa: E402
+
 # Without a GPU the Triton kernels run in Triton's CPU interpreter. The flag is read when a
 # kernel is decorated, so it must be set before fastalpha.backends.triton is first imported.
 if not torch.cuda.is_available():
@@ -37,6 +39,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_set_ups(request, tmp_path_factory):
+    """Start the selected modules' subprocess set-ups beside the tests (tests/background.py)."""
+    background.start_modules(request.session.items, tmp_path_factory)
+    yield
+    background.shutdown()
 
 
 @pytest.fixture

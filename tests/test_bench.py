@@ -10,13 +10,16 @@ and reports what it says it does.
 import csv
 import inspect
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
+import background  # noqa: E402
 import fastalpha  # noqa: E402
 from bench import agreement, compare, presets, report, runner  # noqa: E402
 
@@ -88,11 +91,27 @@ def test_worker_failure_is_recorded_and_the_run_goes_on(tmp_path):
     assert [(r["provider"], r["status"]) for r in on_disk] == [("no-such-provider", "error"), ("chunked", "ok")]
 
 
-def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path, capsys):
-    rows = compare.main(["--providers", "eager,chunked,cuda", "--rules", "direct", "--sizes", "64,512", "--dims", "32",
-                         "--modes", "fwd,fwdbwd", "--repeats", "2", "--budget-s", "0", "--threads", "1",
-                         "--out", str(tmp_path), "--name", "tiny"])
-    printed = capsys.readouterr().out
+TINY_RUN = ["--providers", "eager,chunked,cuda", "--rules", "direct", "--sizes", "64,512", "--dims", "32",
+            "--modes", "fwd,fwdbwd", "--repeats", "2", "--budget-s", "0", "--threads", "1", "--name", "tiny"]
+TINY_TEST = "test_compare_tiny_run_writes_documented_csv_and_plot"
+
+
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the tiny command-line run beside the other tests (tests/background.py)."""
+    if any(item.name == TINY_TEST for item in items):
+        background.start(TINY_TEST, _compare_command_line, tmp_path_factory.mktemp("tiny"))
+
+
+def _compare_command_line(out):
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", *TINY_RUN, "--out", str(out)], cwd=REPO,
+                          env=background.environment(), capture_output=True, text=True, timeout=600)
+    return out, proc
+
+
+def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path):
+    tmp_path, proc = background.result(TINY_TEST, _compare_command_line, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = proc.stdout
     assert "threads of" in printed and "1-min load" in printed and "at end" in printed, printed
     csv_path = tmp_path / "tiny.csv"
     with open(csv_path, newline="") as f:
@@ -100,7 +119,7 @@ def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path, capsys):
         header = reader.fieldnames
         written = list(reader)
     assert set(DOCUMENTED_COLUMNS) <= set(header), f"missing columns: {set(DOCUMENTED_COLUMNS) - set(header)}"
-    assert len(written) == 3 * 2 * 2 == len(rows)
+    assert len(written) == 3 * 2 * 2
     assert (tmp_path / "tiny.png").stat().st_size > 0
 
     parsed = {(r["provider"], r["M"], r["mode"]): r for r in report.read_csv(str(csv_path))}

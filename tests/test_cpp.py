@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+import background
 import fastalpha
 from fastalpha import cpp_build, dispatch, reference
 from fastalpha.backends import cpp
@@ -421,15 +422,30 @@ print("AUTO", float(fastalpha.alpha_cl_loss(z1, z2, backend="auto")))
 """
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
-    ({"FASTALPHA_NO_CPP": "1"}, "disabled by FASTALPHA_NO_CPP=1"),
-])
-def test_unavailable_backend_says_why(tmp_path, env, expected):
-    """No compiler (or disabled): status() explains, backend="cpp" raises it, "auto" falls back."""
+#: (environment, what status() must say) of a machine where the C++ backend is unavailable.
+UNAVAILABLE = {"no C++ compiler": {"CXX": "/nonexistent/c++"},
+               "disabled by FASTALPHA_NO_CPP=1": {"FASTALPHA_NO_CPP": "1"}}
+
+
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the unavailable-backend processes beside the other tests (tests/background.py)."""
+    for item in items:
+        if item.originalname == "test_unavailable_backend_says_why":
+            expected = item.callspec.params["expected"]
+            background.start(f"cpp unavailable: {expected}", _unavailable_process, expected,
+                             tmp_path_factory.mktemp("cpp-unavailable"))
+
+
+def _unavailable_process(expected: str, cache_dir) -> subprocess.CompletedProcess:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full_env = dict(os.environ, FASTALPHA_CACHE_DIR=str(tmp_path), PYTHONPATH=repo, **env)
-    out = subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], env=full_env, capture_output=True, text=True, timeout=300)
+    env = dict(background.environment(), FASTALPHA_CACHE_DIR=str(cache_dir), PYTHONPATH=repo, **UNAVAILABLE[expected])
+    return subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("expected", list(UNAVAILABLE))
+def test_unavailable_backend_says_why(tmp_path, expected):
+    """No compiler (or disabled): status() explains, backend="cpp" raises it, "auto" falls back."""
+    out = background.result(f"cpp unavailable: {expected}", _unavailable_process, expected, tmp_path)
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
     assert lines["STATUS"].startswith("False") and expected in lines["STATUS"], out.stdout

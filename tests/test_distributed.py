@@ -1,8 +1,9 @@
 """Global-batch α-CL over gloo ranks equals one process on the whole batch (fastalpha.distributed).
 
 For each world size W the W ranks are started ONCE, as subprocesses of this file (gloo, a
-rendezvous file of the test's own, a wall-clock timeout). They run every case below and write what they
-got (per-rank loss, input gradients, which anchor rows each fused call computed, errors) to a
+rendezvous file of the test's own, a wall-clock timeout), when the session starts and beside
+the other tests (tests/background.py). They run every case below and write what they got
+(per-rank loss, input gradients, which anchor rows each fused call computed, errors) to a
 file; the tests here compare those with the float64 dense reference — autograd of
 fastalpha.reference on the global batch — at the tolerances of fastalpha.testing.
 
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import background
 import fastalpha
 from fastalpha import AlphaCLLoss, InfoNCELoss, dispatch, reference
 from fastalpha.distributed import alpha_cl_loss_distributed
@@ -240,22 +242,33 @@ def _make_inputs(world: int, gen: torch.Generator) -> dict:
     return {"loss": loss, "ddp": ddp}
 
 
-_RUNS: dict = {}
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the ranks of every selected world size beside the other tests (tests/background.py)."""
+    worlds = sorted({item.callspec.params["world"] for item in items
+                     if "world" in getattr(getattr(item, "callspec", None), "params", {})})
+    if worlds:
+        _build_cpp_once()
+        folder = tmp_path_factory.mktemp("distributed")
+        for world in worlds:
+            background.start(f"distributed W={world}", _run_world, world, folder, background.environment())
 
 
-def _world_results(world: int, tmp_dir) -> tuple[dict, list]:
-    """Start the W ranks once per world size; (inputs, per-rank results).
-
-    A failed start is remembered too, so that every test of that world size reports its cause."""
-    if world in _RUNS:
-        if isinstance(_RUNS[world], Exception):
-            raise _RUNS[world]
-        return _RUNS[world]
-    from conftest import RUN_SEED
-
-    # Build (or load) the C++ library here, once, so that the ranks load it from the cache
-    # instead of compiling it concurrently inside the worker timeout.
+def _build_cpp_once() -> None:
+    # Build (or load) the C++ library here, in the suite's own thread, so that the ranks load it
+    # from the cache instead of compiling it concurrently inside the worker timeout.
     dispatch.backend_status("cpp", torch.device("cpu"))
+
+
+def _world_results(world: int, folder) -> tuple[dict, list]:
+    """(inputs, per-rank results) of world size W: its ranks run once per session, and a failed
+    world raises its cause in each of its tests."""
+    _build_cpp_once()
+    return background.result(f"distributed W={world}", _run_world, world, folder, background.environment())
+
+
+def _run_world(world: int, tmp_dir, environment: dict) -> tuple[dict, list]:
+    """Run the W ranks over every case; (inputs, per-rank results)."""
+    from conftest import RUN_SEED
 
     gen = torch.Generator().manual_seed(RUN_SEED ^ zlib.crc32(f"test_distributed W={world}".encode()))
     inputs = _make_inputs(world, gen)
@@ -267,8 +280,8 @@ def _world_results(world: int, tmp_dir) -> tuple[dict, list]:
                 for kind in ("loss", "ddp")}, cases_path)
     # A rendezvous file, not a TCP port picked here: another process (another test run on this
     # machine) could take such a port in the seconds before rank 0 binds it.
-    env = dict(os.environ, WORLD_SIZE=str(world), FASTALPHA_TEST_RENDEZVOUS=str(folder / "rendezvous"), TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+    env = dict(environment, WORLD_SIZE=str(world), FASTALPHA_TEST_RENDEZVOUS=str(folder / "rendezvous"), TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]),
                OMP_NUM_THREADS="1")
     procs = []
     for rank in range(world):
@@ -288,10 +301,8 @@ def _world_results(world: int, tmp_dir) -> tuple[dict, list]:
         if code != 0:
             failures.append(f"rank {rank} exited with {code}:\n" + (folder / f"rank{rank}.log").read_text()[-3000:])
     if failures:
-        _RUNS[world] = RuntimeError(f"world size {world}: worker failure\n" + "\n".join(failures))
-        raise _RUNS[world]
-    _RUNS[world] = inputs, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    return _RUNS[world]
+        raise RuntimeError(f"world size {world}: worker failure\n" + "\n".join(failures))
+    return inputs, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")

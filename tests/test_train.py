@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import background  # noqa: E402
 import fastalpha  # noqa: E402
 from fastalpha import dispatch  # noqa: E402
 from fastalpha.backends import eager as eager_backend  # noqa: E402
@@ -489,13 +490,26 @@ def test_digits_quick_start_beats_the_untrained_encoder(tmp_path):
     assert summary["reported"]["linear_top1_final"] == after["linear"]["final"]
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_with_global_negatives(tmp_path):
-    out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+TORCHRUN_TEST = "test_torchrun_two_processes_with_global_negatives"
+
+
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the torchrun run beside the other tests (tests/background.py)."""
+    if any(item.name == TORCHRUN_TEST for item in items):
+        background.start(TORCHRUN_TEST, _torchrun_two_processes, tmp_path_factory.mktemp("torchrun") / "ddp")
+
+
+def _torchrun_two_processes(out):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(REPO, "train", "run.py"), *SMALL, "--batch", "32", "--epochs", "1",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--out", str(out)], capture_output=True, text=True,
+                          env=dict(background.environment(), OMP_NUM_THREADS="1"), timeout=600)
+    return out, proc
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_global_negatives(tmp_path):
+    out, proc = background.result(TORCHRUN_TEST, _torchrun_two_processes, tmp_path / "ddp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("DATASET:") == 1, "only rank 0 prints"
     summary = read_json(out / "summary.json")

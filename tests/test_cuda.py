@@ -17,7 +17,7 @@ import fastalpha
 from fastalpha import cpp_build, reference
 from fastalpha.backends import cpp, cuda
 from fastalpha.rules import RULES, make_spec
-from fastalpha.testing import assert_close, precision_of
+from fastalpha.testing import SQUARE_BETA_IN_FLOAT64, assert_close, beta_jumps_under_rounding, precision_of
 
 BETA_RULES = ("entropy", "direct", "inverse", "square")
 REPO = Path(__file__).resolve().parent.parent
@@ -85,6 +85,8 @@ def check_kernel(z, spec, row_lo, row_hi, weight, precision):
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("rule", RULES)
 def test_cuda_kernel_matches_closed_form(cuda_ready, ieee_fp32, gen, rule, detach, unit, n, d, dtype):
+    if beta_jumps_under_rounding(make_spec(rule, detach_alpha=detach), dtype):
+        pytest.skip(SQUARE_BETA_IN_FLOAT64)
     z = random_rows(gen, n, d, dtype, unit)
     m = 2 * n
     lo = int(torch.randint(0, m // 2, (1,), generator=gen))
@@ -105,8 +107,11 @@ def test_cuda_kernel_matches_closed_form(cuda_ready, ieee_fp32, gen, rule, detac
 ])
 @pytest.mark.parametrize("detach", [True, False])
 def test_cuda_rule_parameters(cuda_ready, ieee_fp32, gen, rule, options, detach):
+    spec = make_spec(rule, normalize=False, detach_alpha=detach, **options)
+    if beta_jumps_under_rounding(spec, torch.float32):
+        pytest.skip(SQUARE_BETA_IN_FLOAT64)
     z = random_rows(gen, 37, 24, torch.float32, unit=False)
-    check_kernel(z, make_spec(rule, normalize=False, detach_alpha=detach, **options), 0, 74, None, "float32")
+    check_kernel(z, spec, 0, 74, None, "float32")
 
 
 @pytest.mark.gpu

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import fastalpha
 from fastalpha import reference
 from fastalpha.rules import make_spec
-from fastalpha.testing import assert_close, grad_scale, loss_scale, precision_of
+from fastalpha.testing import (SQUARE_BETA_IN_FLOAT64, assert_close, beta_jumps_under_rounding, grad_scale, loss_scale,
+                               precision_of)
 
 kernels = pytest.importorskip("fastalpha.backends.triton")
 if not kernels.status()[0]:
@@ -302,8 +303,10 @@ def chunked_closed_form(z, spec, block=1024):
 @pytest.mark.parametrize("rule", ["quadratic", "entropy", "direct", "inverse", "square", "infonce"])
 @pytest.mark.parametrize("detach", [True, False])
 def test_gpu_every_rule_bf16_matches_dense_reference(gen, rule, detach):
-    z1, z2 = make_views(gen, 2048, 128, torch.bfloat16, on_sphere=True)
     spec = make_spec(rule, normalize=False, detach_alpha=detach)
+    if beta_jumps_under_rounding(spec, torch.bfloat16):
+        pytest.skip(SQUARE_BETA_IN_FLOAT64)
+    z1, z2 = make_views(gen, 2048, 128, torch.bfloat16, on_sphere=True)
     upstream = torch.randn(4096, generator=gen, dtype=torch.float64).to(DEVICE)
     ref_loss, ref_g1, ref_g2 = reference_loss_and_grads(z1, z2, spec, "none", upstream)
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
@@ -318,7 +321,7 @@ def test_gpu_every_rule_bf16_matches_dense_reference(gen, rule, detach):
 @pytest.mark.parametrize("rule,detach,unit,dtype,matmul", [
     ("direct", True, True, torch.bfloat16, "highest"),
     ("entropy", False, False, torch.float32, "high"),       # TF32 products
-    ("square", False, True, torch.float32, "highest"),      # IEEE float32 products
+    ("square", True, True, torch.float32, "highest"),       # IEEE float32 products; α only: β jumps where d2 crosses μ
     ("infonce", True, False, torch.float32, "high"),
 ])
 def test_gpu_m65536_matches_chunked_float64(gen, rule, detach, unit, dtype, matmul):

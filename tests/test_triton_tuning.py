@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastalpha import reference
 from fastalpha.rules import make_spec
-from fastalpha.testing import assert_close
+from fastalpha.testing import assert_close, beta_jumps_under_rounding, precision_of
 
 kernels = pytest.importorskip("fastalpha.backends.triton")
 if not kernels.status()[0]:
@@ -123,13 +123,17 @@ def _distinct_candidate_tiles():
 @pytest.mark.parametrize("owned,streamed", _distinct_candidate_tiles())
 def test_every_candidate_tile_computes_the_reference(gen, owned, streamed):
     """Each alternative tile shape on a problem smaller than one tile in one direction and
-    spanning several in the other (M = 150 rows, D = 24), unit rows and general rows."""
+    spanning several in the other (M = 150 rows, D = 24), unit rows and general rows, α
+    differentiated: float32, except square's β, which runs in float64
+    (fastalpha.testing.beta_jumps_under_rounding; a fresh seed moved one pair across μ in
+    float32, and a quarter of the gradient with it)."""
     m, d = 150, 24
     z = F.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1)
     cfg = blocks.BlockConfig(owned, streamed, 32, 32, True, 4, 2)
     for rule, unit in (("direct", True), ("square", False)):
         spec = make_spec(rule, normalize=unit, detach_alpha=False)
+        dtype = torch.float64 if beta_jumps_under_rounding(spec, torch.float32) else torch.float32
         ref_rows, ref_grad = reference.closed_form_gradient(z, spec, None, 5, 140)
-        rows, grad = launch.fused_loss_and_grad(z.float(), spec, 5, 140, None, True, cfg)
-        assert_close(rows, ref_rows, "float32", f"{rule} loss rows")
-        assert_close(grad, ref_grad, "float32", f"{rule} grad")
+        rows, grad = launch.fused_loss_and_grad(z.to(dtype), spec, 5, 140, None, True, cfg)
+        assert_close(rows, ref_rows, precision_of(dtype), f"{rule} loss rows")
+        assert_close(grad, ref_grad, precision_of(dtype), f"{rule} grad")

@@ -264,6 +264,10 @@ _DISTRIBUTED_WORKER = textwrap.dedent("""
         loss.backward()
         results[name] = (loss.detach(), a.grad, b.grad)
     torch.save(results, f"{out}.{rank}")
+    # Every rank past its last collective before any tears down: a rank that exits while its
+    # peer's gloo thread still completes the last exchange aborts that peer (SIGABRT,
+    # "terminate called without an active exception"; seen twice in quiet whole-suite runs).
+    dist.barrier()
     dist.destroy_process_group()
 """)
 

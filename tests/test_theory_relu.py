@@ -247,10 +247,16 @@ def test_theorem6_every_rank_one_local_optimum_in_theta_is_v_em_unlike_the_linea
             assert e < 0.5 * lam * (1 - 1e-6)  # below the linear optimum
         else:
             assert rank > 1
-        # The linear flow leaves v_0 at the rate of X_α's eigengap, which a random draw can make
-        # small (one draw left 1 − cos = 8e-8 after 1000 steps, converging as 0.992^t): three times the steps.
-        linear = T.deep_linear_flow([w1, w2], x_alpha, steps=3 * steps, lr=0.3 / lam, record_every=3 * steps)
-        s = torch.linalg.svd(linear.ws[0])
+        # The linear flow reaches v_0 at a rate set by X_α's eigengap, which a random draw can
+        # make small (draws left 1 − cos = 8e-8 after 1000 steps and 2.7e-9 after 3000): it runs
+        # in blocks of 1000 steps until aligned, within a budget that only a non-convergent flow exhausts.
+        ws = [w1, w2]
+        for _ in range(30):
+            linear = T.deep_linear_flow(ws, x_alpha, steps=steps, lr=0.3 / lam, record_every=steps)
+            ws = linear.ws
+            s = torch.linalg.svd(ws[0])
+            if float(s.S[1] / s.S[0]) < 1e-8 and abs(float(s.Vh[0] @ v0)) > 1 - 1e-9:
+                break
         assert float(s.S[1] / s.S[0]) < 1e-8  # linear: rank 1 too (Theorem 3) ...
         assert abs(float(s.Vh[0] @ v0)) > 1 - 1e-9  # ... but along v_0, not along an e_m
         assert abs(linear.objective[-1] - lam / 2) < 1e-9 * lam

@@ -266,7 +266,7 @@ _DISTRIBUTED_WORKER = textwrap.dedent("""
     torch.save(results, f"{out}.{rank}")
     # Every rank past its last collective before any tears down: a rank that exits while its
     # peer's gloo thread still completes the last exchange aborts that peer (SIGABRT,
-    # "terminate called without an active exception"; seen twice in quiet whole-suite runs).
+    # "terminate called without an active exception"; seen in a quiet whole-suite run).
     dist.barrier()
     dist.destroy_process_group()
 """)

@@ -189,8 +189,11 @@ def _check_toolchain(kind: str) -> None:
         if home is None:
             raise BuildError(f"no CUDA toolkit found (CUDA_HOME={os.environ.get('CUDA_HOME')!r}); "
                              "set CUDA_HOME to one with bin/nvcc and include/cuda_runtime.h")
-        # torch.utils.cpp_extension reads CUDA_HOME once, when first imported.
-        os.environ["CUDA_HOME"] = home
+        # torch.utils.cpp_extension reads CUDA_HOME once, when first imported. The resolved
+        # path: the build key names the toolkit by it, and ninja's build file must too, or two
+        # spellings of one toolkit (/usr/local/cuda and the folder it links to) rewrite the
+        # build file in turn and every switch recompiles.
+        os.environ["CUDA_HOME"] = os.path.realpath(home)
     cpp_extension = _import_cpp_extension(quiet=kind == "cpu")
     if kind == "cuda":
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]

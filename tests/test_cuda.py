@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import background
 import fastalpha
 from fastalpha import cpp_build, reference
 from fastalpha.backends import cpp, cuda
@@ -23,16 +24,50 @@ BETA_RULES = ("entropy", "direct", "inverse", "square")
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="this torch is not a CUDA build")
-@pytest.mark.skipif(cpp_build.find_cuda_home() is None, reason="no CUDA toolkit (nvcc): set CUDA_HOME to compile the CUDA kernel")
-def test_cuda_sources_compile(tmp_path):
-    """`python -m fastalpha.cpp_build cuda` for sm_80 + sm_90 (cached after the first run)."""
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="8.0;9.0", CUDA_HOME=cpp_build.find_cuda_home(), PYTHONPATH=str(REPO))
+COMPILE_TEST = "test_cuda_sources_compile_and_a_second_spelling_of_the_toolkit_reuses_the_build"
+
+
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the two builds beside the other tests (tests/background.py)."""
+    if any(item.name == COMPILE_TEST for item in items) and _can_compile():
+        background.start(COMPILE_TEST, _build_twice, tmp_path_factory.mktemp("cuda-home"))
+
+
+def _can_compile() -> bool:
+    return torch.version.cuda is not None and cpp_build.find_cuda_home() is not None
+
+
+def _build(cuda_home):
+    env = dict(background.environment(), TORCH_CUDA_ARCH_LIST="8.0;9.0", CUDA_HOME=str(cuda_home), PYTHONPATH=str(REPO))
     env.pop("FASTALPHA_NO_CUDA", None)
     out = subprocess.run([sys.executable, "-m", "fastalpha.cpp_build", "cuda"], env=env, capture_output=True, text=True,
                          timeout=1800)
-    assert out.returncode == 0, f"CUDA build failed:\n{out.stdout}\n{out.stderr[-4000:]}"
-    assert "cuda: ok" in out.stdout
+    assert out.returncode == 0, f"CUDA build (CUDA_HOME={cuda_home}) failed:\n{out.stdout}\n{out.stderr[-4000:]}"
+    assert "cuda: ok: compiled library " in out.stdout, out.stdout
+    library = Path(out.stdout.split("cuda: ok: compiled library ", 1)[1].split()[0])
+    return library, library.stat().st_mtime_ns
+
+
+def _build_twice(tmp_path):
+    """Build under the toolkit's own path, then under a symbolic link to it."""
+    toolkit = Path(os.path.realpath(cpp_build.find_cuda_home()))
+    first = _build(toolkit)
+    link = tmp_path / "cuda"
+    link.symlink_to(toolkit, target_is_directory=True)
+    return first, _build(link)
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="this torch is not a CUDA build")
+@pytest.mark.skipif(cpp_build.find_cuda_home() is None, reason="no CUDA toolkit (nvcc): set CUDA_HOME to compile the CUDA kernel")
+def test_cuda_sources_compile_and_a_second_spelling_of_the_toolkit_reuses_the_build(tmp_path):
+    """`python -m fastalpha.cpp_build cuda` for sm_80 + sm_90 (cached after the first run).
+
+    Then once more with CUDA_HOME a link to the same toolkit (as /usr/local/cuda is): the same
+    library, not recompiled, so that callers who spell the toolkit differently share one build.
+    """
+    (library, built), (again, rebuilt) = background.result(COMPILE_TEST, _build_twice, tmp_path)
+    assert again == library, (library, again)
+    assert rebuilt == built, f"{library} was recompiled when CUDA_HOME named the same toolkit through a link"
 
 
 def test_cuda_status_explains_without_device():

@@ -153,11 +153,14 @@ def test_infonce_eps1_is_simclr_nt_xent(gen, n, d, tau):
     logits = (z @ z.T) / tau
     logits.fill_diagonal_(-math.inf)
     target = (torch.arange(2 * n) + n) % (2 * n)
-    assert_close(loss, torch.nn.functional.cross_entropy(logits, target), "float64", "NT-Xent")
+    # A loss near 0 (τ = 0.07, few negatives) is a difference of logits of size 1/τ: the
+    # tolerance follows those terms, not the result.
+    scale = loss_scale(z, make_spec("infonce", temperature=tau))
+    assert_close(loss, torch.nn.functional.cross_entropy(logits, target), "float64", "NT-Xent", scale=scale)
     decoupled = fastalpha.alpha_cl_loss(z1, z2, rule="infonce", temperature=tau, eps=0.0, backend="eager")
     pos = logits.gather(1, target[:, None])[:, 0]
     logits.scatter_(1, target[:, None], -math.inf)
-    assert_close(decoupled, (torch.logsumexp(logits, 1) - pos).mean(), "float64", "decoupled")
+    assert_close(decoupled, (torch.logsumexp(logits, 1) - pos).mean(), "float64", "decoupled", scale=scale)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.5, 1.0, 3.0])

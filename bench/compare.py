@@ -346,10 +346,11 @@ class Results:
         return report.add_derived(rows)
 
 
-def _run_worker(phase: str, tasks: list[runner.Task], settings: runner.Settings, on_result) -> str | None:
+def _run_worker(phase: str, tasks: list[runner.Task], settings: runner.Settings, on_result, environ=None) -> str | None:
     """Run `tasks` in one worker subprocess, `on_result(task, result)` as each finishes.
 
-    Returns None, or why the worker died (the task in flight is then the first not reported)."""
+    The worker starts from `environ` (default: this process's environment). Returns None, or
+    why the worker died (the task in flight is then the first not reported)."""
     done = 0
     with tempfile.TemporaryDirectory(prefix="fastalpha-bench-") as tmp:
         spec_path, results_path, log_path = (os.path.join(tmp, n) for n in ("spec.json", "results.jsonl", "worker.log"))
@@ -360,7 +361,8 @@ def _run_worker(phase: str, tasks: list[runner.Task], settings: runner.Settings,
             json.dump(spec, f)
         # The memory phase pins glibc's thresholds (bench/memory.py); the rss phase measures
         # the default allocator, so it drops them should the caller's environment set them.
-        env = {k: v for k, v in os.environ.items() if not (phase == "rss" and k in memory.EXACT_MALLOC_ENV)}
+        env = {k: v for k, v in (os.environ if environ is None else environ).items()
+               if not (phase == "rss" and k in memory.EXACT_MALLOC_ENV)}
         env.update(memory.EXACT_MALLOC_ENV if phase == "memory" else {})
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         with open(log_path, "w") as log:
@@ -393,9 +395,11 @@ def _run_worker(phase: str, tasks: list[runner.Task], settings: runner.Settings,
     return f"error: worker exited with code {proc.returncode}: {tail[-300:]}"
 
 
-def _run_phase(phase: str, tasks: list[runner.Task], settings: runner.Settings, on_result, on_death, progress) -> None:
-    """All `tasks` through workers of one phase; a worker that dies is replaced and the task in
-    flight handed to `on_death(task, why)`."""
+def _run_phase(phase: str, tasks: list[runner.Task], settings: runner.Settings, on_result, on_death, progress,
+               environ=None) -> None:
+    """All `tasks` through workers of one phase (started from `environ`, default this
+    process's environment); a worker that dies is replaced and the task in flight handed to
+    `on_death(task, why)`."""
     remaining = list(tasks)
     while remaining:
         reported = set()
@@ -412,7 +416,7 @@ def _run_phase(phase: str, tasks: list[runner.Task], settings: runner.Settings, 
             describe_next()
 
         describe_next()
-        death = _run_worker(phase, remaining, settings, record)
+        death = _run_worker(phase, remaining, settings, record, environ)
         if death is None:
             return
         in_flight = next(t for t in remaining if t.key() not in reported)
@@ -425,11 +429,12 @@ def memory_steps(settings: runner.Settings) -> tuple[str, ...]:
     return {"pinned": ("memory",), "fresh": ("rss",), "both": ("memory", "rss"), "none": ()}[settings.memory]
 
 
-def run_cpu(tasks: list[runner.Task], settings: runner.Settings, results: Results) -> None:
+def run_cpu(tasks: list[runner.Task], settings: runner.Settings, results: Results, environ=None) -> None:
     """Per provider: a timing worker over its tasks (torch.compile's caches then serve all its
     sizes), then the memory phases over those that ran: one pinned-allocator worker for all of
     them, and one fresh default-allocator process per task. A task measured in a single call
-    (slower than settings.single_call_s) gets no memory measurement: it would take that long again."""
+    (slower than settings.single_call_s) gets no memory measurement: it would take that long again.
+    Workers start from `environ` (default: this process's environment)."""
     by_provider = defaultdict(list)
     for task in tasks:
         by_provider[task.provider].append(task)
@@ -444,7 +449,7 @@ def run_cpu(tasks: list[runner.Task], settings: runner.Settings, results: Result
         results.add_memory(task, dict(memory_note=f"memory not measured: {why}"))
 
     for provider_tasks in by_provider.values():
-        _run_phase("time", provider_tasks, settings, results.add, timing_died, results.progress)
+        _run_phase("time", provider_tasks, settings, results.add, timing_died, results.progress, environ)
         timed = [t for t in provider_tasks if results.measured[t.key()]["status"] == "ok"]
         single = [t for t in timed if results.measured[t.key()].get("single_call")]
         for task in single:
@@ -454,10 +459,10 @@ def run_cpu(tasks: list[runner.Task], settings: runner.Settings, results: Result
         results.progress.update((len(provider_tasks) - len(timed)) * len(phases))   # no memory step for those
         for phase in phases:
             if phase == "memory":
-                _run_phase(phase, timed, settings, results.add_memory, memory_died, results.progress)
+                _run_phase(phase, timed, settings, results.add_memory, memory_died, results.progress, environ)
             else:   # a fresh process per task
                 for task in timed:
-                    _run_phase(phase, [task], settings, results.add_memory, memory_died, results.progress)
+                    _run_phase(phase, [task], settings, results.add_memory, memory_died, results.progress, environ)
 
 
 def run_cuda(tasks: list[runner.Task], settings: runner.Settings, results: Results) -> None:

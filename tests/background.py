@@ -11,7 +11,9 @@ are the selected ones, so a `-k` run starts only what it needs); it calls `start
 call `result` with the same key and work: they wait for the background run, or start it then
 if nothing did. Work runs in one background thread, in the order started, so that the
 subprocess pools never compete with each other; what it raises is raised by `result` in every
-test that asks, exactly as if the test had run the work itself.
+test that asks, exactly as if the test had run the work itself. A test that calls `result`
+carries the `background` marker: tests/conftest.py runs those after the others, so that the
+work has the rest of the suite's time to finish.
 """
 from __future__ import annotations
 

@@ -33,6 +33,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests that wait for background work run last, so that the work has the rest of the suite's
+    # time to finish instead of the few tests in front of them (tests/background.py).
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

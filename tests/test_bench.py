@@ -76,30 +76,42 @@ class _Progress:
         pass
 
 
-def test_worker_failure_is_recorded_and_the_run_goes_on(tmp_path):
-    # An unknown provider makes the timing worker raise outside the per-task guard: the task
-    # in flight must come back as an error with the worker's message, the next task must be
-    # timed and get its peak memory, and the CSV on disk must already hold both.
+def _worker_failure_run(folder):
+    # An unknown provider makes the timing worker raise outside the per-task guard.
     bad = runner.Task("no-such-provider", "direct", 16, 4, "float32", "fwd")
     good = runner.Task("chunked", "direct", 16, 4, "float32", "fwd")
-    results = compare.Results([bad, good], {}, {}, str(tmp_path / "partial.csv"), _Progress())
-    compare.run_cpu([bad, good], runner.Settings(threads=1, repeats=1, budget_s=0.0), results)
+    results = compare.Results([bad, good], {}, {}, str(folder / "partial.csv"), _Progress())
+    compare.run_cpu([bad, good], runner.Settings(threads=1, repeats=1, budget_s=0.0), results, background.environment())
+    return folder, bad, good, results
+
+
+@pytest.mark.background
+def test_worker_failure_is_recorded_and_the_run_goes_on(tmp_path):
+    # The task in flight must come back as an error with the worker's message, the next task
+    # must be timed and get its peak memory, and the CSV on disk must already hold both.
+    folder, bad, good, results = background.result(WORKER_FAILURE_TEST, _worker_failure_run, tmp_path)
     assert results.measured[bad.key()]["status"] == "error" and "no-such-provider" in results.measured[bad.key()]["reason"]
     assert results.measured[good.key()]["status"] == "ok" and results.measured[good.key()]["median_ms"] > 0
     assert results.measured[good.key()]["peak_mb"] is not None
-    on_disk = report.read_csv(str(tmp_path / "partial.csv"))
+    on_disk = report.read_csv(str(folder / "partial.csv"))
     assert [(r["provider"], r["status"]) for r in on_disk] == [("no-such-provider", "error"), ("chunked", "ok")]
 
 
 TINY_RUN = ["--providers", "eager,chunked,cuda", "--rules", "direct", "--sizes", "64,512", "--dims", "32",
             "--modes", "fwd,fwdbwd", "--repeats", "2", "--budget-s", "0", "--threads", "1", "--name", "tiny"]
 TINY_TEST = "test_compare_tiny_run_writes_documented_csv_and_plot"
+WORKER_FAILURE_TEST = "test_worker_failure_is_recorded_and_the_run_goes_on"
+RSS_TEST = "test_rss_growth_of_a_fresh_process_counts_a_providers_buffers"
+SETUPS_TEST = "test_setups_run_or_are_skipped_with_a_reason"
 
 
 def start_in_background(tmp_path_factory, items) -> None:
-    """Start the tiny command-line run beside the other tests (tests/background.py)."""
-    if any(item.name == TINY_TEST for item in items):
-        background.start(TINY_TEST, _compare_command_line, tmp_path_factory.mktemp("tiny"))
+    """Start the harness's worker processes beside the other tests (tests/background.py)."""
+    selected = {item.name for item in items}
+    for name, work in ((TINY_TEST, _compare_command_line), (WORKER_FAILURE_TEST, _worker_failure_run),
+                       (RSS_TEST, _rss_phase), (SETUPS_TEST, _setups_command_line)):
+        if name in selected:
+            background.start(name, work, tmp_path_factory.mktemp("bench"))
 
 
 def _compare_command_line(out):
@@ -108,6 +120,7 @@ def _compare_command_line(out):
     return out, proc
 
 
+@pytest.mark.background
 def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path):
     tmp_path, proc = background.result(TINY_TEST, _compare_command_line, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -149,12 +162,24 @@ def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path):
         assert rows_chunked["peak_mb"] < dense["peak_mb"], (rows_chunked, dense)
 
 
-def test_setups_run_or_are_skipped_with_a_reason(tmp_path, capsys):
+SETUPS_RUN = ["--providers", "eager", "--rules", "infonce", "--sizes", "64", "--dims", "8", "--modes", "fwdbwd",
+              "--setups", "all,cross,none+queue", "--queue-size", "16", "--repeats", "1", "--budget-s", "0",
+              "--threads", "1", "--memory", "none", "--name", "setups", "--no-plot"]
+
+
+def _setups_command_line(out):
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", *SETUPS_RUN, "--out", str(out)], cwd=REPO,
+                          env=background.environment(), capture_output=True, text=True, timeout=600)
+    return out, proc
+
+
+@pytest.mark.background
+def test_setups_run_or_are_skipped_with_a_reason(tmp_path):
     # CLIP-shaped (negatives="cross") and queue rows run where fastalpha.alpha_cl_loss takes
     # `negatives`/`queue`, and are reported `skipped` with the reason otherwise.
-    rows = compare.main(["--providers", "eager", "--rules", "infonce", "--sizes", "64", "--dims", "8", "--modes", "fwdbwd",
-                         "--setups", "all,cross,none+queue", "--queue-size", "16", "--repeats", "1", "--budget-s", "0",
-                         "--threads", "1", "--memory", "none", "--out", str(tmp_path), "--name", "setups", "--no-plot"])
+    out, proc = background.result(SETUPS_TEST, _setups_command_line, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = report.read_csv(str(out / "setups.csv"))
     by_setup = {(r["negatives"], r["queue"]): r for r in rows}
     assert set(by_setup) == {("all", 0), ("cross", 0), ("none", 16)}
     assert by_setup["all", 0]["status"] == "ok"
@@ -168,16 +193,24 @@ def test_setups_run_or_are_skipped_with_a_reason(tmp_path, capsys):
             assert r["gflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e9, rel=1e-4)
         else:
             assert r["status"] == "skipped" and "has no" in r["reason"], r
-            assert "set-ups skipped: " in capsys.readouterr().out
+            assert "set-ups skipped: " in proc.stdout
 
 
-def test_rss_growth_of_a_fresh_process_counts_a_providers_buffers():
-    # The rss phase: a fresh worker process, default allocator, three calls. For the dense
-    # reference at M = 1024 the growth includes at least one M x M float32 matrix (4 MiB).
+def _rss_phase(folder):
+    # The rss phase: a fresh worker process, default allocator, three calls.
     task = runner.Task("eager", "direct", 1024, 16, "float32", "fwdbwd")
-    got = {}
+    got, deaths = {}, []
     compare._run_phase("rss", [task], runner.Settings(threads=1), lambda t, result: got.update(result),
-                       lambda t, why: pytest.fail(why), _Progress())
+                       lambda t, why: deaths.append(why), _Progress(), background.environment())
+    return got, deaths
+
+
+@pytest.mark.background
+def test_rss_growth_of_a_fresh_process_counts_a_providers_buffers(tmp_path):
+    # For the dense reference at M = 1024 the growth includes at least one M x M float32
+    # matrix (4 MiB).
+    got, deaths = background.result(RSS_TEST, _rss_phase, tmp_path)
+    assert not deaths, deaths
     assert got.get("rss_growth_mb") is not None and got["rss_growth_mb"] > 4.0, got
 
 

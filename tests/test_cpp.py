@@ -450,6 +450,7 @@ def _unavailable_process(expected: str, cache_dir) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize("expected", list(UNAVAILABLE))
+@pytest.mark.background
 def test_unavailable_backend_says_why(tmp_path, expected):
     """No compiler (or disabled): status() explains, backend="cpp" raises it, "auto" falls back."""
     out = background.result(f"cpp unavailable: {expected}", _unavailable_process, expected, tmp_path)

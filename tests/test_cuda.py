@@ -59,6 +59,7 @@ def _build_twice(tmp_path):
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="this torch is not a CUDA build")
 @pytest.mark.skipif(cpp_build.find_cuda_home() is None, reason="no CUDA toolkit (nvcc): set CUDA_HOME to compile the CUDA kernel")
+@pytest.mark.background
 def test_cuda_sources_compile_and_a_second_spelling_of_the_toolkit_reuses_the_build(tmp_path):
     """`python -m fastalpha.cpp_build cuda` for sm_80 + sm_90 (cached after the first run).
 

@@ -332,6 +332,7 @@ def _anchor_rows(sizes, rank: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c.name)
+@pytest.mark.background
 def test_rank_losses_and_gradients_equal_global_batch(world, case, world_results):
     inputs, per_rank = _results_or_skip(world, world_results, case)
     data = dict(inputs["loss"])[case]["global"]
@@ -379,6 +380,7 @@ def test_rank_losses_and_gradients_equal_global_batch(world, case, world_results
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("case", DDP_CASES, ids=lambda c: c.name)
+@pytest.mark.background
 def test_ddp_training_equals_single_process_on_global_batch(world, case, world_results):
     inputs, per_rank = _results_or_skip(world, world_results, case)
     data = dict(inputs["ddp"])[case]
@@ -407,6 +409,7 @@ def test_ddp_training_equals_single_process_on_global_batch(world, case, world_r
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("name", ERROR_CASES)
+@pytest.mark.background
 def test_bad_input_on_some_ranks_raises_on_every_rank(world, name, world_results):
     _, results = world_results(world)
     expected = {  # (error on the offending rank, error elsewhere, words in the message)

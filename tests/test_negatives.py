@@ -12,12 +12,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import background
 import fastalpha
 import naive
 from fastalpha import dispatch, reference
@@ -272,12 +275,22 @@ _DISTRIBUTED_WORKER = textwrap.dedent("""
 """)
 
 
-def test_distributed_cross_and_queue_match_the_global_batch(gen, tmp_path):
-    """gloo, world 2, unequal shares: "cross" uses the other view's rows of every rank; the
-    queue is the same on every rank, not gathered, and gets no gradient."""
+TWO_RANK_TEST = "test_distributed_cross_and_queue_match_the_global_batch"
+
+
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the two gloo ranks beside the other tests (tests/background.py)."""
+    if any(item.name == TWO_RANK_TEST for item in items):
+        background.start(TWO_RANK_TEST, _two_ranks, tmp_path_factory.mktemp("two-ranks"))
+
+
+def _two_ranks(tmp_path):
+    """Inputs of the run seed, and the two ranks' results over every case."""
+    from conftest import RUN_SEED
+
+    gen = torch.Generator().manual_seed(RUN_SEED ^ zlib.crc32(TWO_RANK_TEST.encode()))
     sizes, d = [3, 2], 4
-    n = sum(sizes)
-    z1, z2, queue = _inputs(gen, n, d, 6)
+    z1, z2, queue = _inputs(gen, sum(sizes), d, 6)
     cases = [(f"{rule}-{neg}-{'q' if q else 'noq'}", dict(rule=rule, negatives=neg, queue=q, backend="chunked"))
              for rule in ("infonce", "direct", "square") for neg, q in (("cross", False), ("cross", True), ("none", True))]
     data_path = tmp_path / "data.pt"
@@ -287,12 +300,35 @@ def test_distributed_cross_and_queue_match_the_global_batch(gen, tmp_path):
     # A rendezvous file of this test's own, not a TCP port: a port picked here could be taken
     # by another process (another test run on this machine) before rank 0 binds it.
     rendezvous, out = str(tmp_path / "rendezvous"), str(tmp_path / "out")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", rendezvous, out, str(data_path)], env=env)
-             for r in range(2)]
-    codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0], f"workers exited with {codes}"
-    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    env = dict(background.environment(), PYTHONPATH=os.pathsep.join(sys.path))
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = []
+    for r, log in enumerate(logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, str(worker), str(r), "2", rendezvous, out, str(data_path)],
+                                          env=env, stdout=f, stderr=subprocess.STDOUT))
+    # A rank that fails leaves its peer waiting in a collective: stop the peer then, not at
+    # the timeout.
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    codes = [p.wait() for p in procs]
+    failed = {r: logs[r].read_text()[-2000:] for r in range(2) if codes[r] != 0}
+    parts = None if failed else [torch.load(f"{out}.{r}") for r in range(2)]
+    return (z1, z2, queue), cases, (codes, failed), parts
+
+
+@pytest.mark.background
+def test_distributed_cross_and_queue_match_the_global_batch(tmp_path):
+    """gloo, world 2, unequal shares: "cross" uses the other view's rows of every rank; the
+    queue is the same on every rank, not gathered, and gets no gradient."""
+    (z1, z2, queue), cases, (codes, failed), parts = background.result(TWO_RANK_TEST, _two_ranks, tmp_path)
+    assert not failed, f"workers exited with {codes}; output of the failed ranks: {failed}"
     for name, kwargs in cases:
         kwargs = dict(kwargs)
         use_queue = kwargs.pop("queue")

@@ -1,4 +1,5 @@
-"""Tests of the training harness (train/): CPU only, small, in-process (`train.cli.main(argv)`).
+"""Tests of the training harness (train/): CPU only, small, in-process (`train.cli.main(argv)`),
+except the digits quick start and the torchrun run, processes started beside the suite.
 
 What is checked, and against what:
 * augmentation against torchvision's own functional ops (an independent implementation);
@@ -476,13 +477,24 @@ def test_help_explains_every_flag(capsys):
         assert action.help, f"{action.option_strings} has no help"
 
 
+DIGITS_TEST = "test_digits_quick_start_beats_the_untrained_encoder"
+DIGITS_RUN = ["--dataset", "digits", "--loss", "direct", "--batch", "256", "--lr", "0.003", "--epochs", "12",
+              "--eval-every", "0", "--seed", "0", "--threads", "1", "--no-progress"]
+
+
+def _digits_run(out):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train", "run.py"), *DIGITS_RUN, "--out", str(out)],
+                          capture_output=True, text=True, env=background.environment(), timeout=600)
+    return out, proc
+
+
+@pytest.mark.background
 def test_digits_quick_start_beats_the_untrained_encoder(tmp_path):
     # Seeded small config; over seeds 0-2 it gained +2.8 to +4.5 linear and +8.1 to +11.1 kNN
     # points (seed 0: +4.45 and +8.06, README.md, "Training"); the margins leave room for rounding
     # differences across machines.
-    out = tmp_path / "digits"
-    assert cli.main(["--dataset", "digits", "--loss", "direct", "--batch", "256", "--lr", "0.003", "--epochs", "12",
-                     "--eval-every", "0", "--seed", "0", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    out, proc = background.result(DIGITS_TEST, _digits_run, tmp_path / "digits")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = read_json(out / "summary.json")
     before, after = summary["untrained"], summary["trained"]
     assert after["linear"]["final"] >= before["linear"]["final"] + 2.0, (before, after)
@@ -494,8 +506,11 @@ TORCHRUN_TEST = "test_torchrun_two_processes_with_global_negatives"
 
 
 def start_in_background(tmp_path_factory, items) -> None:
-    """Start the torchrun run beside the other tests (tests/background.py)."""
-    if any(item.name == TORCHRUN_TEST for item in items):
+    """Start the digits run and the torchrun run beside the other tests (tests/background.py)."""
+    selected = {item.name for item in items}
+    if DIGITS_TEST in selected:
+        background.start(DIGITS_TEST, _digits_run, tmp_path_factory.mktemp("digits") / "digits")
+    if TORCHRUN_TEST in selected:
         background.start(TORCHRUN_TEST, _torchrun_two_processes, tmp_path_factory.mktemp("torchrun") / "ddp")
 
 
@@ -508,6 +523,7 @@ def _torchrun_two_processes(out):
 
 
 @pytest.mark.slow
+@pytest.mark.background
 def test_torchrun_two_processes_with_global_negatives(tmp_path):
     out, proc = background.result(TORCHRUN_TEST, _torchrun_two_processes, tmp_path / "ddp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import background
 import fastalpha
 from fastalpha import reference
 from fastalpha.rules import make_spec
@@ -35,9 +36,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def compiler_env():
-    """Environment of a subprocess that imports fastalpha with the real (not interpreted) kernels."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+def compiler_env(base=None):
+    """Environment of a subprocess that imports fastalpha with the real (not interpreted) kernels:
+    `base` (default: this process's environment) without TRITON_INTERPRET."""
+    env = {key: value for key, value in (os.environ if base is None else base).items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     return env
 
@@ -272,16 +274,35 @@ def test_bad_input_is_rejected_with_a_clear_error(bad, error):
                                args["row_weight"], True)
 
 
+STATUS_TEST = "test_status_without_the_interpreter_explains_why"
+
+
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the process without the interpreter beside the other tests (tests/background.py)."""
+    if not torch.cuda.is_available() and any(item.name == STATUS_TEST for item in items):
+        background.start(STATUS_TEST, _status_without_interpreter)
+
+
+def _status_without_interpreter():
+    code = "import fastalpha.backends.triton as k, torch; print(k.device_status(torch.device('cpu')))"
+    return subprocess.run([sys.executable, "-c", code], env=compiler_env(background.environment()), capture_output=True,
+                          text=True, timeout=120)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU availability logic")
 def test_status_explains_availability():
     assert kernels.device_status(torch.device("cpu"))[0]               # interpreter is on here
     ok, reason = kernels.device_status(torch.device("meta"))
     assert not ok and "meta" in reason
-    code = "import fastalpha.backends.triton as k, torch; print(k.device_status(torch.device('cpu')))"
-    out = subprocess.run([sys.executable, "-c", code], env=compiler_env(), capture_output=True, text=True, timeout=120)
+    assert fastalpha.available_backends()["triton"][0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU availability logic")
+@pytest.mark.background
+def test_status_without_the_interpreter_explains_why():
+    out = background.result(STATUS_TEST, _status_without_interpreter)
     assert out.returncode == 0, out.stderr
     assert "False" in out.stdout and "TRITON_INTERPRET" in out.stdout
-    assert fastalpha.available_backends()["triton"][0]
 
 
 # ----------------------------------------------------------------------------------- GPU --

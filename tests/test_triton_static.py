@@ -145,6 +145,7 @@ def _compile_subprocess(code: str, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.background
 def test_fresh_compile_reproduces_the_fast_path(rows):
     """Compile, on this machine, the column passes that used to miss HGMMA (bf16/fp16 at D = 256,
     tf32 at D = 128), the bf16 row pass at D = 256, one sm_80 variant, IEEE float32, and two

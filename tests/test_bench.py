@@ -108,23 +108,28 @@ SETUPS_TEST = "test_setups_run_or_are_skipped_with_a_reason"
 def start_in_background(tmp_path_factory, items) -> None:
     """Start the harness's worker processes beside the other tests (tests/background.py)."""
     selected = {item.name for item in items}
-    for name, work in ((TINY_TEST, _compare_command_line), (WORKER_FAILURE_TEST, _worker_failure_run),
-                       (RSS_TEST, _rss_phase), (SETUPS_TEST, _setups_command_line)):
+    for name, *work in ((TINY_TEST, _compare_command_line, TINY_RUN), (SETUPS_TEST, _compare_command_line, SETUPS_RUN),
+                        (WORKER_FAILURE_TEST, _worker_failure_run), (RSS_TEST, _rss_phase)):
         if name in selected:
-            background.start(name, work, tmp_path_factory.mktemp("bench"))
+            background.start(name, *work, tmp_path_factory.mktemp("bench"))
 
 
-def _compare_command_line(out):
-    proc = subprocess.run([sys.executable, "-m", "bench.compare", *TINY_RUN, "--out", str(out)], cwd=REPO,
+def _compare_command_line(argv, out):
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", *argv, "--out", str(out)], cwd=REPO,
                           env=background.environment(), capture_output=True, text=True, timeout=600)
     return out, proc
 
 
+def _compare_output(name, argv, tmp_path):
+    """The folder and printed output of the `python -m bench.compare` run started as `name`."""
+    out, proc = background.result(name, _compare_command_line, argv, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
 @pytest.mark.background
 def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path):
-    tmp_path, proc = background.result(TINY_TEST, _compare_command_line, tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    printed = proc.stdout
+    tmp_path, printed = _compare_output(TINY_TEST, TINY_RUN, tmp_path)
     assert "threads of" in printed and "1-min load" in printed and "at end" in printed, printed
     csv_path = tmp_path / "tiny.csv"
     with open(csv_path, newline="") as f:
@@ -167,18 +172,11 @@ SETUPS_RUN = ["--providers", "eager", "--rules", "infonce", "--sizes", "64", "--
               "--threads", "1", "--memory", "none", "--name", "setups", "--no-plot"]
 
 
-def _setups_command_line(out):
-    proc = subprocess.run([sys.executable, "-m", "bench.compare", *SETUPS_RUN, "--out", str(out)], cwd=REPO,
-                          env=background.environment(), capture_output=True, text=True, timeout=600)
-    return out, proc
-
-
 @pytest.mark.background
 def test_setups_run_or_are_skipped_with_a_reason(tmp_path):
     # CLIP-shaped (negatives="cross") and queue rows run where fastalpha.alpha_cl_loss takes
     # `negatives`/`queue`, and are reported `skipped` with the reason otherwise.
-    out, proc = background.result(SETUPS_TEST, _setups_command_line, tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, printed = _compare_output(SETUPS_TEST, SETUPS_RUN, tmp_path)
     rows = report.read_csv(str(out / "setups.csv"))
     by_setup = {(r["negatives"], r["queue"]): r for r in rows}
     assert set(by_setup) == {("all", 0), ("cross", 0), ("none", 16)}
@@ -193,7 +191,7 @@ def test_setups_run_or_are_skipped_with_a_reason(tmp_path):
             assert r["gflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e9, rel=1e-4)
         else:
             assert r["status"] == "skipped" and "has no" in r["reason"], r
-            assert "set-ups skipped: " in proc.stdout
+            assert "set-ups skipped: " in printed
 
 
 def _rss_phase(folder):

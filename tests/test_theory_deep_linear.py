@@ -204,7 +204,16 @@ def test_corollary3_per_filter_normalisation_gives_plus_minus_one_over_sqrt_n(ge
     dims = [6, 5, 4, 4, 3]
     for _ in range(2):
         ws = [torch.randn(dims[l + 1], dims[l], dtype=DT, generator=gen) for l in range(len(dims) - 1)]
-        run = T.deep_linear_flow(ws, xa, steps=1500, lr=1.0 / lam, record_every=1500, per_filter=True)
+        # The rate is set by X_α's eigengap, which a random draw can make small (a draw left the
+        # objective 2e-3 short after 1500 steps): the flow runs in blocks of 1500 steps until it
+        # reaches the optimum along v_0, within a budget that only a non-convergent flow exhausts.
+        for _ in range(20):
+            run = T.deep_linear_flow(ws, xa, steps=1500, lr=1.0 / lam, record_every=1500, per_filter=True)
+            ws = run.ws
+            aligned = abs(float(torch.linalg.svd(T.chain(ws, 0, len(ws)))[2][0] @ evecs[:, -1])) > 1 - 1e-9
+            if aligned and abs(run.objective[-1] - lam / 2) < 1e-9 * lam and all(
+                    float(torch.linalg.svdvals(w)[1] / torch.linalg.svdvals(w)[0]) < 1e-8 for w in ws):
+                break
         assert abs(run.objective[-1] - lam / 2) < 1e-9 * lam  # Theorem 3's global optimum
         for l, w in enumerate(run.ws):
             svd = torch.linalg.svd(w)

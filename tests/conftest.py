@@ -9,18 +9,21 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import background  # noqa: E402
+import triton_interpreter  # noqa: E402
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter. The flag is read when a
 # kernel is decorated, so it must be set before fastalpha.backends.triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER = triton_interpreter.install() if os.environ.get("TRITON_INTERPRET") == "1" else "not in use"
 
 # Fresh random inputs every run; FASTALPHA_TEST_SEED=<n> replays a run (printed in the header).
 RUN_SEED = int(os.environ.get("FASTALPHA_TEST_SEED", random.randrange(2**31)))
 
 
 def pytest_report_header(config):
-    return f"fastalpha test seed: FASTALPHA_TEST_SEED={RUN_SEED}"
+    return [f"fastalpha test seed: FASTALPHA_TEST_SEED={RUN_SEED}",
+            f"triton interpreter: {INTERPRETER} (tests/triton_interpreter.py)"]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import background
 import fastalpha
+import triton_interpreter
 from fastalpha import AlphaCLLoss, InfoNCELoss, dispatch, reference
 from fastalpha.distributed import alpha_cl_loss_distributed
 from fastalpha.rules import make_spec
@@ -113,6 +114,7 @@ ERROR_CASES = ("columns-differ", "one-rank-int", "dtype-differs", "grad-differs"
 def _worker_main(cases_path: str, out_path: str) -> None:
     """One rank: run every case of `cases_path` inside one gloo group, save results to `out_path`."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    triton_interpreter.install()  # the ranks run their Triton cases in the interpreter too
     dist.init_process_group("gloo", init_method=f"file://{os.environ['FASTALPHA_TEST_RENDEZVOUS']}",
                             rank=rank, world_size=world, timeout=timedelta(seconds=60))
     spec = torch.load(cases_path, weights_only=False)  # written by the parent test

@@ -3,8 +3,14 @@ import random
 import sys
 import zlib
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning. The suite shares the machine's cores with its
+# own background processes (tests/background.py); with spinning waits a parallel region whose
+# second thread lost its core stalled every C++ kernel test, which took 2.5 times as long beside
+# one busy process. OpenMP reads the variable when torch loads it, so it is set before that.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

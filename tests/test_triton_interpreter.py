@@ -30,13 +30,12 @@ def test_a_launch_patches_the_language_once_and_restores_it(monkeypatch, gen):
     assert isinstance(wrapper, triton_interpreter.PatchOncePerLaunch), (
         "tests/triton_interpreter.py is not installed: this triton's interpreter changed, and every "
         "helper call inside a kernel scans triton.language again (the suite runs much slower)")
-    calls = []
+    tritons_patch, calls = wrapper.original, []
 
     def counted(fn):
         calls.append(fn.__name__)
-        return triton_interpreter_original(fn)
+        return tritons_patch(fn)
 
-    triton_interpreter_original = wrapper.original
     monkeypatch.setattr(wrapper, "original", counted)
     grid, block = 3, 8
     x = torch.randn(grid * block, generator=gen)

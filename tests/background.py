@@ -18,6 +18,7 @@ work has the rest of the suite's time to finish.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 _EXECUTOR: ThreadPoolExecutor | None = None
@@ -69,3 +70,26 @@ def shutdown() -> None:
         _EXECUTOR = None
     _STARTED.clear()
     _SESSION_ENVIRONMENT = None
+
+
+def wait_for_ranks(procs, timeout_s: float) -> list:
+    """Exit codes of rank processes that talk to each other (subprocess.Popen objects).
+
+    A rank that fails leaves its peers waiting in a collective, so they are stopped then, not
+    at the timeout; a rank still running when it stops reads "timeout after N s" or "stopped
+    after a peer failed" instead of a code."""
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs) and not any(p.poll() not in (None, 0) for p in procs):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    why = f"timeout after {timeout_s} s" if time.monotonic() > deadline else "stopped after a peer failed"
+    codes = []
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+            codes.append(why)
+        else:
+            codes.append(p.returncode)
+    return codes

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import traceback
 import warnings
 import zlib
@@ -285,23 +284,15 @@ def _run_world(world: int, tmp_dir, environment: dict) -> tuple[dict, list]:
     env = dict(environment, WORLD_SIZE=str(world), FASTALPHA_TEST_RENDEZVOUS=str(folder / "rendezvous"), TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]),
                OMP_NUM_THREADS="1")
+    logs = [folder / f"rank{rank}.log" for rank in range(world)]
     procs = []
-    for rank in range(world):
-        log = open(folder / f"rank{rank}.log", "w")
+    for rank, log in enumerate(logs):
         command = [sys.executable, os.path.abspath(__file__), str(cases_path), str(folder / f"rank{rank}.pt")]
-        procs.append((subprocess.Popen(command, env=dict(env, RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + WORKER_TIMEOUT_S  # bounds a hang in a collective
-    failures = []
-    for rank, (proc, log) in enumerate(procs):
-        try:
-            code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for other, _ in procs:
-                other.kill()
-            code = f"timeout after {WORKER_TIMEOUT_S} s"
-        log.close()
-        if code != 0:
-            failures.append(f"rank {rank} exited with {code}:\n" + (folder / f"rank{rank}.log").read_text()[-3000:])
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(command, env=dict(env, RANK=str(rank)), stdout=f, stderr=subprocess.STDOUT))
+    codes = background.wait_for_ranks(procs, WORKER_TIMEOUT_S)  # bounds a hang in a collective
+    failures = [f"rank {rank} exited with {code}:\n" + logs[rank].read_text()[-3000:]
+                for rank, code in enumerate(codes) if code != 0]
     if failures:
         raise RuntimeError(f"world size {world}: worker failure\n" + "\n".join(failures))
     return inputs, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import zlib
 
 import numpy as np
@@ -310,17 +309,7 @@ def _two_ranks(tmp_path):
         with open(log, "w") as f:
             procs.append(subprocess.Popen([sys.executable, str(worker), str(r), "2", rendezvous, out, str(data_path)],
                                           env=env, stdout=f, stderr=subprocess.STDOUT))
-    # A rank that fails leaves its peer waiting in a collective: stop the peer then, not at
-    # the timeout.
-    deadline = time.monotonic() + 300
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs):
-            break
-        time.sleep(0.1)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    codes = [p.wait() for p in procs]
+    codes = background.wait_for_ranks(procs, 300)
     failed = {r: logs[r].read_text()[-2000:] for r in range(2) if codes[r] != 0}
     parts = None if failed else [torch.load(f"{out}.{r}") for r in range(2)]
     return (z1, z2, queue), cases, (codes, failed), parts

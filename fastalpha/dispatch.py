@@ -12,10 +12,13 @@ Every backend implements one contract (the kernel behind `fastalpha::alpha_cl_fu
     grad       (M, D) in z.dtype: ∂(Σ_i w_i loss_i)/∂Z (rows and columns), or (0, D) if not need_grad
 
     queue      (keyword, only when given) (K, D) extra negative rows; grad then has M + K rows
+    groups     (keyword, only when given) (M,) int64 group ids of the rows of Z: positives and
+               negatives from the groups (fastalpha.positives; negatives="all", no queue, any M ≥ 1)
 
 A backend module exposes `status() -> (available, reason)` and `alpha_cl_fused(...)` with the
 signature above, and optionally `supports(negatives, has_queue) -> (ok, reason)` when it
-computes more than the SimCLR negatives (every row but i and p(i), no queue). `backend="auto"` picks, for CUDA tensors, triton, then cuda, then chunked; for
+computes more than the SimCLR negatives (every row but i and p(i), no queue), and
+`supports_groups = True` when it takes group-defined positives. `backend="auto"` picks, for CUDA tensors, triton, then cuda, then chunked; for
 CPU tensors, cpp, then chunked (plain PyTorch, always there, so memory stays O(R·M) on a
 machine without a compiler or without Triton). An automatic fallback is logged once at INFO; an explicit
 backend that is unavailable raises with the reason.
@@ -59,13 +62,15 @@ def available_backends() -> dict[str, tuple[bool, str]]:
 _fallbacks_logged: set = set()
 
 
-def supports(name: str, negatives: str, has_queue: bool) -> tuple[bool, str]:
-    """(supported, reason) of a backend for a set of negatives.
+def supports(name: str, negatives: str, has_queue: bool, has_groups: bool = False) -> tuple[bool, str]:
+    """(supported, reason) of a backend for a set of negatives (and group-defined positives).
 
     A backend module may define `supports(negatives, has_queue)`; one that does not computes
-    the SimCLR set only (negatives="all", no queue).
+    the SimCLR set only (negatives="all", no queue). Groups need `supports_groups = True`.
     """
     module = _module(name)
+    if has_groups and not getattr(module, "supports_groups", False):
+        return False, f"the {name} backend has no group-defined positives (labels, more than two views)"
     if hasattr(module, "supports"):
         return module.supports(negatives, has_queue)
     if negatives == "all" and not has_queue:
@@ -73,10 +78,11 @@ def supports(name: str, negatives: str, has_queue: bool) -> tuple[bool, str]:
     return False, f"the {name} backend computes negatives='all' without a queue only"
 
 
-def resolve_backend(backend: str, device: torch.device, spec=None, has_queue: bool = False) -> str:
+def resolve_backend(backend: str, device: torch.device, spec=None, has_queue: bool = False,
+                    has_groups: bool = False) -> str:
     """Turn the user's `backend` into a concrete backend name for tensors on `device` and a spec."""
     negatives = "all" if spec is None else spec.negatives
-    return _resolve_backend(backend, device.type, device.index, negatives, has_queue)
+    return _resolve_backend(backend, device.type, device.index, negatives, has_queue, has_groups)
 
 
 # The choice depends only on the machine and the arguments, never on tensor values: under
@@ -84,7 +90,8 @@ def resolve_backend(backend: str, device: torch.device, spec=None, has_queue: bo
 # tracing imports and logging. The mark is the one torch.compiler.assume_constant_result sets
 # (tests/test_compile.py checks that they agree), set here because that decorator imports
 # torch._dynamo, which would add seconds to every `import fastalpha`.
-def _resolve_backend(backend: str, device_type: str, device_index, negatives: str, has_queue: bool) -> str:
+def _resolve_backend(backend: str, device_type: str, device_index, negatives: str, has_queue: bool,
+                     has_groups: bool = False) -> str:
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
@@ -93,7 +100,7 @@ def _resolve_backend(backend: str, device_type: str, device_index, negatives: st
         for name in _AUTO_ORDER.get(device.type, ("chunked", "eager")):
             ok, reason = backend_status(name, device)
             if ok:
-                ok, reason = supports(name, negatives, has_queue)
+                ok, reason = supports(name, negatives, has_queue, has_groups)
             if ok:
                 if skipped and (device.type, name) not in _fallbacks_logged:
                     _fallbacks_logged.add((device.type, name))
@@ -106,10 +113,11 @@ def _resolve_backend(backend: str, device_type: str, device_index, negatives: st
     ok, reason = backend_status(backend, device)
     if not ok:
         raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {reason}")
-    ok, reason = supports(backend, negatives, has_queue)
+    ok, reason = supports(backend, negatives, has_queue, has_groups)
     if not ok:
         raise ValueError(f"backend={backend!r} does not support negatives={negatives!r}"
-                         f"{' with a queue' if has_queue else ''}: {reason}")
+                         f"{' with a queue' if has_queue else ''}{' with labels or more than two views' if has_groups else ''}"
+                         f": {reason}")
     return backend
 
 

@@ -46,20 +46,21 @@ def alpha_cl_fused(
     negatives: str,
     need_grad: bool,
     backend: str,
+    groups: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = LossSpec(rule, temperature, p, gamma, eps, detach_alpha, unit_rows, negatives)
     impl = dispatch.implementation(backend)
-    if queue is None:
-        loss_rows, grad = impl(z, spec, row_lo, row_hi, row_weight, need_grad)
-    else:
-        loss_rows, grad = impl(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue)
+    # Only the set-ups a backend was asked for reach it as keywords: one without queues or
+    # groups keeps the plain signature.
+    extra = {name: value for name, value in (("queue", queue), ("groups", groups)) if value is not None}
+    loss_rows, grad = impl(z, spec, row_lo, row_hi, row_weight, need_grad, **extra)
     # A custom op may not return an alias of its input.
     return loss_rows.clone() if loss_rows is z else loss_rows, grad
 
 
 @alpha_cl_fused.register_fake
 def _alpha_cl_fused_fake(z, queue, row_lo, row_hi, row_weight, rule, temperature, p, gamma, eps, detach_alpha, unit_rows,
-                         negatives, need_grad, backend):
+                         negatives, need_grad, backend, groups=None):
     loss_rows = z.new_empty((row_hi - row_lo,), dtype=torch.promote_types(z.dtype, torch.float32))
     rows = z.shape[0] + (0 if queue is None else queue.shape[0])
     grad = z.new_empty((rows, z.shape[1]) if need_grad else (0, z.shape[1]))
@@ -67,11 +68,12 @@ def _alpha_cl_fused_fake(z, queue, row_lo, row_hi, row_weight, rule, temperature
 
 
 def call_fused(z: torch.Tensor, spec: LossSpec, backend: str, row_lo: int, row_hi: int, row_weight=None, need_grad=True,
-               queue: Optional[torch.Tensor] = None):
-    """Call the custom op with a validated spec. With a queue, grad has M + K rows ([Z; queue])."""
+               queue: Optional[torch.Tensor] = None, groups: Optional[torch.Tensor] = None):
+    """Call the custom op with a validated spec. With a queue, grad has M + K rows ([Z; queue]);
+    `groups` (M int64 group ids) takes the positives and negatives from groups."""
     return torch.ops.fastalpha.alpha_cl_fused(
         z, queue, row_lo, row_hi, row_weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
-        spec.detach_alpha, spec.unit_rows, spec.negatives, need_grad, backend,
+        spec.detach_alpha, spec.unit_rows, spec.negatives, need_grad, backend, groups,
     )
 
 

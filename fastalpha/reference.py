@@ -223,6 +223,26 @@ def contrastive_covariance(a1, a2, alpha, b1=None, b2=None) -> torch.Tensor:
     return pair - da.T @ (row_sum[:, None] * db)
 
 
+def pair_term_weights(alpha: torch.Tensor, d2: torch.Tensor, d2_pos: torch.Tensor, mask: torch.Tensor,
+                      params: LossSpec) -> torch.Tensor:
+    r"""ω = −∂loss_i/∂d2_ij over J_i: α, or β when α is differentiated (`params.uses_beta`).
+
+      * log-weight rules: β_ij = α_ij (1 − t'_ij (v_ij − c_i)), v_ij = d2_i − d2_ij, c_i = Σ_k α_ik v_ik;
+      * square: β_ij = 2 α_ij − 1/k_i on the support (k_i its size), 0 elsewhere;
+      * quadratic and infonce: β = α (α is constant / Theorem 1 is exact).
+    """
+    if not params.uses_beta:
+        return alpha
+    if params.is_log_weight:
+        v = torch.where(mask, d2_pos[:, None] - d2, torch.zeros_like(d2))
+        c = (alpha * v).sum(1, keepdim=True)
+        slope = params.log_weight_slope(torch.where(mask, d2, torch.ones_like(d2)))
+        return alpha * (1 - slope * (v - c))
+    support = alpha > 0
+    k = support.sum(1, keepdim=True).to(alpha.dtype)
+    return torch.where(support, 2 * alpha - 1 / k, torch.zeros_like(alpha))
+
+
 def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Tensor | None = None,
                          row_lo: int = 0, row_hi: int | None = None,
                          queue: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,17 +282,7 @@ def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Te
         rows = torch.logaddexp(torch.logsumexp(logits, 1), _log_eps(params.eps, d2))
     else:
         rows = (alpha * (d2_pos[:, None] - d2)).sum(1)
-    omega = alpha
-    if params.uses_beta:
-        if params.is_log_weight:
-            v = torch.where(mask, d2_pos[:, None] - d2, torch.zeros_like(d2))
-            c = (alpha * v).sum(1, keepdim=True)
-            slope = params.log_weight_slope(torch.where(mask, d2, torch.ones_like(d2)))
-            omega = alpha * (1 - slope * (v - c))
-        elif params.rule == "square":
-            support = alpha > 0
-            k = support.sum(1, keepdim=True).to(z.dtype)
-            omega = torch.where(support, 2 * alpha - 1 / k, torch.zeros_like(alpha))
+    omega = pair_term_weights(alpha, d2, d2_pos, mask, params)
     w = torch.ones(row_hi - row_lo, dtype=z.dtype, device=z.device) if row_weight is None else row_weight.to(z.dtype)
     wa = (w * alpha.sum(1))[:, None]
     omega = w[:, None] * omega
@@ -284,3 +294,119 @@ def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Te
         grad[row_lo:row_hi] += (wa - omega.sum(1)[:, None]) * z_rows
         grad.index_add_(0, partners, wa * z[partners])
     return rows, grad * params.grad_scale
+
+
+# Positive sets from groups (labels, or more than two views): docs/design.md, "Positive sets".
+# P_i = {j ≠ i : g_j = g_i}, J_i = {j : g_j ≠ g_i}, d̄2_i = mean_{p∈P_i} d2_ip; an anchor without
+# a positive (or, with a single group, without a negative) has loss 0 and no gradient term.
+
+
+def group_masks(groups: torch.Tensor, row_lo: int = 0, row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (R, M) masks (P_i, J_i) of the anchors [row_lo, row_hi) from the rows' group ids."""
+    m = groups.shape[0]
+    row_hi = m if row_hi is None else row_hi
+    same = groups[row_lo:row_hi, None] == groups[None, :]
+    not_self = torch.arange(row_lo, row_hi, device=groups.device)[:, None] != torch.arange(m, device=groups.device)[None, :]
+    return same & not_self, ~same
+
+
+def _grouped_block(z: torch.Tensor, params: LossSpec, groups: torch.Tensor, row_lo: int, row_hi: int):
+    """The anchors of [row_lo, row_hi) that have a positive and a negative, and their pair block:
+    (index within the range, d2, P mask, J mask, d̄2)."""
+    positives, negatives = group_masks(groups, row_lo, row_hi)
+    active = torch.nonzero(positives.any(1) & negatives.any(1))[:, 0]
+    positives, negatives = positives[active], negatives[active]
+    d2 = squared_distances(z[row_lo + active], z, params.unit_rows)
+    d2_pos = torch.where(positives, d2, torch.zeros_like(d2)).sum(1) / positives.sum(1).to(d2.dtype)
+    return active, d2, positives, negatives, d2_pos
+
+
+def _grouped_infonce_logits(d2, d2_pos, positives, negatives, params: LossSpec) -> torch.Tensor:
+    """(d̄2_i − d2_ij)/τ over J_i, plus log ε over P_i (ε > 0): loss_i = logsumexp_j of these."""
+    v = (d2_pos[:, None] - d2) / params.temperature
+    logits = torch.where(negatives, v, torch.full_like(v, -math.inf))
+    if params.eps > 0:
+        logits = torch.where(positives, v + math.log(params.eps), logits)
+    return logits
+
+
+def grouped_loss_rows(z: torch.Tensor, params: LossSpec, groups: torch.Tensor, row_lo: int = 0,
+                      row_hi: int | None = None) -> torch.Tensor:
+    r"""Per-anchor losses with positives and negatives from group ids (Z already normalised).
+
+        loss_i = Σ_{j∈J_i} α_ij (d̄2_i − d2_ij)                                   (every rule but infonce)
+        loss_i = log(ε Σ_{p∈P_i} e^{(d̄2_i − d2_ip)/τ} + Σ_{j∈J_i} e^{(d̄2_i − d2_ij)/τ})   (infonce)
+
+    with α from the rule over J_i (|J_i| per anchor), and 0 for an anchor without a positive
+    or without a negative. Differentiable (the oracle's gradient is autograd of this).
+    """
+    m = z.shape[0]
+    row_hi = m if row_hi is None else row_hi
+    active, d2, positives, negatives, d2_pos = _grouped_block(z, params, groups, row_lo, row_hi)
+    if params.rule == "infonce":
+        values = torch.logsumexp(_grouped_infonce_logits(d2, d2_pos, positives, negatives, params), 1)
+    else:
+        source = (d2.detach(), d2_pos.detach()) if params.detach_alpha else (d2, d2_pos)
+        alpha = alpha_from_distances(*source, negatives, params)
+        values = (alpha * (d2_pos[:, None] - d2)).sum(1)
+    # Zero rows attached to the graph of z, so that autograd sees every anchor (and a zero gradient).
+    out = z[row_lo:row_hi, 0] * 0
+    return out.index_put((active,), values, accumulate=True)
+
+
+def grouped_closed_form_gradient(z: torch.Tensor, params: LossSpec, groups: torch.Tensor,
+                                 row_weight: torch.Tensor | None = None, row_lo: int = 0,
+                                 row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-anchor losses and ∂(Σ_i w_i loss_i)/∂Z with group-defined positives, in closed form.
+
+    With c_ij = w_i ∂loss_i/∂d2_ij for every pair of an anchor in range,
+
+        G_i += Σ_j c_ij ∂d2_ij/∂z_i,   G_j += Σ_i c_ij ∂d2_ij/∂z_j,
+
+    ∂d2_ij/∂z_i = z_i − z_j (−z_j for unit rows). The coefficients:
+      * every rule but infonce: c_ij = −w_i ω_ij on J_i (ω = α, or β with detach_alpha=False)
+        and c_ip = w_i A_i / |P_i| on P_i (A_i = Σ_j α_ij, the weight of d̄2_i);
+      * infonce: c_ij = −w_i α_ij / τ on J_i and c_ip = w_i (1/|P_i| − π_ip) / τ on P_i, where
+        α_ij = e^{(d̄2_i − d2_ij)/τ} / (εη_i + ξ_i) and π_ip = ε e^{(d̄2_i − d2_ip)/τ} / (εη_i + ξ_i).
+    Dense, O(R·M): the eager backend with groups, checked against autograd in the tests.
+    """
+    m = z.shape[0]
+    row_hi = m if row_hi is None else row_hi
+    active, d2, positives, negatives, d2_pos = _grouped_block(z, params, groups, row_lo, row_hi)
+    count = positives.sum(1, keepdim=True).to(z.dtype)
+    if params.rule == "infonce":
+        logits = _grouped_infonce_logits(d2, d2_pos, positives, negatives, params)
+        values = torch.logsumexp(logits, 1)
+        pushed = torch.exp(logits - values[:, None])
+        coef = (torch.where(positives, 1 / count, torch.zeros_like(d2)) - pushed) / params.temperature
+    else:
+        alpha = alpha_from_distances(d2, d2_pos, negatives, params)
+        values = (alpha * (d2_pos[:, None] - d2)).sum(1)
+        pull = alpha.sum(1, keepdim=True) / count
+        coef = torch.where(positives, pull, torch.zeros_like(d2)) - pair_term_weights(alpha, d2, d2_pos, negatives, params)
+    if row_weight is not None:
+        coef = coef * row_weight.to(z.dtype)[active][:, None]
+    rows = torch.zeros(row_hi - row_lo, dtype=z.dtype, device=z.device).index_put_((active,), values)
+    z_rows = z[row_lo + active]
+    row_side = -(coef @ z)
+    column_side = -(coef.T @ z_rows)
+    if not params.unit_rows:
+        row_side += coef.sum(1, keepdim=True) * z_rows
+        column_side += coef.sum(0)[:, None] * z
+    grad = column_side.index_add_(0, row_lo + active, row_side)
+    return rows, grad
+
+
+def grouped_alpha_cl_loss(views: list[torch.Tensor], groups: torch.Tensor, params: LossSpec, reduction="mean"):
+    """The loss of V stacked views with group-defined positives, by dense autograd.
+
+    "mean" averages over the anchors that have a positive (SupCon's convention); 0 if none has.
+    """
+    z = torch.cat(views, 0)
+    if params.unit_rows:
+        z = torch.nn.functional.normalize(z, dim=1)
+    rows = grouped_loss_rows(z, params, groups)
+    if reduction == "mean":
+        anchors = group_masks(groups)[0].any(1).sum()
+        return rows.sum() / anchors.clamp_min(1).to(rows.dtype)
+    return reduce_rows(rows, reduction)

@@ -149,3 +149,58 @@ def square_gradient(z1, z2, tau, detach_alpha, normalize, weights=None, inclusiv
     for i in range(m):
         grad[i] = (grad_u[i] - u[i] * float(u[i] @ grad_u[i])) / norms[i]
     return grad[: m // 2], grad[m // 2:]
+
+
+def grouped_loss_rows(z, groups, rule, tau, p=4.0, gamma=2.0, eps=0.0, normalize=True):
+    """Per-row losses with positives P_i = {j ≠ i : g_j = g_i} and negatives J_i = {j : g_j ≠ g_i}.
+
+    Straight from docs/design.md ("Positive sets"), in loops: d̄2_i is the mean of d2_ip over
+    P_i; every rule but infonce has loss_i = Σ_{j∈J_i} α_ij (d̄2_i − d2_ij) with α over J_i
+    (|J_i| = the number of rows of other groups), infonce has
+    loss_i = log(ε Σ_{p∈P_i} e^{(d̄2_i − d2_ip)/τ} + Σ_{j∈J_i} e^{(d̄2_i − d2_ij)/τ}); an anchor
+    without a positive or without a negative has loss 0.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    m = len(z)
+    d2 = distances(z, normalize)
+    out = []
+    for i in range(m):
+        pos = [j for j in range(m) if j != i and groups[j] == groups[i]]
+        neg = [j for j in range(m) if groups[j] != groups[i]]
+        if not pos or not neg:
+            out.append(0.0)
+            continue
+        d2_pos = sum(d2[i, j] for j in pos) / len(pos)
+        if rule == "infonce":
+            total = eps * sum(math.exp((d2_pos - d2[i, j]) / tau) for j in pos)
+            total += sum(math.exp((d2_pos - d2[i, j]) / tau) for j in neg)
+            out.append(math.log(total))
+            continue
+        if rule == "quadratic":
+            a = {j: 1.0 / len(neg) for j in neg}
+        elif rule in ("entropy", "direct"):
+            power = 1.0 if rule == "entropy" else p / 2
+            w = {j: math.exp(-(d2[i, j] ** power) / tau) for j in neg}
+            a = {j: w[j] / (sum(w.values()) + eps * len(neg)) for j in neg}
+        elif rule == "inverse":
+            w = {j: (d2[i, j] + tau) ** (-1.0 / gamma) for j in neg}
+            a = {j: w[j] / sum(w.values()) for j in neg}
+        elif rule == "square":
+            mu = sparsemax_mu([d2[i, j] for j in neg], tau)
+            a = {j: max(0.0, (mu - d2[i, j]) / tau) for j in neg}
+        else:
+            raise ValueError(rule)
+        out.append(sum(a[j] * (d2_pos - d2[i, j]) for j in neg))
+    return np.array(out)
+
+
+def numerical_gradient(f, z, step=1e-6):
+    """Central differences of the scalar f(z) in every entry of the float64 array z."""
+    z = np.array(z, dtype=np.float64)
+    grad = np.zeros_like(z)
+    for idx in np.ndindex(*z.shape):
+        plus, minus = z.copy(), z.copy()
+        plus[idx] += step
+        minus[idx] -= step
+        grad[idx] = (f(plus) - f(minus)) / (2 * step)
+    return grad

@@ -17,12 +17,17 @@ def status() -> tuple[bool, str]:
 
 
 supports = every_negative_set
+supports_groups = True
 
 
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
+def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None,
+                   groups=None):
     # A custom op's kernel runs below autograd, so the gradient comes from the closed form
-    # (tested against autograd of reference.loss_rows in tests/test_reference.py).
-    rows, grad = reference.closed_form_gradient(z, spec, row_weight, row_lo, row_hi, queue)
+    # (tested against autograd of reference.loss_rows / grouped_loss_rows in the tests).
+    if groups is not None:
+        rows, grad = reference.grouped_closed_form_gradient(z, spec, groups, row_weight, row_lo, row_hi)
+    else:
+        rows, grad = reference.closed_form_gradient(z, spec, row_weight, row_lo, row_hi, queue)
     out_dtype = torch.promote_types(z.dtype, torch.float32)
     if not need_grad:
         grad = z.new_empty((0, z.shape[1]))

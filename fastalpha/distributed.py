@@ -100,7 +100,7 @@ def alpha_cl_loss_distributed(
     layout = exchange_layout(z1, z2, need_grad, group)
     queue_rows = 0 if queue is None else queue.shape[0]
     if negative_count(layout.n_global, queue_rows, spec.negatives) == 0:
-        return no_negatives_loss(z1, z2, reduction)
+        return no_negatives_loss([z1, z2], reduction)
     name = dispatch.resolve_backend(backend, z1.device, spec, queue is not None)
     z_local = reference.stack_views(z1, z2, spec.unit_rows)
     queue = reference.prepare_queue(queue, spec.unit_rows)

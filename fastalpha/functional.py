@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, reference
-from .checks import check_flag, check_views
+from . import dispatch, positives, reference
+from .checks import check_flag, check_labels, check_views, views_of
 from .ops import FusedAlphaCL
 from .rules import LossSpec, check_reduction, make_spec, negative_count
 
 
 def alpha_cl_loss(
-    z1: torch.Tensor,
-    z2: torch.Tensor,
+    z1,
+    z2: torch.Tensor | None = None,
     rule: str = "direct",
     temperature: float | torch.Tensor | None = None,
     p: float | None = None,
@@ -37,11 +37,14 @@ def alpha_cl_loss(
     backend: str = "auto",
     negatives: str = "all",
     queue: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pair-weighted contrastive loss of two views, averaged over the M = 2N anchors.
+    """Pair-weighted contrastive loss of the views of a batch, averaged over the anchors.
 
     Args:
         z1, z2: (N, D) embeddings of the two views; row k of z1 and row k of z2 are positives.
+            Or z1 alone: a (V, N, D) tensor or a list of V (N, D) views (V ≥ 2; the positives
+            of a row are the other views of its sample), or one (M, D) view with `labels`.
         rule: quadratic | entropy | direct | inverse | square | infonce (see fastalpha.rules).
         temperature: τ, any real scalar (numpy scalar, 0-dim tensor). A 0-dim tensor with
             requires_grad=True is learnable (CLIP's logit scale): for `infonce` on every
@@ -51,19 +54,32 @@ def alpha_cl_loss(
         normalize: L2-normalise rows first (autograd flows through the normalisation).
         detach_alpha: α as stop-gradient (the paper's α-CL). False also differentiates α
             (Table 1's "backprop" with rule="entropy"); for infonce both are the same gradient.
-        reduction: "mean" over the M anchors, "sum", or "none" (vector of M losses).
+        reduction: "mean" over the anchors (with labels or more than two views: over the
+            anchors that have a positive), "sum", or "none" (vector of M losses).
         backend: auto | eager | chunked | cpp | cuda | triton (see fastalpha.available_backends()).
         negatives: the rows of Z that are negatives of anchor i: "all" (every row but i and
             p(i): SimCLR), "cross" (the other view's rows but p(i): CLIP's two towers, z1 and
             z2 may come from different encoders), "none" (only the queue: MoCo).
         queue: optional (K, D) extra negatives shared by every anchor (a memory bank; see
             fastalpha.Queue). Normalised like z when normalize=True; never receives gradient.
+        labels: optional integer class ids, of length N (one per sample, shared by its views)
+            or M (one per row): the positives of a row are every other row with its label and
+            its negatives every row with another label (SupCon). An anchor whose label occurs
+            once has loss 0 (docs/design.md, "Positive sets").
 
-    Returns the loss in the dtype of z1 (computed in at least float32). An anchor set with no
-    negatives (N = 1 without a queue) gives 0 with a zero gradient.
+    Returns the loss in the dtype of the views (computed in at least float32). An anchor set
+    with no negatives (N = 1 without a queue, or one label for the whole batch) gives 0 with
+    a zero gradient.
     """
-    check_views(z1, z2)
-    check_queue(queue, z1, negatives)
+    views, _ = views_of(z1, z2, labels)
+    first = views[0]
+    n, m = first.shape[0], first.shape[0] * len(views)
+    if labels is not None:
+        check_labels(labels, n, m, first.device)
+    grouped = labels is not None or len(views) != 2
+    if grouped:
+        check_grouped_setup(negatives, queue)
+    check_queue(queue, first, negatives)
     spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha, negatives)
     check_reduction(reduction)
     learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
@@ -76,8 +92,36 @@ def alpha_cl_loss(
             raise ValueError(f"a learnable temperature for rule={spec.rule!r} needs backend='eager' (the fused "
                              f"backends give its gradient for rule='infonce' only), got backend={backend!r}")
         backend = "eager"
-    name = dispatch.resolve_backend(backend, z1.device, spec, queue is not None)
-    return loss_of_spec(z1, z2, spec, reduction, name, queue, temperature if learnable else None)
+    name = dispatch.resolve_backend(backend, first.device, spec, queue is not None, grouped)
+    tau = temperature if learnable else None
+    if grouped:
+        ids = positives.label_groups(labels, n, len(views)) if labels is not None else positives.view_groups(n, len(views), first.device)
+        return grouped_loss_of_spec(views, ids, spec, reduction, name, tau)
+    return loss_of_spec(views[0], views[1], spec, reduction, name, queue, tau)
+
+
+def check_grouped_setup(negatives: str, queue) -> None:
+    """Labels and more than two views define the negatives as the rows of the other groups:
+    they take negatives="all" and no queue (docs/design.md, "Positive sets")."""
+    if negatives != "all":
+        raise ValueError(f"labels / more than two views do not support negatives={negatives!r}: their negatives are "
+                         "the rows of the other groups (negatives='all')")
+    if queue is not None:
+        raise ValueError("labels / more than two views do not support a queue (a queue's rows carry no labels); "
+                         "pass queue=None")
+
+
+def grouped_loss_of_spec(views: list, ids: torch.Tensor, spec: LossSpec, reduction: str, backend: str,
+                         temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss with group-defined positives for validated views, the rows' group ids and a backend."""
+    groups = positives.Groups.of(ids)
+    if not groups.has_negatives() or not bool((groups.positive_count > 0).any()):
+        return no_negatives_loss(views, reduction)
+    if backend == "eager":
+        eager_spec = spec if temperature is None else spec.with_(temperature=temperature)
+        return reference.grouped_alpha_cl_loss(views, groups.ids, eager_spec, reduction).to(views[0].dtype)
+    z1, z2, *more = views if len(views) > 1 else (views[0], None)
+    return FusedAlphaCL.apply(z1, z2, None, temperature, spec, reduction, backend, groups.ids, *more)
 
 
 def check_queue(queue, z1: torch.Tensor, negatives: str) -> None:
@@ -104,7 +148,7 @@ def loss_of_spec(z1: torch.Tensor, z2: torch.Tensor, spec: LossSpec, reduction: 
     """
     queue_rows = 0 if queue is None else queue.shape[0]
     if negative_count(z1.shape[0], queue_rows, spec.negatives) == 0:
-        return no_negatives_loss(z1, z2, reduction)
+        return no_negatives_loss([z1, z2], reduction)
     if backend == "eager":
         eager_spec = spec if temperature is None else spec.with_(temperature=temperature)
         return reference.alpha_cl_loss(z1, z2, eager_spec, reduction, queue).to(z1.dtype)
@@ -116,19 +160,21 @@ class _NoNegatives(torch.autograd.Function):
     """Zero per-anchor losses whose gradient is exactly zero (also for non-finite inputs)."""
 
     @staticmethod
-    def forward(ctx, z1, z2):
-        ctx.shape, ctx.dtype, ctx.device = z1.shape, z1.dtype, z1.device
-        return z1.new_zeros(2 * z1.shape[0])
+    def forward(ctx, *views):
+        ctx.shapes, ctx.dtype, ctx.device = [v.shape for v in views], views[0].dtype, views[0].device
+        return views[0].new_zeros(sum(v.shape[0] for v in views))
 
     @staticmethod
     def backward(ctx, grad_out):
-        zero = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
-        return zero, zero.clone()
+        return tuple(torch.zeros(shape, dtype=ctx.dtype, device=ctx.device) for shape in ctx.shapes)
 
 
-def no_negatives_loss(z1: torch.Tensor, z2: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Zero losses, one per anchor, attached to the graph of z1 and z2 with a zero gradient."""
-    return reference.reduce_rows(_NoNegatives.apply(z1, z2), reduction)
+def no_negatives_loss(views, reduction: str, z2: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero losses, one per anchor, attached to the graph of the views with a zero gradient.
+
+    `views` is a list of views, or z1 with its partner view in `z2`."""
+    views = list(views) if isinstance(views, (list, tuple)) else [views, z2]
+    return reference.reduce_rows(_NoNegatives.apply(*views), reduction)
 
 
 def pair_weights(z1, z2, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True,

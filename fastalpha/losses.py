@@ -32,13 +32,18 @@ class AlphaCLLoss(torch.nn.Module):
                              "(torch.distributed.is_available() is False)")
         self.group = group
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, queue: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of two views, with an optional (K, D) queue of extra negatives."""
+    def forward(self, z1, z2: torch.Tensor | None = None, queue: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of two views (or V views, or one labelled view: see fastalpha.alpha_cl_loss),
+        with an optional (K, D) queue of extra negatives or integer `labels`."""
         if self.gather_distributed:
+            if labels is not None or z2 is None:
+                raise ValueError("gather_distributed=True does not support labels or more than two views: "
+                                 "the distributed layer gathers partner pairs (pass z1 and z2, no labels)")
             from .distributed import alpha_cl_loss_distributed
 
             return alpha_cl_loss_distributed(z1, z2, group=self.group, queue=queue, **self.kwargs)
-        return alpha_cl_loss(z1, z2, queue=queue, **self.kwargs)
+        return alpha_cl_loss(z1, z2, queue=queue, labels=labels, **self.kwargs)
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.kwargs.items() if v is not None}
@@ -71,3 +76,36 @@ class DCLLoss(InfoNCELoss):
                  group=None, negatives="all"):
         super().__init__(temperature=temperature, eps=0.0, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed, group=group, negatives=negatives)
+
+
+class SupConLoss(torch.nn.Module):
+    r"""Supervised contrastive loss (SupCon), with pytorch-metric-learning's `SupConLoss` names.
+
+        criterion = SupConLoss(temperature=0.1)
+        loss = criterion(embeddings, labels)          # embeddings (B, D), labels (B,)
+
+    For normalised rows, positives P_i = the other rows with label y_i and a = every other row,
+
+        loss_i = −(1/|P_i|) Σ_{p∈P_i} log( e^{cos_ip/τ} / Σ_{a≠i} e^{cos_ia/τ} ),
+
+    averaged over the anchors that have a positive; an anchor whose label occurs once has loss
+    0 and is left out of the mean. This is fastalpha's `infonce` with ε = 1 and label-defined
+    positives (docs/design.md, "Positive sets"), computed by the fused backends in O(M·D)
+    memory. `embeddings` may also be a (V, N, D) tensor or a list of V views with labels of
+    length N. Differences from pytorch-metric-learning: docs/migrating.md.
+    """
+
+    def __init__(self, temperature=0.1, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        make_spec("infonce", temperature, eps=1.0)
+        check_reduction(reduction)
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, embeddings, labels: torch.Tensor) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("SupConLoss needs labels: the positives of a row are the rows with its label")
+        return alpha_cl_loss(embeddings, rule="infonce", temperature=self.temperature, eps=1.0,
+                             reduction=self.reduction, backend=self.backend, labels=labels)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature!r}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, reference
+from . import dispatch, positives, reference
 from .rules import LossSpec
 
 logger = logging.getLogger("fastalpha")
@@ -80,10 +80,10 @@ def call_fused(z: torch.Tensor, spec: LossSpec, backend: str, row_lo: int, row_h
 _double_backward_logged = False
 
 
-def differentiable_gradient(z1, z2, queue, temperature, spec: LossSpec, row_weight: torch.Tensor):
-    """(∂/∂z1, ∂/∂z2, ∂/∂τ) of Σ_i w_i loss_i by dense autograd with a graph, for second derivatives.
+def differentiable_gradient(views, queue, temperature, spec: LossSpec, row_weight: torch.Tensor, groups=None):
+    """(∂/∂view for each view, ∂/∂τ) of Σ_i w_i loss_i by dense autograd with a graph, for second derivatives.
 
-    `z1`, `z2` are the saved inputs of the fused Function: inside a `create_graph=True` backward
+    `views` are the saved inputs of the fused Function: inside a `create_graph=True` backward
     they carry their graph, so the result is differentiable in them (and in the weights w).
     """
     global _double_backward_logged
@@ -92,12 +92,18 @@ def differentiable_gradient(z1, z2, queue, temperature, spec: LossSpec, row_weig
         logger.info("fastalpha: create_graph=True: the gradient is recomputed by the dense eager reference "
                     "(O(M^2) memory) so that second derivatives are exact")
     with torch.enable_grad():
-        views = [v if v.requires_grad else v.detach().requires_grad_() for v in (z1, z2)]
+        views = [v if v.requires_grad else v.detach().requires_grad_() for v in views]
         inputs = views if temperature is None else views + [temperature]
-        z = reference.stack_views(*views, spec.unit_rows)
-        rows = reference.loss_rows(z, spec if temperature is None else spec.with_(temperature=temperature), queue=queue)
+        z = torch.cat(views, 0)
+        if spec.unit_rows:
+            z = torch.nn.functional.normalize(z, dim=1)
+        spec = spec if temperature is None else spec.with_(temperature=temperature)
+        if groups is None:
+            rows = reference.loss_rows(z, spec, queue=queue)
+        else:
+            rows = reference.grouped_loss_rows(z, spec, groups)
         grads = torch.autograd.grad(rows, inputs, row_weight.to(rows.dtype), create_graph=True, allow_unused=True)
-    return grads[0], grads[1], (grads[2] if temperature is not None else None)
+    return list(grads[:len(views)]), (grads[-1] if temperature is not None else None)
 
 
 # torch.nn.functional.normalize's default: the fused path normalises the rows exactly as the
@@ -107,20 +113,22 @@ NORM_EPS = 1e-12
 ROW_CHUNK = 1024
 
 
-def stack_rows(z1: torch.Tensor, z2: torch.Tensor, unit_rows: bool):
-    """Z = [z1; z2], row-normalised when unit_rows, written once into one M × D buffer, and
+def stack_rows(views, unit_rows: bool):
+    """Z = [z1; z2; …], row-normalised when unit_rows, written once into one M × D buffer, and
     the rows' norms |x_i| (M × 1, or None): what `torch.cat` + `F.normalize` compute, without
     their intermediate M × D tensors."""
-    n = z1.shape[0]
-    z = z1.new_empty((2 * n, z1.shape[1]))
+    starts = [0]
+    for v in views:
+        starts.append(starts[-1] + v.shape[0])
+    z = views[0].new_empty((starts[-1], views[0].shape[1]))
     if not unit_rows:
-        z[:n].copy_(z1)
-        z[n:].copy_(z2)
+        for v, lo, hi in zip(views, starts, starts[1:]):
+            z[lo:hi].copy_(v)
         return z, None
-    norms = torch.cat([torch.linalg.vector_norm(v, dim=1, keepdim=True) for v in (z1, z2)])
+    norms = torch.cat([torch.linalg.vector_norm(v, dim=1, keepdim=True) for v in views])
     denominators = norms.clamp_min(NORM_EPS)
-    torch.div(z1, denominators[:n], out=z[:n])
-    torch.div(z2, denominators[n:], out=z[n:])
+    for v, lo, hi in zip(views, starts, starts[1:]):
+        torch.div(v, denominators[lo:hi], out=z[lo:hi])
     return z, norms
 
 
@@ -154,14 +162,17 @@ def rows_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class FusedAlphaCL(torch.autograd.Function):
-    """loss = reduce(loss_rows(Z)), Z = [z1; z2] (normalised when spec.unit_rows); the backward
+    """loss = reduce(loss_rows(Z)), Z = [z1; z2; …] (normalised when spec.unit_rows); the backward
     scales the gradient the forward already has and takes it through the normalisation.
 
-    Inputs: the two views z1, z2 (N × D, raw), queue (K × D, already prepared, or None, no
-    gradient), temperature (None, or the learnable 0-dim τ whose value spec.temperature holds).
+    Inputs: the views z1, z2 (N × D, raw; z2 is None for one labelled view) and any further
+    views after the fixed arguments, queue (K × D, already prepared, or None, no gradient),
+    temperature (None, or the learnable 0-dim τ whose value spec.temperature holds), groups
+    (None: z1 and z2 are partners; else the M rows' group ids, docs/design.md "Positive sets").
     Stacking, normalisation and its backward are fused here so that a call holds Z and the
     kernel's gradient G (M × D each) and no other M × D tensor: the backward works on G in
-    place (once; a second backward of a retained graph recomputes G).
+    place (once; a second backward of a retained graph recomputes G). With groups, "mean"
+    averages over the anchors that have a positive.
 
     The losses are homogeneous of degree 0 in (Z, τ) jointly under Z → cZ, τ → c²τ (every d2
     difference is quadratic in the rows), so Euler's identity gives the temperature's gradient
@@ -169,34 +180,41 @@ class FusedAlphaCL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z1, z2, queue, temperature, spec: LossSpec, reduction: str, backend: str):
+    def forward(ctx, z1, z2, queue, temperature, spec: LossSpec, reduction: str, backend: str, groups=None, *more_views):
+        views = [v for v in (z1, z2) if v is not None] + list(more_views)
         with torch.no_grad():
-            z, norms = stack_rows(z1, z2, spec.unit_rows)
+            z, norms = stack_rows(views, spec.unit_rows)
         m = z.shape[0]
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-        loss_rows, grad = call_fused(z, spec, backend, 0, m, None, needs_grad and reduction != "none", queue)
+        # needs_input_grad: z1, z2, queue, τ, spec, reduction, backend, groups, then the further views.
+        wanted = ctx.needs_input_grad
+        needs_grad = wanted[0] or wanted[1] or wanted[3] or any(wanted[8:])
+        loss_rows, grad = call_fused(z, spec, backend, 0, m, None, needs_grad and reduction != "none", queue, groups)
         ctx.spec, ctx.reduction, ctx.backend = spec, reduction, backend
-        ctx.save_for_backward(z1, z2, z, norms, queue, temperature)
+        ctx.has_z2, ctx.more_views = z2 is not None, len(more_views)
+        ctx.anchors = m if groups is None else int((positives.Groups.of(groups).positive_count > 0).sum())
+        ctx.save_for_backward(z, norms, queue, temperature, groups, *views)
         # Not saved for backward: the backward consumes it in place (see there).
         ctx.fused_grad = grad
-        loss_rows = loss_rows.to(z1.dtype)
+        loss_rows = loss_rows.to(z.dtype)
         if reduction == "none":
             return loss_rows
-        return loss_rows.mean() if reduction == "mean" else loss_rows.sum()
+        if reduction == "sum":
+            return loss_rows.sum()
+        return loss_rows.mean() if groups is None else loss_rows.sum() / ctx.anchors
 
     @staticmethod
     def backward(ctx, grad_out):
-        z1, z2, z, norms, queue, temperature = ctx.saved_tensors
-        m, n = z.shape[0], z1.shape[0]
+        z, norms, queue, temperature, groups, *views = ctx.saved_tensors
+        m = z.shape[0]
         stat = torch.promote_types(z.dtype, torch.float32)
         if ctx.reduction == "none":
             row_weight, scale = grad_out.to(stat).contiguous(), None
         else:
-            scale = (grad_out / m if ctx.reduction == "mean" else grad_out).to(stat)
+            scale = (grad_out / ctx.anchors if ctx.reduction == "mean" else grad_out).to(stat)
             row_weight = scale.expand(m)
         if torch.is_grad_enabled():
-            grad_1, grad_2, grad_t = differentiable_gradient(z1, z2, queue, temperature, ctx.spec, row_weight)
-            return grad_1, grad_2, None, grad_t, None, None, None
+            view_grads, grad_t = differentiable_gradient(views, queue, temperature, ctx.spec, row_weight, groups)
+            return _layout(ctx, view_grads, grad_t)
         # The forward's G is consumed in place by the first backward (torch.compile's traced
         # backward works on a copy); a retained graph's next backward recomputes it.
         grad = ctx.fused_grad
@@ -205,10 +223,10 @@ class FusedAlphaCL(torch.autograd.Function):
         else:
             ctx.fused_grad = None
         if ctx.reduction == "none":
-            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, row_weight, True, queue)
+            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, row_weight, True, queue, groups)
         elif grad is None:
             # Recomputed as the forward computed it, so that every backward gives the same bits.
-            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, None, True, queue)
+            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, None, True, queue, groups)
         grad_t = None
         if temperature is not None and ctx.needs_input_grad[3]:
             inner = rows_inner(z, grad[:m]) + (0 if queue is None else rows_inner(queue, grad[m:]))
@@ -216,4 +234,11 @@ class FusedAlphaCL(torch.autograd.Function):
                 inner = inner * scale
             grad_t = (-inner / (2 * ctx.spec.temperature)).to(temperature.dtype)
         grad = through_normalisation_(grad[:m], z, norms, scale)
-        return grad[:n], grad[n:], None, grad_t, None, None, None
+        return _layout(ctx, list(grad.split([v.shape[0] for v in views])), grad_t)
+
+
+def _layout(ctx, view_grads, grad_t):
+    """backward's outputs: one per input of forward (views, queue, τ, spec, …, groups, more views)."""
+    first, rest = view_grads[0], view_grads[1:]
+    second = rest.pop(0) if ctx.has_z2 else None
+    return (first, second, None, grad_t, None, None, None, None, *rest)

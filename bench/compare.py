@@ -52,7 +52,7 @@ EPILOG = """usual invocations:
   python bench/compare.py --quick                  # about a minute
   python bench/compare.py --preset cpu-targets     # the cpp backend's targets with PASS/FAIL (about 10 minutes)
   python bench/compare.py --preset setups          # negatives all / cross / queue (about 20 minutes)
-  python bench/compare.py --preset supcon          # labels (SupCon): cpp, chunked, eager vs pytorch-metric-learning
+  python bench/compare.py --preset supcon          # labels (SupCon): cpp, chunked, eager vs pytorch-metric-learning (20-30 minutes)
   python bench/compare.py --device cuda            # GPU default sweep
   python bench/compare.py --providers cpp --rules direct --modes fwdbwd --sizes 131072,262144
                                                    # large M, one call each (minutes per size)
@@ -125,7 +125,8 @@ def parse_setup(text: str, queue_rows: int) -> tuple[str, int, str]:
         return "all", 0, "labels"
     negatives, plus, extra = text.partition("+")
     if negatives not in providers.NEGATIVES or (plus and extra != "queue"):
-        raise ValueError(f"unknown set-up {text!r}; expected labels, NEGATIVES or NEGATIVES+queue, NEGATIVES in {providers.NEGATIVES}")
+        raise ValueError(f"unknown set-up {text!r}; expected labels, NEGATIVES or NEGATIVES+queue, "
+                         f"NEGATIVES in {providers.NEGATIVES}")
     if negatives == "none" and not plus:
         raise ValueError("set-up 'none' has no negatives without a queue: use none+queue")
     return negatives, (queue_rows if plus else 0), "pair"

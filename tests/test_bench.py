@@ -24,9 +24,9 @@ import fastalpha  # noqa: E402
 from bench import agreement, compare, presets, report, runner  # noqa: E402
 
 #: The CSV columns docs/benchmarks.md documents (bench/report.py may add more).
-DOCUMENTED_COLUMNS = ("provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "median_ms", "p20_ms", "p80_ms",
-                      "repeats", "peak_mb", "rss_growth_mb", "gflops", "ceiling_fraction", "speedup_vs_eager",
-                      "speedup_vs_chunked", "status", "reason", "device", "threads", "cores", "torch", "triton",
+DOCUMENTED_COLUMNS = ("provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "positives", "median_ms", "p20_ms",
+                      "p80_ms", "repeats", "peak_mb", "rss_growth_mb", "gflops", "ceiling_fraction", "speedup_vs_eager",
+                      "speedup_vs_chunked", "speedup_vs_pml", "memory_saving_vs_eager", "memory_saving_vs_pml", "status", "reason", "device", "threads", "cores", "torch", "triton",
                       "git_commit", "timestamp", "load_start", "load_end")
 
 

@@ -1,12 +1,14 @@
 """Before a provider is timed, it must agree with the float64 dense reference.
 
 On a small input with awkward sizes (N = 37, so M = 74 is no multiple of any block; D = 24;
-a queue, where the setup has one, of K = 29 rows), drawn in float64 with close positive pairs
-and rounded to the benchmark dtype, the provider's loss (with and without gradient tracking,
-since forward-only is a different path in the fused kernels) and the gradients of both views
-are compared with fastalpha's dense reference run in float64 on the same rounded values, with
-the same negatives and queue. Tolerances and the comparison are the test suite's
-(`fastalpha.testing`): one table for the whole project.
+a queue, where the setup has one, of K = 29 rows; for the labels set-up one view of M = 74
+rows with the set-up's labels), drawn in float64 with close positives and rounded to the
+benchmark dtype, the provider's loss (with and without gradient tracking, since forward-only
+is a different path in the fused kernels) and the gradients of the views are compared with
+fastalpha's dense reference run in float64 on the same rounded values, with the same set-up
+and rule parameters (for pml's SupConLoss: fastalpha's SupCon, infonce with labels at
+providers.SUPCON). Tolerances and the comparison are the test suite's (`fastalpha.testing`):
+one table for the whole project.
 """
 from __future__ import annotations
 
@@ -14,10 +16,9 @@ from typing import Callable
 
 import torch
 
-import fastalpha
 from fastalpha import testing
 
-from .providers import setup_kwargs
+from .providers import loss_fn, setup_kwargs, supcon_labels
 
 CHECK_N, CHECK_D, CHECK_K = 37, 24, 29
 
@@ -33,6 +34,14 @@ def correlated_views(n: int, d: int, generator: torch.Generator) -> tuple[torch.
     return z1, z1 + 0.5 * torch.randn(n, d, generator=generator, dtype=torch.float64)
 
 
+def labelled_view(m: int, d: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float64 view of m rows and its labels (providers.supcon_labels), each row its class
+    centre plus noise: positives close, for the same reason as `correlated_views`."""
+    labels = supcon_labels(m, generator)
+    centres = torch.randn(int(labels.max()) + 1, d, generator=generator, dtype=torch.float64)
+    return centres[labels] + 0.5 * torch.randn(m, d, generator=generator, dtype=torch.float64), labels
+
+
 def precision(device: torch.device, dtype: torch.dtype) -> str:
     """The tolerance row for `dtype` on `device`: float32 matmuls on a GPU may run in tf32."""
     tf32 = device.type == "cuda" and dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
@@ -40,17 +49,24 @@ def precision(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def check_agreement(fn: Callable, rule: str, device: torch.device, dtype: torch.dtype, generator: torch.Generator,
-                    negatives: str = "all", with_queue: bool = False) -> tuple[str, str]:
-    """("ok" | "wrong" | "error", reason) for loss function `fn(z1, z2, **setup)` of `rule`."""
+                    negatives: str = "all", with_queue: bool = False, positives: str = "pair") -> tuple[str, str]:
+    """("ok" | "wrong" | "error", reason) for loss function `fn(*views, **setup)` of `rule`:
+    fn(z1, z2, ...) for partner positives, fn(z, labels=y) for positives="labels"."""
     level = precision(device, dtype)
-    views = [v.to(dtype) for v in correlated_views(CHECK_N, CHECK_D, generator)]
+    if positives == "labels":
+        view, labels = labelled_view(2 * CHECK_N, CHECK_D, generator)
+        views = [view.to(dtype)]
+    else:
+        views, labels = [v.to(dtype) for v in correlated_views(CHECK_N, CHECK_D, generator)], None
     queue = torch.randn(CHECK_K, CHECK_D, generator=generator, dtype=torch.float64).to(dtype) if with_queue else None
     exact = [v.to(torch.float64).requires_grad_() for v in views]
-    exact_setup = setup_kwargs(negatives, None if queue is None else queue.to(torch.float64))
-    setup = setup_kwargs(negatives, None if queue is None else queue.to(device))
-    what = f"{2 * CHECK_N}x{CHECK_D} check input" + (f" (queue {CHECK_K}x{CHECK_D})" if with_queue else "")
+    exact_setup = setup_kwargs(negatives, None if queue is None else queue.to(torch.float64), labels)
+    setup = setup_kwargs(negatives, None if queue is None else queue.to(device), None if labels is None else labels.to(device))
+    what = (f"{2 * CHECK_N}x{CHECK_D} check input" + (f" (queue {CHECK_K}x{CHECK_D})" if with_queue else "")
+            + (f" ({len(labels.unique())} labels)" if labels is not None else ""))
+    names = ["z"] if len(views) == 1 else [f"z{k + 1}" for k in range(len(views))]
     try:
-        expected = fastalpha.alpha_cl_loss(*exact, rule=rule, backend="eager", **exact_setup)
+        expected = loss_fn("eager", rule, positives)(*exact, **exact_setup)
         expected_grads = torch.autograd.grad(expected, exact)
     except Exception as err:
         return "error", f"the float64 reference raised on the {what}: {type(err).__name__}: {err}"
@@ -65,8 +81,8 @@ def check_agreement(fn: Callable, rule: str, device: torch.device, dtype: torch.
     try:
         testing.assert_close(value_no_grad, expected, level, "loss (no grad)")
         testing.assert_close(value, expected, level, "loss")
-        testing.assert_close(grads[0], expected_grads[0], level, "grad z1")
-        testing.assert_close(grads[1], expected_grads[1], level, "grad z2")
+        for name, grad, expected_grad in zip(names, grads, expected_grads):
+            testing.assert_close(grad, expected_grad, level, f"grad {name}")
     except AssertionError as err:
         return "wrong", f"disagrees with the float64 reference on a {what}: {err}"
     return "ok", f"agrees with the float64 reference at {level} tolerance"

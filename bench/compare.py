@@ -1,6 +1,6 @@
 r"""Benchmark of the α-CL loss implementations: time, peak memory and GFLOP/s against eager.
 
-For every provider (bench/providers.py) and every (rule, M, D, dtype, mode, negatives set-up):
+For every provider (bench/providers.py) and every (rule, M, D, dtype, mode, set-up):
   1. the provider must agree with the float64 dense reference on a small input (value and
      gradients, fastalpha.testing) or it is reported `wrong` and not timed;
   2. a size whose predicted peak exceeds the memory cap (--mem-cap-gb) is recorded `OOM`, as is
@@ -51,7 +51,8 @@ EPILOG = """usual invocations:
   python bench/compare.py                          # CPU default sweep (about 5 minutes on 2 cores)
   python bench/compare.py --quick                  # about a minute
   python bench/compare.py --preset cpu-targets     # the cpp backend's targets with PASS/FAIL (about 10 minutes)
-  python bench/compare.py --preset setups          # negatives all / cross / queue (about 5 minutes)
+  python bench/compare.py --preset setups          # negatives all / cross / queue (about 20 minutes)
+  python bench/compare.py --preset supcon          # labels (SupCon): cpp, chunked, eager vs pytorch-metric-learning (20-30 minutes)
   python bench/compare.py --device cuda            # GPU default sweep
   python bench/compare.py --providers cpp --rules direct --modes fwdbwd --sizes 131072,262144
                                                    # large M, one call each (minutes per size)
@@ -69,9 +70,11 @@ DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "b
 #: peak passes the 4 GiB cap (eager at M = 16384, compile's fwd+bwd too).
 DEFAULTS = {
     "cpu": dict(sizes=[1024, 4096, 8192, 16384], fused_sizes=[24576], dims=[128], rules=["direct", "infonce"],
-                dtypes=["float32"], modes=["fwd", "fwdbwd"], setups=["all"], repeats=5, budget_s=3.0, memory="pinned"),
+                dtypes=["float32"], modes=["fwd", "fwdbwd"], setups=["all"], repeats=5, budget_s=3.0, memory="pinned",
+                single_call_s=30.0),
     "cuda": dict(sizes=[4096, 16384, 65536, 262144], fused_sizes=[1048576], dims=[128], rules=["direct", "infonce"],
-                 dtypes=["float32", "bfloat16"], modes=["fwdbwd"], setups=["all"], repeats=10, budget_s=3.0, memory="none"),
+                 dtypes=["float32", "bfloat16"], modes=["fwdbwd"], setups=["all"], repeats=10, budget_s=3.0, memory="none",
+                 single_call_s=30.0),
 }
 #: --quick: a subset that takes about a minute (torch.compile is left out: its first compile
 #: alone can take a minute on 2 cores; ask for it with --providers).
@@ -116,14 +119,17 @@ def _list(kind):
     return parse
 
 
-def parse_setup(text: str, queue_rows: int) -> tuple[str, int]:
-    """"all" | "cross" | "none" with an optional "+queue": (negatives, K)."""
+def parse_setup(text: str, queue_rows: int) -> tuple[str, int, str]:
+    """"all" | "cross" | "none" with an optional "+queue", or "labels": (negatives, K, positives)."""
+    if text == "labels":
+        return "all", 0, "labels"
     negatives, plus, extra = text.partition("+")
     if negatives not in providers.NEGATIVES or (plus and extra != "queue"):
-        raise ValueError(f"unknown set-up {text!r}; expected NEGATIVES or NEGATIVES+queue, NEGATIVES in {providers.NEGATIVES}")
+        raise ValueError(f"unknown set-up {text!r}; expected labels, NEGATIVES or NEGATIVES+queue, "
+                         f"NEGATIVES in {providers.NEGATIVES}")
     if negatives == "none" and not plus:
         raise ValueError("set-up 'none' has no negatives without a queue: use none+queue")
-    return negatives, (queue_rows if plus else 0)
+    return negatives, (queue_rows if plus else 0), "pair"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,25 +140,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a named run instead of the sweep: " + "; ".join(f"{k}: {v['help']}" for k, v in presets.PRESETS.items()))
     parser.add_argument("--providers", type=_list(str), default=_PerDevice("providers"), help=f"comma list from {','.join(providers.PROVIDERS)}")
     parser.add_argument("--rules", type=_list(str), default=_PerDevice("rules"), help=f"comma list from {','.join(fastalpha.RULES)}")
-    parser.add_argument("--sizes", type=_list(int), default=_PerDevice("sizes"), help="M values (M = 2N stacked rows), for every provider")
+    parser.add_argument("--sizes", type=_list(int), default=_PerDevice("sizes"),
+                        help="M values (M = 2N stacked rows; the labels set-up: the M rows of its one view), for every provider")
     parser.add_argument("--fused-sizes", type=_list(int), default=_PerDevice("fused_sizes"),
                         help="extra M values for the fused providers (cpp/cuda/triton) only; '' for none (none either when --sizes is given alone)")
     parser.add_argument("--dims", type=_list(int), default=_PerDevice("dims"), help="D values")
     parser.add_argument("--dtypes", type=_list(str), default=_PerDevice("dtypes"), help="comma list from float32,bfloat16,float16,float64 (fp32/bf16/... accepted)")
     parser.add_argument("--modes", type=_list(str), default=_PerDevice("modes"), help="comma list from fwd,fwdbwd")
     parser.add_argument("--setups", type=_list(str), default=_PerDevice("setups"),
-                        help="negatives set-ups: comma list of all (SimCLR: every other row), cross (CLIP: the other view's rows), "
-                             "each optionally +queue (K extra rows, --queue-size), and none+queue (the queue only, MoCo)")
+                        help="set-ups: comma list of all (SimCLR: every other row), cross (CLIP: the other view's rows), "
+                             "each optionally +queue (K extra rows, --queue-size), none+queue (the queue only, MoCo), and labels "
+                             f"(SupCon: one view of M rows in classes of {providers.ROWS_PER_CLASS} plus singletons, infonce at "
+                             f"temperature {providers.SUPCON['temperature']})")
     parser.add_argument("--queue-size", type=int, default=presets.QUEUE_ROWS, help="K, rows of the queue of the +queue set-ups")
     parser.add_argument("--repeats", type=int, default=_PerDevice("repeats"), help="timed blocks per measurement (at least 3 where the time budget cuts them short)")
     parser.add_argument("--budget-s", type=float, default=_PerDevice("budget_s"), help="stop repeating a measurement after this many seconds (min 3 blocks)")
-    parser.add_argument("--single-call-s", type=float, default=30.0, help="a call slower than this is measured once, without warm-up or memory measurement")
+    parser.add_argument("--single-call-s", type=float, default=_PerDevice("single_call_s"),
+                        help="a call slower than this is measured once, without warm-up or memory measurement")
     parser.add_argument("--memory", choices=runner.MEMORY_MODES, default=_PerDevice("memory"),
                         help="CPU peak memory: pinned (per-call peak, allocator returning freed buffers), fresh (RSS growth of a fresh "
                              "process over three calls, default allocator), both, none; a GPU always reports max_memory_allocated")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (at least 1; torch.compile gets one more)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads (all cores of this process)")
-    parser.add_argument("--mem-cap-gb", type=float, help="memory cap; unset: 90%% of free GPU memory, or min(4 GiB, MemAvailable/2) on the CPU")
+    parser.add_argument("--mem-cap-gb", type=float,
+                        help="memory cap; unset: the preset's, else 90%% of free GPU memory, or min(4 GiB, MemAvailable/2) on the CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the agreement check")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="output directory")
     parser.add_argument("--name", help="file name stem (unset: device and model, e.g. cpu-intel-xeon-processor-2t)")
@@ -174,7 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.preset:
         chosen.update(presets.PRESETS[args.preset]["settings"])
     for key, value in chosen.items():
-        if isinstance(getattr(args, key, None), _PerDevice):
+        # Flags left at their default: a per-device value, or unset (None, the memory cap).
+        if isinstance(getattr(args, key, None), _PerDevice) or getattr(args, key, "given") is None:
             setattr(args, key, value)
     if sizes_only:
         args.fused_sizes = []
@@ -215,7 +227,7 @@ def _check_group(parser, group: dict, queue_rows: int) -> None:
         parser.error(str(err))
     for m in group["sizes"] + group["fused_sizes"]:
         if m < 4 or m % 2:
-            parser.error(f"sizes are M = 2N stacked rows: even and >= 4, got {m}")
+            parser.error(f"sizes are M = 2N stacked rows (or one labelled view's rows): even and >= 4, got {m}")
     if any(d < 1 for d in group["dims"]):
         parser.error(f"dims must be >= 1, got {group['dims']}")
 
@@ -284,15 +296,15 @@ def plan(args) -> list[runner.Task]:
                     for d in group["dims"]:
                         for dtype in group["dtypes"]:
                             for mode in group["modes"]:
-                                for negatives, queue in group["setups"]:
-                                    task = runner.Task(provider, rule, m, d, dtype, mode, negatives, queue)
+                                for negatives, queue, positives in group["setups"]:
+                                    task = runner.Task(provider, rule, m, d, dtype, mode, negatives, queue, positives)
                                     tasks.setdefault(task.key(), task)
     return list(tasks.values())
 
 
 def blocked_tasks(tasks: list[runner.Task], device: torch.device) -> dict:
     """{task key: (status, reason)} of the tasks that will not run: provider unavailable here,
-    or a set-up this fastalpha's API cannot express."""
+    or a set-up this fastalpha's API (or the provider) cannot express."""
     provider_status = {p: providers.status(p, device) for p in dict.fromkeys(t.provider for t in tasks)}
     blocked = {}
     for task in tasks:
@@ -300,7 +312,7 @@ def blocked_tasks(tasks: list[runner.Task], device: torch.device) -> dict:
         if not ok:
             blocked[task.key()] = ("unavailable", reason)
             continue
-        status, reason = providers.setup_support(task.provider, task.negatives, task.queue)
+        status, reason = providers.setup_support(task.provider, task.rule, task.negatives, task.queue, task.positives)
         if status != "ok":
             blocked[task.key()] = (status, reason)
     return blocked
@@ -342,7 +354,7 @@ class Results:
             else:
                 continue
             rows.append(dict(self.env, provider=task.provider, rule=task.rule, M=task.m, D=task.d, dtype=task.dtype,
-                             mode=task.mode, negatives=task.negatives, queue=task.queue, **result))
+                             mode=task.mode, negatives=task.negatives, queue=task.queue, positives=task.positives, **result))
         return report.add_derived(rows)
 
 
@@ -469,7 +481,8 @@ def run_cuda(tasks: list[runner.Task], settings: runner.Settings, results: Resul
     """In this process, smallest M first across providers: a run cut short by a time limit
     then still compares every provider on the sizes it reached."""
     order = {name: i for i, name in enumerate(providers.PROVIDERS)}
-    for task in sorted(tasks, key=lambda t: (t.m, t.rule, t.d, t.dtype, t.mode, t.negatives, t.queue, order[t.provider])):
+    for task in sorted(tasks, key=lambda t: (t.m, t.rule, t.d, t.dtype, t.mode, t.negatives, t.queue, t.positives,
+                                             order[t.provider])):
         results.progress.set_postfix_str(f"{task.provider} M={task.m} {task.rule} {task.dtype} {task.mode} {task.setup()}")
         results.add(task, runner.run(task, settings))
 

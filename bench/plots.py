@@ -1,7 +1,9 @@
 """PNG plots of a benchmark run: time vs M and peak memory vs M, log-log, one line per provider.
 
-One figure per run, a grid with one row per (rule, D, dtype, mode, negatives set-up) and two
-columns (time, memory). Only `ok` measurements are drawn; a provider that ran out of memory
+One figure per run, a grid with one row per (rule, D, dtype, mode, set-up) and two columns
+(time, memory), and a third where a group has pml rows (the labels set-up): each provider's
+speed-up (solid) and memory saving (dashed) over pml, the ratio columns of the CSV. The
+labels set-up's M is the rows of its one view. Only `ok` measurements are drawn; a provider that ran out of memory
 (or was predicted to) at some sizes says so in its legend entry. The memory panel draws the
 per-call peak (peak_mb, solid, filled markers) and, where measured, the RSS growth of a fresh
 process over three calls with the default allocator (rss_growth_mb, dashed, open markers).
@@ -26,6 +28,10 @@ if __package__ in (None, ""):   # run as a script: python bench/plots.py FILE.cs
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.report import read_csv, setup_name  # noqa: E402
 
+#: The baseline of the ratio panel, and the columns it draws (bench/report.py RATIOS).
+RATIO_BASELINE = "pml"
+RATIO_LINES = ((f"speedup_vs_{RATIO_BASELINE}", "-", "speed-up"), (f"memory_saving_vs_{RATIO_BASELINE}", "--", "memory saving"))
+
 STYLE = {
     "eager": dict(color="tab:gray", marker="o"),
     "chunked": dict(color="tab:blue", marker="s"),
@@ -33,6 +39,7 @@ STYLE = {
     "cpp": dict(color="tab:red", marker="D"),
     "cuda": dict(color="tab:green", marker="v"),
     "triton": dict(color="tab:orange", marker="P"),
+    "pml": dict(color="tab:brown", marker="X"),
 }
 
 
@@ -48,9 +55,15 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
     groups = {k: v for k, v in groups.items() if any(r["status"] == "ok" for r in v)}
     if not groups:
         return None
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    for (rule, d, dtype, mode, setup), (ax_time, ax_mem) in zip(groups, axes):
+    with_ratio = {k for k, v in groups.items() if any(r["provider"] == RATIO_BASELINE and r["status"] == "ok" for r in v)}
+    columns = 3 if with_ratio else 2
+    fig, axes = plt.subplots(len(groups), columns, figsize=(5.5 * columns, 3.6 * len(groups)), squeeze=False)
+    for (rule, d, dtype, mode, setup), (ax_time, ax_mem, *ax_ratio) in zip(groups, axes):
         group = groups[(rule, d, dtype, mode, setup)]
+        ax_ratio = ax_ratio[0] if ax_ratio else None
+        if ax_ratio is not None and (rule, d, dtype, mode, setup) not in with_ratio:
+            ax_ratio.set_axis_off()
+            ax_ratio = None
         for provider in dict.fromkeys(r["provider"] for r in group):
             points = sorted((r for r in group if r["provider"] == provider), key=lambda r: r["M"])
             ok = [r for r in points if r["status"] == "ok"]
@@ -68,11 +81,23 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
             if with_rss:
                 ax_mem.plot([r["M"] for r in with_rss], [r["rss_growth_mb"] for r in with_rss], label=f"{provider} (fresh RSS)",
                             linestyle="--", markerfacecolor="none", **style)
-        subtitle = f"{rule}, D={d}, {dtype}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, negatives={setup}"
-        ax_time.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="median time (ms)", title=subtitle)
-        ax_mem.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel="memory beyond inputs (MiB)", title=subtitle)
+            if ax_ratio is not None and provider != RATIO_BASELINE:
+                for column, linestyle, what in RATIO_LINES:
+                    ratio = [r for r in ok if r.get(column)]
+                    ax_ratio.plot([r["M"] for r in ratio], [r[column] for r in ratio], label=f"{provider} {what}",
+                                  **dict(style, linestyle=linestyle))
+        subtitle = f"{rule}, D={d}, {dtype}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, set-up={setup}"
+        xlabel = "M rows (one labelled view)" if setup == "labels" else "M = 2N rows"
+        ax_time.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="median time (ms)", title=subtitle)
+        ax_mem.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="memory beyond inputs (MiB)", title=subtitle)
+        panels = [ax_time, ax_mem]
+        if ax_ratio is not None:
+            ax_ratio.axhline(1.0, color="black", linewidth=0.8)
+            ax_ratio.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=f"{RATIO_BASELINE} / provider (x)",
+                         title=f"vs {RATIO_BASELINE}: speed-up (solid), memory saving (dashed)")
+            panels.append(ax_ratio)
         sizes = sorted({r["M"] for r in group if r["status"] == "ok"})
-        for ax in (ax_time, ax_mem):
+        for ax in panels:
             ax.set_xticks(sizes, [_size_label(m) for m in sizes])
             ax.xaxis.set_minor_locator(ticker.NullLocator())
             ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

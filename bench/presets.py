@@ -14,6 +14,14 @@ from .report import machine_line
 CPU_TARGET_M = 8192
 CPU_LARGE_M = 262144
 QUEUE_ROWS = 65536
+#: The supervised (SupCon) presets: rows of the one labelled view.
+SUPCON_SIZES = [1024, 2048, 4096, 8192, 16384]
+SUPCON_CUDA_SIZES = [16384, 32768, 65536]
+#: Memory cap of the supcon preset: pml's SupConLoss at M = 16384 fwd+bwd is predicted at
+#: 12·M²·4 bytes = 12 GiB (providers.DENSE_PEAK_FACTOR; 11.3 GiB by the factor measured up to
+#: M = 8192), which the default CPU cap of 4 GiB would record as OOM without running; the
+#: machine it is meant for has 24 GB.
+SUPCON_MEM_CAP_GB = 24.0
 
 PRESETS = {
     "cpu-targets": dict(
@@ -42,6 +50,25 @@ PRESETS = {
         groups=[dict(providers=["triton", "cuda", "chunked", "eager"], rules=["infonce", "direct"], sizes=[16384, 65536],
                      modes=["fwdbwd"])],
         common=dict(dims=[128], dtypes=["float32", "bfloat16"], setups=["all", "cross", "none+queue", "all+queue"]),
+        settings=dict(repeats=10, budget_s=3.0),
+    ),
+    "supcon": dict(
+        device="cpu",
+        help=f"labels (SupCon, infonce at temperature 0.1): cpp, chunked and eager vs pytorch-metric-learning's SupConLoss "
+             f"at M={','.join(map(str, SUPCON_SIZES))} rows of one view, D=128, float32 fwd+bwd, memory cap {SUPCON_MEM_CAP_GB:g} GiB",
+        groups=[dict(providers=["cpp", "chunked", "eager", "pml"], rules=["infonce"], sizes=SUPCON_SIZES, modes=["fwdbwd"])],
+        common=dict(dims=[128], dtypes=["float32"], setups=["labels"]),
+        # Calls up to 300 s are still repeated and get their memory taken: pml at M = 16384 is
+        # estimated at 1-2 minutes a call on 2 cores (26 s at M = 8192 on one busy core, growing
+        # faster than M²), and its peak is what this preset is for.
+        settings=dict(repeats=5, budget_s=3.0, memory="pinned", single_call_s=300.0, mem_cap_gb=SUPCON_MEM_CAP_GB),
+    ),
+    "supcon-cuda": dict(
+        device="cuda",
+        help=f"labels (SupCon) on a GPU: triton, cuda, chunked vs pytorch-metric-learning's SupConLoss at "
+             f"M={','.join(map(str, SUPCON_CUDA_SIZES))}, D=128, fwd+bwd, float32 and bfloat16",
+        groups=[dict(providers=["triton", "cuda", "chunked", "pml"], rules=["infonce"], sizes=SUPCON_CUDA_SIZES, modes=["fwdbwd"])],
+        common=dict(dims=[128], dtypes=["float32", "bfloat16"], setups=["labels"]),
         settings=dict(repeats=10, budget_s=3.0),
     ),
 }
@@ -74,8 +101,8 @@ TARGETS = {"cpu-targets": CPU_TARGETS}
 
 def _row(rows, provider, target):
     for r in rows:
-        if (r["provider"], r["rule"], r["mode"], r["M"], r["D"], r["dtype"], r["negatives"], r["queue"]) == \
-                (provider, target.rule, target.mode, target.m, 128, "float32", "all", 0):
+        if (r["provider"], r["rule"], r["mode"], r["M"], r["D"], r["dtype"], r["negatives"], r["queue"], r["positives"]) == \
+                (provider, target.rule, target.mode, target.m, 128, "float32", "all", 0, "pair"):
             return r
     return None
 

@@ -8,12 +8,18 @@ chunked         fastalpha.alpha_cl_loss(..., backend="chunked"): full-row chunks
                 plain PyTorch, gradient from the forward pass
 compile         torch.compile(dynamic=True) of the dense reference                     O(M²)
 cpp/cuda/triton fastalpha.alpha_cl_loss(..., backend=name): the fused kernels          O(M·D)
+pml             pytorch_metric_learning.losses.SupConLoss (the labels set-up only)     O(M²)
 =============== ===================================================================== ==========
 
-Each provider gives `status(device) -> (available, reason)`, `loss_fn(rule) -> f(z1, z2, **setup)`
-(default rule parameters, detach_alpha=True, reduction="mean"; `setup` is the negatives/queue
-arguments of a benchmark setup, see `setup_kwargs`), and a predicted peak memory used to skip
-sizes that would exceed the run's cap (see `predicted_peak_bytes`).
+Each provider gives `status(device) -> (available, reason)`, `loss_fn(rule, positives) ->
+f(*views, **setup)` (default rule parameters but in the labels set-up, SUPCON; detach_alpha=True,
+reduction="mean"; `setup` is the negatives/queue/labels arguments of a benchmark set-up, see
+`setup_kwargs`), and a predicted peak memory used to skip sizes that would exceed the run's cap
+(see `predicted_peak_bytes`).
+
+Set-ups: the two-view ones (positives="pair": z1, z2 of N rows each, M = 2N, the partner is the
+positive, negatives "all"/"cross"/"none" and an optional queue) and the supervised one
+(positives="labels": one view of M rows and `supcon_labels(M)`, SupCon's positive sets).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import fastalpha
 from fastalpha import dispatch
 from fastalpha.backends.chunked import default_chunk_rows
 
-PROVIDERS = ("eager", "chunked", "compile", "cpp", "cuda", "triton")
+PROVIDERS = ("eager", "chunked", "compile", "cpp", "cuda", "triton", "pml")
 #: Former names of providers, still read from older CSV files and accepted on the command line.
 ALIASES = {"eager-chunked": "chunked"}
 #: Providers backed by a fused fastalpha kernel: they alone get the extra large sizes.
@@ -41,17 +47,34 @@ DEFAULT_PROVIDERS = {
 #: Peak memory of the dense providers in units of M·C·itemsize (C = columns per anchor row:
 #: M, plus K with a queue), measured on this project's CPU machine at M = 1024…4096, D = 128,
 #: float32 for `direct` and `infonce` (bench/compare.py measures it on every run, column
-#: peak_mb): eager ≈ 6.3–7.5 (fwd and fwd+bwd), compile ≈ 1.05 (fwd) and ≈ 4.1–4.5 (fwd+bwd).
-#: Rounded up, these predict which sizes exceed the memory cap.
+#: peak_mb): eager ≈ 6.3–7.5 (fwd and fwd+bwd; 6.6–6.9 with labels), compile ≈ 1.05 (fwd) and
+#: ≈ 4.1–4.5 (fwd+bwd); pml's SupConLoss (labels, M = 1024…4096) ≈ 10.2 (fwd) and 11.3–11.5 (fwd+bwd):
+#: besides the similarity matrix and log_prob it builds float pos/neg masks and int64 index
+#: vectors of every pair (16 bytes a pair). Rounded up, these predict which sizes exceed the cap.
 DENSE_PEAK_FACTOR = {
     ("eager", "fwd"): 8.0,
     ("eager", "fwdbwd"): 8.0,
     ("compile", "fwd"): 1.5,
     ("compile", "fwdbwd"): 5.0,
+    ("pml", "fwd"): 11.0,
+    ("pml", "fwdbwd"): 12.0,
 }
 
 #: Ways to choose the negatives of an anchor (fastalpha.alpha_cl_loss's `negatives`).
 NEGATIVES = ("all", "cross", "none")
+#: Ways to choose its positives: "pair" (the partner row of the other view of two) or "labels"
+#: (every other row with its label, one view: SupCon).
+POSITIVES = ("pair", "labels")
+
+#: The rule parameters of the labels set-up's `infonce`: SupCon's (pytorch-metric-learning's
+#: SupConLoss default τ, positives in the denominator), so that every provider computes the
+#: same loss as pml's SupConLoss(temperature=0.1). Other rules keep their defaults.
+SUPCON = dict(temperature=0.1, eps=1.0)
+#: Labels of the labels set-up: classes of ROWS_PER_CLASS rows (an anchor has 7 positives)
+#: and one singleton per SINGLETON_EVERY rows, an anchor without a positive (no loss term of
+#: its own, still a negative of every other anchor), as a real batch has.
+ROWS_PER_CLASS = 8
+SINGLETON_EVERY = 64
 
 
 def canonical(name: str) -> str:
@@ -70,6 +93,12 @@ def status(name: str, device: torch.device) -> tuple[bool, str]:
     check_provider(name)
     if name == "eager":
         return True, "fastalpha dense reference (autograd), O(M^2) memory"
+    if name == "pml":
+        try:
+            import pytorch_metric_learning
+        except ImportError as err:
+            return False, f"pytorch-metric-learning is not installed (pip install pytorch-metric-learning): {err}"
+        return True, f"pytorch-metric-learning {pytorch_metric_learning.__version__} SupConLoss, O(M^2) memory"
     if name == "compile":
         if not torch._dynamo.is_dynamo_supported():
             return False, "torch.compile is not supported on this Python/platform"
@@ -82,23 +111,42 @@ def status(name: str, device: torch.device) -> tuple[bool, str]:
         return False, f"fastalpha backend {name!r} status check failed: {type(err).__name__}: {err}"
 
 
-def setup_kwargs(negatives: str, queue: torch.Tensor | None) -> dict:
-    """The keyword arguments of fastalpha.alpha_cl_loss for a setup; {} for the default
-    (negatives="all", no queue), so that the default setup runs on any version of the API."""
+def supcon_labels(m: int, generator: torch.Generator) -> torch.Tensor:
+    """The (M,) int64 labels of the labels set-up: M // SINGLETON_EVERY singletons (at least
+    one), the other rows in classes of ROWS_PER_CLASS (the last one smaller where they do not
+    divide), in an order drawn from `generator` (on the CPU), so that classes are not runs of
+    rows."""
+    singletons = max(1, m // SINGLETON_EVERY)
+    grouped = torch.arange(m - singletons) // ROWS_PER_CLASS
+    first_single = int(grouped[-1]) + 1 if len(grouped) else 0
+    labels = torch.cat([grouped, torch.arange(first_single, first_single + singletons)])
+    return labels[torch.randperm(m, generator=generator)]
+
+
+def setup_kwargs(negatives: str, queue: torch.Tensor | None, labels: torch.Tensor | None = None) -> dict:
+    """The keyword arguments of a loss function for a set-up; {} for the default (negatives="all",
+    no queue, partner positives), so that the default set-up runs on any version of the API."""
     kwargs = {}
     if negatives != "all":
         kwargs["negatives"] = negatives
     if queue is not None:
         kwargs["queue"] = queue
+    if labels is not None:
+        kwargs["labels"] = labels
     return kwargs
 
 
-def setup_support(name: str, negatives: str, queue_rows: int) -> tuple[str, str]:
-    """("ok", "") if provider `name` can run a setup; else ("skipped", why) when this
-    fastalpha's API lacks the setup's arguments, ("unavailable", why) when the backend does
-    not compute that set of negatives."""
+def setup_support(name: str, rule: str, negatives: str, queue_rows: int, positives: str = "pair") -> tuple[str, str]:
+    """("ok", "") if provider `name` can run a set-up; else ("skipped", why) when this
+    fastalpha's API lacks the set-up's arguments, ("unavailable", why) when the provider does
+    not compute that set-up (a backend without labels, pml outside SupCon)."""
     check_provider(name)
-    needed = [arg for arg, used in (("negatives", negatives != "all"), ("queue", queue_rows > 0)) if used]
+    if name == "pml":
+        if positives != "labels" or rule != "infonce":
+            return "unavailable", "pytorch-metric-learning's SupConLoss is the labels set-up with rule infonce only"
+        return "ok", ""
+    needed = [arg for arg, used in (("negatives", negatives != "all"), ("queue", queue_rows > 0), ("labels", positives == "labels"))
+              if used]
     if not needed:
         return "ok", ""
     parameters = inspect.signature(fastalpha.alpha_cl_loss).parameters
@@ -108,7 +156,7 @@ def setup_support(name: str, negatives: str, queue_rows: int) -> tuple[str, str]
     supports = getattr(dispatch, "supports", None)
     if supports is None:
         return "ok", ""
-    ok, reason = supports("eager" if name == "compile" else name, negatives, queue_rows > 0)
+    ok, reason = supports("eager" if name == "compile" else name, negatives, queue_rows > 0, positives == "labels")
     return ("ok", "") if ok else ("unavailable", reason)
 
 
@@ -120,12 +168,23 @@ def _compiled_reference():
     return torch.compile(functools.partial(fastalpha.alpha_cl_loss, backend="eager"), dynamic=True)
 
 
-def loss_fn(name: str, rule: str) -> Callable[..., torch.Tensor]:
-    """f(z1, z2, **setup) -> scalar loss of `rule` (its default parameters) computed by provider `name`."""
+def rule_kwargs(rule: str, positives: str) -> dict:
+    """Rule parameters every provider of a set-up gets: SUPCON for `infonce` with labels, else none (defaults)."""
+    return dict(SUPCON) if positives == "labels" and rule == "infonce" else {}
+
+
+def loss_fn(name: str, rule: str, positives: str = "pair") -> Callable[..., torch.Tensor]:
+    """f(*views, **setup) -> scalar loss of `rule` computed by provider `name`: f(z1, z2, ...) for
+    the two-view set-ups, f(z, labels=y) for the labels one."""
     check_provider(name)
+    params = rule_kwargs(rule, positives)
+    if name == "pml":
+        from pytorch_metric_learning.losses import SupConLoss
+
+        return SupConLoss(temperature=SUPCON["temperature"])
     if name == "compile":
-        return functools.partial(_compiled_reference(), rule=rule)
-    return functools.partial(fastalpha.alpha_cl_loss, rule=rule, backend=name)
+        return functools.partial(_compiled_reference(), rule=rule, **params)
+    return functools.partial(fastalpha.alpha_cl_loss, rule=rule, backend=name, **params)
 
 
 def predicted_peak_bytes(name: str, m: int, d: int, dtype: torch.dtype, mode: str, device_type: str = "cpu",
@@ -133,7 +192,8 @@ def predicted_peak_bytes(name: str, m: int, d: int, dtype: torch.dtype, mode: st
     """Predicted peak memory of one call beyond its inputs (a guide for the cap, not a measurement).
 
     Dense providers: DENSE_PEAK_FACTOR · M · (M + K) · itemsize, whatever the negatives (a
-    dense implementation may hold the full score matrix and mask it). chunked: about three
+    dense implementation may hold the full score matrix and mask it); pml with the float32
+    itemsize whatever the dtype (its index vectors are int64 in any case). chunked: about three
     (R × (M + K)) float32 chunk buffers plus (M × D) accumulators. Fused kernels: a few
     (M × D) buffers.
     """
@@ -142,7 +202,7 @@ def predicted_peak_bytes(name: str, m: int, d: int, dtype: torch.dtype, mode: st
     rows_bytes = m * d * max(itemsize, 4)
     columns = m + queue_rows
     if (name, mode) in DENSE_PEAK_FACTOR:
-        return int(DENSE_PEAK_FACTOR[name, mode] * m * columns * itemsize)
+        return int(DENSE_PEAK_FACTOR[name, mode] * m * columns * (max(itemsize, 4) if name == "pml" else itemsize))
     if name == "chunked":
         return int(3 * default_chunk_rows(m, device_type) * columns * 4 + 4 * rows_bytes)
     return int(6 * rows_bytes)

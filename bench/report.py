@@ -7,15 +7,19 @@ Derived columns of an `ok` row:
                         comparable across providers. Per column of an anchor's score row:
                         8·D for fwd+bwd (a fused kernel's four GEMM-shaped passes: S twice,
                         αZ, αᵀZ), 6·D for a queue column (it gets no gradient: no αᵀQ), 2·D
-                        for fwd alone. Score columns per anchor: M ("all"), M/2 ("cross"),
+                        for fwd alone. Score columns per anchor: M ("all", and "labels",
+                        where M is the rows of its one view), M/2 ("cross"),
                         0 ("none"), plus K for a queue.
     ceiling_gflops    torch.mm rate of the same shape class, measured by the process that took
                       the measurement, just before its first one of that shape (bench/runner.py)
     ceiling_fraction  = gflops / ceiling_gflops. With the nominal count this can exceed 1 for
                       an implementation doing fewer than four GEMM passes (one-pass designs
                       with three products per chunk top out at 8/6 ≈ 1.33 of their real rate).
-    speedup_vs_eager  = eager median / this median   (same rule, M, D, dtype, mode, setup)
-    speedup_vs_chunked = chunked median / this median
+    speedup_vs_B        = B's median / this median, B in SPEEDUP_BASELINES (eager, chunked, pml)
+    memory_saving_vs_B  = B's peak_mb / this peak_mb (how many times less memory than B), B in
+                        MEMORY_BASELINES (eager, pml: the O(M²) ones)
+                        for the same rule, M, D, dtype, mode and set-up, where B has an `ok`
+                        row (and a peak) in the same run
 
 Memory columns: peak_mb is the per-call peak beyond the inputs (CPU: one call in a worker whose
 allocator returns every freed buffer, bench/memory.py; GPU: torch.cuda.max_memory_allocated);
@@ -30,16 +34,22 @@ from collections import defaultdict
 
 from .providers import canonical
 
+#: The providers every row's time and peak memory are compared with, when they ran in the same run.
+SPEEDUP_BASELINES = ("eager", "chunked", "pml")
+MEMORY_BASELINES = ("eager", "pml")
+#: (column, baseline, the row's field it divides, table heading) of every ratio column.
+RATIOS = tuple((f"speedup_vs_{b}", b, "median_ms", f"x {b}") for b in SPEEDUP_BASELINES) + \
+    tuple((f"memory_saving_vs_{b}", b, "peak_mb", f"mem x {b}") for b in MEMORY_BASELINES)
 COLUMNS = (
-    "provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue",
+    "provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "positives",
     "median_ms", "p20_ms", "p80_ms", "repeats", "calls_per_block", "peak_mb", "rss_growth_mb",
-    "gflops", "ceiling_gflops", "ceiling_fraction", "speedup_vs_eager", "speedup_vs_chunked",
+    "gflops", "ceiling_gflops", "ceiling_fraction", *(column for column, *_ in RATIOS),
     "status", "reason",
     "device", "threads", "cores", "torch", "triton", "git_commit", "timestamp", "load_start", "load_end",
 )
 STATUSES = ("ok", "OOM", "wrong", "error", "unavailable", "skipped")
 #: Columns an older CSV may lack, with the value they had then.
-OLD_DEFAULTS = {"negatives": "all", "queue": 0}
+OLD_DEFAULTS = {"negatives": "all", "queue": 0, "positives": "pair"}
 
 
 def score_columns(m: int, negatives: str) -> float:
@@ -53,23 +63,25 @@ def nominal_flops(m: int, d: int, mode: str, negatives: str = "all", queue: int 
 
 
 def _same(r: dict) -> tuple:
-    return (r["rule"], r["M"], r["D"], r["dtype"], r["mode"], r["negatives"], r["queue"])
+    return (r["rule"], r["M"], r["D"], r["dtype"], r["mode"], r["negatives"], r["queue"], r["positives"])
 
 
 def add_derived(rows: list[dict]) -> list[dict]:
-    """Fill gflops, ceiling_fraction and the speed-up columns (ceiling_gflops comes measured)."""
-    medians = {(r["provider"], *_same(r)): r["median_ms"] for r in rows if r["status"] == "ok"}
+    """Fill gflops, ceiling_fraction and the ratio columns (ceiling_gflops comes measured)."""
+    ok = {(r["provider"], *_same(r)): r for r in rows if r["status"] == "ok"}
     for r in rows:
-        r.update(gflops=None, ceiling_fraction=None, speedup_vs_eager=None, speedup_vs_chunked=None)
+        r.update(gflops=None, ceiling_fraction=None, **{column: None for column, *_ in RATIOS})
         r.setdefault("ceiling_gflops", None)
         if r["status"] != "ok":
             continue
         r["gflops"] = nominal_flops(r["M"], r["D"], r["mode"], r["negatives"], r["queue"]) / (r["median_ms"] * 1e-3) / 1e9
         if r["ceiling_gflops"]:
             r["ceiling_fraction"] = r["gflops"] / r["ceiling_gflops"]
-        for column, baseline in (("speedup_vs_eager", "eager"), ("speedup_vs_chunked", "chunked")):
-            if (baseline, *_same(r)) in medians:
-                r[column] = medians[(baseline, *_same(r))] / r["median_ms"]
+        for column, baseline, field, _ in RATIOS:
+            base = ok.get((baseline, *_same(r)))
+            # A peak under a page rounds to 0: no ratio rather than a division by zero.
+            if base is not None and base.get(field) is not None and r.get(field):
+                r[column] = base[field] / r[field]
     return rows
 
 
@@ -93,11 +105,11 @@ def read_csv(path: str) -> list[dict]:
     """Rows of a results CSV with numbers parsed back (empty cells become None).
 
     Older files are read too: provider "eager-chunked" becomes "chunked", a missing
-    negatives/queue column the default setup, and load_1min (taken at a measurement's end)
+    negatives/queue/positives column the default setup, and load_1min (taken at a measurement's end)
     becomes load_end."""
     ints = ("M", "D", "repeats", "calls_per_block", "threads", "cores", "queue")
     floats = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "rss_growth_mb", "gflops", "ceiling_gflops", "ceiling_fraction",
-              "speedup_vs_eager", "speedup_vs_chunked", "load_start", "load_end")
+              *(column for column, *_ in RATIOS), "load_start", "load_end")
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
@@ -122,6 +134,9 @@ def _fmt(value, spec: str, empty: str = "-") -> str:
 
 
 def setup_name(r: dict) -> str:
+    """"all", "cross", "none+queue65536", …; "labels" for the labelled set-up (SupCon)."""
+    if r["positives"] == "labels":
+        return "labels"
     return r["negatives"] + (f"+queue{r['queue']}" if r["queue"] else "")
 
 
@@ -134,14 +149,17 @@ def machine_line(env: dict, load_end: float | None = None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """A text table per (rule, D, dtype, mode, setup); unavailable/skipped ones listed once at the top."""
+    """A text table per (rule, D, dtype, mode, set-up); unavailable/skipped ones listed once at the top.
+
+    Ratio columns (RATIOS) are those of the baselines that have an `ok` row in the table's
+    group: "x B" = B's median / this median, "mem x B" = B's peak / this peak."""
     lines = []
     not_run = {}
     for r in rows:
         if r["status"] == "skipped":
-            not_run.setdefault(f"negatives={setup_name(r)}", f"skipped: {r['reason']}")
+            not_run.setdefault(f"set-up={setup_name(r)}", f"skipped: {r['reason']}")
         elif r["status"] == "unavailable":
-            what = r["provider"] + ("" if setup_name(r) == "all" else f", negatives={setup_name(r)}")
+            what = r["provider"] + ("" if setup_name(r) == "all" else f", set-up={setup_name(r)}")
             not_run.setdefault(what, f"unavailable: {r['reason']}")
     for what, why in not_run.items():
         lines.append(f"{what}: {why}")
@@ -149,10 +167,12 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r["status"] not in ("unavailable", "skipped"):
             groups[(r["rule"], r["D"], r["dtype"], r["mode"], setup_name(r))].append(r)
-    header = (f"{'provider':<10}{'M':>8}{'median ms':>12}{'p20-p80 ms':>20}{'peak MiB':>10}{'RSS+ MiB':>10}{'GFLOP/s':>9}"
-              f"{'ceil':>6}{'x eager':>9}{'x chunked':>10}{'load':>11}  status")
     for (rule, d, dtype, mode, setup), group in groups.items():
-        lines += ["", f"rule={rule}  D={d}  dtype={dtype}  mode={mode}  negatives={setup}", header, "-" * len(header)]
+        present = {r["provider"] for r in group if r["status"] == "ok"}
+        ratios = [(column, title) for column, baseline, _, title in RATIOS if baseline in present]
+        header = (f"{'provider':<10}{'M':>8}{'median ms':>12}{'p20-p80 ms':>20}{'peak MiB':>10}{'RSS+ MiB':>10}{'GFLOP/s':>9}"
+                  f"{'ceil':>6}" + "".join(f"{title:>{len(title) + 2}}" for _, title in ratios) + f"{'load':>11}  status")
+        lines += ["", f"rule={rule}  D={d}  dtype={dtype}  mode={mode}  set-up={setup}", header, "-" * len(header)]
         for r in sorted(group, key=lambda r: (r["M"], r["provider"])):
             spread = f"{_fmt(r['p20_ms'], '.4g')}-{_fmt(r['p80_ms'], '.4g')}" if r["status"] == "ok" else "-"
             load = f"{_fmt(r.get('load_start'), '.1f')}->{_fmt(r.get('load_end'), '.1f')}"
@@ -160,6 +180,7 @@ def table(rows: list[dict]) -> str:
             lines.append(
                 f"{r['provider']:<10}{r['M']:>8}{_fmt(r['median_ms'], '.4g'):>12}{spread:>20}"
                 f"{_fmt(r['peak_mb'], '.1f'):>10}{_fmt(r.get('rss_growth_mb'), '.1f'):>10}{_fmt(r['gflops'], '.1f'):>9}"
-                f"{_fmt(r['ceiling_fraction'], '.0%'):>6}{_fmt(r['speedup_vs_eager'], '.2f'):>9}"
-                f"{_fmt(r['speedup_vs_chunked'], '.2f'):>10}{load:>11}  {note}")
+                f"{_fmt(r['ceiling_fraction'], '.0%'):>6}"
+                + "".join(f"{_fmt(r[column], '.2f'):>{len(title) + 2}}" for column, title in ratios)
+                + f"{load:>11}  {note}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""One measurement: a provider computing one (rule, M, D, dtype, mode, negatives, queue) loss,
+"""One measurement: a provider computing one (rule, M, D, dtype, mode, set-up) loss,
 timed and its peak memory taken, after it has been checked against the float64 reference.
 
 A measurement (a `Task`) comes back as a dict: median_ms / p20_ms / p80_ms / repeats /
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import agreement, memory, providers, timing
+from . import agreement, memory, providers, report, timing
 
 MODES = ("fwd", "fwdbwd")
 #: Settings.memory: which CPU peak-memory measurements a run takes.
@@ -53,13 +53,14 @@ class Task:
     mode: str
     negatives: str = "all"
     queue: int = 0   # K rows of extra negatives (0: no queue)
+    positives: str = "pair"   # providers.POSITIVES: "labels" is one labelled view of M rows
 
     def key(self) -> tuple:
-        return (self.provider, self.rule, self.m, self.d, self.dtype, self.mode, self.negatives, self.queue)
+        return (self.provider, self.rule, self.m, self.d, self.dtype, self.mode, self.negatives, self.queue, self.positives)
 
     def setup(self) -> str:
-        """The setup's name in tables: "all", "cross", "none+queue65536", …"""
-        return self.negatives + (f"+queue{self.queue}" if self.queue else "")
+        """The setup's name in tables: "all", "cross", "none+queue65536", "labels", …"""
+        return report.setup_name(dict(negatives=self.negatives, queue=self.queue, positives=self.positives))
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Settings:
     seed: int = 0
     memory: str = "pinned"      # one of MEMORY_MODES
     single_call_s: float = 30.0
-    verdicts: dict = field(default_factory=dict)   # (provider, rule, dtype, negatives, queue?) -> (status, reason)
+    verdicts: dict = field(default_factory=dict)   # (provider, rule, dtype, negatives, queue?, positives) -> (status, reason)
     ceilings: dict = field(default_factory=dict)   # (M, D, dtype) -> GFLOP/s of torch.mm
 
 
@@ -88,26 +89,28 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(s in text for s in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
-def _make_call(fn, z1, z2, mode, setup: dict):
+def _make_call(fn, views, mode, setup: dict):
     if mode == "fwd":
-        return lambda: fn(z1, z2, **setup)
+        return lambda: fn(*views, **setup)
 
     def forward_backward():
-        z1.grad = z2.grad = None
-        fn(z1, z2, **setup).backward()
+        for view in views:
+            view.grad = None
+        fn(*views, **setup).backward()
 
     return forward_backward
 
 
 def verdict(task: Task, settings: Settings) -> tuple[str, str]:
     """The agreement check of (provider, rule, dtype), run once per measuring process."""
-    key = (task.provider, task.rule, task.dtype, task.negatives, task.queue > 0)
+    key = (task.provider, task.rule, task.dtype, task.negatives, task.queue > 0, task.positives)
     if key not in settings.verdicts:
         device = torch.device(settings.device)
         gen = torch.Generator().manual_seed(settings.seed)
-        fn = providers.loss_fn(task.provider, task.rule)
+        fn = providers.loss_fn(task.provider, task.rule, task.positives)
         settings.verdicts[key] = agreement.check_agreement(fn, task.rule, device, dtype_of(task.dtype), gen,
-                                                           negatives=task.negatives, with_queue=task.queue > 0)
+                                                           negatives=task.negatives, with_queue=task.queue > 0,
+                                                           positives=task.positives)
     return settings.verdicts[key]
 
 
@@ -175,8 +178,8 @@ def run_memory(task: Task, settings: Settings) -> dict:
     """
     try:
         small = dataclasses.replace(task, m=min(task.m, MEMORY_WARMUP_M), queue=min(task.queue, MEMORY_WARMUP_M))
-        _warm_up(_inputs(small, settings, torch.device("cpu"), dtype_of(task.dtype))[-1], task, settings)
-        *_, call = _inputs(task, settings, torch.device("cpu"), dtype_of(task.dtype))
+        _warm_up(_inputs(small, settings, torch.device("cpu"), dtype_of(task.dtype))[1], task, settings)
+        _, call = _inputs(task, settings, torch.device("cpu"), dtype_of(task.dtype))
         gc.collect()
         baseline = memory.rss_bytes()
         if not memory.reset_peak_rss():
@@ -201,7 +204,7 @@ def run_rss(task: Task, settings: Settings) -> dict:
     """
     try:
         cpu = torch.device("cpu")
-        *_, call = _inputs(task, settings, cpu, dtype_of(task.dtype))
+        _, call = _inputs(task, settings, cpu, dtype_of(task.dtype))
         providers.status(task.provider, cpu)
         gc.collect()
         baseline = memory.rss_bytes()
@@ -216,15 +219,17 @@ def run_rss(task: Task, settings: Settings) -> dict:
 
 
 def _inputs(task: Task, settings: Settings, device: torch.device, dtype: torch.dtype):
-    """z1, z2 (N × D each, N = M/2), the queue (K × D, or None) and the call to measure."""
+    """The views (z1, z2 of N = M/2 rows each; with labels one view z of M rows), the same for
+    every provider, and the call to measure (with the queue, K × D, or the labels)."""
     gen = torch.Generator(device=device).manual_seed(settings.seed)
-    n = task.m // 2
     needs_grad = task.mode == "fwdbwd"
-    z1 = torch.randn(n, task.d, generator=gen, device=device).to(dtype).requires_grad_(needs_grad)
-    z2 = torch.randn(n, task.d, generator=gen, device=device).to(dtype).requires_grad_(needs_grad)
+    count, rows = (1, task.m) if task.positives == "labels" else (2, task.m // 2)
+    views = [torch.randn(rows, task.d, generator=gen, device=device).to(dtype).requires_grad_(needs_grad) for _ in range(count)]
     queue = torch.randn(task.queue, task.d, generator=gen, device=device).to(dtype) if task.queue else None
-    setup = providers.setup_kwargs(task.negatives, queue)
-    return z1, z2, queue, _make_call(providers.loss_fn(task.provider, task.rule), z1, z2, task.mode, setup)
+    labels = (providers.supcon_labels(task.m, torch.Generator().manual_seed(settings.seed)).to(device)
+              if task.positives == "labels" else None)
+    setup = providers.setup_kwargs(task.negatives, queue, labels)
+    return views, _make_call(providers.loss_fn(task.provider, task.rule, task.positives), views, task.mode, setup)
 
 
 def _warm_up(call, task: Task, settings: Settings, done: int = 0) -> float | None:
@@ -240,7 +245,7 @@ def _warm_up(call, task: Task, settings: Settings, done: int = 0) -> float | Non
 
 
 def _time(task: Task, settings: Settings, device: torch.device, dtype: torch.dtype) -> dict:
-    z1, z2, _, call = _inputs(task, settings, device, dtype)
+    views, call = _inputs(task, settings, device, dtype)
     if device.type == "cpu":
         start = time.perf_counter()
         call()
@@ -255,7 +260,8 @@ def _time(task: Task, settings: Settings, device: torch.device, dtype: torch.dty
         median, p20, p80, count, per_block = timing.time_cpu(call, settings.repeats, settings.budget_s, estimate_s)
         return dict(median_ms=median, p20_ms=p20, p80_ms=p80, repeats=count, calls_per_block=per_block)
     _warm_up(call, task, settings)
-    z1.grad = z2.grad = None
+    for view in views:
+        view.grad = None
     gc.collect()
     torch.cuda.synchronize(device)
     baseline = torch.cuda.memory_allocated(device)

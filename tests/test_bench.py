@@ -24,9 +24,9 @@ import fastalpha  # noqa: E402
 from bench import agreement, compare, presets, report, runner  # noqa: E402
 
 #: The CSV columns docs/benchmarks.md documents (bench/report.py may add more).
-DOCUMENTED_COLUMNS = ("provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "median_ms", "p20_ms", "p80_ms",
-                      "repeats", "peak_mb", "rss_growth_mb", "gflops", "ceiling_fraction", "speedup_vs_eager",
-                      "speedup_vs_chunked", "status", "reason", "device", "threads", "cores", "torch", "triton",
+DOCUMENTED_COLUMNS = ("provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "positives", "median_ms", "p20_ms",
+                      "p80_ms", "repeats", "peak_mb", "rss_growth_mb", "gflops", "ceiling_fraction", "speedup_vs_eager",
+                      "speedup_vs_chunked", "speedup_vs_pml", "memory_saving_vs_eager", "memory_saving_vs_pml", "status", "reason", "device", "threads", "cores", "torch", "triton",
                       "git_commit", "timestamp", "load_start", "load_end")
 
 
@@ -228,9 +228,10 @@ def _target_rows(cpp_ms, chunked_ms, eager_ms, cpp_rss, eager_rss, large_ok=True
     for rule, mode in (("direct", "fwdbwd"), ("infonce", "fwdbwd"), ("infonce", "fwd")):
         for provider, ms, rss in (("cpp", cpp_ms, cpp_rss), ("chunked", chunked_ms, 50.0), ("eager", eager_ms, eager_rss)):
             rows.append(dict(provider=provider, rule=rule, mode=mode, M=presets.CPU_TARGET_M, D=128, dtype="float32",
-                             negatives="all", queue=0, status="ok", median_ms=ms, rss_growth_mb=rss, peak_mb=rss))
+                             negatives="all", queue=0, positives="pair", status="ok", median_ms=ms, rss_growth_mb=rss, peak_mb=rss))
     rows.append(dict(provider="cpp", rule="direct", mode="fwdbwd", M=presets.CPU_LARGE_M, D=128, dtype="float32", negatives="all",
-                     queue=0, status="ok" if large_ok else "error", median_ms=3e5, rss_growth_mb=None, peak_mb=None))
+                     queue=0, positives="pair", status="ok" if large_ok else "error", median_ms=3e5, rss_growth_mb=None,
+                     peak_mb=None))
     return rows
 
 

@@ -1,0 +1,167 @@
+"""The benchmark's supervised (SupCon) set-up: `--preset supcon` plans what issue 27 asks,
+its machinery runs at tiny M and writes the rows, ratio columns and plot, the providers agree
+in value on the benchmark's own inputs, and a provider that cannot run the set-up is a row
+with its reason.
+
+No timing is asserted, only structure and agreement (as in tests/test_bench.py).
+"""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import background  # noqa: E402
+from bench import agreement, compare, presets, providers, report, runner  # noqa: E402
+from fastalpha import testing  # noqa: E402
+
+HAVE_PML = providers.status("pml", torch.device("cpu"))[0]
+needs_pml = pytest.mark.skipif(not HAVE_PML, reason="pytorch-metric-learning is not installed")
+
+TINY_SIZES = [64, 256]
+TINY_TEST = "test_supcon_preset_at_tiny_sizes_writes_rows_ratios_and_plot"
+
+
+def _tiny_preset_argv() -> list[str]:
+    """The supcon preset's one group as selection flags, with TINY_SIZES for its sizes."""
+    group, = presets.expand("supcon")
+    flags = dict(providers=group["providers"], rules=group["rules"], sizes=TINY_SIZES, dims=group["dims"],
+                 dtypes=group["dtypes"], modes=group["modes"], setups=group["setups"])
+    argv = [arg for key, values in flags.items() for arg in (f"--{key}", ",".join(map(str, values)))]
+    return argv + ["--repeats", "2", "--budget-s", "0", "--threads", "1", "--memory", "pinned", "--name", "supcon-tiny"]
+
+
+def _compare_command_line(argv, out):
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", *argv, "--out", str(out)], cwd=REPO,
+                          env=background.environment(), capture_output=True, text=True, timeout=600)
+    return out, proc
+
+
+def start_in_background(tmp_path_factory, items) -> None:
+    """Start the tiny preset run beside the other tests (tests/background.py)."""
+    if TINY_TEST in {item.name for item in items}:
+        background.start(TINY_TEST, _compare_command_line, _tiny_preset_argv(), tmp_path_factory.mktemp("bench-supcon"))
+
+
+def test_labels_are_classes_of_eight_and_singletons():
+    m = 1000
+    labels = providers.supcon_labels(m, torch.Generator().manual_seed(0))
+    assert labels.shape == (m,) and labels.dtype == torch.int64
+    counts = torch.bincount(labels)
+    counts = counts[counts > 0]
+    singletons = m // providers.SINGLETON_EVERY
+    assert (counts == providers.ROWS_PER_CLASS).sum() == (m - singletons) // providers.ROWS_PER_CLASS
+    # the last class holds the remainder; (1000 - 15) % 8 = 1 row: one more singleton
+    assert (counts == 1).sum() == singletons + 1
+    assert torch.equal(labels, providers.supcon_labels(m, torch.Generator().manual_seed(0)))
+    assert not torch.equal(labels, torch.sort(labels).values), "rows of a class should not be adjacent"
+
+
+def test_supcon_preset_plans_every_provider_and_size_under_its_cap():
+    args = compare.parse_args(["--preset", "supcon"])
+    tasks = compare.plan(args)
+    assert {(t.provider, t.m) for t in tasks} == {(p, m) for p in ("cpp", "chunked", "eager", "pml") for m in presets.SUPCON_SIZES}
+    assert {(t.rule, t.d, t.dtype, t.mode, t.positives, t.negatives, t.queue) for t in tasks} == \
+        {("infonce", 128, "float32", "fwdbwd", "labels", "all", 0)}
+    assert args.mem_cap_gb == presets.SUPCON_MEM_CAP_GB and args.single_call_s > 30   # pml at M = 16384 is measured, not one call
+    # The largest size of the dense providers is predicted to fit the preset's cap, so it runs.
+    cap = presets.SUPCON_MEM_CAP_GB * 2**30
+    for name in ("pml", "eager"):
+        assert providers.predicted_peak_bytes(name, max(presets.SUPCON_SIZES), 128, torch.float32, "fwdbwd") < cap
+    # A smaller cap given on the command line wins over the preset's: pml's largest size is then
+    # a row that says why it was not run.
+    small = compare.parse_args(["--preset", "supcon", "--mem-cap-gb", "4"])
+    assert small.mem_cap_gb == 4
+    settings = runner.Settings(threads=1, cap_bytes=int(small.mem_cap_gb * 2**30))
+    task = runner.Task("pml", "infonce", max(presets.SUPCON_SIZES), 128, "float32", "fwdbwd", positives="labels")
+    result = runner.run(task, settings)
+    assert result["status"] == "OOM" and "predicted peak" in result["reason"] and "cap 4.0 GiB" in result["reason"], result
+    cuda = presets.expand("supcon-cuda")[0]
+    assert cuda["setups"] == ["labels"] and set(cuda["providers"]) == {"triton", "cuda", "chunked", "pml"}
+
+
+def test_providers_that_cannot_run_the_set_up_say_why():
+    assert providers.setup_support("pml", "direct", "all", 0, "labels")[0] == "unavailable"
+    status, reason = providers.setup_support("pml", "infonce", "all", 0, "pair")
+    assert status == "unavailable" and "labels" in reason
+    for name in ("eager", "chunked"):
+        assert providers.setup_support(name, "infonce", "all", 0, "labels") == ("ok", "")
+    # cpp may or may not take labels in this checkout: either it runs, or the reason is the dispatcher's.
+    status, reason = providers.setup_support("cpp", "infonce", "all", 0, "labels")
+    assert (status, reason) == ("ok", "") or (status == "unavailable" and "cpp" in reason), (status, reason)
+
+
+@needs_pml
+def test_pml_agrees_with_fastalpha_supcon_and_a_wrong_temperature_does_not(gen):
+    cpu = torch.device("cpu")
+    fn = providers.loss_fn("pml", "infonce", "labels")
+    assert agreement.check_agreement(fn, "infonce", cpu, torch.float32, gen, positives="labels")[0] == "ok"
+    from pytorch_metric_learning.losses import SupConLoss
+
+    status, reason = agreement.check_agreement(SupConLoss(temperature=0.2), "infonce", cpu, torch.float32, gen,
+                                               positives="labels")
+    assert status == "wrong" and "loss" in reason, reason
+
+
+def test_providers_agree_in_value_on_the_benchmark_inputs():
+    # The inputs compare.py times (runner._inputs: one view, supcon_labels), forward only.
+    cpu = torch.device("cpu")
+    settings = runner.Settings(threads=1)
+    names = [p for p in ("eager", "chunked", "cpp", "pml")
+             if providers.status(p, cpu)[0] and providers.setup_support(p, "infonce", "all", 0, "labels")[0] == "ok"]
+    assert {"eager", "chunked"} <= set(names)
+    values = {}
+    for name in names:
+        task = runner.Task(name, "infonce", 256, 32, "float32", "fwd", positives="labels")
+        _, call = runner._inputs(task, settings, cpu, torch.float32)
+        values[name] = call()
+    for name, value in values.items():
+        testing.assert_close(value, values["eager"], testing.precision_of(torch.float32, False), f"{name} loss")
+
+
+@pytest.mark.background
+def test_supcon_preset_at_tiny_sizes_writes_rows_ratios_and_plot(tmp_path):
+    out, proc = background.result(TINY_TEST, _compare_command_line, _tiny_preset_argv(), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = proc.stdout
+    assert "threads of" in printed and "1-min load" in printed and "set-up=labels" in printed, printed
+    with open(out / "supcon-tiny.csv", newline="") as f:
+        header = csv.DictReader(f).fieldnames
+    assert {"positives", "speedup_vs_pml", "speedup_vs_eager", "memory_saving_vs_pml", "memory_saving_vs_eager"} <= set(header)
+    assert (out / "supcon-tiny.png").stat().st_size > 0
+    rows = report.read_csv(str(out / "supcon-tiny.csv"))
+    group, = presets.expand("supcon")
+    assert {(r["provider"], r["M"]) for r in rows} == {(p, m) for p in group["providers"] for m in TINY_SIZES}
+    by = {(r["provider"], r["M"]): r for r in rows}
+    for r in rows:
+        assert r["positives"] == "labels" and r["rule"] == "infonce" and r["mode"] == "fwdbwd", r
+        assert r["device"] and r["threads"] == 1 and r["cores"] >= 1 and r["timestamp"], r
+        # ok (the agreement check passed: the value and gradient equal the float64 SupCon), or a
+        # provider that cannot run here with its reason; never an error.
+        assert r["status"] in ("ok", "unavailable"), r
+        assert r["status"] == "ok" or r["reason"], r
+        if r["status"] == "ok":
+            assert r["load_start"] is not None and r["load_end"] is not None and r["peak_mb"] is not None
+    for m in TINY_SIZES:
+        for name in ("eager", "chunked") + (("pml",) if HAVE_PML else ()):
+            assert by[name, m]["status"] == "ok", by[name, m]
+        # Ratios are computed in the run from the rows beside them.
+        pml, eager = by["pml", m], by["eager", m]
+        for r in (row for row in rows if row["M"] == m and row["status"] == "ok"):
+            for column, base, field in (("speedup_vs_pml", pml, "median_ms"), ("speedup_vs_eager", eager, "median_ms"),
+                                        ("memory_saving_vs_pml", pml, "peak_mb"), ("memory_saving_vs_eager", eager, "peak_mb")):
+                if base["status"] != "ok" or not r[field]:
+                    assert r[column] is None, (column, r)
+                else:
+                    assert r[column] == pytest.approx(base[field] / r[field], rel=1e-4), (column, r)
+        if HAVE_PML:
+            assert pml["speedup_vs_pml"] == pytest.approx(1.0)
+    # At M = 256 the O(M²) providers hold M × M matrices: pml's memory is counted.
+    if HAVE_PML:
+        assert by["pml", max(TINY_SIZES)]["peak_mb"] > max(TINY_SIZES) ** 2 * 4 / 2**20
+        assert "x pml" in printed and "mem x pml" in printed

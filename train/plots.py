@@ -77,6 +77,7 @@ def plot_run(out_dir: str, rows: list[dict], probes: dict, title: str) -> list[s
 
 def compare_runs(run_dirs: list[str], out_path: str) -> str:
     """One loss panel per run (losses have different scales), then kNN and linear-probe curves of all."""
+    from .config import positives_label
     from .records import read_metrics
 
     plt = _pyplot()
@@ -89,10 +90,13 @@ def compare_runs(run_dirs: list[str], out_path: str) -> str:
             summary = json.load(f)
         rows = read_metrics(os.path.join(run, "metrics.csv"))
         cfg = summary["config"]
-        label, color = cfg["loss"], f"C{i}"
+        # Older run folders predate --supervised/--views: they are self-supervised two-view runs.
+        positives = positives_label(cfg.get("supervised", False), cfg.get("views", 2))
+        label, color = f"{cfg['loss']} ({positives})", f"C{i}"
         trained = [r for r in rows if r["loss"]]
         axes[i].plot([int(r["epoch"]) for r in trained], [float(r["loss"]) for r in trained], marker="o", color=color)
-        axes[i].set(xlabel="epoch", ylabel="training loss", title=f"--loss {label} ({summary['dataset']}, {cfg['arch']})")
+        axes[i].set(xlabel="epoch", ylabel="training loss",
+                    title=f"--loss {cfg['loss']}, {positives}\n({summary['dataset']}, {cfg['arch']})")
         knn = [r for r in rows if r["knn_top1"]]
         knn_ax.plot([int(r["epoch"]) for r in knn], [float(r["knn_top1"]) for r in knn], marker="o", color=color, label=label)
         linear = (summary.get("trained") or {}).get("linear")

@@ -228,10 +228,11 @@ def test_supervised_and_self_supervised_on_digits_end_to_end(tmp_path, capsys):
         assert summary["trained"]["linear"]["final"] is not None and summary["trained"]["knn_top1"] is not None
         assert summary["untrained"]["linear"]["final"] is not None
         assert "positives: " + ("supervised" if flags else "self-supervised") in out
-    from train.plots import compare_runs
+    from train.plots import accuracy_bars, compare_runs
 
-    png = compare_runs([str(tmp_path / "ssl"), str(tmp_path / "sup")], str(tmp_path / "cmp.png"))
-    assert os.path.getsize(png) > 0
+    runs = [str(tmp_path / "ssl"), str(tmp_path / "sup")]
+    for png in (compare_runs(runs, str(tmp_path / "cmp.png")), accuracy_bars(runs, str(tmp_path / "bars.png"))):
+        assert os.path.getsize(png) > 0
 
 
 # ----------------------------------------------------------------------------- --check-eager

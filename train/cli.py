@@ -370,7 +370,7 @@ def _describe(cfg: RunConfig, backend: str, log, threads_note: str = "") -> None
 
 
 def describe_positives(cfg: RunConfig) -> str:
-    """What a row's positives are in this run (the log line and the comparison's labels)."""
+    """What a row's positives are in this run (for the run's log)."""
     if cfg.supervised:
         return f"supervised: every other row of the same label, {cfg.views} views per image"
     return f"self-supervised: the other {'view' if cfg.views == 2 else f'{cfg.views - 1} views'} of the same image"

@@ -93,8 +93,9 @@ class Trainer:
         if problem:
             raise ValueError(problem)
         if cfg.supervised and data.pretrain_labels is None:
-            raise ValueError(f"--supervised needs labels of the pre-training images, and {data.name} has none "
-                             f"({len(data.pretrain)} pre-training images; STL-10 pre-trains on its unlabelled split)")
+            why = " (it pre-trains on its train+unlabeled split)" if data.name == "stl10" else ""
+            raise ValueError(f"--supervised needs labels of the pre-training images; the {len(data.pretrain)} "
+                             f"pre-training images of {data.name} have none{why}")
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         self.model = ContrastiveModel(cfg.arch, data.channels, spec.size).to(device, memory_format=torch.channels_last)
         self.ddp_model = self.model

@@ -535,16 +535,16 @@ def test_torchrun_two_processes_with_global_negatives(tmp_path):
 
 # ----------------------------------------------------------------------------- views per epoch
 def _record_views(monkeypatch):
-    """Every (v1, v2) the trainer draws, in order (the wrapper calls the real two_views)."""
+    """Every (v1, v2) the trainer draws, in order (the wrapper calls the real augment.views)."""
     calls = []
-    real = augment.two_views
+    real = augment.views
 
     def recording(*args, **kwargs):
-        v1, v2 = real(*args, **kwargs)
-        calls.append((v1.clone(), v2.clone()))
-        return v1, v2
+        views = real(*args, **kwargs)
+        calls.append(tuple(v.clone() for v in views))
+        return views
 
-    monkeypatch.setattr(augment, "two_views", recording)
+    monkeypatch.setattr(augment, "views", recording)
     return calls
 
 

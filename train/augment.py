@@ -1,4 +1,4 @@
-r"""Two-view augmentation of whole batches as tensor ops on the training device.
+r"""Multi-view augmentation of whole batches as tensor ops on the training device.
 
 SimCLR's pipeline (as the authors' code uses it; the paper does not list its augmentation),
 after torchvision's PIL transforms, per image:
@@ -23,6 +23,9 @@ image from a seeded CPU generator) and then applied to the whole batch at once (
 Because the parameters come from a generator seeded by (seed, epoch, step) and are drawn for
 the *global* batch, every rank of a distributed run applies exactly the augmentation the
 single-process run would apply to the same images, and a resumed run replays it bit for bit.
+The V views of a step (`--views V`) are V such draws from that generator, view after view, so
+view v of an image depends only on (seed, epoch, step, v, the image's place in the batch), and
+the first two of V views are the two views of a two-view run.
 """
 from __future__ import annotations
 
@@ -244,13 +247,21 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def two_views(images: torch.Tensor, spec: AugmentSpec, gen: torch.Generator, global_n: int, lo: int):
-    """Two augmented views of `images`, which are rows [lo, lo + len) of a global batch of `global_n`.
+def views(images: torch.Tensor, spec: AugmentSpec, gen: torch.Generator, global_n: int, lo: int,
+          count: int = 2) -> list[torch.Tensor]:
+    """`count` augmented views of `images`, which are rows [lo, lo + len) of a global batch of `global_n`.
 
-    Parameters are drawn for all `global_n` images (view 1, then view 2) and sliced, so a
+    Parameters are drawn for all `global_n` images (view 1, then view 2, ...) and sliced, so a
     rank's views do not depend on how the global batch is split over ranks.
     """
+    if count < 1:
+        raise ValueError(f"the number of views must be >= 1, got {count}")
     hi = lo + images.shape[0]
-    p1 = slice_params(sample_params(spec, global_n, gen), lo, hi)
-    p2 = slice_params(sample_params(spec, global_n, gen), lo, hi)
-    return apply(images, p1, spec), apply(images, p2, spec)
+    params = [slice_params(sample_params(spec, global_n, gen), lo, hi) for _ in range(count)]
+    return [apply(images, p, spec) for p in params]
+
+
+def two_views(images: torch.Tensor, spec: AugmentSpec, gen: torch.Generator, global_n: int, lo: int):
+    """The two views of SimCLR: `views(..., count=2)` as a pair."""
+    v1, v2 = views(images, spec, gen, global_n, lo, 2)
+    return v1, v2

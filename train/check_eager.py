@@ -1,8 +1,9 @@
 r"""--check-eager K: the fused backend against the eager reference over K training steps.
 
 Both start from the same initial weights (the seed) and see the same batches and the same
-augmentation (generators seeded by (seed, epoch, step)), so they differ only in how the loss
-and its gradient are computed. Two comparisons:
+augmentation (generators seeded by (seed, epoch, step)), with the run's views and, with
+--supervised, its labels, so they differ only in how the loss and its gradient are computed.
+Two comparisons:
 
 1. Lockstep (the pass/fail criterion). The trajectory follows the eager reference; at each of
    the K steps both backends evaluate the loss and all parameter gradients at the *same*
@@ -30,7 +31,7 @@ import torch
 
 import fastalpha
 
-from . import augment, distributed
+from . import distributed
 from .trainer import Trainer
 
 DEFAULT_TOLERANCE = {"none": 1e-3, "bf16": 5e-2}
@@ -47,17 +48,12 @@ def _lockstep(cfg, data, spec, device, backend: str, steps: int, log) -> dict:
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     rows = []
     for epoch, step, order in _first_steps(trainer, steps):
-        idx, offset = trainer.plan.local_indices(order, step)
-        gen = augment.step_generator(cfg.seed, epoch, step)
-        v1, v2 = augment.two_views(trainer.images[idx.to(device)], spec, gen, trainer.plan.global_batch, offset)
-        with torch.autocast(device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
-            z = trainer.model(torch.cat([v1, v2]))
-        z1, z2 = z.chunk(2)
-        # Both see the memory bank of --queue-size as the trainer fills it (on the eager trajectory).
-        queue = trainer.queue.rows() if trainer.queue is not None else None
-        loss_f = fused_loss(z1, z2, queue=queue)
+        # The trainer's own step inputs: its views (--views), labels (--supervised) and, through
+        # loss_of, the memory bank of --queue-size as the trainer fills it (on the eager trajectory).
+        embeddings, labels = trainer.embed_step(epoch, step, order)
+        loss_f = trainer.loss_of(fused_loss, embeddings, labels)
         grads_f = torch.autograd.grad(loss_f, params, retain_graph=True)
-        loss_e = trainer.loss_fn(z1, z2, queue=queue)
+        loss_e = trainer.loss_of(trainer.loss_fn, embeddings, labels)
         grads_e = torch.autograd.grad(loss_e, params)
         devs = [_rel(gf, ge) for gf, ge in zip(grads_f, grads_e)]
         worst = max(range(len(devs)), key=devs.__getitem__)
@@ -69,7 +65,7 @@ def _lockstep(cfg, data, spec, device, backend: str, steps: int, log) -> dict:
             p.grad = g
         trainer.optimizer.step()
         if trainer.queue is not None:
-            trainer.queue.enqueue(z2.detach().float())
+            trainer.queue.enqueue(embeddings[1].detach().float())
     return rows
 
 

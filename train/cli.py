@@ -25,7 +25,7 @@ from fastalpha import PAPER_LOSSES
 
 from . import checkpoint, data as datasets, distributed, recipes, records
 from .check_eager import DEFAULT_TOLERANCE, check_against_eager
-from .config import RESUMABLE_CHANGES, RunConfig
+from .config import RESUMABLE_CHANGES, RunConfig, grouped_positives_error, positives_label
 from .models import ARCHS
 from .trainer import CHECKPOINT_NAME, SCHEDULES, Interrupted, NonFiniteLoss, Trainer
 
@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue-size", type=int, default=0, metavar="K",
                    help="keep the last K second-view embeddings (detached, first in first out) as extra negatives "
                         "of every anchor, a memory bank as in MoCo; 0 = no queue. Default: 0")
+    g.add_argument("--supervised", action="store_true",
+                   help="pre-train with the labels of the pre-training images (SupCon style): the positives of a "
+                        "row are every other row of its label (in every view), its negatives the rows of the other "
+                        "labels; the Table-1 rule sees the mean positive distance (docs/design.md, 'Positive sets'). "
+                        "Needs --negatives all, no --queue-size, one process. Default: off (self-supervised)")
+    g.add_argument("--views", type=int, default=2, metavar="V",
+                   help="augmented views of every image per step (multi-view SimCLR): the positives of a row are the "
+                        "other V-1 views of its image (with --supervised also the other images of its label). "
+                        "V > 2 needs --negatives all, no --queue-size, one process. Default: 2")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="loss implementation: auto = cpp on CPU / triton on CUDA when available, else eager "
                         "(the dense reference). An explicit backend never falls back. Default: auto")
@@ -120,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder: resnet18/resnet50 (CIFAR stem below 64 px), small_cnn (3 stride-2 conv layers, 128-d)")
     g.add_argument("--epochs", type=_auto_or(int), default=None, metavar="N|auto", help="pre-training epochs")
     g.add_argument("--batch", type=_auto_or(int), default=None, metavar="B|auto",
-                   help="images per step (the global batch; each image gives two views, so M = 2B rows in the loss)")
+                   help="images per step (the global batch; each image gives V views (--views, default 2), so "
+                        "M = V·B rows in the loss)")
     g.add_argument("--optimizer", choices=("auto", "adam", "sgd"), default="auto", help="adam, or sgd with momentum 0.9")
     g.add_argument("--lr", type=_auto_or(float), default=None, metavar="LR|auto", help="learning rate")
     g.add_argument("--wd", type=_auto_or(float), default=None, metavar="WD|auto", help="weight decay")
@@ -180,7 +190,7 @@ def explicit_flags(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _check_args(args, parser) -> None:
+def _check_args(args, parser, world_size: int = 1) -> None:
     def positive(name, value, allow_zero=False):
         if value is not None and (value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value)):
             parser.error(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -207,6 +217,11 @@ def _check_args(args, parser) -> None:
     positive("queue-size", args.queue_size, allow_zero=True)
     if args.negatives == "none" and not args.queue_size:
         parser.error("--negatives none takes the negatives from the queue only: give --queue-size K > 0")
+    if args.views < 2:
+        parser.error(f"--views must be >= 2 (a positive is another view of the image), got {args.views}")
+    problem = grouped_positives_error(args.supervised, args.views, args.negatives, args.queue_size, world_size)
+    if problem:
+        parser.error(problem)
     try:
         loss_kwargs(args.loss, args)
     except (ValueError, TypeError) as err:
@@ -284,7 +299,7 @@ def resolve_config(args, data, spec, device, topology) -> RunConfig:
         schedule=args.schedule, seed=args.seed, threads=args.threads, device=str(device), amp=args.amp,
         backend=args.backend, eval=args.eval, eval_every=args.eval_every, linear_epochs=args.linear_epochs,
         knn_k=args.knn_k, knn_t=args.knn_t, out=out, progress=args.progress, world_size=topology.world_size,
-        queue_size=args.queue_size,
+        queue_size=args.queue_size, supervised=args.supervised, views=args.views,
         augment=dict(vars(spec)), baseline=args.baseline, pretrain_images=args.pretrain_images or 0,
         probe_images=args.probe_images or 0,
     )
@@ -314,10 +329,15 @@ def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> Ru
                   "lr": args.lr, "wd": args.wd, "schedule": args.schedule, "seed": args.seed, "amp": args.amp,
                   "backend": args.backend, "eval": args.eval, "linear_epochs": args.linear_epochs, "knn_k": args.knn_k,
                   "knn_t": args.knn_t, "recipe": args.recipe, "pretrain_images": args.pretrain_images,
-                  "probe_images": args.probe_images}
+                  "probe_images": args.probe_images, "supervised": args.supervised, "views": args.views,
+                  "queue_size": args.queue_size}
     for key, value in comparable.items():
-        if key in given and value not in (None, "auto") and value != saved.get(key):
-            conflicts.append(f"--{key.replace('_', '-')} {value} (the checkpoint has {saved.get(key)!r})")
+        # Against the loaded config, whose defaults stand in for fields older checkpoints lack.
+        if key in given and value not in (None, "auto") and value != getattr(cfg, key):
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the checkpoint has {getattr(cfg, key)!r})")
+    saved_negatives = saved["loss_kwargs"].get("negatives", "all")
+    if "negatives" in given and args.negatives != saved_negatives:
+        conflicts.append(f"--negatives {args.negatives} (the checkpoint has {saved_negatives!r})")
     if given & {"temperature", "p", "gamma", "eps"}:
         if loss_kwargs(saved["loss"], args) != saved["loss_kwargs"]:
             conflicts.append(f"loss parameters differ from the checkpoint's {saved['loss_kwargs']}")
@@ -342,10 +362,31 @@ def _describe(cfg: RunConfig, backend: str, log, threads_note: str = "") -> None
     log(f"recipe {cfg.recipe}: arch={cfg.arch} epochs={cfg.epochs} batch={cfg.batch} optimizer={cfg.optimizer} "
         f"lr={cfg.lr:g} wd={cfg.wd:g} schedule={cfg.schedule} seed={cfg.seed}")
     log(f"loss {cfg.loss}: {kw}; backend {cfg.backend} → {backend}")
+    log(f"positives: {describe_positives(cfg)}")
     log(f"device {cfg.device} ({torch.get_num_threads()} CPU threads, {threads_note}), amp={cfg.amp}, processes={cfg.world_size}")
     log(f"eval: {cfg.eval} (linear {cfg.linear_epochs} epochs, kNN k={cfg.knn_k} t={cfg.knn_t}); kNN monitor every "
         f"{cfg.eval_every or '—'} epoch(s)")
     log(f"out: {cfg.out}")
+
+
+def describe_positives(cfg: RunConfig) -> str:
+    """What a row's positives are in this run (for the run's log)."""
+    if cfg.supervised:
+        return f"supervised: every other row of the same label, {cfg.views} views per image"
+    return f"self-supervised: the other {'view' if cfg.views == 2 else f'{cfg.views - 1} views'} of the same image"
+
+
+def resolve_loss_backend(cfg: RunConfig, device: torch.device) -> str:
+    """The backend `auto` (or the named one) gives for this run's loss: labels and more than two views
+    need a backend with group-defined positives, a queue one that takes it (ValueError if the named
+    backend cannot)."""
+    from fastalpha.rules import make_spec
+
+    kw = cfg.loss_kwargs
+    spec = make_spec(kw["rule"], kw.get("temperature"), kw.get("p"), kw.get("gamma"), kw.get("eps"),
+                     kw.get("normalize", True), kw.get("detach_alpha", True), kw.get("negatives", "all"))
+    return dispatch.resolve_backend(cfg.backend, device, spec, has_queue=cfg.queue_size > 0,
+                                    has_groups=cfg.supervised or cfg.views != 2)
 
 
 def _checkpoint_note(trainer) -> str:
@@ -381,6 +422,7 @@ def _summary(cfg, data, backend, trainer, status, final=None) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "epochs_done": trainer.epochs_done, "train_time_s": round(sum(r["epoch_time_s"] for r in trained), 2),
         "final_epoch_loss": trained[-1]["loss"] if trained else None,
+        "supervised": cfg.supervised, "views": cfg.views,
         "untrained": trainer.probes.get("untrained"), "trained": final,
     }
     if final and final.get("linear"):
@@ -401,7 +443,9 @@ def _write_outputs(cfg, data, backend, trainer, status, final=None, plots=True) 
         probes = {"untrained": trainer.probes.get("untrained")}
         if final:
             probes[f"trained ({trainer.epochs_done} ep)"] = final
-        plot_run(cfg.out, trainer.history, probes, f"{cfg.loss} on {data.name}, {cfg.arch}, batch {cfg.batch}, seed {cfg.seed}")
+        positives = positives_label(cfg.supervised, cfg.views)
+        plot_run(cfg.out, trainer.history, probes,
+                 f"{cfg.loss} ({positives}) on {data.name}, {cfg.arch}, batch {cfg.batch}, seed {cfg.seed}")
 
 
 def main(argv=None) -> int:
@@ -409,8 +453,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     resolve_threads(args, parser)
-    _check_args(args, parser)
     topology = distributed.from_environment()
+    _check_args(args, parser, topology.world_size)
     log = print if topology.is_main else (lambda *a, **k: None)
     state = None
     if args.resume is not None:
@@ -451,7 +495,7 @@ def _run(args, argv, parser, topology, device, state, log, threads_note="") -> i
     else:
         cfg = resolve_config(args, data, spec, device, topology)
     try:
-        backend = dispatch.resolve_backend(cfg.backend, device)
+        backend = resolve_loss_backend(cfg, device)
     except (RuntimeError, ValueError) as err:
         print(f"error: --backend {cfg.backend}: {err}", file=sys.stderr)
         return 2
@@ -531,8 +575,8 @@ def _run(args, argv, parser, topology, device, state, log, threads_note="") -> i
     final = trainer.final_probes().as_dict()
     log(f"final probes: {time.perf_counter() - start:.1f}s")
     _write_outputs(cfg, data, backend, trainer, "completed", final)
-    table = records.accuracy_table([("untrained (epoch 0)", trainer.probes.get("untrained") or {}),
-                                    (f"trained (epoch {trainer.epochs_done})", final)])
+    trained_label = f"trained (epoch {trainer.epochs_done}), {positives_label(cfg.supervised, cfg.views)}"
+    table = records.accuracy_table([("untrained (epoch 0)", trainer.probes.get("untrained") or {}), (trained_label, final)])
     log("\n" + table)
     log(f"\nrun folder: {cfg.out} (config.json, metrics.csv, summary.json, loss.png, accuracy.png, checkpoint.pt)")
     distributed.barrier(topology)

@@ -42,6 +42,10 @@ class RunConfig:
     probe_images: int = 0
     augment: dict = field(default_factory=dict)
     queue_size: int = 0
+    # Label-defined positives and views per image (docs/design.md, "Positive sets"); the
+    # defaults are the self-supervised two-view run, which older checkpoints hold.
+    supervised: bool = False
+    views: int = 2
 
     @classmethod
     def from_saved(cls, saved: dict) -> "RunConfig":
@@ -53,3 +57,31 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def positives_label(supervised: bool, views: int) -> str:
+    """A short name of a run's positive set: 'self-supervised, 2 views', 'supervised, 3 views'."""
+    return f"{'supervised' if supervised else 'self-supervised'}, {views} views"
+
+
+def grouped_positives_error(supervised: bool, views: int, negatives: str, queue_size: int, world_size: int) -> str | None:
+    """Why `--supervised` / `--views V > 2` cannot run with these settings, or None if they can.
+
+    Label-defined positives and more than two views take every row of another group (another
+    label, another image) as a negative: the loss supports them with negatives "all", without
+    a queue and in one process only (fastalpha.alpha_cl_loss raises a ValueError otherwise),
+    so the harness refuses the combination before loading anything.
+    """
+    if not supervised and views == 2:
+        return None
+    what = " with ".join(part for part in ("--supervised" if supervised else "", f"--views {views}" if views != 2 else "") if part)
+    if negatives != "all":
+        rows = "labels" if supervised else "images"
+        return f"{what} needs --negatives all: its negatives are the rows of the other {rows} (got --negatives {negatives})"
+    if queue_size:
+        return (f"{what} cannot use a memory bank (--queue-size {queue_size}): fastalpha supports a queue only for two "
+                "views without labels; use --queue-size 0")
+    if world_size > 1:
+        return (f"{what} runs in one process: fastalpha's distributed gather supports two views without labels only "
+                f"(this run has {world_size} processes); start it without torchrun")
+    return None

@@ -1,7 +1,8 @@
 """Datasets as whole uint8 tensors (N, C, H, W), which the batch pipeline indexes on the device.
 
     cifar10 / cifar100   torchvision, under --data-root (--download fetches them)
-    stl10                torchvision; pre-training on `train+unlabeled` (105k), probes on `train`
+    stl10                torchvision; pre-training on `train+unlabeled` (105k), probes on `train`;
+                         100k of the pre-training images have no label, so no --supervised
     fashion-mnist        gzip'd IDX files: --data-root, or Debian's dataset-fashion-mnist package
                          (/usr/share/datasets/fashion-mnist), or --download (torchvision)
     digits               scikit-learn's 8×8 digits (1797 images, always installed): a fixed
@@ -41,7 +42,11 @@ class DatasetMissing(RuntimeError):
 
 @dataclass
 class ImageData:
-    """Pre-training images plus the labelled train/test sets of the probes (uint8, NCHW)."""
+    """Pre-training images plus the labelled train/test sets of the probes (uint8, NCHW).
+
+    `pretrain_labels` are the class ids of the pre-training images, which `--supervised` turns
+    into positives; None where the pre-training images are unlabelled (STL-10's train+unlabeled).
+    """
 
     name: str
     source: str
@@ -52,6 +57,7 @@ class ImageData:
     test_labels: torch.Tensor
     num_classes: int
     notes: list = field(default_factory=list)
+    pretrain_labels: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -123,9 +129,10 @@ def load_cifar(name: str, root: str, download: bool) -> ImageData:
         test = _torchvision_dataset(cls, root, download, train=False)
     except RuntimeError as err:
         raise _missing(name, root, err) from err
-    images = _nhwc_to_nchw(train.data)
-    return ImageData(name, os.path.join(root, train.base_folder), images, images, _labels(train.targets),
-                     _nhwc_to_nchw(test.data), _labels(test.targets), 10 if name == "cifar10" else 100)
+    images, labels = _nhwc_to_nchw(train.data), _labels(train.targets)
+    return ImageData(name, os.path.join(root, train.base_folder), images, images, labels,
+                     _nhwc_to_nchw(test.data), _labels(test.targets), 10 if name == "cifar10" else 100,
+                     pretrain_labels=labels)
 
 
 def load_stl10(root: str, download: bool) -> ImageData:
@@ -187,10 +194,10 @@ def load_fashion_mnist(root: str, download: bool) -> ImageData:
     if files is None:
         raise _missing("fashion-mnist", root, FileNotFoundError("no IDX files in " + ", ".join(fashion_mnist_dirs(root))))
     arrays = {key: read_idx(path) for key, path in files.items()}
-    train = torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1)
-    return ImageData("fashion-mnist", os.path.dirname(files["train_images"]), train, train,
-                     _labels(arrays["train_labels"]), torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
-                     _labels(arrays["test_labels"]), 10)
+    train, labels = torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1), _labels(arrays["train_labels"])
+    return ImageData("fashion-mnist", os.path.dirname(files["train_images"]), train, train, labels,
+                     torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1), _labels(arrays["test_labels"]), 10,
+                     pretrain_labels=labels)
 
 
 def load_digits() -> ImageData:
@@ -200,8 +207,9 @@ def load_digits() -> ImageData:
     bunch = sklearn_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     x_train, x_test, y_train, y_test = train_test_split(images, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0)
-    train = torch.from_numpy(x_train)
-    return ImageData("digits", "sklearn.datasets.load_digits", train, train, _labels(y_train), torch.from_numpy(x_test), _labels(y_test), 10)
+    train, labels = torch.from_numpy(x_train), _labels(y_train)
+    return ImageData("digits", "sklearn.datasets.load_digits", train, train, labels, torch.from_numpy(x_test),
+                     _labels(y_test), 10, pretrain_labels=labels)
 
 
 def load_synthetic(n_train: int = 96, n_test: int = 48, classes: int = 4, size: int = 16) -> ImageData:
@@ -217,7 +225,8 @@ def load_synthetic(n_train: int = 96, n_test: int = 48, classes: int = 4, size: 
 
     train, train_labels = draw(n_train)
     test, test_labels = draw(n_test)
-    return ImageData("synthetic", "generated (seed 0)", train, train, train_labels, test, test_labels, classes)
+    return ImageData("synthetic", "generated (seed 0)", train, train, train_labels, test, test_labels, classes,
+                     pretrain_labels=train_labels)
 
 
 def load(name: str, root: str, download: bool = False) -> ImageData:
@@ -268,9 +277,11 @@ def subset(data: ImageData, pretrain_images: int = 0, probe_images: int = 0) -> 
         return torch.randperm(n_total, generator=torch.Generator().manual_seed(0))[:n]
 
     notes = list(data.notes)
-    pretrain, train, train_labels = data.pretrain, data.train, data.train_labels
+    pretrain, pretrain_labels, train, train_labels = data.pretrain, data.pretrain_labels, data.train, data.train_labels
     if pretrain_images and pretrain_images < len(pretrain):
-        pretrain = pretrain[draw(len(pretrain), pretrain_images)]
+        idx = draw(len(pretrain), pretrain_images)
+        pretrain = pretrain[idx]
+        pretrain_labels = pretrain_labels[idx] if pretrain_labels is not None else None
         notes.append(f"pre-training on a fixed draw of {pretrain_images} of the {len(data.pretrain)} images (--pretrain-images)")
     if probe_images and probe_images < len(train):
         idx = draw(len(train), probe_images)
@@ -278,5 +289,5 @@ def subset(data: ImageData, pretrain_images: int = 0, probe_images: int = 0) -> 
         notes.append(f"probes trained on a fixed draw of {probe_images} of the {len(data.train)} labelled images "
                      "(--probe-images); the test set is complete")
     return ImageData(data.name, data.source, pretrain, train, train_labels, data.test, data.test_labels,
-                     data.num_classes, notes)
+                     data.num_classes, notes, pretrain_labels)
 

@@ -4,6 +4,7 @@ linear-probe test accuracy per probe epoch, untrained vs trained encoder).
 Several finished runs side by side (e.g. two losses on one dataset):
 
     python -m train.plots RUN_DIR [RUN_DIR ...] --out comparison.png
+    python -m train.plots RUN_DIR [RUN_DIR ...] --out accuracy.png --bars   # final accuracies only
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def plot_run(out_dir: str, rows: list[dict], probes: dict, title: str) -> list[s
 
 def compare_runs(run_dirs: list[str], out_path: str) -> str:
     """One loss panel per run (losses have different scales), then kNN and linear-probe curves of all."""
+    from .config import positives_label
     from .records import read_metrics
 
     plt = _pyplot()
@@ -89,10 +91,13 @@ def compare_runs(run_dirs: list[str], out_path: str) -> str:
             summary = json.load(f)
         rows = read_metrics(os.path.join(run, "metrics.csv"))
         cfg = summary["config"]
-        label, color = cfg["loss"], f"C{i}"
+        # Older run folders predate --supervised/--views: they are self-supervised two-view runs.
+        positives = positives_label(cfg.get("supervised", False), cfg.get("views", 2))
+        label, color = f"{cfg['loss']} ({positives})", f"C{i}"
         trained = [r for r in rows if r["loss"]]
         axes[i].plot([int(r["epoch"]) for r in trained], [float(r["loss"]) for r in trained], marker="o", color=color)
-        axes[i].set(xlabel="epoch", ylabel="training loss", title=f"--loss {label} ({summary['dataset']}, {cfg['arch']})")
+        axes[i].set(xlabel="epoch", ylabel="training loss",
+                    title=f"--loss {cfg['loss']}, {positives}\n({summary['dataset']}, {cfg['arch']})")
         knn = [r for r in rows if r["knn_top1"]]
         knn_ax.plot([int(r["epoch"]) for r in knn], [float(r["knn_top1"]) for r in knn], marker="o", color=color, label=label)
         linear = (summary.get("trained") or {}).get("linear")
@@ -119,9 +124,60 @@ def compare_runs(run_dirs: list[str], out_path: str) -> str:
     return out_path
 
 
+def accuracy_bars(run_dirs: list[str], out_path: str) -> str:
+    """kNN and best linear-probe accuracy of each run's trained encoder as bars, the untrained
+    encoders (one per seed, arch and dataset) as dashed lines: many runs in one readable figure."""
+    from .config import positives_label
+
+    plt = _pyplot()
+    summaries = []
+    for run in run_dirs:
+        with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+            summaries.append(json.load(f))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(summaries)) + 3.5, 4.8))
+    width = 0.38
+    for k, (key, name) in enumerate((("knn_top1", "kNN top-1"), ("linear", "linear top-1, best epoch"))):
+        values = []
+        for summary in summaries:
+            trained = summary.get("trained") or {}
+            values.append(trained["linear"]["best"] if key == "linear" and trained.get("linear") else trained.get(key))
+        xs = [i + (k - 0.5) * width for i in range(len(summaries))]
+        bars = ax.bar(xs, [v or 0 for v in values], width, color=f"C{k}", label=f"trained: {name}")
+        ax.bar_label(bars, labels=["—" if v is None else f"{v:.1f}" for v in values], fontsize=7, padding=2)
+        untrained = {}
+        for summary in summaries:
+            before = summary.get("untrained") or {}
+            value = before["linear"]["best"] if key == "linear" and before.get("linear") else before.get(key)
+            cfg = summary["config"]
+            if value is not None:
+                untrained.setdefault((cfg["seed"], cfg["arch"], summary["dataset"]), value)
+        for (seed, arch, dataset), value in untrained.items():
+            ax.axhline(value, color=f"C{k}", linestyle="--", linewidth=1,
+                       label=f"untrained {arch} (seed {seed}): {name} {value:.1f}")
+    labels = []
+    for summary in summaries:
+        cfg = summary["config"]
+        positives = positives_label(cfg.get("supervised", False), cfg.get("views", 2)).replace(", ", "\n")
+        labels.append(f"{cfg['loss']}\n{positives}\n{summary['epochs_done']} ep, seed {cfg['seed']}")
+    ax.set_xticks(range(len(summaries)), labels, fontsize=7)
+    low = min([b.get_height() for b in ax.patches if b.get_height() > 0] + [line.get_ydata()[0] for line in ax.lines])
+    ax.set_ylim(max(0.0, low - 10), 100)
+    ax.set_ylabel("test top-1 (%)")
+    datasets = sorted({s["dataset"] for s in summaries})
+    ax.set_title(f"frozen-encoder probes on {', '.join(datasets)}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m train.plots", description="Compare finished runs in one PNG.")
     parser.add_argument("runs", nargs="+", help="run folders (with summary.json and metrics.csv)")
     parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--bars", action="store_true",
+                        help="only the trained encoders' final kNN and best linear accuracy, as bars (for many runs)")
     args = parser.parse_args()
-    print(compare_runs(args.runs, args.out))
+    print(accuracy_bars(args.runs, args.out) if args.bars else compare_runs(args.runs, args.out))

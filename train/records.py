@@ -4,7 +4,7 @@ metrics.csv has one row per epoch; row 0 is the untrained encoder (no loss yet):
 
     epoch, steps, loss (mean over the epoch's steps), lr (at the epoch's end), knn_top1 (%,
     empty when not evaluated that epoch), epoch_time_s (training only, without the probe),
-    images_per_s (pre-training images per second; each image is seen as two views),
+    images_per_s (pre-training images per second; each image is seen as --views views, default 2),
     eval_time_s (the kNN monitor: features of the train and test images plus the vote)
 """
 from __future__ import annotations
@@ -46,12 +46,13 @@ def _pct(value) -> str:
 
 def accuracy_table(rows: list[tuple[str, dict]]) -> str:
     """Rows of (label, probe dict as in ProbeResult.as_dict()) → a fixed-width table."""
-    header = f"{'encoder':<28} {'kNN top-1':>10} {'linear final':>13} {'linear best (epoch)':>20}"
+    width = max([28] + [len(label) for label, _ in rows])
+    header = f"{'encoder':<{width}} {'kNN top-1':>10} {'linear final':>13} {'linear best (epoch)':>20}"
     lines = [header, "-" * len(header)]
     for label, result in rows:
         linear = result.get("linear") or {}
         best = "—" if not linear else f"{_pct(linear['best'])} ({linear['best_epoch']:>2})"
-        lines.append(f"{label:<28} {_pct(result.get('knn_top1')):>10} {_pct(linear.get('final')):>13} {best:>20}")
+        lines.append(f"{label:<{width}} {_pct(result.get('knn_top1')):>10} {_pct(linear.get('final')):>13} {best:>20}")
     lines.append("Accuracies are test top-1 (%). 'final' is after the last linear-probe epoch; 'best' is the "
                  "maximum over its epochs (what the authors' code reports), with that epoch.")
     return "\n".join(lines)

@@ -1,10 +1,15 @@
-r"""The pre-training loop: two augmented views → encoder + projector → α-CL loss → optimizer.
+r"""The pre-training loop: V augmented views → encoder + projector → α-CL loss → optimizer.
 
 One step, for the global batch of B images x_1..x_B (rank r holds its B/W of them):
 
     v1, v2 = aug(x), aug(x)              parameters from a generator seeded by (seed, epoch, step)
     z      = model(cat(v1, v2))          BatchNorm statistics over both views of the batch
     loss   = AlphaCLLoss(z[:B], z[B:])   the Table-1 loss; all ranks' rows are negatives (DDP)
+
+With `--views V` (V ≥ 3) the step draws V views, z = model(cat(v1..vV)) and the loss gets the V
+views (positives: the other V − 1 views of an image). With `--supervised` it also gets the
+images' labels y_1..y_B (positives: every other row of the same label, SupCon style;
+docs/design.md, "Positive sets"). Both run in one process, with negatives "all" and no queue.
 
 Trust features:
 * checkpoint.pt (atomic) after every epoch, and at the first step boundary after Ctrl-C
@@ -26,6 +31,7 @@ import fastalpha
 
 from . import augment, checkpoint, distributed, evaluate
 from .batches import BatchPlan
+from .config import grouped_positives_error
 from .models import ContrastiveModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -80,6 +86,16 @@ class Trainer:
     def __init__(self, cfg, data, spec, device: torch.device, topology=distributed.Topology(), log=print):
         self.cfg, self.data, self.spec, self.device, self.topology, self.log = cfg, data, spec, device, topology, log
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+        # The flags are checked when parsed; a resumed run (other process count) is checked here,
+        # before any weight is built, instead of failing at the first loss.
+        problem = grouped_positives_error(cfg.supervised, cfg.views, cfg.loss_kwargs.get("negatives", "all"),
+                                          cfg.queue_size, topology.world_size)
+        if problem:
+            raise ValueError(problem)
+        if cfg.supervised and data.pretrain_labels is None:
+            why = " (it pre-trains on its train+unlabeled split)" if data.name == "stl10" else ""
+            raise ValueError(f"--supervised needs labels of the pre-training images; the {len(data.pretrain)} "
+                             f"pre-training images of {data.name} have none{why}")
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         self.model = ContrastiveModel(cfg.arch, data.channels, spec.size).to(device, memory_format=torch.channels_last)
         self.ddp_model = self.model
@@ -95,6 +111,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.wd)
         self.plan = BatchPlan(len(data.pretrain), cfg.batch, cfg.seed, topology.world_size, topology.rank)
         self.images = data.pretrain.to(device)
+        self.labels = data.pretrain_labels.to(device) if cfg.supervised else None
         self.epochs_done = 0
         self.step_in_epoch = 0
         self.partial = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
@@ -145,16 +162,29 @@ class Trainer:
             checkpoint.save(self.state_dict(), self.checkpoint_path)
 
     # ----------------------------------------------------------------- steps
+    def embed_step(self, epoch: int, step: int, order: torch.Tensor):
+        """The embeddings of this rank's images at `step`: (V tensors (n, D), one per view; their labels
+        or None). One forward pass over all views, so BatchNorm sees every view of the batch."""
+        idx, offset = self.plan.local_indices(order, step)
+        idx = idx.to(self.device)
+        gen = augment.step_generator(self.cfg.seed, epoch, step)
+        views = augment.views(self.images[idx], self.spec, gen, self.plan.global_batch, offset, self.cfg.views)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            z = self.ddp_model(torch.cat(views))
+        return z.chunk(self.cfg.views), (self.labels[idx] if self.labels is not None else None)
+
+    def loss_of(self, loss_fn, embeddings, labels) -> torch.Tensor:
+        """`loss_fn` on one step's embeddings: the (z1, z2) pair with the memory bank for two views,
+        the list of views otherwise (the bank is refused with more views: grouped_positives_error)."""
+        if len(embeddings) == 2:
+            z1, z2 = embeddings
+            return loss_fn(z1, z2, queue=self.queue.rows() if self.queue is not None else None, labels=labels)
+        return loss_fn(list(embeddings), labels=labels)
+
     def train_step(self, epoch: int, step: int, order: torch.Tensor) -> float:
         """One optimizer step; returns the global-batch loss (checked finite before the update)."""
-        idx, offset = self.plan.local_indices(order, step)
-        images = self.images[idx.to(self.device)]
-        gen = augment.step_generator(self.cfg.seed, epoch, step)
-        v1, v2 = augment.two_views(images, self.spec, gen, self.plan.global_batch, offset)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            z = self.ddp_model(torch.cat([v1, v2]))
-        z1, z2 = z.chunk(2)
-        loss = self.loss_fn(z1, z2, queue=self.queue.rows() if self.queue is not None else None)
+        embeddings, labels = self.embed_step(epoch, step, order)
+        loss = self.loss_of(self.loss_fn, embeddings, labels)
         # fastalpha.distributed returns W × (this rank's share), so the mean over ranks is the global loss.
         stats = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_requested), device=loss.device)])
         stats = distributed.all_reduce_sum(stats, self.topology).cpu()
@@ -166,7 +196,7 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         if self.queue is not None:
-            self.queue.enqueue(distributed.all_gather_rows(z2.detach().float(), self.topology))
+            self.queue.enqueue(distributed.all_gather_rows(embeddings[1].detach().float(), self.topology))
         return value
 
     def set_lr(self, epoch: int, step: int) -> float:

@@ -1,0 +1,354 @@
+"""train/run.py --supervised (label-defined positives, SupCon style) and --views V (multi-view
+SimCLR): the flags are validated when parsed, the labels and the V views reach the loss,
+--check-eager compares with them, and a resumed run equals the uninterrupted one bit for bit.
+
+CPU only, in-process (`train.cli.main(argv)`), on the synthetic set (96 images, 4 classes)
+except the end-to-end digits run.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fastalpha  # noqa: E402
+from fastalpha import dispatch  # noqa: E402
+from fastalpha.backends import eager as eager_backend  # noqa: E402
+from train import augment, cli, data as datasets, distributed, trainer as trainer_mod  # noqa: E402
+from train.batches import BatchPlan  # noqa: E402
+from train.config import RunConfig  # noqa: E402
+
+# One thread: bit-for-bit comparisons need the same reduction order in every run.
+SMALL = ["--dataset", "synthetic", "--threads", "1", "--no-progress", "--linear-epochs", "2", "--no-baseline"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(out, *flags) -> int:
+    return cli.main([*SMALL, "--out", str(out), *flags])
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def state(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+
+
+def _record_loss_calls(monkeypatch):
+    """Every call of AlphaCLLoss.forward: (z1, z2, labels, the loss it returned), inputs detached."""
+    calls = []
+    forward = fastalpha.AlphaCLLoss.forward
+
+    def recording(self, z1, z2=None, queue=None, labels=None):
+        loss = forward(self, z1, z2, queue=queue, labels=labels)
+        views = [v.detach().clone() for v in z1] if isinstance(z1, list) else z1.detach().clone()
+        calls.append((views, None if z2 is None else z2.detach().clone(), labels, loss.detach().clone(), self.kwargs))
+        return loss
+
+    monkeypatch.setattr(fastalpha.AlphaCLLoss, "forward", recording)
+    return calls
+
+
+# ----------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("flags, message", [
+    (["--supervised", "--negatives", "cross"], "--supervised needs --negatives all"),
+    (["--supervised", "--negatives", "none", "--queue-size", "16"], "--supervised needs --negatives all"),
+    (["--supervised", "--queue-size", "16"], "--supervised cannot use a memory bank (--queue-size 16)"),
+    (["--views", "3", "--negatives", "cross"], "--views 3 needs --negatives all"),
+    (["--views", "4", "--queue-size", "8"], "--views 4 cannot use a memory bank"),
+    (["--supervised", "--views", "3", "--negatives", "cross"], "--supervised with --views 3 needs --negatives all"),
+    (["--views", "1"], "--views must be >= 2"),
+    (["--views", "0", "--supervised"], "--views must be >= 2"),
+])
+def test_bad_positive_flags_exit_2_when_parsed(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "bad", "--epochs", "1", *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists(), "refused before the run folder was made"
+
+
+@pytest.mark.parametrize("flags", [["--supervised"], ["--views", "3"]])
+def test_several_processes_are_refused_when_parsed(tmp_path, capsys, monkeypatch, flags):
+    # What torchrun sets; the refusal comes before any process group is initialised.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "init", lambda *a: pytest.fail("the process group must not be started"))
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "ddp", "--epochs", "1", *flags)
+    assert exit_info.value.code == 2
+    assert "runs in one process" in capsys.readouterr().err
+
+
+def test_a_resumed_supervised_run_under_several_processes_is_refused_before_training(tmp_path):
+    """--resume may change the process count; the trainer refuses it before building anything."""
+    assert run(tmp_path / "r", "--supervised", "--epochs", "1", "--eval", "knn", "--eval-every", "0") == 0
+    cfg = RunConfig.from_saved(read_json(tmp_path / "r" / "config.json"))
+    data = datasets.load_synthetic()
+    spec = augment.AugmentSpec(**cfg.augment)
+    with pytest.raises(ValueError, match="runs in one process"):
+        trainer_mod.Trainer(cfg, data, spec, torch.device("cpu"), distributed.Topology(2, 0, 0))
+
+
+def test_supervised_needs_labelled_pretraining_images(tmp_path, capsys, monkeypatch):
+    real = datasets.load_synthetic
+
+    def unlabelled(*args, **kwargs):  # as STL-10's train+unlabeled
+        data = real(*args, **kwargs)
+        data.pretrain_labels = None
+        return data
+
+    monkeypatch.setattr(datasets, "load_synthetic", unlabelled)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "u", "--supervised", "--epochs", "1")
+    assert exit_info.value.code == 2
+    assert "--supervised needs labels of the pre-training images" in capsys.readouterr().err
+    assert not (tmp_path / "u" / "checkpoint.pt").exists()
+
+
+def test_a_backend_without_grouped_positives_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    class NoGroups:  # a fused backend that computes the two-view SimCLR set only
+        status = device_status = staticmethod(lambda *args: (True, "test double"))
+        supports = staticmethod(eager_backend.supports)
+        alpha_cl_fused = staticmethod(eager_backend.alpha_cl_fused)
+
+    real = dispatch._module
+    monkeypatch.setattr(dispatch, "_module", lambda name: NoGroups if name == "cpp" else real(name))
+    assert run(tmp_path / "g", "--backend", "cpp", "--supervised", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "--backend cpp" in err and "does not support" in err and "labels or more than two views" in err
+    assert not (tmp_path / "g" / "checkpoint.pt").exists()
+
+
+# ----------------------------------------------------------------------------- labels reach the loss
+def test_supervised_passes_the_batch_labels_to_the_loss(tmp_path, monkeypatch):
+    """The first step's loss is alpha_cl_loss with the labels of that step's images, drawn here
+    from the data order independently of the trainer, and differs from the unlabelled loss."""
+    calls = _record_loss_calls(monkeypatch)
+    steps = []
+    original = trainer_mod.Trainer.train_step
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step",
+                        lambda self, *a: steps.append(original(self, *a)) or steps[-1])
+    batch, seed = 48, 4
+    assert run(tmp_path / "s", "--supervised", "--batch", str(batch), "--seed", str(seed), "--epochs", "1",
+               "--eval", "knn", "--eval-every", "0") == 0
+    data = datasets.load_synthetic()
+    order = BatchPlan(len(data.pretrain), batch, seed).epoch_order()
+    expected_labels = data.pretrain_labels[order[:batch]]
+    z1, z2, labels, loss, kwargs = calls[0]
+    assert labels is not None and torch.equal(labels.cpu(), expected_labels)
+    kwargs = {k: v for k, v in kwargs.items() if k != "backend"}
+    labelled = fastalpha.alpha_cl_loss(z1, z2, labels=expected_labels, **kwargs)
+    unlabelled = fastalpha.alpha_cl_loss(z1, z2, **kwargs)
+    assert steps[0] == pytest.approx(labelled.item(), rel=1e-6, abs=1e-7)
+    assert loss.item() == pytest.approx(labelled.item(), rel=1e-6, abs=1e-7)
+    assert abs(labelled.item() - unlabelled.item()) > 1e-3, "the labels must change the loss of this batch"
+    summary = read_json(tmp_path / "s" / "summary.json")
+    assert summary["supervised"] is True and summary["views"] == 2 and summary["config"]["supervised"] is True
+
+
+def test_self_supervised_run_passes_no_labels(tmp_path, monkeypatch):
+    calls = _record_loss_calls(monkeypatch)
+    assert run(tmp_path / "u", "--batch", "48", "--epochs", "1", "--eval", "knn", "--eval-every", "0") == 0
+    assert calls and all(labels is None and z2 is not None for _, z2, labels, _, _ in calls)
+    summary = read_json(tmp_path / "u" / "summary.json")
+    assert summary["supervised"] is False and summary["views"] == 2
+
+
+# ----------------------------------------------------------------------------- V views
+def test_three_views_reach_the_loss_and_extend_the_two_view_draws(tmp_path, monkeypatch):
+    """V = 3: the loss gets a list of 3 views of the same images; the first two are the views a
+    two-view run draws at the same step (the draws are per (seed, epoch, step, view)); every
+    epoch draws new views."""
+    calls = _record_loss_calls(monkeypatch)
+    drawn = []
+    real_views = augment.views
+
+    def recording(*args, **kwargs):
+        views = real_views(*args, **kwargs)
+        drawn.append([v.clone() for v in views])
+        return views
+
+    monkeypatch.setattr(augment, "views", recording)
+    flags = ["--batch", "32", "--seed", "1", "--eval", "knn", "--eval-every", "0"]
+    assert run(tmp_path / "v3", *flags, "--views", "3", "--epochs", "2") == 0
+    three = list(drawn)
+    steps = 96 // 32
+    assert len(three) == 2 * steps and all(len(v) == 3 for v in three)
+    views, z2, labels, _, _ = calls[0]
+    assert isinstance(views, list) and len(views) == 3 and z2 is None and labels is None
+    assert all(v.shape == (32, 128) for v in views)
+    for step in range(steps):
+        for v in range(3):
+            assert not torch.equal(three[step][v], three[steps + step][v]), (step, v)
+        assert not torch.equal(three[step][2], three[step][1]), "the third view is a new draw"
+    drawn.clear()
+    assert run(tmp_path / "v2", *flags, "--epochs", "1") == 0
+    for step in range(steps):
+        assert len(drawn[step]) == 2
+        for v in range(2):
+            assert torch.equal(drawn[step][v], three[step][v]), (step, v)
+    summary = read_json(tmp_path / "v3" / "summary.json")
+    assert summary["views"] == 3 and summary["supervised"] is False and summary["status"] == "completed"
+
+
+def test_supervised_three_views_pass_labels_per_image(tmp_path, monkeypatch):
+    calls = _record_loss_calls(monkeypatch)
+    assert run(tmp_path / "sv3", "--supervised", "--views", "3", "--batch", "32", "--epochs", "1", "--eval", "knn",
+               "--eval-every", "0") == 0
+    views, _, labels, loss, kwargs = calls[0]
+    assert len(views) == 3 and labels.shape == (32,)
+    kwargs = {k: v for k, v in kwargs.items() if k != "backend"}
+    assert loss.item() == pytest.approx(fastalpha.alpha_cl_loss(views, labels=labels, **kwargs).item(), rel=1e-6)
+    assert loss.item() != pytest.approx(fastalpha.alpha_cl_loss(views, **kwargs).item(), rel=1e-3)
+
+
+def test_supervised_and_self_supervised_on_digits_end_to_end(tmp_path, capsys):
+    """A short digits run of each: both finish, record what they were, and print linear and kNN
+    accuracy of the trained encoder next to the untrained one."""
+    common = ["--dataset", "digits", "--batch", "256", "--epochs", "2", "--threads", "1", "--no-progress",
+              "--linear-epochs", "3", "--eval-every", "0", "--seed", "0"]
+    for name, flags in (("ssl", []), ("sup", ["--supervised", "--views", "3"])):
+        assert cli.main([*common, *flags, "--out", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        label = "supervised, 3 views" if flags else "self-supervised, 2 views"
+        assert f"trained (epoch 2), {label}" in out and "untrained (epoch 0)" in out
+        summary = read_json(tmp_path / name / "summary.json")
+        assert summary["supervised"] is bool(flags) and summary["views"] == (3 if flags else 2)
+        assert summary["trained"]["linear"]["final"] is not None and summary["trained"]["knn_top1"] is not None
+        assert summary["untrained"]["linear"]["final"] is not None
+        assert "positives: " + ("supervised" if flags else "self-supervised") in out
+    from train.plots import accuracy_bars, compare_runs
+
+    runs = [str(tmp_path / "ssl"), str(tmp_path / "sup")]
+    for png in (compare_runs(runs, str(tmp_path / "cmp.png")), accuracy_bars(runs, str(tmp_path / "bars.png"))):
+        assert os.path.getsize(png) > 0
+
+
+# ----------------------------------------------------------------------------- --check-eager
+def _fake_grouped_backend(perturb: float):
+    """A 'cpp' backend with group-defined positives: the eager one, its gradient scaled by (1 + perturb)."""
+
+    class Fake:
+        status = device_status = staticmethod(lambda *args: (True, "test double"))
+        supports = staticmethod(eager_backend.supports)
+        supports_groups = True
+
+        @staticmethod
+        def alpha_cl_fused(*args, **kwargs):
+            loss_rows, grad = eager_backend.alpha_cl_fused(*args, **kwargs)
+            return loss_rows, grad * (1 + perturb)
+
+    real = dispatch._module
+    return lambda name: Fake if name == "cpp" else real(name)
+
+
+def test_check_eager_with_labels_and_three_views_passes_exact_and_fails_wrong(tmp_path, monkeypatch, capsys):
+    calls = _record_loss_calls(monkeypatch)
+    flags = ["--backend", "cpp", "--supervised", "--views", "3", "--batch", "32", "--check-eager", "3"]
+    monkeypatch.setattr(dispatch, "_module", _fake_grouped_backend(0.0))
+    assert run(tmp_path / "ok", *flags) == 0
+    report = read_json(tmp_path / "ok" / "check_eager.json")
+    assert report["passed"] and len(report["lockstep"]) == 3
+    assert report["max_grad_rel_dev"] < 1e-4 and report["max_loss_rel_dev"] < 1e-4
+    # Lockstep and both free runs: every loss saw the 3 views and the batch's labels.
+    assert len(calls) == 2 * 3 + 3 + 3
+    assert all(isinstance(views, list) and len(views) == 3 and labels is not None and labels.shape == (32,)
+               for views, _, labels, _, _ in calls)
+    monkeypatch.setattr(dispatch, "_module", _fake_grouped_backend(0.05))
+    assert run(tmp_path / "bad", *flags) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_check_eager_supervised_on_the_real_backend(tmp_path):
+    """`auto` resolves to a backend with group-defined positives (chunked on CPU while cpp has none)."""
+    assert run(tmp_path / "auto", "--supervised", "--batch", "32", "--check-eager", "2") == 0
+    report = read_json(tmp_path / "auto" / "check_eager.json")
+    assert report["passed"] and report["max_loss_rel_dev"] <= 1e-3 and report["max_grad_rel_dev"] <= 1e-3
+    assert dispatch.supports(report["backend"], "all", False, True)[0]
+
+
+# ----------------------------------------------------------------------------- resume
+def _assert_same_run(a, b):
+    from train.records import read_metrics
+
+    rows_a, rows_b = read_metrics(os.path.join(a, "metrics.csv")), read_metrics(os.path.join(b, "metrics.csv"))
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b):
+        for column in ("epoch", "steps", "loss", "lr", "knn_top1"):
+            assert ra[column] == rb[column], f"epoch {ra['epoch']}: {column} {ra[column]} != {rb[column]}"
+    sa, sb = state(a), state(b)
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), f"weights differ in {key}"
+    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
+        for name in va:
+            assert torch.equal(va[name], vb[name]), f"optimizer state {ka}.{name} differs"
+    assert read_json(os.path.join(a, "summary.json"))["trained"] == read_json(os.path.join(b, "summary.json"))["trained"]
+
+
+def test_resumed_supervised_three_view_run_equals_the_uninterrupted_run(tmp_path):
+    flags = ["--supervised", "--views", "3", "--batch", "32", "--seed", "3", "--eval", "knn"]
+    assert run(tmp_path / "full", *flags, "--epochs", "3") == 0
+    assert run(tmp_path / "split", *flags, "--epochs", "1") == 0
+    assert state(tmp_path / "split")["epochs_done"] == 1
+    # No --supervised/--views on the command line: they come from the checkpoint.
+    assert cli.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "3", "--threads", "1", "--no-progress"]) == 0
+    config = read_json(tmp_path / "split" / "config.json")
+    assert config["supervised"] is True and config["views"] == 3
+    _assert_same_run(tmp_path / "full", tmp_path / "split")
+
+
+def test_ctrl_c_mid_epoch_of_a_supervised_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    flags = ["--supervised", "--views", "3", "--batch", "32", "--seed", "6", "--epochs", "2", "--eval", "knn"]
+    assert run(tmp_path / "full", *flags) == 0
+    original = trainer_mod.Trainer.train_step
+
+    def press_ctrl_c_at_epoch_2_step_1(self, epoch, step, order):
+        if (epoch, step) == (2, 0):
+            os.kill(os.getpid(), __import__("signal").SIGINT)  # the real handler sets the stop flag
+        return original(self, epoch, step, order)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", press_ctrl_c_at_epoch_2_step_1)
+    assert run(tmp_path / "cut", *flags) == 130
+    saved = state(tmp_path / "cut")
+    assert saved["epochs_done"] == 1 and saved["step_in_epoch"] in (1, 2)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", original)
+    assert cli.main(["--resume", str(tmp_path / "cut"), "--threads", "1", "--no-progress"]) == 0
+    _assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+@pytest.mark.parametrize("first, resume_flags, message", [
+    ([], ["--supervised"], "--supervised True (the checkpoint has False)"),
+    ([], ["--views", "3"], "--views 3 (the checkpoint has 2)"),
+    (["--supervised", "--views", "3"], ["--views", "2"], "--views 2 (the checkpoint has 3)"),
+    ([], ["--negatives", "cross"], "--negatives cross (the checkpoint has 'all')"),
+    ([], ["--queue-size", "16"], "--queue-size 16 (the checkpoint has 0)"),
+])
+def test_resume_refuses_a_changed_positive_set(tmp_path, capsys, first, resume_flags, message):
+    assert run(tmp_path / "r", *first, "--batch", "48", "--epochs", "1", "--eval", "knn", "--eval-every", "0") == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--out", str(tmp_path / "r"), "--resume", "--epochs", "2", *resume_flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot resume with changed settings" in err and message in err
+
+
+def test_checkpoints_from_before_the_flags_resume_as_self_supervised_two_view_runs(tmp_path):
+    assert run(tmp_path / "old", "--batch", "48", "--epochs", "1", "--eval", "knn", "--eval-every", "0") == 0
+    path = tmp_path / "old" / "checkpoint.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    del saved["config"]["supervised"], saved["config"]["views"]
+    torch.save(saved, path)
+    assert cli.main(["--out", str(tmp_path / "old"), "--resume", "--epochs", "2", "--threads", "1", "--no-progress"]) == 0
+    config = read_json(tmp_path / "old" / "config.json")
+    assert config["supervised"] is False and config["views"] == 2

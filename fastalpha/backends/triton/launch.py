@@ -246,7 +246,7 @@ def _check_groups(groups, z: torch.Tensor, queue, negatives: str) -> None:
         raise ValueError("z needs M >= 1 rows")
 
 
-def _rule_flags(params: LossSpec, count: int) -> dict:
+def _rule_flags(params: LossSpec, count) -> dict:
     """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each); `count` = |J_i|
     (an int, or an (R,) tensor per anchor with groups)."""
     rule, eps = params.rule, params.eps
@@ -257,13 +257,13 @@ def _rule_flags(params: LossSpec, count: int) -> dict:
     elif rule == "infonce":
         weight, k = WEIGHT_POWER, 1.0
         eps_mode, log_eps = (EPS_INFONCE, math.log(eps)) if eps > 0 else (EPS_NONE, 0.0)
-    elif rule in ("entropy", "direct") and isinstance(count, torch.Tensor):
-        # With groups, |J_i| per anchor (all ≥ 1): log(ε|J_i|) is an (R,) tensor.
-        weight, k = WEIGHT_POWER, params.exponent
-        eps_mode, log_eps = (EPS_CONSTANT, count.to(torch.float64).log() + math.log(eps)) if eps > 0 else (EPS_NONE, 0.0)
     elif rule in ("entropy", "direct"):
         weight, k = WEIGHT_POWER, params.exponent
-        eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * count)) if eps > 0 and count > 0 else (EPS_NONE, 0.0)
+        if isinstance(count, torch.Tensor):
+            # With groups |J_i| is per anchor (all ≥ 1): log(ε|J_i|) is an (R,) tensor.
+            eps_mode, log_eps = (EPS_CONSTANT, count.to(torch.float64).log() + math.log(eps)) if eps > 0 else (EPS_NONE, 0.0)
+        else:
+            eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * count)) if eps > 0 and count > 0 else (EPS_NONE, 0.0)
     else:
         raise ValueError(f"unknown rule={rule!r}: the triton backend has pair loops for "
                          "entropy, direct, inverse, square and infonce (quadratic is in closed form)")

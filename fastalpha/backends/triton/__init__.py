@@ -2,7 +2,8 @@ r"""Fused Triton kernels of the α-CL family: the `triton` backend of `fastalpha
 
 For Z (M × D) they compute, tile by tile and without any M × M buffer, the per-anchor losses
 and the gradient ∂(Σ_i w_i loss_i)/∂Z of every rule (fastalpha.dispatch has the contract), for
-every set of negatives ("all", "cross", "none") with or without a queue (K extra columns):
+every set of negatives ("all", "cross", "none") with or without a queue (K extra columns),
+and with group-defined positives (labels, more than two views: `groups`):
 
     row_pass.py      online row statistics (flash-attention forward with Q = K = V = Z),
                      loss, A_i, row side Σ_j β_ij and βZ
@@ -72,8 +73,14 @@ def supports(negatives: str, has_queue: bool) -> tuple[bool, str]:
     return True, ""
 
 
-def alpha_cl_fused(z: torch.Tensor, spec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None):
-    """The fused-op contract of fastalpha.dispatch, by the Triton kernels (grad has M + K rows with a queue)."""
+#: Group-defined positives (labels, more than two views): the kernels' GROUPS constexpr.
+supports_groups = True
+
+
+def alpha_cl_fused(z: torch.Tensor, spec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None,
+                   groups=None):
+    """The fused-op contract of fastalpha.dispatch, by the Triton kernels (grad has M + K rows with a
+    queue; `groups`: M group ids of the rows, the positives and negatives from groups)."""
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"the triton backend is unavailable: triton is not importable: {_IMPORT_ERROR}")
-    return fused_loss_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue)
+    return fused_loss_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue, groups=groups)

@@ -10,11 +10,18 @@ without any rescaling. Tiles are computed transposed (columns × rows) so that t
 deterministic. The owned columns are the M dimension of both products, so BLOCK_N ≥ 64 lets
 them run as Hopper warpgroup MMAs (blocks.py). With UNIT (unit rows) d2 = 1 − z_i·z_j and no
 norm is loaded; the launcher then ignores the column sums.
+
+GROUPS (group-defined positives): the pairs come from the group ids (`tiles._group_pairs`,
+g_j loaded once for the owned columns, g_i per row tile) and `d2_pos` holds d̄2_i. For
+infonce with ε > 0 (GROUPS_INFONCE) the positives are in the sums with α_ip = e^{t_ip + log ε − lse_i}
+(their push π_ip), log ε per anchor from `log_eps_ptr`. With GROUPS off both pointers are
+None (constexprs, not arguments), so the other calls compile as before.
 """
 import triton
 import triton.language as tl
 
-from .tiles import _distances, _gram, _join, _mma, _negatives, _pair_weights, _row_norms
+from .tiles import (GROUPS_INFONCE, GROUPS_OFF, _distances, _gram, _group_pairs, _join, _mma, _negatives, _pair_weights,
+                    _row_norms)
 
 
 @triton.jit
@@ -24,8 +31,9 @@ def column_pass_kernel(
     stride_z, stride_acc, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo,
+    group_ptr, log_eps_ptr,  # GROUPS only (else None): group ids of the M rows, log ε per anchor (GROUPS_INFONCE)
     WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr, HAS_WEIGHT: tl.constexpr, UNIT: tl.constexpr,
-    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr,
+    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -44,6 +52,8 @@ def column_pass_kernel(
     k = _join(k_hi, k_lo, ACC)
     inv_gamma = _join(inv_gamma_hi, inv_gamma_lo, ACC)
     n_j = _row_norms(norm_ptr, cols, col_ok, UNIT, ACC)
+    if GROUPS != GROUPS_OFF:
+        g_j = tl.load(group_ptr + cols, mask=col_ok, other=-1)
     if SINGLE_CHUNK:
         z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
                       mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
@@ -64,8 +74,18 @@ def column_pass_kernel(
         stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
         stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
         d2 = _distances(s_t, n_j, _row_norms(norm_ptr, rows, row_ok, UNIT, ACC), UNIT)
-        valid = _negatives(rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], half, M, NEGATIVES)
-        alpha, omega = _pair_weights(d2, valid, d2_pos[None, :], stat_a[None, :], stat_b[None, :],
+        row_stat = stat_a[None, :]
+        if GROUPS != GROUPS_OFF:
+            g_i = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+            valid, same = _group_pairs(rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None],
+                                       g_i[None, :], g_j[:, None], GROUPS)
+            if GROUPS == GROUPS_INFONCE:
+                # α_ip = e^{t_ip + log ε − lse_i}: the positives' shift moves into the row statistic.
+                log_eps_i = tl.load(log_eps_ptr + local, mask=row_ok, other=0.0)
+                row_stat = row_stat - tl.where(same, log_eps_i[None, :], 0.0)
+        else:
+            valid = _negatives(rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], half, M, NEGATIVES)
+        alpha, omega = _pair_weights(d2, valid, d2_pos[None, :], row_stat, stat_b[None, :],
                                      tau, k, inv_gamma, WEIGHT, POWER, BETA)
         if HAS_WEIGHT:
             omega = omega * tl.load(weight_ptr + local, mask=row_ok, other=0.0).to(ACC)[None, :]

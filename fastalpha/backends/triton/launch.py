@@ -26,6 +26,15 @@ the column pass writes all C gradient rows, and |J_i| (the ε-terms)
 is rules.negative_count(N, K, negatives). Without a queue and with negatives="all" this is the
 SimCLR call, compiled as before (C = M).
 
+Group-defined positives (`groups`: labels, more than two views; fastalpha.positives,
+negatives="all", no queue, any M ≥ 1): the kernels run with the GROUPS constexpr, which takes
+the pairs from the rows' group ids (J_i = the other groups; for infonce with ε > 0 also P_i,
+with log-weight + log ε), d2_i = d̄2_i (positives.mean_positive_distance) and per-anchor
+|J_i| = M − |group of i| in the ε-term. The gradient has the pair sides above but no partner
+term: the positives' pull, wA_i spread over P_i, comes from group sums
+(positives.add_positive_pull_). Anchors without a positive get weight 0 and loss 0.
+Memory O(M·D + M), as without groups.
+
 For unit rows (spec.unit_rows, normalize=True) d2_ij = 1 − z_i·z_j, so ∂d2_ij/∂z_i = −z_j and
 the terms in z_i itself drop out: G = colacc, G[rows] += rowacc − wA ⊙ Z_p, G[p(rows)] −= wA ⊙ Z_rows.
 
@@ -50,13 +59,15 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from ... import positives
 from ...rules import LossSpec, negative_count
 from .blocks import BlockConfig, block_config, candidate_configs, m_bucket
 from .column_pass import column_pass_kernel
-from .quadratic import quadratic_loss_and_grad
+from .quadratic import grouped_quadratic_loss_and_grad, quadratic_loss_and_grad
 from .row_pass import EPS_CONSTANT, EPS_INFONCE, EPS_NONE, row_pass_kernel
 from .sparsemax import sparsemax_threshold_kernel
-from .tiles import NEG_ALL, NEG_CROSS, NEG_NONE, WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX
+from .tiles import (GROUPS_INFONCE, GROUPS_NEGATIVES, GROUPS_OFF, NEG_ALL, NEG_CROSS, NEG_NONE, WEIGHT_INVERSE,
+                    WEIGHT_POWER, WEIGHT_SPARSEMAX)
 
 #: `negatives=` of the spec → the kernels' NEGATIVES constexpr (tiles._negatives).
 NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
@@ -134,9 +145,10 @@ _TUNED: dict = {}
 #: the dtypes of the tensor arguments itself).
 _TUNING_KEYS = {
     "row": ["D", "m_bucket", "WEIGHT", "POWER", "EPS", "ONLINE", "BETA", "ACCUMULATE", "HAS_WEIGHT", "UNIT", "PRECISION",
-            "NEGATIVES", "QUEUE"],
-    "column": ["D", "m_bucket", "WEIGHT", "POWER", "BETA", "HAS_WEIGHT", "UNIT", "PRECISION", "NEGATIVES", "QUEUE"],
-    "sparsemax": ["D", "m_bucket", "UNIT", "PRECISION", "NEGATIVES", "QUEUE"],
+            "NEGATIVES", "QUEUE", "GROUPS"],
+    "column": ["D", "m_bucket", "WEIGHT", "POWER", "BETA", "HAS_WEIGHT", "UNIT", "PRECISION", "NEGATIVES", "QUEUE",
+               "GROUPS"],
+    "sparsemax": ["D", "m_bucket", "UNIT", "PRECISION", "NEGATIVES", "QUEUE", "GROUPS"],
 }
 
 
@@ -197,13 +209,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None) -> None:
+def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None, groups=None,
+           negatives: str = "all") -> None:
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D tensor (M, D), got {getattr(z, 'shape', type(z))}")
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend supports {SUPPORTED_DTYPES}, got z.dtype = {z.dtype}")
     m, d = z.shape
-    if m < (2 if queue is not None else 4) or m % 2:
+    if groups is not None:
+        _check_groups(groups, z, queue, negatives)
+    elif m < (2 if queue is not None else 4) or m % 2:
         raise ValueError(f"z must stack two views (M = 2N rows, N >= {1 if queue is not None else 2}), got M = {m}")
     if queue is not None and (not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[1] != d):
         raise ValueError(f"queue must be a (K, D) tensor with D = {d}, got {getattr(queue, 'shape', type(queue))}")
@@ -215,8 +230,25 @@ def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None) ->
         raise ValueError(f"row_weight must have shape ({row_hi - row_lo},), got {tuple(row_weight.shape)}")
 
 
-def _rule_flags(params: LossSpec, count: int) -> dict:
-    """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each); `count` = |J_i|."""
+def _check_groups(groups, z: torch.Tensor, queue, negatives: str) -> None:
+    """Group ids: an integer tensor (M,) on z's device, for negatives="all" without a queue (any M ≥ 1)."""
+    m = z.shape[0]
+    if not isinstance(groups, torch.Tensor) or groups.dim() != 1 or groups.shape[0] != m:
+        raise ValueError(f"groups must be a 1-D tensor of M = {m} group ids, got {getattr(groups, 'shape', type(groups))}")
+    if groups.dtype == torch.bool or groups.is_floating_point() or groups.is_complex():
+        raise TypeError(f"groups must hold integer ids, got {groups.dtype}")
+    if groups.device != z.device:
+        raise ValueError(f"groups must be on z's device {z.device}, got {groups.device}")
+    if queue is not None or negatives != "all":
+        raise ValueError("group-defined positives take negatives='all' without a queue, "
+                         f"got negatives={negatives!r}{' with a queue' if queue is not None else ''}")
+    if m < 1:
+        raise ValueError("z needs M >= 1 rows")
+
+
+def _rule_flags(params: LossSpec, count) -> dict:
+    """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each); `count` = |J_i|
+    (an int, or an (R,) tensor per anchor with groups)."""
     rule, eps = params.rule, params.eps
     if rule == "inverse":
         weight, k, eps_mode, log_eps = WEIGHT_INVERSE, 1.0, EPS_NONE, 0.0
@@ -227,7 +259,11 @@ def _rule_flags(params: LossSpec, count: int) -> dict:
         eps_mode, log_eps = (EPS_INFONCE, math.log(eps)) if eps > 0 else (EPS_NONE, 0.0)
     elif rule in ("entropy", "direct"):
         weight, k = WEIGHT_POWER, params.exponent
-        eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * count)) if eps > 0 and count > 0 else (EPS_NONE, 0.0)
+        if isinstance(count, torch.Tensor):
+            # With groups |J_i| is per anchor (all ≥ 1): log(ε|J_i|) is an (R,) tensor.
+            eps_mode, log_eps = (EPS_CONSTANT, count.to(torch.float64).log() + math.log(eps)) if eps > 0 else (EPS_NONE, 0.0)
+        else:
+            eps_mode, log_eps = (EPS_CONSTANT, math.log(eps * count)) if eps > 0 and count > 0 else (EPS_NONE, 0.0)
     else:
         raise ValueError(f"unknown rule={rule!r}: the triton backend has pair loops for "
                          "entropy, direct, inverse, square and infonce (quadratic is in closed form)")
@@ -236,13 +272,16 @@ def _rule_flags(params: LossSpec, count: int) -> dict:
 
 
 def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
-                        config: BlockConfig | None = None, queue: torch.Tensor | None = None):
+                        config: BlockConfig | None = None, queue: torch.Tensor | None = None,
+                        groups: torch.Tensor | None = None):
     """The contract of fastalpha.dispatch; `config` pins the tile shapes (tests), else blocks.py decides.
 
     With a `queue` (K, D) the columns are the contiguous [Z; queue] (C = M + K rows): the
     kernels stream C columns, the column pass writes C gradient rows, and grad has M + K rows.
+    With `groups` (M integer ids) the positives and negatives come from the groups (module
+    docstring).
     """
-    _check(z, row_lo, row_hi, row_weight, queue)
+    _check(z, row_lo, row_hi, row_weight, queue, groups, params.negatives)
     m, d = z.shape
     # The column set: Z, then the queue's rows (in z's dtype; it gets no autograd gradient here).
     z = z.contiguous() if queue is None else torch.cat([z, queue.detach().to(z.dtype)], 0).contiguous()
@@ -250,40 +289,64 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     half = m // 2
     rows = row_hi - row_lo
     unit = params.unit_rows
-    count = negative_count(m // 2, c - m, params.negatives)
     acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     z_acc = z.to(acc_dtype)
-    if params.rule == "quadratic":
-        loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit, m, params.negatives)
-        return loss, grad.to(z.dtype)
-    if rows == 0 or count == 0:
+    if groups is None:
+        count = negative_count(m // 2, c - m, params.negatives)
+        no_negatives = count == 0
+        if params.rule == "quadratic":
+            loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit, m, params.negatives)
+            return loss, grad.to(z.dtype)
+    else:
+        group_set = positives.Groups.of(groups)
+        count = group_set.negative_count[row_lo:row_hi]
+        no_negatives = not group_set.has_negatives()
+        has_positive = group_set.positive_count[row_lo:row_hi] > 0
+        # w'_i = w_i [|P_i| > 0]: an anchor without a positive has no loss term.
+        if row_weight is not None or not bool(has_positive.all()):
+            row_weight = has_positive.to(acc_dtype) * (1.0 if row_weight is None else row_weight.to(acc_dtype))
+    if rows == 0 or no_negatives:
         # No anchor, or no anchor has a negative: an empty sum (loss 0, zero gradient).
         grad = torch.zeros_like(z) if need_grad else z.new_empty((0, d))
         return z_acc.new_zeros((rows,)), grad
+    weight = None if row_weight is None else row_weight.to(acc_dtype).contiguous()
+    if groups is not None:
+        d2_pos = positives.mean_positive_distance(z_acc, group_set, row_lo, row_hi, unit, acc_dtype)
+        if params.rule == "quadratic":
+            loss, grad = grouped_quadratic_loss_and_grad(z_acc, group_set, d2_pos, row_lo, row_hi, weight, need_grad, unit)
+            row_a = torch.ones_like(loss) if weight is None else weight           # A_i = 1
+            return _grouped_result(loss, grad, row_a, has_positive, z_acc, group_set, params, row_lo, need_grad, z.dtype)
 
     flags = _rule_flags(params, count)
+    if groups is None:
+        group_mode, log_eps_rows = GROUPS_OFF, None
+    elif flags["eps_mode"] == EPS_INFONCE:
+        # infonce's positives join the loop with log-weight t + log ε in place of its final ε-term.
+        group_mode, log_eps_rows = GROUPS_INFONCE, z_acc.new_full((rows,), flags["log_eps"])
+        flags.update(eps_mode=EPS_NONE, log_eps=0.0)
+    else:
+        group_mode = GROUPS_NEGATIVES
+        log_eps_rows = flags["log_eps"].to(acc_dtype) if flags["eps_mode"] == EPS_CONSTANT else None
+        flags["log_eps"] = 0.0                 # the kernels read the per-anchor log(ε|J_i|)
+    group_ids = None if groups is None else group_set.ids.to(torch.int32)
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision)
     candidates = (cfg,) if config is not None else tuple(candidate_configs(d, z.dtype, precision))
     tune = config is None and autotune_enabled(z.is_cuda, torch.cuda.get_device_capability(z.device) if z.is_cuda else (0, 0))
-    partners = (torch.arange(row_lo, row_hi, device=z.device) + half) % m
-    dots = (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)
     empty = z_acc.new_empty((rows,))
-    if unit:
-        norms = empty                      # never read: d2 = 1 − z_i·z_j
-        d2_pos = (1 - dots).clamp_min(0)
-    else:
-        norms = (z_acc * z_acc).sum(1)
-        d2_pos = ((norms[row_lo:row_hi] + norms[partners]) / 2 - dots).clamp_min(0)
-    weight = None if row_weight is None else row_weight.to(acc_dtype).contiguous()
+    norms = empty if unit else (z_acc * z_acc).sum(1)     # unit rows: never read, d2 = 1 − z_i·z_j
+    if groups is None:
+        partners = (torch.arange(row_lo, row_hi, device=z.device) + half) % m
+        dots = (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)
+        d2_pos = ((1 - dots) if unit else (norms[row_lo:row_hi] + norms[partners]) / 2 - dots).clamp_min(0)
     beta = params.uses_beta
 
     tau, k, inv_gamma, log_eps = _split(params.temperature), _split(flags["k"]), _split(1.0 / params.gamma), _split(flags["log_eps"])
     common = dict(
         UNIT=unit, PRECISION=precision, UPCAST=interpreted() and z.dtype == torch.bfloat16,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        BLOCK_K=cfg.block_k, SINGLE_CHUNK=cfg.single_chunk, NEGATIVES=negatives, QUEUE=c > m,
+        BLOCK_K=cfg.block_k, SINGLE_CHUNK=cfg.single_chunk, NEGATIVES=negatives, QUEUE=c > m, GROUPS=group_mode,
     )
     bucket = m_bucket(m)
     chunks = triton.cdiv(d, cfg.block_do)
@@ -298,7 +361,8 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             row_pass_kernel, "row", rows, chunks if accumulate else 1,
             (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
              loss, lse_out, row_a, row_sum, row_acc,
-             z.stride(0), row_acc.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma, *log_eps),
+             z.stride(0), row_acc.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma, *log_eps,
+             group_ids, log_eps_rows),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], EPS=flags["eps_mode"],
                  LOG_LOSS=params.rule == "infonce", ONLINE=online, BETA=use_beta, ACCUMULATE=accumulate,
                  HAS_WEIGHT=weight is not None, BLOCK_DO=cfg.block_do),
@@ -309,7 +373,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             mu, inv_size = z_acc.new_empty((rows,)), z_acc.new_empty((rows,))
             launch(
                 sparsemax_threshold_kernel, "sparsemax", rows, 1,
-                (z, norms, mu, inv_size, z.stride(0), c, d, half, row_lo, row_hi, bucket, *tau),
+                (z, norms, mu, inv_size, z.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, group_ids),
                 dict(BLOCK_D=cfg.block_do if cfg.single_chunk else cfg.block_k),
             )
             stat_a, stat_b = mu, inv_size
@@ -323,17 +387,27 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             row_pass(empty, empty, online=True, use_beta=False, accumulate=need_grad, lse_out=lse)
             stat_a, stat_b = lse, empty
         if not need_grad:
+            if groups is not None:
+                return _grouped_result(loss, None, row_a, has_positive, z_acc, group_set, params, row_lo, False, z.dtype)
             return loss, z.new_empty((0, d))
 
         col_sum, grad = z_acc.new_empty((c,)), z_acc.new_empty((c, d))
         launch(
             column_pass_kernel, "column", c, chunks,
             (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
-             col_sum, grad, z.stride(0), grad.stride(0), c, d, half, row_lo, row_hi, m_bucket(c), *tau, *k, *inv_gamma),
+             col_sum, grad, z.stride(0), grad.stride(0), c, d, half, row_lo, row_hi, m_bucket(c), *tau, *k, *inv_gamma,
+             group_ids, log_eps_rows),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], BETA=beta, HAS_WEIGHT=weight is not None,
                  BLOCK_DO=cfg.block_do),
         )
 
+    if groups is not None:
+        # The pair sides only: no partner term (the positives' pull is added from group sums).
+        if not unit:
+            grad.addcmul_(col_sum[:, None], z_acc, value=-1.0)
+            grad[row_lo:row_hi] -= row_sum[:, None] * z_acc[row_lo:row_hi]
+        grad[row_lo:row_hi] += row_acc
+        return _grouped_result(loss, grad, row_a, has_positive, z_acc, group_set, params, row_lo, True, z.dtype)
     z_rows, z_partners = z_acc[row_lo:row_hi], z_acc[partners]
     if unit:
         # ∂d2_ij/∂z_i = −z_j: only the cross terms survive (no A_i z_i, Σ_j ω_ij z_i, Σ_i ω_ij z_j).
@@ -346,3 +420,19 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
         grad.index_add_(0, partners, -row_a[:, None] * diff)
     grad *= params.grad_scale
     return loss, grad.to(z.dtype)
+
+
+def _grouped_result(loss, grad, row_a, has_positive, z_acc, group_set, params: LossSpec, row_lo: int, need_grad: bool,
+                    dtype: torch.dtype):
+    """(loss_rows, grad) with group-defined positives, from the pair sides' `grad` (C × D, accumulation dtype).
+
+    Adds the positives' side, the uniform pull row_a_i = w'_i A_i spread over P_i
+    (positives.add_positive_pull_), then scales like the SimCLR path; anchors without a
+    positive have loss 0.
+    """
+    loss = torch.where(has_positive, loss, torch.zeros_like(loss))
+    if not need_grad:
+        return loss, z_acc.new_empty((0, z_acc.shape[1]), dtype=dtype)
+    positives.add_positive_pull_(grad, z_acc, group_set, row_a, row_lo, params.unit_rows)
+    grad *= params.grad_scale
+    return loss, grad.to(dtype)

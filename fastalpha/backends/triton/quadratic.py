@@ -97,3 +97,46 @@ def quadratic_loss_and_grad(z_acc: torch.Tensor, row_lo: int, row_hi: int, weigh
     grad[row_lo:row_hi] += w[:, None] * (others / count - z_partners)
     grad.index_add_(0, partners, -w[:, None] * (z_rows if unit_rows else z_rows - z_partners))
     return loss, grad
+
+
+def grouped_quadratic_loss_and_grad(z_acc: torch.Tensor, groups, d2_pos: torch.Tensor, row_lo: int, row_hi: int,
+                                    weight: torch.Tensor | None, need_grad: bool, unit_rows: bool = False):
+    r"""`quadratic` with group-defined sets (fastalpha.positives): α_ij = 1/c_i on J_i = {j : g_j ≠ g_i}.
+
+    With c_i = |J_i| = M − |g_i|, S_g and N_g the group sums of z and of n, s and Σn the totals,
+    the negatives' sums are totals minus the anchor's group:
+
+        Σ_{j∈J_i} z_j = s − S_{g_i},      Σ_{j∈J_i} n_j = Σn − N_{g_i},
+        loss_i = d̄2_i − [(c_i n_i + Σ_{j∈J_i} n_j)/2 − z_i·Σ_{j∈J_i} z_j] / c_i,   (A_i = 1)
+
+    and, with v_i = w_i / c_i over the anchors (0 elsewhere), T = Σ_i v_i z_i, V = Σ_i v_i and
+    T_g, V_g their sums over group g,
+
+        row side     ∂/∂z_i += w_i (Σ_{j∈J_i} z_j / c_i − z_i)
+        column side  ∂/∂z_j += (T − T_{g_j}) − (V − V_{g_j}) z_j,
+
+    without the −w_i z_i and V terms for unit rows (∂d2_ij/∂z_i = −z_j). `d2_pos` holds d̄2_i
+    and `weight` w_i (R,) (None: ones). The positive side, A_i = 1 spread over P_i, is the
+    caller's (positives.add_positive_pull_). Every group sum is O(M·D); needs two groups or more.
+    """
+    c, d = z_acc.shape
+    ids = groups.ids
+    count = groups.negative_count[row_lo:row_hi].to(z_acc.dtype)
+    norms = torch.ones_like(z_acc[:, 0]) if unit_rows else (z_acc * z_acc).sum(1)
+    z_rows, row_ids = z_acc[row_lo:row_hi], ids[row_lo:row_hi]
+    others = z_acc.sum(0) - groups.sums(z_acc)[row_ids]
+    other_norms = norms.sum() - groups.sums(norms)[row_ids]
+    negatives_d2 = (count * norms[row_lo:row_hi] + other_norms) / 2 - (z_rows * others).sum(1)
+    loss = d2_pos - negatives_d2 / count
+    if not need_grad:
+        return loss, z_acc.new_empty((0, d))
+
+    w = torch.ones_like(loss) if weight is None else weight.to(z_acc.dtype)
+    v = torch.zeros(c, dtype=z_acc.dtype, device=z_acc.device)
+    v[row_lo:row_hi] = w / count
+    vz = v[:, None] * z_acc
+    grad = vz.sum(0) - groups.sums(vz)[ids]
+    if not unit_rows:
+        grad -= (v.sum() - groups.sums(v)[ids])[:, None] * z_acc
+    grad[row_lo:row_hi] += w[:, None] * (others / count[:, None] - (0 if unit_rows else z_rows))
+    return loss, grad

@@ -19,6 +19,16 @@ At the end lse_i = log(e^{m_i} l_i + E_i) with the ε-term E_i = ε(M − 2) (di
 the latter through log1p, so that a tiny NT-Xent loss (ξ_i ≪ ε) keeps float32's relative
 precision. With UNIT (unit rows) d2 = 1 − z_i·z_j and no norm is loaded.
 
+GROUPS (group-defined positives, fastalpha.positives): the pairs are J_i = {j : g_j ≠ g_i}
+from the group ids g (`tiles._group_pairs`: g_i loaded once per row block, g_j per column
+tile), d2_i is the mean positive distance d̄2_i (`d2_pos`, from group sums), and the ε-term of
+direct/entropy is the per-row log(ε|J_i|) (`log_eps_ptr`, |J_i| = M − |group of i|). infonce
+with ε > 0 keeps its positives in the loop instead of a final ε-term: t_ij + log ε for
+g_j = g_i, j ≠ i, so that log ξ_i = m_i + d̄2_i/τ + log l_i is already log(ε η_i + ξ_i) and
+A_i = 1. The positive side of the gradient is the launcher's (positives.add_positive_pull_).
+With GROUPS off `group_ptr` and `log_eps_ptr` are None, i.e. constexprs and not arguments:
+the other calls compile to the code they had.
+
 FIXED (statistics already known: lse_i and c_i, or μ_i and 1/k_i for sparsemax): α (and β)
 are evaluated directly per tile (`tiles._pair_weights`), no rescaling.
 
@@ -28,7 +38,8 @@ of w_i (βZ)_i restricted to the program's feature chunk. Nothing of size M × M
 import triton
 import triton.language as tl
 
-from .tiles import _distances, _gram, _join, _log_add_exp, _log_weight, _mma, _negatives, _pair_weights, _row_norms
+from .tiles import (GROUPS_INFONCE, GROUPS_OFF, _distances, _gram, _group_pairs, _join, _log_add_exp, _log_weight, _mma,
+                    _negatives, _pair_weights, _row_norms)
 
 EPS_NONE = tl.constexpr(0)
 EPS_CONSTANT = tl.constexpr(1)
@@ -42,9 +53,10 @@ def row_pass_kernel(
     stride_z, stride_acc, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, log_eps_hi, log_eps_lo,
+    group_ptr, log_eps_ptr,  # GROUPS only (else None): group ids of the M rows, per-anchor log ε-term
     WEIGHT: tl.constexpr, POWER: tl.constexpr, EPS: tl.constexpr, LOG_LOSS: tl.constexpr,
     ONLINE: tl.constexpr, BETA: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, UNIT: tl.constexpr,
-    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr,
+    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -69,6 +81,13 @@ def row_pass_kernel(
     if not ONLINE:
         stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
         stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
+    if GROUPS != GROUPS_OFF:
+        g_i = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+        # infonce's positives replace its final ε-term and are shifted in the ONLINE statistics
+        # only (it has no FIXED pass).
+        tl.static_assert(EPS != EPS_INFONCE and (ONLINE or GROUPS != GROUPS_INFONCE))
+        if EPS == EPS_CONSTANT or GROUPS == GROUPS_INFONCE:
+            log_eps_i = tl.load(log_eps_ptr + local, mask=row_ok, other=0.0)
     if SINGLE_CHUNK:
         # The whole (padded) row block stays in registers across the column loop.
         z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
@@ -93,10 +112,18 @@ def row_pass_kernel(
                 z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
                               mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
         d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
-        valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
+        if GROUPS != GROUPS_OFF:
+            g_j = tl.load(group_ptr + cols, mask=col_ok, other=-1)
+            valid, same = _group_pairs(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                                       g_i[:, None], g_j[None, :], GROUPS)
+        else:
+            valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
 
         if ONLINE:
-            t = tl.where(valid, _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER), float("-inf"))
+            t = _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER)
+            if GROUPS == GROUPS_INFONCE:
+                t += tl.where(same, log_eps_i[:, None], 0.0)
+            t = tl.where(valid, t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t, 1))
             # A row with no valid entry yet keeps m = −inf; shift by 0 there to avoid inf − inf.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -126,7 +153,10 @@ def row_pass_kernel(
         log_l = tl.log(tl.where(l_i > 0, l_i, 1.0))
         log_sum = m_use + log_l
         if EPS != EPS_NONE:
-            log_eps = _join(log_eps_hi, log_eps_lo, ACC)
+            if GROUPS != GROUPS_OFF:
+                log_eps = log_eps_i
+            else:
+                log_eps = _join(log_eps_hi, log_eps_lo, ACC)
         if EPS == EPS_NONE:
             lse = log_sum
         elif EPS == EPS_INFONCE:

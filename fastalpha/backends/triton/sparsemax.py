@@ -10,21 +10,23 @@ never increases μ (Σ_{S(μ)} (μ − d2) ≥ τ whenever μ ≥ μ_i) and neve
 Σ_{S}(μ − d2) = τ exactly, i.e. μ = μ_i and k_i = |S|. Each step is one pass over the columns
 that only counts and sums. In floating point, μ is kept non-increasing explicitly, which makes
 the support monotone and the loop finite (at most C steps; a handful in practice). The
-columns are [Z; queue] (C = M + K), masked by `tiles._negatives`.
+columns are [Z; queue] (C = M + K), masked by `tiles._negatives`, or, with GROUPS, J_i from
+the group ids (`tiles._group_pairs`; `group_ptr` is None otherwise, a constexpr, so the
+other calls compile as before).
 
 One program owns BLOCK_M rows and iterates until none of its rows changed its support.
 """
 import triton
 import triton.language as tl
 
-from .tiles import _distances, _gram, _join, _mma, _negatives, _row_norms
+from .tiles import GROUPS_OFF, _distances, _gram, _group_pairs, _join, _mma, _negatives, _row_norms
 
 
 @triton.jit
-def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, C, D, half,
+def _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, stride_z, M, C, D, half,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-                   NEGATIVES: tl.constexpr):
+                   NEGATIVES: tl.constexpr, GROUPS: tl.constexpr):
     """(d2, valid) for rows × columns [j0, j0 + BLOCK_N)."""
     cols = j0 + tl.arange(0, BLOCK_N)
     col_ok = cols < C
@@ -36,7 +38,12 @@ def _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, C, 
     else:
         s = _gram(z_ptr, stride_z, rows, row_ok, cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST, ACC)
     d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
-    valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
+    if GROUPS != GROUPS_OFF:
+        g_j = tl.load(group_ptr + cols, mask=col_ok, other=-1)
+        valid, _ = _group_pairs(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                                g_i[:, None], g_j[None, :], GROUPS)
+    else:
+        valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
     return d2, valid
 
 
@@ -46,9 +53,10 @@ def sparsemax_threshold_kernel(
     stride_z, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo,
+    group_ptr,  # GROUPS only (else None): group ids of the M rows
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr,
+    NEGATIVES: tl.constexpr, QUEUE: tl.constexpr, GROUPS: tl.constexpr,
 ):
     # C columns: the rows of [Z; queue]; Z has M = 2·half rows (C = M without a queue).
     if QUEUE:
@@ -60,6 +68,10 @@ def sparsemax_threshold_kernel(
     local = rows - row_lo
     tau = _join(tau_hi, tau_lo, ACC)
     n_i = _row_norms(norm_ptr, rows, row_ok, UNIT, ACC)
+    if GROUPS != GROUPS_OFF:
+        g_i = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+    else:
+        g_i = rows        # unused: the NEGATIVES mask needs no group ids
     if SINGLE_CHUNK:
         feats = tl.arange(0, BLOCK_D)
         z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
@@ -69,8 +81,9 @@ def sparsemax_threshold_kernel(
 
     d2_min = tl.full((BLOCK_M,), float("inf"), ACC)
     for j0 in range(0, C, BLOCK_N):
-        d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, C, D, half,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES)
+        d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, stride_z, M, C, D, half,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES,
+                                   GROUPS)
         d2_min = tl.minimum(d2_min, tl.min(tl.where(valid, d2, float("inf")), 1))
 
     mu = tl.where(row_ok, d2_min + tau, 0.0)
@@ -80,8 +93,9 @@ def sparsemax_threshold_kernel(
         count = tl.zeros((BLOCK_M,), tl.int32)
         total = tl.zeros((BLOCK_M,), ACC)
         for j0 in range(0, C, BLOCK_N):
-            d2, valid = _distance_tile(z_ptr, norm_ptr, z_i, n_i, rows, row_ok, j0, stride_z, M, C, D, half,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES)
+            d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, stride_z, M, C, D, half,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES,
+                                       GROUPS)
             inside = valid & (d2 < mu[:, None])
             count += tl.sum(inside.to(tl.int32), 1)
             total += tl.sum(tl.where(inside, d2, 0.0), 1)

@@ -8,7 +8,8 @@ recomputes, per tile, the squared distances from the Gram block (and the norms),
 
 masks the pairs that are not negatives (by default j = i, j = p(i) = (i + M/2) mod M, or a
 row/column outside the matrix; `_negatives` has the two-tower and queue-only sets, and the
-columns C = M + K of a queue), and turns d2 into the rule's log-weight t = log w(d2):
+columns C = M + K of a queue; `_group_pairs` the sets of group-defined positives, from the
+rows' group ids), and turns d2 into the rule's log-weight t = log w(d2):
 
     power (entropy, direct, infonce)   t = −d2^k / τ,   k = p/2 (k = 1: entropy, infonce;
                                        k = 2: direct's default p = 4; both without exp/log)
@@ -29,6 +30,12 @@ WEIGHT_SPARSEMAX = tl.constexpr(2)
 NEG_ALL = tl.constexpr(0)      # every row of Z but i and p(i) (SimCLR)
 NEG_CROSS = tl.constexpr(1)    # the other view's rows but p(i) (two towers)
 NEG_NONE = tl.constexpr(2)     # no row of Z (queue only: MoCo)
+
+#: Group-defined positives (fastalpha.positives: labels, more than two views), the `GROUPS`
+#: constexpr. Off, the pairs are the NEGATIVES set; on, they come from the rows' group ids g.
+GROUPS_OFF = tl.constexpr(0)
+GROUPS_NEGATIVES = tl.constexpr(1)   # J_i = {j : g_j ≠ g_i}
+GROUPS_INFONCE = tl.constexpr(2)     # J_i and P_i = {j ≠ i : g_j = g_i} (infonce with ε > 0)
 
 
 @triton.jit
@@ -126,6 +133,22 @@ def _negatives(rows, cols, row_ok, col_ok, half, M, NEGATIVES: tl.constexpr):
         other_view = (cols < half) != (rows < half)
         return row_ok & col_ok & (cols != partner) & (other_view | (cols >= M))
     return row_ok & col_ok & (cols >= M)
+
+
+@triton.jit
+def _group_pairs(rows, cols, row_ok, col_ok, g_rows, g_cols, GROUPS: tl.constexpr):
+    """(pairs, same) of (rows[:, None], cols[None, :]) with group-defined sets (shapes broadcast).
+
+    `pairs` is the set the loop runs over, `same` marks g_j = g_i (the positives, and i itself).
+    GROUPS_NEGATIVES: J_i, every row of another group. GROUPS_INFONCE: J_i and P_i, every row
+    but i: infonce with ε > 0 has its positives in the denominator, log ξ_i over
+    e^{t_ij + [g_j = g_i] log ε}, so the caller shifts their log-weights by log ε.
+    """
+    ok = row_ok & col_ok
+    same = g_rows == g_cols
+    if GROUPS == GROUPS_INFONCE:
+        return ok & (cols != rows), same
+    return ok & (g_rows != g_cols), same
 
 
 @triton.jit

@@ -1,0 +1,202 @@
+"""Triton backend: group-defined positives (labels, more than two views; fastalpha.positives).
+
+The oracle is `reference.grouped_closed_form_gradient` in float64 (dense, explicit P_i / J_i
+masks, itself checked against autograd). Through the custom op (`ops.call_fused(...,
+groups=)`): every rule × detach_alpha × normalize (unit rows) × ε (the default, and 0.3 for
+the rules with an ε-term) on an odd M with random group ids that include singletons (anchors
+without a positive) and groups of several sizes, relabelled from arbitrary integers; row
+ranges with row weights; tiles smaller than M on the single-chunk and the chunked-feature
+path; float32 and bfloat16 against the float64 reference. Then the edge cases: one group
+(no negatives: zeros), all ids distinct (no positives: zeros), two views as groups (the
+backend's own SimCLR path), bad group ids given to the raw op, and `supports_groups`.
+
+Kernels run in Triton's CPU interpreter without a GPU (conftest sets TRITON_INTERPRET=1):
+sizes are tiny.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastalpha import dispatch, ops, reference
+from fastalpha.rules import RULES, make_spec
+from fastalpha.testing import assert_close, beta_jumps_under_rounding, grad_scale, loss_scale
+
+kernels = pytest.importorskip("fastalpha.backends.triton")
+if not kernels.status()[0]:
+    pytest.skip(f"triton backend unavailable: {kernels.status()[1]}", allow_module_level=True)
+from fastalpha.backends.triton import launch  # noqa: E402
+from fastalpha.backends.triton.blocks import BlockConfig  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+#: (rule, ε): the default ε of every rule, and ε = 0.3 where the rule has an ε-term
+#: (|J_i| per anchor for entropy/direct, the positives in infonce's denominator).
+RULE_EPS = [(rule, None) for rule in RULES] + [("entropy", 0.3), ("direct", 0.3), ("infonce", 0.3)]
+
+# float32 products in IEEE: the interpreter ignores TF32 (GPU tests opt in explicitly).
+pytestmark = pytest.mark.usefixtures("ieee_float32")
+
+
+def group_ids(gen, m, groups=4, singletons=2):
+    """M arbitrary integer ids: `groups` labels drawn at random (so sizes vary) plus `singletons`
+    rows with a label of their own; the values are scattered (negative, gaps) so that the
+    backend has to relabel them."""
+    ids = torch.randint(0, groups, (m,), generator=gen)
+    lonely = torch.randperm(m, generator=gen)[:singletons]
+    ids[lonely] = groups + torch.arange(singletons)
+    return ids * 7 - 11
+
+
+def embeddings(gen, m, d, unit, dtype=torch.float64):
+    """Z as the fused op receives it: unit rows when `unit`, else rows of norm ≈ 1 (d2 = O(1))."""
+    z = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    z = F.normalize(z, dim=1) if unit else z / math.sqrt(d)
+    return z.to(dtype)
+
+
+def spec_of(rule, eps=None, unit=True, detach_alpha=True):
+    extra = {} if eps is None else {"eps": eps}
+    if rule == "square":
+        extra["temperature"] = 1.0          # a wide support: many pairs with α > 0
+    return make_spec(rule, normalize=unit, detach_alpha=detach_alpha, **extra)
+
+
+def check(z, spec, ids, lo=0, hi=None, weight=None, precision="float64", config=None, what=""):
+    """Loss rows and gradient of the triton backend against the float64 reference, and the
+    values alone (need_grad=False)."""
+    hi = z.shape[0] if hi is None else hi
+    w = None if weight is None else weight.to(DEVICE)
+    if config is None:
+        def run(need_grad):
+            return ops.call_fused(z.to(DEVICE), spec, "triton", lo, hi, w, need_grad, groups=ids.to(DEVICE))
+    else:
+        def run(need_grad):
+            return launch.fused_loss_and_grad(z.to(DEVICE), spec, lo, hi, w, need_grad, config, groups=ids.to(DEVICE))
+    rows, grad = run(True)
+    ref_rows, ref_grad = reference.grouped_closed_form_gradient(
+        z.double(), spec, ids, None if weight is None else weight.double(), lo, hi)
+    assert grad.shape == z.shape and grad.dtype == z.dtype, what
+    w_max = 1.0 if weight is None else weight.abs().max().item()
+    assert_close(rows, ref_rows, precision, f"{what} loss rows", scale=loss_scale(z, spec))
+    assert_close(grad, ref_grad, precision, f"{what} grad", scale=grad_scale(z, spec, w_max))
+    rows_only, empty = run(False)
+    assert empty.shape == (0, z.shape[1]), what
+    assert_close(rows_only, ref_rows, precision, f"{what} loss rows without the gradient", scale=loss_scale(z, spec))
+
+
+@pytest.mark.parametrize("rule,eps", RULE_EPS)
+@pytest.mark.parametrize("detach_alpha", [True, False])
+@pytest.mark.parametrize("unit", [True, False])
+def test_every_rule_matches_the_float64_reference(gen, rule, eps, detach_alpha, unit):
+    """M = 13 (odd), D = 3, every anchor in range, no row weights: the singletons' zero weight
+    is the only one."""
+    z = embeddings(gen, 13, 3, unit)
+    spec = spec_of(rule, eps, unit, detach_alpha)
+    check(z, spec, group_ids(gen, 13), what=f"{rule} eps={eps} detach={detach_alpha} unit={unit}")
+
+
+@pytest.mark.parametrize("rule,eps", RULE_EPS)
+@pytest.mark.parametrize("detach_alpha", [True, False])
+def test_row_range_and_row_weights(gen, rule, eps, detach_alpha):
+    """The anchors [3, 12) of M = 15 with random weights (the distributed layer's call): the
+    gradient still covers every row; unit rows for half the cases."""
+    unit = detach_alpha
+    z = embeddings(gen, 15, 5, unit)
+    weight = torch.rand(9, generator=gen, dtype=torch.float64) + 0.5
+    spec = spec_of(rule, eps, unit, detach_alpha)
+    check(z, spec, group_ids(gen, 15, groups=3), lo=3, hi=12, weight=weight,
+          what=f"{rule} eps={eps} detach={detach_alpha} rows [3, 12)")
+
+
+#: Tiles of 16 over M = 37 (three row and column tiles, the last one partial); D = 20 on the
+#: chunked path runs two Gram chunks and two output-feature programs.
+SMALL_TILES = [BlockConfig(16, 16, 16, 16, True, 4, 1), BlockConfig(16, 16, 16, 16, False, 4, 1)]
+
+
+@pytest.mark.parametrize("config", SMALL_TILES, ids=["single-chunk", "chunked"])
+@pytest.mark.parametrize("rule,eps,detach_alpha", [("direct", 0.3, False), ("square", None, False),
+                                                   ("infonce", 0.3, True), ("inverse", None, True)])
+def test_tiles_smaller_than_the_rows(gen, config, rule, eps, detach_alpha):
+    d = 11 if config.single_chunk else 20
+    unit = rule != "inverse"
+    z = embeddings(gen, 37, d, unit)
+    weight = torch.rand(30, generator=gen, dtype=torch.float64) + 0.5
+    spec = spec_of(rule, eps, unit, detach_alpha)
+    check(z, spec, group_ids(gen, 37, groups=5, singletons=3), lo=5, hi=35, weight=weight, config=config,
+          what=f"{rule} {config}")
+
+
+@pytest.mark.parametrize("rule,eps", [("direct", 0.3), ("infonce", 0.3)])
+def test_float32(gen, rule, eps):
+    z = embeddings(gen, 13, 7, unit=True, dtype=torch.float32)
+    check(z, spec_of(rule, eps), group_ids(gen, 13), precision="float32", what=f"float32 {rule}")
+
+
+def test_bfloat16(gen):
+    """bf16 rows (tensor-core products, float32 statistics) against the float64 reference of the
+    same rounded rows, at the bf16 tolerance."""
+    z = embeddings(gen, 13, 7, unit=True, dtype=torch.bfloat16)
+    spec = spec_of("direct", 0.3)
+    assert not beta_jumps_under_rounding(spec, torch.bfloat16)
+    check(z, spec, group_ids(gen, 13), precision="bfloat16", what="bfloat16 direct")
+
+
+@pytest.mark.parametrize("rule", ["quadratic", "direct", "square", "infonce"])
+def test_one_group_has_no_negatives(gen, rule):
+    """All labels equal: no anchor has a negative, the loss is 0 with a zero gradient."""
+    z = embeddings(gen, 9, 3, unit=True)
+    rows, grad = ops.call_fused(z.to(DEVICE), spec_of(rule, 0.3 if rule == "infonce" else None), "triton", 0, 9,
+                                None, True, groups=torch.full((9,), 4, device=DEVICE))
+    assert torch.equal(rows.cpu(), torch.zeros(9, dtype=torch.float64))
+    assert torch.equal(grad.cpu(), torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("rule", ["quadratic", "entropy", "square", "infonce"])
+def test_distinct_labels_have_no_positives(gen, rule):
+    """All labels distinct: no anchor has a positive, so every loss row is 0 and, although the
+    pair loop runs, every anchor's weight is 0: a zero gradient."""
+    z = embeddings(gen, 9, 3, unit=False)
+    weight = torch.rand(9, generator=gen, dtype=torch.float64) + 0.5
+    rows, grad = ops.call_fused(z.to(DEVICE), spec_of(rule, 0.3 if rule != "square" else None, unit=False),
+                                "triton", 0, 9, weight.to(DEVICE), True, groups=torch.arange(9, device=DEVICE))
+    assert torch.equal(rows.cpu(), torch.zeros(9, dtype=torch.float64))
+    assert torch.equal(grad.cpu(), torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("rule,eps", RULE_EPS)
+def test_two_views_as_groups_equal_the_partner_path(gen, rule, eps):
+    """groups = arange(N).repeat(2) (P_i = {p(i)}) against the backend's SimCLR call on the same Z."""
+    n, unit = 6, rule != "inverse"
+    z = embeddings(gen, 2 * n, 5, unit).to(DEVICE)
+    spec = spec_of(rule, eps, unit, detach_alpha=rule != "entropy")
+    weight = (torch.rand(8, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE)
+    rows, grad = ops.call_fused(z, spec, "triton", 2, 10, weight, True, groups=torch.arange(n, device=DEVICE).repeat(2))
+    pair_rows, pair_grad = ops.call_fused(z, spec, "triton", 2, 10, weight, True)
+    assert_close(rows, pair_rows, "float64", f"{rule} loss rows", scale=loss_scale(z, spec))
+    assert_close(grad, pair_grad, "float64", f"{rule} grad", scale=grad_scale(z, spec, 1.5))
+
+
+def test_bad_group_ids_are_refused_by_the_raw_op(gen):
+    z = embeddings(gen, 8, 3, unit=True).to(DEVICE)
+    spec = spec_of("direct")
+    ids = torch.arange(4, device=DEVICE).repeat(2)
+    with pytest.raises(ValueError, match="1-D tensor of M = 8 group ids"):
+        kernels.alpha_cl_fused(z, spec, 0, 8, None, True, groups=ids[:7])
+    with pytest.raises(ValueError, match="1-D tensor of M = 8 group ids"):
+        kernels.alpha_cl_fused(z, spec, 0, 8, None, True, groups=ids[None])
+    with pytest.raises(TypeError, match="integer ids"):
+        kernels.alpha_cl_fused(z, spec, 0, 8, None, True, groups=ids.double())
+    with pytest.raises(TypeError, match="integer ids"):
+        kernels.alpha_cl_fused(z, spec, 0, 8, None, True, groups=ids > 1)
+    with pytest.raises(ValueError, match="negatives='all' without a queue"):
+        kernels.alpha_cl_fused(z, spec, 0, 8, None, True, queue=z[:2], groups=ids)
+    with pytest.raises(ValueError, match="negatives='all' without a queue"):
+        kernels.alpha_cl_fused(z, make_spec("direct", negatives="cross"), 0, 8, None, True, groups=ids)
+
+
+def test_supports_groups():
+    assert kernels.supports_groups is True
+    assert dispatch.supports("triton", "all", False, has_groups=True) == (True, "")
+    assert dispatch.resolve_backend("triton", DEVICE, make_spec("direct"), has_groups=True) == "triton"

@@ -7,12 +7,7 @@ import torch
 def check_views(z1, z2, names=("z1", "z2")) -> None:
     """Two views of one batch: 2-D float tensors of equal shape (N ≥ 1, D ≥ 1), one dtype, one device."""
     for name, z in zip(names, (z1, z2)):
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if not z.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {z.dtype}")
-        if z.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+        _check_embedding(name, z, sizes=False)
     a, b = names
     if z1.dtype != z2.dtype:
         raise TypeError(f"{a} and {b} must have the same dtype, got {z1.dtype} and {z2.dtype}")
@@ -32,13 +27,16 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def _check_embedding(name: str, z) -> None:
+def _check_embedding(name: str, z, sizes: bool = True) -> None:
+    """One (N, D) float tensor; with `sizes`, N ≥ 1 and D ≥ 1 too."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
     if not z.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {z.dtype}")
     if z.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+    if not sizes:
+        return
     if z.shape[0] == 0:
         raise ValueError(f"{name} needs N >= 1 rows, got N = 0")
     if z.shape[1] == 0:

@@ -25,6 +25,7 @@ from fastalpha.rules import RULES, make_spec
 from fastalpha.testing import assert_close, grad_scale, loss_scale, precision_of
 
 import naive
+from test_backends import _backend as available_backend
 
 F64 = torch.float64
 BACKENDS = ["eager", "chunked", "cpp", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -49,18 +50,10 @@ def _case_id(case):
     return rule + "".join(f"-{k[:4]}{v:g}" for k, v in extra.items())
 
 
-def _device(name):
-    return torch.device("cuda") if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else torch.device("cpu")
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    name = request.param
-    device = _device(name)
-    ok, reason = dispatch.backend_status(name, device)
-    if not ok:
-        pytest.skip(f"backend {name!r} unavailable: {reason}")
-    return name, device
+    """(name, device) of an available backend (skipped, with the reason, otherwise)."""
+    return available_backend(request.param)
 
 
 def labels_with_singletons(gen, m, classes):

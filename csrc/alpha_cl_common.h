@@ -103,10 +103,15 @@ inline at::Tensor partner_rows(const at::Tensor& z, int64_t row_lo, int64_t row_
 // `omega_t_z` is (ωᵀ[Z; Q]) and `colsum` is C, both over all M + K columns. For unit rows
 // (d2 = 1 − z_i·z_j) the terms in z_k itself drop out: only the cross terms ωZ, ωᵀZ and −c z_p
 // remain. Queue rows have no partner and are no anchors: they get the column side only.
+// The column side Σ_i ω_ik (z_i − z_k) = (ωᵀ[Z; Q])_k − C_k z_k, in place in `omega_t_z`.
+inline at::Tensor column_side(at::Tensor omega_t_z, const at::Tensor& colsum, const at::Tensor& cols, bool unit_rows) {
+  return unit_rows ? omega_t_z : omega_t_z.sub_(colsum.unsqueeze(1) * cols);
+}
+
 inline at::Tensor assemble_gradient(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
                                     at::Tensor omega_t_z, const at::Tensor& colsum, const at::Tensor& coef,
                                     const at::Tensor& omega_rowsum, const at::Tensor& omega_z, bool unit_rows) {
-  at::Tensor grad = unit_rows ? omega_t_z : omega_t_z.sub_(colsum.unsqueeze(1) * cols);
+  at::Tensor grad = column_side(omega_t_z, colsum, cols, unit_rows);
   if (row_hi == row_lo) return grad;
   const at::Tensor z = cols.narrow(0, 0, m);
   const at::Tensor partners = partner_rows(z, row_lo, row_hi);
@@ -121,6 +126,18 @@ inline at::Tensor assemble_gradient(const at::Tensor& cols, int64_t m, int64_t r
   }
   grad.narrow(0, row_lo, row_hi - row_lo).add_(row_part);
   grad.index_add_(0, partners, partner_part);
+  return grad;
+}
+
+// The grouped mode's pair sum alone (no partner terms; the positives' pull is added by the
+// caller from group sums): G = column side + Σ_j ω_kj (z_j − z_k) on the anchor rows.
+inline at::Tensor assemble_pair_gradient(const at::Tensor& z, int64_t row_lo, int64_t row_hi, at::Tensor omega_t_z,
+                                         const at::Tensor& colsum, const at::Tensor& omega_rowsum,
+                                         const at::Tensor& omega_z, bool unit_rows) {
+  at::Tensor grad = column_side(omega_t_z, colsum, z, unit_rows);
+  if (row_hi == row_lo) return grad;
+  at::Tensor row_part = unit_rows ? omega_z : omega_z - omega_rowsum.unsqueeze(1) * z.narrow(0, row_lo, row_hi - row_lo);
+  grad.narrow(0, row_lo, row_hi - row_lo).add_(row_part);
   return grad;
 }
 
@@ -195,10 +212,6 @@ inline int64_t chunk_rows_from_env(int64_t fallback) {
       return kernel<double>(z, row_lo, row_hi, row_weight, ids, d2_mean, n_neg, loop, need_grad);            \
     return kernel<float>(z, row_lo, row_hi, row_weight, ids, d2_mean, n_neg, loop, need_grad);               \
   }
-
-#define FASTALPHA_REGISTER_FUSED_OP(library, dispatch_key, entry)                       \
-  TORCH_LIBRARY(library, m) { m.def(FASTALPHA_FUSED_OP_SCHEMA); }                         \
-  TORCH_LIBRARY_IMPL(library, dispatch_key, m) { m.impl("alpha_cl_fused", &fastalpha::entry); }
 
 #define FASTALPHA_REGISTER_FUSED_OPS(library, dispatch_key, entry, grouped_entry)              \
   TORCH_LIBRARY(library, m) {                                                                    \

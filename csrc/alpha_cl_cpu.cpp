@@ -207,9 +207,9 @@ inline void for_negatives(const NegativeRanges& r, Body&& body) {
 
 // The two ways a full-row sweep knows the columns of J_i and the positive side of anchor i.
 // `row(i)` gives the row's column set: its ranges (for_negatives), `keep(j)` (whether a column
-// of the ranges is in the sweep) and `offset(j)` (added to its distance); the paired set's
-// keep is the constant true and it has no offsets, so its loops compile as they did before
-// the grouped mode existed.
+// of the ranges is in the sweep) and, where kOffsets, `offset(j)` (added to its distance); the
+// paired set's keep is the constant true and it has no offsets, so its loops compile as they
+// did before the grouped mode existed.
 //
 // Paired (every negative set of the SimCLR contract, queues included): J_i is its column
 // ranges, the positive is the partner p(i), |J_i| is the same for every anchor.
@@ -220,10 +220,8 @@ struct PairedSets {
 
   struct Row {
     NegativeRanges ranges;
-    static constexpr bool kOffsets = false;
+    static constexpr bool kOffsets = false;  // no `offset(j)`: the distances are the plain d2
     bool keep(int64_t) const { return true; }
-    template <typename T>
-    T offset(int64_t) const { return T(0); }
   };
   Row row(int64_t i) const { return {negative_ranges(negatives, i, m, c)}; }
   bool has_term(int64_t) const { return true; }
@@ -257,7 +255,7 @@ struct GroupedSets {
     T offset(int64_t j) const { return columns.is_positive(j) ? static_cast<T>(positive_offset) : T(0); }
   };
   Row row(int64_t i) const {
-    return {{{0, m, m}, {m, m, m}}, group_columns(loop, group, i), loop.positive_offset};
+    return {{{0, m, m}, {m, m, m}}, group_columns(group, i, loop.with_positives), loop.positive_offset};
   }
   bool has_term(int64_t i) const {
     const int64_t count = n_neg[i - row_lo];

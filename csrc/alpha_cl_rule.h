@@ -166,8 +166,8 @@ inline GroupedLoop grouped_loop(const RuleConfig& cfg) {
   return loop;
 }
 
-FASTALPHA_HD GroupColumns group_columns(const GroupedLoop& loop, const int64_t* group, int64_t i) {
-  return {group, i, group[i], loop.with_positives};
+FASTALPHA_HD GroupColumns group_columns(const int64_t* group, int64_t i, bool with_positives) {
+  return {group, i, group[i], with_positives};
 }
 
 }  // namespace fastalpha

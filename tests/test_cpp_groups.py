@@ -15,15 +15,17 @@ import torch
 import fastalpha
 from fastalpha import cpp_build, dispatch, ops, positives, reference
 from fastalpha.backends import cpp, cuda
-from fastalpha.rules import RULES, make_spec
+from fastalpha.rules import EPS_RULES, RULES, make_spec
 from fastalpha.testing import (SQUARE_BETA_IN_FLOAT64, assert_close, beta_jumps_under_rounding, grad_scale, loss_scale,
                                precision_of)
 
 if cpp_build.flag_set("FASTALPHA_NO_CPP"):
     pytest.skip("the cpp backend is disabled by FASTALPHA_NO_CPP=1", allow_module_level=True)
 
-BACKENDS = {"cpu": cpp, "cuda": cuda}
+BACKENDS = {"cpu": "cpp", "cuda": "cuda"}
 LAYOUTS = ("views", "labels", "pairs")
+# The contract matrix: every rule with its default ε, and ε = 0.3 for the rules that have one.
+RULE_EPS = [(rule, None) for rule in RULES] + [(rule, 0.3) for rule in EPS_RULES]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +44,8 @@ def grouped_rows(gen, layout: str, d: int, dtype, unit: bool = True):
     """(z, ids): the stacked rows and their group ids for one layout.
 
     views   V = 3 views of N = 19 samples (g_k = k mod N), M = 57
-    labels  M = 61 rows with 9 labels drawn at random, and 3 singleton labels (no positive)
+    labels  M = 61 rows with 9 labels drawn at random (groups of varied sizes), and 3
+            singleton labels (anchors without a positive)
     pairs   two views of N = 23 samples, M = 46 (the SimCLR sets)
     """
     if layout == "views":
@@ -66,10 +69,10 @@ def random_row_range(gen, m):
 
 
 def check_grouped(z, ids, spec, row_lo, row_hi, weight, precision, device="cpu"):
-    """The backend of `device` against the float64 closed form: loss rows and every gradient row."""
-    backend = BACKENDS[device]
-    rows, grad = backend.alpha_cl_fused(z.to(device), spec, row_lo, row_hi, None if weight is None else weight.to(device),
-                                        True, groups=ids.to(device))
+    """The backend of `device`, through the custom op, against the float64 closed form: loss
+    rows and every gradient row."""
+    rows, grad = ops.call_fused(z.to(device), spec, BACKENDS[device], row_lo, row_hi,
+                                None if weight is None else weight.to(device), True, groups=ids.to(device))
     w64 = None if weight is None else weight.double()
     ref_rows, ref_grad = reference.grouped_closed_form_gradient(z.double(), spec, ids, w64, row_lo, row_hi)
     assert rows.dtype == torch.promote_types(z.dtype, torch.float32)
@@ -80,11 +83,11 @@ def check_grouped(z, ids, spec, row_lo, row_hi, weight, precision, device="cpu")
     return rows, grad
 
 
-def contract_case(gen, rule, detach, unit, dtype, layout, device="cpu"):
-    spec = make_spec(rule, normalize=unit, detach_alpha=detach)
+def contract_case(gen, rule, eps, detach, unit, dtype, layout, device="cpu"):
+    spec = make_spec(rule, eps=eps, normalize=unit, detach_alpha=detach)
     if beta_jumps_under_rounding(spec, dtype):
         pytest.skip(SQUARE_BETA_IN_FLOAT64)
-    z, ids = grouped_rows(gen, layout, 11, dtype, unit)
+    z, ids = grouped_rows(gen, layout, {"views": 3, "labels": 11, "pairs": 8}[layout], dtype, unit)
     lo, hi = random_row_range(gen, z.shape[0])
     weight = torch.rand(hi - lo, generator=gen, dtype=torch.float64).to(torch.promote_types(dtype, torch.float32))
     check_grouped(z, ids, spec, lo, hi, weight, precision_of(dtype), device)
@@ -94,10 +97,10 @@ def contract_case(gen, rule, detach, unit, dtype, layout, device="cpu"):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("unit", [True, False])
 @pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("rule", RULES)
-def test_kernel_matches_grouped_closed_form(gen, rule, detach, unit, dtype, layout):
+@pytest.mark.parametrize("rule,eps", RULE_EPS)
+def test_kernel_matches_grouped_closed_form(gen, rule, eps, detach, unit, dtype, layout):
     """Row sub-range, random row weights, unit or raw rows: the whole grouped contract."""
-    contract_case(gen, rule, detach, unit, dtype, layout)
+    contract_case(gen, rule, eps, detach, unit, dtype, layout)
 
 
 GROUPED_RULE_PARAMETERS = [
@@ -168,7 +171,8 @@ def test_groups_of_two_are_the_paired_kernel(gen, rule, dtype):
 
 def test_anchors_without_a_positive_or_a_negative(gen):
     """A singleton label has no loss term (0, and no pull) but stays a negative of the others;
-    one group for the whole batch leaves no negative: zero losses and a zero gradient."""
+    all labels distinct leave no positive, one group for the whole batch no negative: zero
+    losses and a zero gradient (also for one row)."""
     z, _ = grouped_rows(gen, "pairs", 8, torch.float64)
     m = z.shape[0]
     spec = make_spec("entropy", eps=0.5)
@@ -177,8 +181,9 @@ def test_anchors_without_a_positive_or_a_negative(gen):
     rows, _ = check_grouped(z, ids, spec, 0, m, None, "float64")
     assert (rows[:3] == 0).all() and (rows[3:] != 0).all()
     for rule in ("direct", "infonce"):
-        rows, grad = cpp.alpha_cl_fused(z, make_spec(rule, eps=1.0), 0, m, None, True, groups=torch.zeros(m, dtype=torch.long))
-        assert (rows == 0).all() and (grad == 0).all()
+        for ids in (torch.zeros(m, dtype=torch.long), torch.randperm(m, generator=gen)):
+            rows, grad = cpp.alpha_cl_fused(z, make_spec(rule, eps=1.0), 0, m, None, True, groups=ids)
+            assert (rows == 0).all() and (grad == 0).all()
     rows, grad = cpp.alpha_cl_fused(z[:1], spec, 0, 1, None, True, groups=torch.zeros(1, dtype=torch.long))
     assert rows.shape == (1,) and (rows == 0).all() and (grad == 0).all()
 
@@ -278,9 +283,9 @@ def test_cuda_supports_groups():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("unit", [True, False])
 @pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("rule", RULES)
-def test_cuda_matches_grouped_closed_form(gen, cuda_float32, rule, detach, unit, dtype, layout):
-    contract_case(gen, rule, detach, unit, dtype, layout, device="cuda")
+@pytest.mark.parametrize("rule,eps", RULE_EPS)
+def test_cuda_matches_grouped_closed_form(gen, cuda_float32, rule, eps, detach, unit, dtype, layout):
+    contract_case(gen, rule, eps, detach, unit, dtype, layout, device="cuda")
 
 
 @pytest.mark.gpu

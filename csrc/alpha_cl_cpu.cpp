@@ -206,10 +206,13 @@ inline void for_negatives(const NegativeRanges& r, Body&& body) {
 }
 
 // The two ways a full-row sweep knows the columns of J_i and the positive side of anchor i.
-// `row(i)` gives the row's column set: its ranges (for_negatives), `keep(j)` (whether a column
-// of the ranges is in the sweep) and, where kOffsets, `offset(j)` (added to its distance); the
-// paired set's keep is the constant true and it has no offsets, so its loops compile as they
-// did before the grouped mode existed.
+// `row(i)` gives the row's column set: its ranges (for_negatives), and where kMarked, `mark`:
+// the distance pass gives a column of the ranges its offset, or +inf when it is not in the
+// sweep, and the later passes test `in_sweep(d)` (d ≠ inf). A test on the distance already
+// loaded keeps those loops vectorised (as in the symmetric tiles); a test on the group ids
+// there (`g_j != g_i ? weight(d) : 0`) left GCC's weight loop scalar, 1.8x its paired time.
+// The paired set has no marks and in_sweep is the constant true, so its loops compile as
+// they did before the grouped mode existed.
 //
 // Paired (every negative set of the SimCLR contract, queues included): J_i is its column
 // ranges, the positive is the partner p(i), |J_i| is the same for every anchor.
@@ -220,8 +223,9 @@ struct PairedSets {
 
   struct Row {
     NegativeRanges ranges;
-    static constexpr bool kOffsets = false;  // no `offset(j)`: the distances are the plain d2
-    bool keep(int64_t) const { return true; }
+    static constexpr bool kMarked = false;
+    template <typename T>
+    bool in_sweep(T) const { return true; }
   };
   Row row(int64_t i) const { return {negative_ranges(negatives, i, m, c)}; }
   bool has_term(int64_t) const { return true; }
@@ -249,10 +253,15 @@ struct GroupedSets {
     NegativeRanges ranges;
     GroupColumns columns;
     double positive_offset;
-    static constexpr bool kOffsets = true;
-    bool keep(int64_t j) const { return columns.contains(j); }
+    static constexpr bool kMarked = true;
+    // d2_ij of a column in the sweep (a positive's with its offset), else +inf.
     template <typename T>
-    T offset(int64_t j) const { return columns.is_positive(j) ? static_cast<T>(positive_offset) : T(0); }
+    T mark(int64_t j, T d) const {
+      const T shifted = columns.is_positive(j) ? d + static_cast<T>(positive_offset) : d;
+      return columns.contains(j) ? shifted : std::numeric_limits<T>::infinity();
+    }
+    template <typename T>  // `!=`, not `<`: a NaN distance stays in and propagates, as in the paired sweep
+    bool in_sweep(T d) const { return d != std::numeric_limits<T>::infinity(); }
   };
   Row row(int64_t i) const {
     return {{{0, m, m}, {m, m, m}}, group_columns(group, i, loop.with_positives), loop.positive_offset};
@@ -333,7 +342,7 @@ class RowSweep {
  private:
   using Row = typename Sets::Row;
 
-  // d2_ij = max(0, n_i/2 + n_j/2 − S_ij) (+ the column's offset) in place over the ranges;
+  // d2_ij = max(0, n_i/2 + n_j/2 − S_ij) in place over the ranges (marked, see PairedSets);
   // returns the minimum over the columns in the sweep.
   T distances(int64_t i, const Row& rng, T* row) const {
     const T hi = half_[i];
@@ -345,9 +354,9 @@ class RowSweep {
       for (int64_t j = s; j < e; ++j) {
         T d = hi + h[j] - row[j];
         d = d > T(0) ? d : T(0);
-        if constexpr (Row::kOffsets) d += rng.template offset<T>(j);
+        if constexpr (Row::kMarked) d = rng.mark(j, d);
         row[j] = d;
-        lo = rng.keep(j) && d < lo ? d : lo;
+        lo = d < lo ? d : lo;
       }
       dmin = lo;
     });
@@ -366,17 +375,21 @@ class RowSweep {
         if (e_out != nullptr) {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t j = s0; j < e0; ++j) {
-            const T w = rng.keep(j) ? weight(row[j]) : T(0);
+            const T d = row[j];
+            const bool in = rng.in_sweep(d);
+            const T w = in ? weight(d) : T(0);
             e_out[j] = w;
             ls += w;
-            lds += w * row[j];
+            lds += in ? w * d : T(0);
           }
         } else {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t j = s0; j < e0; ++j) {
-            const T w = rng.keep(j) ? weight(row[j]) : T(0);
+            const T d = row[j];
+            const bool in = rng.in_sweep(d);
+            const T w = in ? weight(d) : T(0);
             ls += w;
-            lds += w * row[j];
+            lds += in ? w * d : T(0);
           }
         }
         l += ls;
@@ -395,7 +408,7 @@ class RowSweep {
         T part = 0;
 #pragma omp simd reduction(+ : part)
         for (int64_t j = s0; j < e0; ++j) {
-          const T w = rng.keep(j) ? f(e_io[j], row[j]) : T(0);
+          const T w = rng.in_sweep(row[j]) ? f(e_io[j], row[j]) : T(0);
           e_io[j] = w;
           part += w;
         }
@@ -415,7 +428,7 @@ class RowSweep {
         T c = 0, part = 0;  // c ≤ kSumBlock is exact in float
 #pragma omp simd reduction(+ : c, part)
         for (int64_t j = s0; j < e0; ++j) {
-          const bool in = rng.keep(j) && row[j] < mu;
+          const bool in = row[j] < mu;  // marked columns are +inf
           c += in ? T(1) : T(0);
           part += in ? row[j] : T(0);
         }

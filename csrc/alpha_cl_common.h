@@ -27,27 +27,19 @@
 
 namespace fastalpha {
 
-inline void check_fused_inputs(const at::Tensor& z, const std::optional<at::Tensor>& queue, int64_t row_lo,
-                               int64_t row_hi, const std::optional<at::Tensor>& row_weight, c10::DeviceType device) {
+// z (M × D, float/double, on `device`), the anchor range [row_lo, row_hi) and the row weights:
+// what every op takes.
+inline void check_anchor_inputs(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
+                                const std::optional<at::Tensor>& row_weight, c10::DeviceType device) {
   TORCH_CHECK(z.dim() == 2, "fastalpha: z must be 2-D (M, D), got ", z.dim(), " dimensions");
   TORCH_CHECK(z.device().type() == device, "fastalpha: this kernel takes ", c10::DeviceTypeName(device),
               " tensors, got z on ", z.device());
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
               "fastalpha: the kernel computes in float32 or float64 (upcast half types first), got ", z.scalar_type());
   const int64_t m = z.size(0);
-  // N = 1 is legitimate with a queue; whether any anchor has a negative is the caller's count.
-  TORCH_CHECK(m >= 2 && m % 2 == 0, "fastalpha: z must stack two views of N >= 1 rows (M = 2N even), got M = ", m);
   TORCH_CHECK(z.size(1) >= 1, "fastalpha: z needs D >= 1 columns");
   TORCH_CHECK(0 <= row_lo && row_lo <= row_hi && row_hi <= m, "fastalpha: need 0 <= row_lo <= row_hi <= M = ", m,
               ", got [", row_lo, ", ", row_hi, ")");
-  if (queue.has_value()) {
-    const at::Tensor& q = *queue;
-    TORCH_CHECK(q.dim() == 2 && q.size(1) == z.size(1), "fastalpha: queue must have shape (K, ", z.size(1),
-                "), got ", q.sizes());
-    TORCH_CHECK(q.scalar_type() == z.scalar_type(), "fastalpha: queue must have dtype ", z.scalar_type(), ", got ",
-                q.scalar_type());
-    TORCH_CHECK(q.device() == z.device(), "fastalpha: queue must be on ", z.device(), ", got ", q.device());
-  }
   if (row_weight.has_value()) {
     const at::Tensor& w = *row_weight;
     TORCH_CHECK(w.dim() == 1 && w.size(0) == row_hi - row_lo, "fastalpha: row_weight must have shape (",
@@ -56,6 +48,42 @@ inline void check_fused_inputs(const at::Tensor& z, const std::optional<at::Tens
                 ", got ", w.scalar_type());
     TORCH_CHECK(w.device() == z.device(), "fastalpha: row_weight must be on ", z.device(), ", got ", w.device());
   }
+}
+
+inline void check_fused_inputs(const at::Tensor& z, const std::optional<at::Tensor>& queue, int64_t row_lo,
+                               int64_t row_hi, const std::optional<at::Tensor>& row_weight, c10::DeviceType device) {
+  TORCH_CHECK(z.dim() == 2, "fastalpha: z must be 2-D (M, D), got ", z.dim(), " dimensions");
+  const int64_t m = z.size(0);
+  // N = 1 is legitimate with a queue; whether any anchor has a negative is the caller's count.
+  TORCH_CHECK(m >= 2 && m % 2 == 0, "fastalpha: z must stack two views of N >= 1 rows (M = 2N even), got M = ", m);
+  check_anchor_inputs(z, row_lo, row_hi, row_weight, device);
+  if (queue.has_value()) {
+    const at::Tensor& q = *queue;
+    TORCH_CHECK(q.dim() == 2 && q.size(1) == z.size(1), "fastalpha: queue must have shape (K, ", z.size(1),
+                "), got ", q.sizes());
+    TORCH_CHECK(q.scalar_type() == z.scalar_type(), "fastalpha: queue must have dtype ", z.scalar_type(), ", got ",
+                q.scalar_type());
+    TORCH_CHECK(q.device() == z.device(), "fastalpha: queue must be on ", z.device(), ", got ", q.device());
+  }
+}
+
+// The grouped op's per-row inputs (GroupColumns): `groups` g_k for the M rows (int64), and for
+// the R anchors `positive_distance` d̄2_i (z's dtype) and `negative_count` |J_i| (int64). A
+// wrong dtype is a TypeError, a wrong shape or device a ValueError.
+inline void check_group_inputs(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const at::Tensor& groups,
+                               const at::Tensor& positive_distance, const at::Tensor& negative_count) {
+  const int64_t m = z.size(0), rows = row_hi - row_lo;
+  TORCH_CHECK_VALUE(m >= 1, "fastalpha: z needs M >= 1 rows");
+  auto check = [&](const at::Tensor& t, const char* name, int64_t length, at::ScalarType dtype) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "fastalpha: ", name, " must have dtype ", dtype, ", got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length, "fastalpha: ", name, " must have shape (", length,
+                      ",), got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == z.device(), "fastalpha: ", name, " must be on ", z.device(), ", got ", t.device());
+  };
+  check(groups, "groups", m, at::kLong);
+  check(positive_distance, "positive_distance", rows, z.scalar_type());
+  check(negative_count, "negative_count", rows, at::kLong);
 }
 
 // The columns every anchor is compared with: [Z; Q] ((M + K) × D, contiguous), or Z itself
@@ -75,10 +103,15 @@ inline at::Tensor partner_rows(const at::Tensor& z, int64_t row_lo, int64_t row_
 // `omega_t_z` is (ωᵀ[Z; Q]) and `colsum` is C, both over all M + K columns. For unit rows
 // (d2 = 1 − z_i·z_j) the terms in z_k itself drop out: only the cross terms ωZ, ωᵀZ and −c z_p
 // remain. Queue rows have no partner and are no anchors: they get the column side only.
+// The column side Σ_i ω_ik (z_i − z_k) = (ωᵀ[Z; Q])_k − C_k z_k, in place in `omega_t_z`.
+inline at::Tensor column_side(at::Tensor omega_t_z, const at::Tensor& colsum, const at::Tensor& cols, bool unit_rows) {
+  return unit_rows ? omega_t_z : omega_t_z.sub_(colsum.unsqueeze(1) * cols);
+}
+
 inline at::Tensor assemble_gradient(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
                                     at::Tensor omega_t_z, const at::Tensor& colsum, const at::Tensor& coef,
                                     const at::Tensor& omega_rowsum, const at::Tensor& omega_z, bool unit_rows) {
-  at::Tensor grad = unit_rows ? omega_t_z : omega_t_z.sub_(colsum.unsqueeze(1) * cols);
+  at::Tensor grad = column_side(omega_t_z, colsum, cols, unit_rows);
   if (row_hi == row_lo) return grad;
   const at::Tensor z = cols.narrow(0, 0, m);
   const at::Tensor partners = partner_rows(z, row_lo, row_hi);
@@ -93,6 +126,18 @@ inline at::Tensor assemble_gradient(const at::Tensor& cols, int64_t m, int64_t r
   }
   grad.narrow(0, row_lo, row_hi - row_lo).add_(row_part);
   grad.index_add_(0, partners, partner_part);
+  return grad;
+}
+
+// The grouped mode's pair sum alone (no partner terms; the positives' pull is added by the
+// caller from group sums): G = column side + Σ_j ω_kj (z_j − z_k) on the anchor rows.
+inline at::Tensor assemble_pair_gradient(const at::Tensor& z, int64_t row_lo, int64_t row_hi, at::Tensor omega_t_z,
+                                         const at::Tensor& colsum, const at::Tensor& omega_rowsum,
+                                         const at::Tensor& omega_z, bool unit_rows) {
+  at::Tensor grad = column_side(omega_t_z, colsum, z, unit_rows);
+  if (row_hi == row_lo) return grad;
+  at::Tensor row_part = unit_rows ? omega_z : omega_z - omega_rowsum.unsqueeze(1) * z.narrow(0, row_lo, row_hi - row_lo);
+  grad.narrow(0, row_lo, row_hi - row_lo).add_(row_part);
   return grad;
 }
 
@@ -138,6 +183,42 @@ inline int64_t chunk_rows_from_env(int64_t fallback) {
     return kernel<float>(cols, m, row_lo, row_hi, row_weight, cfg, need_grad);                               \
   }
 
-#define FASTALPHA_REGISTER_FUSED_OP(library, dispatch_key, entry)                       \
-  TORCH_LIBRARY(library, m) { m.def(FASTALPHA_FUSED_OP_SCHEMA); }                         \
-  TORCH_LIBRARY_IMPL(library, dispatch_key, m) { m.impl("alpha_cl_fused", &fastalpha::entry); }
+// The grouped op (GroupColumns): positives and negatives of every anchor from the rows' group
+// ids, any M ≥ 1, no queue. It returns the pair loop's part of the results: the losses (0 for
+// an anchor without a positive or without a negative), the gradient of Σ_i w_i loss_i over the
+// pairs the sweep holds (J_i, and P_i for infonce with ε > 0) and `pull` = w_i g A_i per anchor
+// (g the gradient scale, 0 for an anchor without a loss term): the weight of d̄2_i, whose
+// gradient the caller adds from group sums (fastalpha.positives.add_positive_pull_).
+// kernel<T>(z, row_lo, row_hi, row_weight, groups, positive_distance, negative_count, loop, need_grad).
+#define FASTALPHA_GROUPED_OP_SCHEMA                                                                        \
+  "alpha_cl_fused_grouped(Tensor z, int row_lo, int row_hi, Tensor? row_weight, Tensor groups, "           \
+  "Tensor positive_distance, Tensor negative_count, str rule, float temperature, float p, float gamma, "   \
+  "float eps, bool detach_alpha, bool unit_rows, bool need_grad) -> (Tensor, Tensor, Tensor)"
+
+#define FASTALPHA_DEFINE_GROUPED_OP(entry, device, kernel)                                                   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> entry(                                                      \
+      const at::Tensor& z_in, int64_t row_lo, int64_t row_hi, const std::optional<at::Tensor>& row_weight,   \
+      const at::Tensor& groups, const at::Tensor& positive_distance, const at::Tensor& negative_count,       \
+      c10::string_view rule, double temperature, double p, double gamma, double eps, bool detach_alpha,      \
+      bool unit_rows, bool need_grad) {                                                                      \
+    const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps,      \
+                                     detach_alpha, unit_rows, "all");                                        \
+    check_anchor_inputs(z_in, row_lo, row_hi, row_weight, device);                                           \
+    check_group_inputs(z_in, row_lo, row_hi, groups, positive_distance, negative_count);                     \
+    const at::Tensor z = z_in.contiguous(), ids = groups.contiguous();                                       \
+    const at::Tensor d2_mean = positive_distance.contiguous(), n_neg = negative_count.contiguous();          \
+    const GroupedLoop loop = grouped_loop(cfg);                                                              \
+    if (z.scalar_type() == at::kDouble)                                                                      \
+      return kernel<double>(z, row_lo, row_hi, row_weight, ids, d2_mean, n_neg, loop, need_grad);            \
+    return kernel<float>(z, row_lo, row_hi, row_weight, ids, d2_mean, n_neg, loop, need_grad);               \
+  }
+
+#define FASTALPHA_REGISTER_FUSED_OPS(library, dispatch_key, entry, grouped_entry)              \
+  TORCH_LIBRARY(library, m) {                                                                    \
+    m.def(FASTALPHA_FUSED_OP_SCHEMA);                                                            \
+    m.def(FASTALPHA_GROUPED_OP_SCHEMA);                                                          \
+  }                                                                                              \
+  TORCH_LIBRARY_IMPL(library, dispatch_key, m) {                                                 \
+    m.impl("alpha_cl_fused", &fastalpha::entry);                                                 \
+    m.impl("alpha_cl_fused_grouped", &fastalpha::grouped_entry);                                 \
+  }

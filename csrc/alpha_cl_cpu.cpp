@@ -26,6 +26,12 @@
 // the same-view tiles, "none" keeps only anchor × queue tiles; self and partner are masked
 // inside a tile as for "all". Every count |J_i| is negative_count.
 //
+// Group-defined positives (labels, more than two views; the grouped op, GroupColumns in
+// alpha_cl_rule.h) run the one pass only: a chunk's rows are complete, so J_i (g_j ≠ g_i, and
+// for infonce with ε > 0 the positives at d2 − τ log ε) is a per-column test in the same
+// sweeps (GroupedSets). The positive side, d̄2_i and the gradient of the uniform pull, is
+// group sums in fastalpha/positives.py: the kernel returns the pull weights w_i g A_i.
+//
 // `choose_algorithm` holds the rule between the two. Both finish each row with
 // finalize_row (alpha_cl_row_math.h, shared with the CUDA kernel).
 #include <algorithm>
@@ -199,20 +205,93 @@ inline void for_negatives(const NegativeRanges& r, Body&& body) {
   body(r.begin[2], r.end[2]);
 }
 
+// The two ways a full-row sweep knows the columns of J_i and the positive side of anchor i.
+// `row(i)` gives the row's column set: its ranges (for_negatives), and where kMarked, `mark`:
+// the distance pass gives a column of the ranges its offset, or +inf when it is not in the
+// sweep, and the later passes test `in_sweep(d)` (d ≠ inf). A test on the distance already
+// loaded keeps those loops vectorised (as in the symmetric tiles); a test on the group ids
+// there (`g_j != g_i ? weight(d) : 0`) left GCC's weight loop scalar, 1.8x its paired time.
+// The paired set has no marks and in_sweep is the constant true, so its loops compile as
+// they did before the grouped mode existed.
+//
+// Paired (every negative set of the SimCLR contract, queues included): J_i is its column
+// ranges, the positive is the partner p(i), |J_i| is the same for every anchor.
+struct PairedSets {
+  Negatives negatives;
+  int64_t m, c;
+  double n_neg;  // negative_count
+
+  struct Row {
+    NegativeRanges ranges;
+    static constexpr bool kMarked = false;
+    template <typename T>
+    bool in_sweep(T) const { return true; }
+  };
+  Row row(int64_t i) const { return {negative_ranges(negatives, i, m, c)}; }
+  bool has_term(int64_t) const { return true; }
+  double negative_count(int64_t) const { return n_neg; }
+  // d2 of (i, p(i)) from S_ip, which the sweep leaves in place (p(i) ∉ J_i).
+  template <typename T>
+  double positive_distance(int64_t i, const T* row, const T* half) const {
+    const int64_t p = partner_of(i, m);
+    const double d2 = std::max(0.0, static_cast<double>(half[i] + half[p]) - static_cast<double>(row[p]));
+    return static_cast<double>(std::max(T(0), static_cast<T>(d2)));
+  }
+};
+
+// Grouped (GroupColumns): all M columns, each tested against the anchor's group; d̄2_i and
+// |J_i| per anchor come from the caller. An anchor without a positive (|J_i| = M − 1) or
+// without a negative has no loss term.
+struct GroupedSets {
+  GroupedLoop loop;
+  const int64_t* group;     // M
+  const int64_t* n_neg;     // per anchor, from row_lo
+  const void* d2_mean;      // per anchor, T
+  int64_t m, row_lo;
+
+  struct Row {
+    NegativeRanges ranges;
+    GroupColumns columns;
+    double positive_offset;
+    static constexpr bool kMarked = true;
+    // d2_ij of a column in the sweep (a positive's with its offset), else +inf.
+    template <typename T>
+    T mark(int64_t j, T d) const {
+      const T shifted = columns.is_positive(j) ? d + static_cast<T>(positive_offset) : d;
+      return columns.contains(j) ? shifted : std::numeric_limits<T>::infinity();
+    }
+    template <typename T>  // `!=`, not `<`: a NaN distance stays in and propagates, as in the paired sweep
+    bool in_sweep(T d) const { return d != std::numeric_limits<T>::infinity(); }
+  };
+  Row row(int64_t i) const {
+    return {{{0, m, m}, {m, m, m}}, group_columns(group, i, loop.with_positives), loop.positive_offset};
+  }
+  bool has_term(int64_t i) const {
+    const int64_t count = n_neg[i - row_lo];
+    return count > 0 && count < m - 1;
+  }
+  double negative_count(int64_t i) const { return static_cast<double>(n_neg[i - row_lo]); }
+  template <typename T>
+  double positive_distance(int64_t i, const T*, const T*) const {
+    return static_cast<double>(static_cast<const T*>(d2_mean)[i - row_lo]);
+  }
+};
+
 // ----------------------------------------------------------------------------------------
 // Full rows: the one-pass sweep, and the statistics pass of `square` in the symmetric path.
 
-// A row has C = M + K columns ([Z; Q]); its negatives are the ranges of negative_ranges.
-template <typename T>
+// A row has C = M + K columns ([Z; Q]); `Sets` (PairedSets, GroupedSets) says which are in J_i.
+template <typename T, class Sets>
 class RowSweep {
  public:
-  RowSweep(const RuleConfig& cfg, const T* half, int64_t m, int64_t c) : cfg_(cfg), half_(half), m_(m), c_(c) {}
+  RowSweep(const RuleConfig& cfg, const T* half, const Sets& sets, int64_t c)
+      : cfg_(cfg), half_(half), sets_(sets), c_(c) {}
 
   // `row` holds S_i· on entry and d2_i· on exit (over J_i; the other columns keep S). Returns
   // the row's statistics relative to its closest negative (`dmin`, and μ for square); writes
   // e_ij into `e` when it is not null (0 outside J_i).
   RowStats operator()(int64_t i, T* row, T* e, double& dmin_out, double& mu_out) const {
-    const NegativeRanges rng = negative_ranges(cfg_.negatives, i, m_, c_);
+    const Row rng = sets_.row(i);
     const T dmin = distances(i, rng, row);
     dmin_out = dmin;
     RowStats s{};
@@ -234,17 +313,18 @@ class RowSweep {
     }
     if (e != nullptr) {
       // The gaps between the ranges ("all": the two columns i and p(i)).
-      std::fill(e, e + rng.begin[0], T(0));
-      std::fill(e + rng.end[0], e + rng.begin[1], T(0));
-      std::fill(e + rng.end[1], e + rng.begin[2], T(0));
-      std::fill(e + rng.end[2], e + c_, T(0));
+      const NegativeRanges& r = rng.ranges;
+      std::fill(e, e + r.begin[0], T(0));
+      std::fill(e + r.end[0], e + r.begin[1], T(0));
+      std::fill(e + r.end[1], e + r.begin[2], T(0));
+      std::fill(e + r.end[2], e + c_, T(0));
     }
     return s;
   }
 
   // ω_i· = scale · β over J_i from e (in place); returns Σ_j ω_ij.
   double write_beta(int64_t i, const T* row, T* e, double scale, const RowFinal& f, double mu, double support) const {
-    const NegativeRanges rng = negative_ranges(cfg_.negatives, i, m_, c_);
+    const Row rng = sets_.row(i);
     double total = 0;
     if (cfg_.rule == Rule::Square) {
       const T mu_t = static_cast<T>(mu), inv_tau = static_cast<T>(cfg_.inv_tau);
@@ -260,17 +340,21 @@ class RowSweep {
   }
 
  private:
-  // d2_ij = max(0, n_i/2 + n_j/2 − S_ij) in place over J_i; returns min_j d2_ij.
-  T distances(int64_t i, const NegativeRanges& rng, T* row) const {
+  using Row = typename Sets::Row;
+
+  // d2_ij = max(0, n_i/2 + n_j/2 − S_ij) in place over the ranges (marked, see PairedSets);
+  // returns the minimum over the columns in the sweep.
+  T distances(int64_t i, const Row& rng, T* row) const {
     const T hi = half_[i];
     const T* h = half_;
     T dmin = std::numeric_limits<T>::infinity();
-    for_negatives(rng, [&](int64_t s, int64_t e) {
+    for_negatives(rng.ranges, [&](int64_t s, int64_t e) {
       T lo = dmin;
 #pragma omp simd reduction(min : lo)
       for (int64_t j = s; j < e; ++j) {
         T d = hi + h[j] - row[j];
         d = d > T(0) ? d : T(0);
+        if constexpr (Row::kMarked) d = rng.mark(j, d);
         row[j] = d;
         lo = d < lo ? d : lo;
       }
@@ -281,27 +365,31 @@ class RowSweep {
 
   // e[j] = weight(d2_ij) over J_i (if e is not null), with l = Σ e and ld = Σ e d2.
   template <class Weight>
-  void weights(const NegativeRanges& rng, const T* row, T* e_out, Weight weight, double& l, double& ld) const {
+  void weights(const Row& rng, const T* row, T* e_out, Weight weight, double& l, double& ld) const {
     l = 0;
     ld = 0;
-    for_negatives(rng, [&](int64_t s, int64_t e) {
+    for_negatives(rng.ranges, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
         const int64_t e0 = std::min(e, s0 + kSumBlock);
         T ls = 0, lds = 0;
         if (e_out != nullptr) {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t j = s0; j < e0; ++j) {
-            const T w = weight(row[j]);
+            const T d = row[j];
+            const bool in = rng.in_sweep(d);
+            const T w = in ? weight(d) : T(0);
             e_out[j] = w;
             ls += w;
-            lds += w * row[j];
+            lds += in ? w * d : T(0);
           }
         } else {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t j = s0; j < e0; ++j) {
-            const T w = weight(row[j]);
+            const T d = row[j];
+            const bool in = rng.in_sweep(d);
+            const T w = in ? weight(d) : T(0);
             ls += w;
-            lds += w * row[j];
+            lds += in ? w * d : T(0);
           }
         }
         l += ls;
@@ -312,15 +400,15 @@ class RowSweep {
 
   // e[j] = f(e[j], d2_ij) over J_i; returns Σ_j e[j].
   template <class F>
-  double map_row(const NegativeRanges& rng, const T* row, T* e_io, F f) const {
+  double map_row(const Row& rng, const T* row, T* e_io, F f) const {
     double total = 0;
-    for_negatives(rng, [&](int64_t s, int64_t e) {
+    for_negatives(rng.ranges, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
         const int64_t e0 = std::min(e, s0 + kSumBlock);
         T part = 0;
 #pragma omp simd reduction(+ : part)
         for (int64_t j = s0; j < e0; ++j) {
-          const T w = f(e_io[j], row[j]);
+          const T w = rng.in_sweep(row[j]) ? f(e_io[j], row[j]) : T(0);
           e_io[j] = w;
           part += w;
         }
@@ -331,16 +419,16 @@ class RowSweep {
   }
 
   // |{j ∈ J_i : d2_ij < mu}| and the sum of those d2_ij.
-  void count_below(const NegativeRanges& rng, const T* row, T mu, int64_t& count, double& sum) const {
+  void count_below(const Row& rng, const T* row, T mu, int64_t& count, double& sum) const {
     count = 0;
     sum = 0;
-    for_negatives(rng, [&](int64_t s, int64_t e) {
+    for_negatives(rng.ranges, [&](int64_t s, int64_t e) {
       for (int64_t s0 = s; s0 < e; s0 += kSumBlock) {
         const int64_t e0 = std::min(e, s0 + kSumBlock);
         T c = 0, part = 0;  // c ≤ kSumBlock is exact in float
 #pragma omp simd reduction(+ : c, part)
         for (int64_t j = s0; j < e0; ++j) {
-          const bool in = row[j] < mu;
+          const bool in = row[j] < mu;  // marked columns are +inf
           c += in ? T(1) : T(0);
           part += in ? row[j] : T(0);
         }
@@ -354,7 +442,7 @@ class RowSweep {
   // μ ← (τ + Σ_{d2<μ} d2) / |{d2 < μ}| from μ_0 = min d2 + τ ≥ μ*: the support only shrinks,
   // and once an iteration leaves its size unchanged it is exactly {d2 < μ*} (ties at a
   // distance are in or out together, since the test is strict).
-  void sparsemax_threshold(const NegativeRanges& rng, const T* row, T dmin, double& mu, int64_t& support) const {
+  void sparsemax_threshold(const Row& rng, const T* row, T dmin, double& mu, int64_t& support) const {
     // At least the closest negative is in the support even when τ is below d2's resolution.
     const T floor_mu = std::nextafter(dmin, std::numeric_limits<T>::infinity());
     T mu_t = std::max(static_cast<T>(dmin + static_cast<T>(cfg_.temperature)), floor_mu);
@@ -373,7 +461,8 @@ class RowSweep {
 
   const RuleConfig cfg_;
   const T* half_;
-  const int64_t m_, c_;
+  const Sets sets_;
+  const int64_t c_;
 };
 
 // Per-anchor outputs and the inputs of the gradient assembly.
@@ -388,19 +477,12 @@ struct RowOutputs {
 // of every anchor and the self terms of the pair sum (reference.closed_form_gradient). `z` is
 // [Z; Q] with `ncols` rows; a queue row k ≥ M has no partner: G_k −= u wsum_k q_k.
 template <typename T>
+void add_self_terms(const T* z, int64_t first_row, int64_t end_row, int64_t dim, const T* wsum, T* grad);
+
+template <typename T>
 void add_partner_and_self_terms(const T* z, int64_t m, int64_t ncols, int64_t dim, bool unit_rows, const T* coef,
                                 const T* wsum, T* grad) {
-  if (!unit_rows && ncols > m) {
-    at::parallel_for(m, ncols, 256, [&](int64_t first, int64_t last) {
-      for (int64_t k = first; k < last; ++k) {
-        const T self = -wsum[k];
-        const T* zk = z + k * dim;
-        T* g = grad + k * dim;
-#pragma omp simd
-        for (int64_t col = 0; col < dim; ++col) g[col] += self * zk[col];
-      }
-    });
-  }
+  if (!unit_rows && ncols > m) add_self_terms<T>(z, m, ncols, dim, wsum, grad);
   at::parallel_for(0, m, 256, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const int64_t p = partner_of(k, m);
@@ -415,6 +497,26 @@ void add_partner_and_self_terms(const T* z, int64_t m, int64_t ncols, int64_t di
   });
 }
 
+// G_k −= wsum_k z_k for the rows k ∈ [first_row, end_row) (raw rows only): the self terms of
+// the pair sum alone, for rows without a partner term (queue rows; every row of the grouped
+// mode, whose positive side is added from group sums).
+template <typename T>
+void add_self_terms(const T* z, int64_t first_row, int64_t end_row, int64_t dim, const T* wsum, T* grad) {
+  at::parallel_for(first_row, end_row, 256, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const T self = -wsum[k];
+      const T* zk = z + k * dim;
+      T* g = grad + k * dim;
+#pragma omp simd
+      for (int64_t col = 0; col < dim; ++col) g[col] += self * zk[col];
+    }
+  });
+}
+
+inline PairedSets paired_sets(const RuleConfig& cfg, int64_t m, int64_t c) {
+  return {cfg.negatives, m, c, static_cast<double>(negative_count(m / 2, c - m, cfg.negatives))};
+}
+
 // n_k/2 (0.5 for unit rows): d2_ij = n_i/2 + n_j/2 − z_i·z_j.
 template <typename T>
 at::Tensor half_norms(const at::Tensor& z, bool unit_rows) {
@@ -425,11 +527,20 @@ at::Tensor half_norms(const at::Tensor& z, bool unit_rows) {
 // ----------------------------------------------------------------------------------------
 // The one-pass algorithm.
 
-// `cols` is [Z; Q] (C = M + K rows, the queue's K after the M rows of Z): every chunk row is
-// an anchor of Z, every column of cols a candidate negative (negative_ranges picks J_i).
+// What the one pass leaves for the assembly of the gradient: G = ω[Z; Q] (anchor rows) +
+// ωᵀ[Z; Q], wsum = the row (anchors) and column sums of ω, coef_i = w_i g A_i at the anchors.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
-                                            const T* w, const RuleConfig& cfg, bool need_grad) {
+struct OnePassSums {
+  at::Tensor loss;
+  at::Tensor grad;  // undefined without need_grad
+  std::vector<T> coef, wsum;
+};
+
+// `cols` is [Z; Q] (C = M + K rows, the queue's K after the M rows of Z): every chunk row is
+// an anchor of Z, every column of cols a candidate negative (`sets` picks J_i).
+template <typename T, class Sets>
+OnePassSums<T> one_pass_sums(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi, const T* w,
+                             const RuleConfig& cfg, bool need_grad, const Sets& sets) {
   const int64_t ncols = cols.size(0), dim = cols.size(1), rows = row_hi - row_lo;
   const at::Tensor z = cols.narrow(0, 0, m);
   const auto opts = cols.options();
@@ -451,9 +562,8 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, i
   std::vector<at::Tensor> acc(threads);
   std::vector<T> row_sum(need_grad ? rows : 0);
 
-  const RowSweep<T> sweep(cfg, half.data_ptr<T>(), m, ncols);
+  const RowSweep<T, Sets> sweep(cfg, half.data_ptr<T>(), sets, ncols);
   T* loss_out = loss.data_ptr<T>();
-  const double n_neg = static_cast<double>(negative_count(m / 2, ncols - m, cfg.negatives));
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
     const int tid = at::get_thread_num();
@@ -474,11 +584,18 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, i
         const int64_t i = r0 + r, out = i - row_lo;
         T* row = s_ptr + r * ncols;
         T* e = need_grad ? o_ptr + r * ncols : nullptr;
+        if (!sets.has_term(i)) {  // no loss term: loss 0, ω_i· = 0
+          loss_out[out] = T(0);
+          if (!need_grad) continue;
+          std::fill(e, e + ncols, T(0));
+          row_sum[out] = T(0);
+          f_ptr[r] = T(0);
+          continue;
+        }
         double dmin, mu = 0;
         const RowStats st = sweep(i, row, e, dmin, mu);
-        const double d2_pos = std::max(0.0, static_cast<double>(half.data_ptr<T>()[i] + half.data_ptr<T>()[partner_of(i, m)]) -
-                                                static_cast<double>(row[partner_of(i, m)]));
-        const RowFinal fin = finalize_row(cfg, st, static_cast<double>(std::max(T(0), static_cast<T>(d2_pos))), n_neg);
+        const RowFinal fin = finalize_row(cfg, st, sets.positive_distance(i, row, half.data_ptr<T>()),
+                                          sets.negative_count(i));
         loss_out[out] = static_cast<T>(fin.loss);
         if (!need_grad) continue;
         const double g = (w ? static_cast<double>(w[out]) : 1.0) * cfg.grad_scale;
@@ -507,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, i
     }
   });
 
-  if (!need_grad) return {loss, at::empty({0, dim}, opts)};
+  if (!need_grad) return {loss, at::Tensor(), {}, {}};
   at::Tensor total;
   for (int t = 0; t < threads; ++t) {
     if (!acc[t].defined()) continue;
@@ -523,9 +640,40 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, i
     grad.narrow(0, row_lo, rows).add_(omega_z);
     for (int64_t r = 0; r < rows; ++r) wsum[row_lo + r] += row_sum[r];
   }
-  add_partner_and_self_terms<T>(cols.data_ptr<T>(), m, ncols, dim, cfg.unit_rows, coef.data(), wsum.data(),
-                                grad.data_ptr<T>());
-  return {loss, grad};
+  return {loss, grad, std::move(coef), std::move(wsum)};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
+                                            const T* w, const RuleConfig& cfg, bool need_grad) {
+  OnePassSums<T> sums = one_pass_sums<T>(cols, m, row_lo, row_hi, w, cfg, need_grad, paired_sets(cfg, m, cols.size(0)));
+  if (!need_grad) return {sums.loss, at::empty({0, cols.size(1)}, cols.options())};
+  add_partner_and_self_terms<T>(cols.data_ptr<T>(), m, cols.size(0), cols.size(1), cfg.unit_rows, sums.coef.data(),
+                                sums.wsum.data(), sums.grad.template data_ptr<T>());
+  return {sums.loss, sums.grad};
+}
+
+// The grouped mode (GroupColumns, FASTALPHA_DEFINE_GROUPED_OP): always the one pass, whose
+// chunks hold full rows, so a per-column group test is all the sets need. The symmetric
+// tiles would need the pull's gradient and the mask per tile as well, for what is the
+// one-pass's work with a mask; FASTALPHA_CPP_ALGORITHM does not apply here. The gradient
+// gets the pair sum's terms only; `pull` = coef_i = w_i g A_i at the anchors.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_cpu(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
+                                                           const std::optional<at::Tensor>& row_weight,
+                                                           const at::Tensor& groups, const at::Tensor& d2_mean,
+                                                           const at::Tensor& n_neg, const GroupedLoop& loop,
+                                                           bool need_grad) {
+  const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
+  const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
+  const int64_t m = z.size(0), dim = z.size(1);
+  const GroupedSets sets{loop, groups.data_ptr<int64_t>(), n_neg.data_ptr<int64_t>(), d2_mean.data_ptr<T>(), m, row_lo};
+  OnePassSums<T> sums = one_pass_sums<T>(z, m, row_lo, row_hi, w, loop.rule, need_grad, sets);
+  if (!need_grad) return {sums.loss, at::empty({0, dim}, z.options()), at::empty({0}, z.options())};
+  if (!loop.rule.unit_rows) add_self_terms<T>(z.data_ptr<T>(), 0, m, dim, sums.wsum.data(), sums.grad.template data_ptr<T>());
+  at::Tensor pull = at::empty({row_hi - row_lo}, z.options());
+  std::copy(sums.coef.begin() + row_lo, sums.coef.begin() + row_hi, pull.data_ptr<T>());
+  return {sums.loss, sums.grad, pull};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -926,7 +1074,7 @@ class Symmetric {
     const int64_t rows = hi_ - lo_;
     const int64_t chunk = std::clamp<int64_t>(kChunkElements / c_, 4, 64);
     const int64_t n_chunks = (rows + chunk - 1) / chunk;
-    const RowSweep<T> sweep(cfg_, half_, m_, c_);
+    const RowSweep<T, PairedSets> sweep(cfg_, half_, paired_sets(cfg_, m_, c_), c_);
     at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
       at::Tensor sim = at::empty({chunk, c_}, cols_.options());
       for (int64_t c = first; c < last; ++c) {
@@ -1146,8 +1294,9 @@ std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& cols, int64_t m, 
 }
 
 FASTALPHA_DEFINE_FUSED_OP(alpha_cl_fused_cpu, c10::DeviceType::CPU, fused_cpu)
+FASTALPHA_DEFINE_GROUPED_OP(alpha_cl_fused_grouped_cpu, c10::DeviceType::CPU, grouped_cpu)
 
 }  // namespace
 }  // namespace fastalpha
 
-FASTALPHA_REGISTER_FUSED_OP(fastalpha_cpu, CPU, alpha_cl_fused_cpu)
+FASTALPHA_REGISTER_FUSED_OPS(fastalpha_cpu, CPU, alpha_cl_fused_cpu, alpha_cl_fused_grouped_cpu)

@@ -10,6 +10,10 @@
 //   ωᵀZ += ωᵀ Z_r            cuBLAS, one C × D accumulator (the stream orders the chunks: no atomics)
 //   C   += Σ_i ω_i·          column sums
 //
+// Group-defined positives (the grouped op) run the same chunks with the grouped row sweep
+// (J_i from the rows' group ids, GroupColumns); the positive side is group sums in
+// fastalpha/positives.py, as for the CPU kernel.
+//
 // Everything runs on the current stream, deterministically. Memory: two R × C buffers plus
 // O(C·D); R is chosen so a buffer holds about 2^25 elements. The rule arrives as the same
 // RuleConfig as on the CPU, and each row is finished by the shared finalize_row
@@ -34,31 +38,43 @@ namespace {
 
 constexpr int64_t kChunkElements = int64_t{1} << 25;
 
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
-                                              const std::optional<at::Tensor>& row_weight, const RuleConfig& cfg,
-                                              bool need_grad) {
+// What the chunked pass leaves for the gradient: per anchor loss_i, coef_i = w_i g A_i,
+// Σ_j ω_ij and (ω[Z; Q])_i; per column (ωᵀ[Z; Q])_k and C_k = Σ_i ω_ik (without need_grad
+// only `loss` is defined).
+struct ChunkedSums {
+  at::Tensor loss, coef, omega_rowsum, omega_z, omega_t_z, colsum;
+};
+
+// The chunk loop of both modes: `sweep(args, stream)` launches the mode's row sweep on a
+// chunk whose other fields are filled in here.
+template <typename T, class Sweep>
+ChunkedSums chunked_pass(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
+                         const std::optional<at::Tensor>& row_weight, bool unit_rows, double n_neg, bool need_grad,
+                         Sweep sweep) {
   const c10::cuda::CUDAGuard device_guard(cols.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(cols.device().index()).stream();
   const int64_t c = cols.size(0), dim = cols.size(1), rows = row_hi - row_lo;
   const at::Tensor z = cols.narrow(0, 0, m);
   const auto opts = cols.options();
   // n_j / 2; unit rows have n = 1 by construction (d2 = 1 − z_i·z_j, a zero row has cosine 0).
-  const at::Tensor half = cfg.unit_rows ? at::full({c}, 0.5, opts) : cols.square().sum(1).mul_(0.5).contiguous();
+  const at::Tensor half = unit_rows ? at::full({c}, 0.5, opts) : cols.square().sum(1).mul_(0.5).contiguous();
   const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
-  at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor coef = at::empty({rows}, opts), omega_rowsum = at::empty({rows}, opts);
-  at::Tensor omega_z = need_grad ? at::empty({rows, dim}, opts) : at::Tensor();
-  at::Tensor omega_t_z = need_grad ? at::zeros({c, dim}, opts) : at::Tensor();
-  at::Tensor colsum = need_grad ? at::zeros({c}, opts) : at::Tensor();
+  ChunkedSums out;
+  out.loss = at::empty({rows}, opts);
+  out.coef = at::empty({rows}, opts);
+  out.omega_rowsum = at::empty({rows}, opts);
+  if (need_grad) {
+    out.omega_z = at::empty({rows, dim}, opts);
+    out.omega_t_z = at::zeros({c, dim}, opts);
+    out.colsum = at::zeros({c}, opts);
+  }
 
   const int64_t chunk = std::max<int64_t>(1, std::min(rows, chunk_rows_from_env(std::clamp<int64_t>(kChunkElements / c, 64, 8192))));
   at::Tensor sim = at::empty({chunk, c}, opts);
   at::Tensor omega = need_grad ? at::empty({chunk, c}, opts) : at::Tensor();
-  const double n_neg = static_cast<double>(negative_count(m / 2, c - m, cfg.negatives));
 
   for (int64_t r0 = row_lo; r0 < row_hi; r0 += chunk) {
-    const int64_t n = std::min(chunk, row_hi - r0), out = r0 - row_lo;
+    const int64_t n = std::min(chunk, row_hi - r0), at_row = r0 - row_lo;
     const at::Tensor z_rows = z.narrow(0, r0, n);
     at::Tensor s = sim.narrow(0, 0, n);
     at::mm_out(s, z_rows, cols.t());
@@ -67,10 +83,10 @@ std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& cols, int64_t m,
         s.data_ptr<T>(),
         need_grad ? o.data_ptr<T>() : nullptr,
         half.data_ptr<T>(),
-        weight.defined() ? weight.data_ptr<T>() + out : nullptr,
-        loss.data_ptr<T>() + out,
-        coef.data_ptr<T>() + out,
-        omega_rowsum.data_ptr<T>() + out,
+        weight.defined() ? weight.data_ptr<T>() + at_row : nullptr,
+        out.loss.data_ptr<T>() + at_row,
+        out.coef.data_ptr<T>() + at_row,
+        out.omega_rowsum.data_ptr<T>() + at_row,
         r0,
         n,
         m,
@@ -78,22 +94,57 @@ std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& cols, int64_t m,
         n_neg,
         need_grad,
     };
-    cuda::launch_row_sweep<T>(cfg, args, stream);
+    sweep(args, stream);
     if (need_grad) {
-      at::Tensor oz = omega_z.narrow(0, out, n);
+      at::Tensor oz = out.omega_z.narrow(0, at_row, n);
       at::mm_out(oz, o, cols);
-      omega_t_z.addmm_(o.t(), z_rows);
-      colsum.add_(o.sum(0));
+      out.omega_t_z.addmm_(o.t(), z_rows);
+      out.colsum.add_(o.sum(0));
     }
   }
-  if (!need_grad) return {loss, at::empty({0, dim}, opts)};
-  return {loss, assemble_gradient(cols, m, row_lo, row_hi, omega_t_z, colsum, coef, omega_rowsum, omega_z,
-                                 cfg.unit_rows)};
+  return out;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi,
+                                              const std::optional<at::Tensor>& row_weight, const RuleConfig& cfg,
+                                              bool need_grad) {
+  const double n_neg = static_cast<double>(negative_count(m / 2, cols.size(0) - m, cfg.negatives));
+  ChunkedSums sums = chunked_pass<T>(cols, m, row_lo, row_hi, row_weight, cfg.unit_rows, n_neg, need_grad,
+                                     [&](const cuda::RowSweepArgs<T>& args, cudaStream_t stream) {
+                                       cuda::launch_row_sweep<T>(cfg, args, stream);
+                                     });
+  if (!need_grad) return {sums.loss, at::empty({0, cols.size(1)}, cols.options())};
+  return {sums.loss, assemble_gradient(cols, m, row_lo, row_hi, sums.omega_t_z, sums.colsum, sums.coef,
+                                      sums.omega_rowsum, sums.omega_z, cfg.unit_rows)};
+}
+
+// The grouped mode (GroupColumns, FASTALPHA_DEFINE_GROUPED_OP): the same chunked pass with the
+// grouped row sweep; the gradient gets the pair sum's terms only, and `pull` = coef.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_cuda(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
+                                                            const std::optional<at::Tensor>& row_weight,
+                                                            const at::Tensor& groups, const at::Tensor& d2_mean,
+                                                            const at::Tensor& n_neg, const GroupedLoop& loop,
+                                                            bool need_grad) {
+  const int64_t m = z.size(0);
+  const cuda::GroupedRows<T> rows{groups.data_ptr<int64_t>(), d2_mean.data_ptr<T>(), n_neg.data_ptr<int64_t>(),
+                                  row_lo, loop.with_positives, loop.positive_offset};
+  ChunkedSums sums = chunked_pass<T>(z, m, row_lo, row_hi, row_weight, loop.rule.unit_rows, 0.0, need_grad,
+                                     [&](const cuda::RowSweepArgs<T>& args, cudaStream_t stream) {
+                                       cuda::launch_grouped_row_sweep<T>(loop, rows, args, stream);
+                                     });
+  if (!need_grad) return {sums.loss, at::empty({0, z.size(1)}, z.options()), at::empty({0}, z.options())};
+  return {sums.loss,
+          assemble_pair_gradient(z, row_lo, row_hi, sums.omega_t_z, sums.colsum, sums.omega_rowsum, sums.omega_z,
+                                 loop.rule.unit_rows),
+          sums.coef};
 }
 
 FASTALPHA_DEFINE_FUSED_OP(alpha_cl_fused_cuda, c10::DeviceType::CUDA, fused_cuda)
+FASTALPHA_DEFINE_GROUPED_OP(alpha_cl_fused_grouped_cuda, c10::DeviceType::CUDA, grouped_cuda)
 
 }  // namespace
 }  // namespace fastalpha
 
-FASTALPHA_REGISTER_FUSED_OP(fastalpha_cuda, CUDA, alpha_cl_fused_cuda)
+FASTALPHA_REGISTER_FUSED_OPS(fastalpha_cuda, CUDA, alpha_cl_fused_cuda, alpha_cl_fused_grouped_cuda)

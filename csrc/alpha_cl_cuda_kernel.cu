@@ -13,6 +13,11 @@
 //
 // Reductions are warp shuffles plus a fixed-order sum over warps, in float64 for sums:
 // deterministic, and accurate for rows of 10^5 terms.
+//
+// Which columns are in the sweep is the row type's (`PairedRow`: the negative set's ranges
+// and the partner; `GroupedRow`: the group test of GroupColumns, d̄2_i from the caller, and for
+// infonce with ε > 0 the positives at d2 − τ log ε), the same split as the CPU's PairedSets
+// and GroupedSets, so both kernels sweep the same sets with the same shared row maths.
 #include <cmath>
 #include <cstdint>
 
@@ -82,31 +87,80 @@ __device__ T power_k(T d, double k) {
   return DeviceMath<T>::pow(d, static_cast<T>(k));
 }
 
+// Anchor i of the SimCLR contract: J_i is the negative set's ranges, the positive p(i).
+struct PairedRow {
+  static constexpr bool kOffsets = false;  // no `offset(j)`: the distances are the plain d2
+  NegativeRanges neg;
+  int64_t partner;
+  double n_neg;
+
+  template <typename T>
+  __device__ static PairedRow of(const RuleConfig& cfg, const RowSweepArgs<T>& a, int64_t i) {
+    return {negative_ranges(cfg.negatives, i, a.m, a.cols), i < a.m / 2 ? i + a.m / 2 : i - a.m / 2, a.n_neg};
+  }
+  __device__ bool has_term() const { return true; }
+  __device__ bool contains(int64_t j) const { return neg.contains(j); }
+  template <typename T>
+  __device__ double positive_distance(const T* d2_row) const { return static_cast<double>(d2_row[partner]); }
+};
+
+// Anchor i with group-defined sets (GroupColumns); no loss term without a positive
+// (|J_i| = M − 1) or without a negative.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cfg, const RowSweepArgs<T> a) {
+struct GroupedRow {
+  static constexpr bool kOffsets = true;
+  GroupColumns columns;
+  T positive_offset;
+  double d2_mean;
+  double n_neg;
+  int64_t m;
+
+  __device__ static GroupedRow of(const GroupedRows<T>& g, const RowSweepArgs<T>& a, int64_t i) {
+    return {group_columns(g.group, i, g.with_positives), static_cast<T>(g.positive_offset),
+            static_cast<double>(g.positive_distance[i - g.row_lo]), static_cast<double>(g.negative_count[i - g.row_lo]),
+            a.m};
+  }
+  __device__ bool has_term() const { return n_neg > 0 && n_neg < static_cast<double>(m - 1); }
+  __device__ bool contains(int64_t j) const { return columns.contains(j); }
+  __device__ T offset(int64_t j) const { return columns.is_positive(j) ? positive_offset : T(0); }
+  __device__ double positive_distance(const T*) const { return d2_mean; }
+};
+
+template <typename T, class Row>
+__device__ void sweep_row(const RuleConfig& cfg, const Row& set, const RowSweepArgs<T>& a) {
   __shared__ double scratch[kWarps];
   __shared__ T scratch_t[kWarps];
   using M = DeviceMath<T>;
   const int64_t r = blockIdx.x;
   const int64_t i = a.row0 + r, ncols = a.cols;
-  const int64_t partner = i < a.m / 2 ? i + a.m / 2 : i - a.m / 2;
-  const NegativeRanges neg = negative_ranges(cfg.negatives, i, a.m, a.cols);
   T* row = a.sim + r * ncols;
   T* omega = a.need_grad ? a.omega + r * ncols : nullptr;
   const T tau = static_cast<T>(cfg.temperature), inv_tau = static_cast<T>(cfg.inv_tau);
   const T inv_gamma = static_cast<T>(cfg.inv_gamma);
 
-  // 1. Distances and the closest negative.
+  if (!set.has_term()) {  // the whole block leaves together: loss 0, ω_i· = 0
+    if (a.need_grad)
+      for (int64_t j = threadIdx.x; j < ncols; j += kThreads) omega[j] = T(0);
+    if (threadIdx.x == 0) {
+      a.loss[r] = T(0);
+      a.coef[r] = T(0);
+      a.omega_rowsum[r] = T(0);
+    }
+    return;
+  }
+
+  // 1. Distances (with the row type's offsets) and the closest column of the sweep.
   const T half_i = a.half[i];
   T dmin = static_cast<T>(INFINITY);
   for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
     T d = half_i + a.half[j] - row[j];
     d = d > T(0) ? d : T(0);
+    if constexpr (Row::kOffsets) d += set.offset(j);
     row[j] = d;
-    if (neg.contains(j)) dmin = d < dmin ? d : dmin;
+    if (set.contains(j)) dmin = d < dmin ? d : dmin;
   }
   dmin = block_min(dmin, scratch_t);  // its __syncthreads also publishes the d2 row
-  const double d2_pos = static_cast<double>(row[partner]);
+  const double d2_pos = set.positive_distance(row);
 
   // 2. The weights e_ij = e^{t(d2_ij) − t(dmin)} (square: α from the exact threshold μ).
   double mu = 0, support = 0;
@@ -121,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
       double count_part = 0, sum_part = 0;
       for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
         const T d = row[j];
-        if (neg.contains(j) && d < threshold) {
+        if (set.contains(j) && d < threshold) {
           count_part += 1;
           sum_part += static_cast<double>(d);
         }
@@ -142,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
   for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
     const T d = row[j];
     T e = T(0);
-    if (neg.contains(j)) {
+    if (set.contains(j)) {
       switch (cfg.rule) {
         case Rule::Quadratic:
           e = T(1);
@@ -169,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
   stats.support = support;
 
   // 3. The row's loss and A_i, then ω = w g α (or w g β).
-  const RowFinal fin = finalize_row(cfg, stats, d2_pos, a.n_neg);
+  const RowFinal fin = finalize_row(cfg, stats, d2_pos, set.n_neg);
   const double weight = a.weight != nullptr ? static_cast<double>(a.weight[r]) : 1.0;
   const double g = weight * cfg.grad_scale;
 
@@ -181,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
     double part = 0;
     for (int64_t j = threadIdx.x; j < ncols; j += kThreads) {
       T w = T(0);
-      if (neg.contains(j)) {
+      if (set.contains(j)) {
         const T e = omega[j], d = row[j];
         if (!cfg.uses_beta) {
           w = scale * e;
@@ -205,6 +259,17 @@ __global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cf
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_sweep_kernel(const RuleConfig cfg, const RowSweepArgs<T> a) {
+  sweep_row(cfg, PairedRow::of(cfg, a, a.row0 + blockIdx.x), a);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grouped_row_sweep_kernel(const RuleConfig cfg, const GroupedRows<T> g,
+                                                                     const RowSweepArgs<T> a) {
+  sweep_row(cfg, GroupedRow<T>::of(g, a, a.row0 + blockIdx.x), a);
+}
+
 }  // namespace
 
 template <typename T>
@@ -214,8 +279,20 @@ void launch_row_sweep(const RuleConfig& cfg, const RowSweepArgs<T>& args, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T>
+void launch_grouped_row_sweep(const GroupedLoop& loop, const GroupedRows<T>& rows, const RowSweepArgs<T>& args,
+                              cudaStream_t stream) {
+  if (args.rows == 0) return;
+  grouped_row_sweep_kernel<T><<<static_cast<unsigned int>(args.rows), kThreads, 0, stream>>>(loop.rule, rows, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template void launch_row_sweep<float>(const RuleConfig&, const RowSweepArgs<float>&, cudaStream_t);
 template void launch_row_sweep<double>(const RuleConfig&, const RowSweepArgs<double>&, cudaStream_t);
+template void launch_grouped_row_sweep<float>(const GroupedLoop&, const GroupedRows<float>&,
+                                              const RowSweepArgs<float>&, cudaStream_t);
+template void launch_grouped_row_sweep<double>(const GroupedLoop&, const GroupedRows<double>&,
+                                               const RowSweepArgs<double>&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastalpha

@@ -18,7 +18,7 @@ namespace cuda {
 //   half       cols          n_j / 2
 //   weight     rows          w_i, or nullptr for all ones
 //   loss, coef, omega_rowsum   rows   outputs: loss_i, w_i A_i (× 1/τ for infonce), Σ_j ω_ij
-//   n_neg      |J_i| (negative_count)
+//   n_neg      |J_i| (negative_count; the grouped sweep reads GroupedRows instead)
 template <typename T>
 struct RowSweepArgs {
   T* sim;
@@ -36,8 +36,27 @@ struct RowSweepArgs {
   bool need_grad;
 };
 
+// The grouped sweep's per-row inputs (GroupColumns in alpha_cl_rule.h), on the device:
+// g_k of the M rows, and per anchor (indexed from row_lo) d̄2_i and |J_i|.
+template <typename T>
+struct GroupedRows {
+  const int64_t* group;
+  const T* positive_distance;
+  const int64_t* negative_count;
+  int64_t row_lo;
+  bool with_positives;     // GroupedLoop
+  double positive_offset;  // GroupedLoop
+};
+
+// The SimCLR contract's sweep: J_i from the negative set's ranges, the partner's d2.
 template <typename T>
 void launch_row_sweep(const RuleConfig& cfg, const RowSweepArgs<T>& args, cudaStream_t stream);
+
+// The grouped sweep: J_i (and the infonce positives) from the group ids, d̄2_i from `rows`;
+// `loop.rule` is the RuleConfig the rows are finished with.
+template <typename T>
+void launch_grouped_row_sweep(const GroupedLoop& loop, const GroupedRows<T>& rows, const RowSweepArgs<T>& args,
+                              cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastalpha

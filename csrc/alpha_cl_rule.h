@@ -98,6 +98,34 @@ FASTALPHA_HD NegativeRanges negative_ranges(Negatives negatives, int64_t i, int6
   return {{m, c, c}, {c, c, c}};
 }
 
+// J_i with group-defined positives (docs/design.md, "Positive sets"): row k of Z belongs to
+// group g_k, the negatives of anchor i are the rows of the other groups and its positives
+// P_i the other rows of its own. The kernels test membership per column, `contains(j)`.
+//
+// infonce with ε > 0 keeps its positives in the denominator, loss_i = log(ε η_i + ξ_i): a
+// positive's term ε e^{(d̄2_i − d2_ip)/τ} is a negative's term at the distance d2_ip − τ log ε,
+// so the positives join the sweep with that offset (`positive_offset`) and finalize_row sees
+// ε = 0 (its log ξ_i is then log(ε η_i + ξ_i), A_i = 1). Every other rule sweeps J_i only.
+struct GroupColumns {
+  const int64_t* group;     // g_k for the M rows
+  int64_t anchor;           // i
+  int64_t anchor_group;     // g_i
+  bool with_positives;      // infonce with ε > 0: P_i is swept too
+
+  FASTALPHA_HD bool is_positive(int64_t j) const { return group[j] == anchor_group && j != anchor; }
+  FASTALPHA_HD bool contains(int64_t j) const {
+    return group[j] != anchor_group || (with_positives && j != anchor);
+  }
+};
+
+// The loop configuration of the grouped mode: the rule with the ε that finalize_row applies,
+// and how the positives enter the sweep (see GroupColumns). One decision for both kernels.
+struct GroupedLoop {
+  RuleConfig rule;          // eps = 0 when the positives carry it
+  bool with_positives;
+  double positive_offset;   // −τ log ε, added to a positive's d2 (0 when !with_positives)
+};
+
 // The spec's fields as the Python LossSpec holds them; `negatives` names the negative set J_i.
 inline RuleConfig make_rule(const std::string& rule, double temperature, double p, double gamma, double eps,
                             bool detach_alpha, bool unit_rows, const std::string& negatives) {
@@ -126,6 +154,20 @@ inline RuleConfig make_rule(const std::string& rule, double temperature, double 
   cfg.uses_beta = !detach_alpha && (log_weight || r == Rule::Square);
   cfg.grad_scale = r == Rule::InfoNCE ? 1.0 / temperature : 1.0;
   return cfg;
+}
+
+inline GroupedLoop grouped_loop(const RuleConfig& cfg) {
+  GroupedLoop loop{cfg, false, 0.0};
+  if (cfg.rule == Rule::InfoNCE && cfg.eps > 0) {
+    loop.with_positives = true;
+    loop.positive_offset = -cfg.temperature * std::log(cfg.eps);
+    loop.rule.eps = 0.0;
+  }
+  return loop;
+}
+
+FASTALPHA_HD GroupColumns group_columns(const int64_t* group, int64_t i, bool with_positives) {
+  return {group, i, group[i], with_positives};
 }
 
 }  // namespace fastalpha

@@ -5,7 +5,10 @@ i ∈ [row_lo, row_hi) of the stacked, normalised Z (M × D) and an optional que
 returns loss_i and ∂(Σ_i w_i loss_i)/∂[Z; Q] ((M + K) × D) without the pair matrix: symmetric
 two-pass tiles of S = [Z; Q][Z; Q]ᵀ for large batches, one pass over chunks of full rows
 (S = Z_r [Z; Q]ᵀ, ωZ, ωᵀZ) otherwise, O((M + K)·D) memory plus per-thread buffers. Every
-negative set ("all", "cross", "none"), with or without a queue (docs/cpp.md).
+negative set ("all", "cross", "none"), with or without a queue (docs/cpp.md). With `groups`
+(labels, more than two views; fastalpha.positives) the one pass takes its sets from the rows'
+group ids: the kernel sweeps J_i (and, for infonce with ε > 0, P_i) per row, and the positives'
+uniform pull is added here from group sums, O(M·D + G·D).
 
 float32 and float64 run natively; bfloat16/float16 are upcast to float32 (the gradient is
 returned in the input dtype, the losses in float32, as the contract says).
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpp_build
+from .. import cpp_build, positives
 from ..rules import LossSpec
 from . import every_negative_set, on_device_type
 
@@ -25,6 +28,7 @@ def status() -> tuple[bool, str]:
 
 
 supports = every_negative_set
+supports_groups = True
 
 # (backend name, device type) of each compiled library.
 _COMPILED = {"cpu": ("cpp", "cpu"), "cuda": ("cuda", "cuda")}
@@ -39,9 +43,9 @@ def entry_points(kind: str, status):
         return on_device_type(device, device_type, backend, status)
 
     def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
-                       queue=None):
+                       queue=None, groups=None):
         """The fused-op contract (fastalpha.dispatch); with a queue the gradient has M + K rows."""
-        return call_compiled(kind, z, spec, row_lo, row_hi, row_weight, need_grad, queue)
+        return call_compiled(kind, z, spec, row_lo, row_hi, row_weight, need_grad, queue, groups)
 
     return device_status, alpha_cl_fused
 
@@ -50,12 +54,12 @@ device_status, alpha_cl_fused = entry_points("cpu", status)
 
 
 def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
-                  queue: torch.Tensor | None = None):
+                  queue: torch.Tensor | None = None, groups: torch.Tensor | None = None):
     """Run the compiled `kind` ("cpu" or "cuda") kernel under the fused-op contract.
 
     Half types are upcast to float32 (statistics and products in float32), z's and the queue's
     alike; the gradient ([Z; Q] rows) is cast back to z's dtype; the losses stay in
-    promote(z.dtype, float32).
+    promote(z.dtype, float32). With `groups` (M group ids, no queue) the grouped op runs.
     """
     backend, device_type = _COMPILED[kind]
     if z.device.type != device_type:
@@ -68,8 +72,28 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
     zc = z.detach().to(compute_dtype).contiguous()
     qc = None if queue is None else queue.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     weight = None if row_weight is None else row_weight.detach().to(device=z.device, dtype=compute_dtype).contiguous()
+    if groups is not None:
+        loss_rows, grad = _call_grouped(ops, zc, spec, row_lo, row_hi, weight, need_grad, groups)
+        return loss_rows, grad.to(z.dtype)
     loss_rows, grad = ops.alpha_cl_fused(
         zc, qc, row_lo, row_hi, weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
         spec.detach_alpha, spec.unit_rows, spec.negatives, need_grad,
     )
     return loss_rows, grad.to(z.dtype)
+
+
+def _call_grouped(ops, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, weight, need_grad: bool,
+                  ids: torch.Tensor):
+    r"""The grouped op on z in its compute dtype: the kernel's pair sweep over J_i (and P_i for
+    infonce with ε > 0) with d̄2_i and |J_i| from group sums, then the gradient of the positives'
+    pull Σ_i pull_i d̄2_i (pull_i = w_i A_i times the gradient scale, 0 for an anchor without a
+    loss term), from group sums as well (docs/design.md, "Positive sets")."""
+    groups = positives.Groups.of(ids.to(z.device))
+    d2_mean = positives.mean_positive_distance(z, groups, row_lo, row_hi, spec.unit_rows, z.dtype).contiguous()
+    loss_rows, grad, pull = ops.alpha_cl_fused_grouped(
+        z, row_lo, row_hi, weight, groups.ids, d2_mean, groups.negative_count[row_lo:row_hi].contiguous(), spec.rule,
+        spec.temperature, spec.p, spec.gamma, spec.eps, spec.detach_alpha, spec.unit_rows, need_grad,
+    )
+    if need_grad:
+        positives.add_positive_pull_(grad, z, groups, pull, row_lo, spec.unit_rows)
+    return loss_rows, grad

@@ -5,8 +5,10 @@ chunk of full rows, S = Z_r [Z; Q]ᵀ, ω[Z; Q] and ωᵀZ_r by cuBLAS and one k
 that sweeps each row once over its negatives J_i (every negative set, an optional queue Q of
 K columns) for distances, the rule's weights (exact sparsemax threshold for `square`), the
 loss and ω. float32 products honour torch's tf32 setting; bfloat16/float16
-inputs are upcast to float32. Compiled on first use where nvcc and a CUDA build of torch
-exist (fastalpha.cpp_build); FASTALPHA_NO_CUDA=1 turns it off.
+inputs are upcast to float32. With `groups` (labels, more than two views) the grouped sweep
+takes J_i from the rows' group ids and the positive side comes from group sums, as for the
+cpp backend (fastalpha.backends.cpp.call_compiled). Compiled on first use where nvcc and a
+CUDA build of torch exist (fastalpha.cpp_build); FASTALPHA_NO_CUDA=1 turns it off.
 """
 from __future__ import annotations
 
@@ -29,4 +31,5 @@ def status() -> tuple[bool, str]:
 
 
 supports = every_negative_set
+supports_groups = True
 device_status, alpha_cl_fused = entry_points("cuda", status)

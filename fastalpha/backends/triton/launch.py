@@ -112,11 +112,12 @@ def _grid(kind: str, extent: int, chunks: int):
 
 
 def _prune(kind: str):
-    """early_config_prune of a tuned kernel: keep the candidates of this call's D and compute type."""
+    """early_config_prune of a tuned kernel: keep the candidates of this call's D, compute type and pass."""
     def prune(configs, named_args, **kwargs):
         z = named_args["z_ptr"]
         precision = "tf32" if kwargs.get("PRECISION") == "tf32" else "ieee"
-        return [_as_triton_config(kind, cfg) for cfg in candidate_configs(named_args["D"], z.dtype, precision)]
+        candidates = candidate_configs(named_args["D"], z.dtype, precision, kind, bool(kwargs.get("BETA", False)))
+        return [_as_triton_config(kind, cfg) for cfg in candidates]
     return prune
 
 
@@ -265,7 +266,6 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision)
-    candidates = (cfg,) if config is not None else tuple(candidate_configs(d, z.dtype, precision))
     tune = config is None and autotune_enabled(z.is_cuda, torch.cuda.get_device_capability(z.device) if z.is_cuda else (0, 0))
     partners = (torch.arange(row_lo, row_hi, device=z.device) + half) % m
     dots = (z_acc[row_lo:row_hi] * z_acc[partners]).sum(1)
@@ -291,6 +291,9 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     row_acc = z_acc.new_empty((rows, d)) if need_grad else z_acc.new_empty((1, 1))
 
     def launch(kernel, kind, extent, n_chunks, args, kwargs):
+        # The candidates of this pass: what the pruning hook (_prune) hands the autotuner.
+        candidates = (cfg,) if config is not None else tuple(
+            candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False)))
         _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
 
     def row_pass(stat_a, stat_b, online, use_beta, accumulate, lse_out):

@@ -122,12 +122,11 @@ def _negatives(rows, cols, row_ok, col_ok, half, M, NEGATIVES: tl.constexpr):
         partner = (rows + half) % M
         return row_ok & col_ok & (cols != rows) & (cols != partner)
     if NEGATIVES == NEG_CROSS:
-        # p(i) = i ± M/2 without the integer modulo: with it, ptxas spilled 16 bytes in the tf32
-        # column pass at D = 128 on sm_80.
-        first_view = rows < half
-        partner = tl.where(first_view, rows + half, rows - half)
-        other_view = (cols < half) != first_view
-        return row_ok & col_ok & (cols != partner) & (other_view | (cols >= M))
+        # A column j < M of the other view is p(i) exactly when |j − i| = M/2, so no partner
+        # index is formed: with (i + M/2) mod M ptxas spilled 16 bytes in the tf32 column pass at
+        # D = 128 on sm_80, with i ± M/2 by a select 8 bytes in the IEEE float32 one on sm_90.
+        counted = ((cols < half) != (rows < half)) & (cols - rows != half) & (rows - cols != half)
+        return row_ok & col_ok & (counted | (cols >= M))
     return row_ok & col_ok & (cols >= M)
 
 

@@ -68,13 +68,14 @@ def test_every_negative_set_up_and_queue_is_covered(rows):
     each of them, every pass at the largest single-chunk D of each tensor-core type and the
     light passes at D = 64 and 128 on sm_90, and `direct` in IEEE float32, float64 and on sm_80,
     each row with the constexprs of its set-up."""
-    assert set(report.SET_UPS) == {"all", "all+queue", "cross", "cross+queue", "none+queue"}
+    assert set(report.SET_UPS) == {"all", "all+queue", "cross", "cross+queue", "none+queue", "labels"}
     modes = {"all": "constexpr[0]", "cross": "constexpr[1]", "none": "constexpr[2]"}
     seen = set()
     for r in rows:
-        negatives, queue = report.SET_UPS[r["set_up"]]
+        negatives, queue, labels = report.SET_UPS[r["set_up"]]
         flags = dict(item.split("=", 1) for item in r["constexprs"].split())
         assert (flags["NEGATIVES"], flags["QUEUE"]) == (modes[negatives], str(queue > 0)), r["set_up"]
+        assert (flags["GROUPS"] != "constexpr[0]") == labels, f"{r['set_up']}: GROUPS={flags['GROUPS']}"
         seen.add((r["arch"], r["compute"], int(r["D"]), r["kernel"], r["set_up"]))
     required = [("90", compute, d, kernel) for compute, d in LARGEST.items() for kernel in ("row", "column", "sparsemax")]
     required += [("90", compute, d, kernel) for compute in TENSOR_CORE_TYPES for d in (64, 128) for kernel in ("row", "column")]

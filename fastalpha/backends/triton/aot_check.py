@@ -38,9 +38,11 @@ SASS_OPCODES = ("HGMMA", "HMMA", "FFMA", "DFMA", "MUFU", "LDL", "STL")
 
 
 def record(compute: str, d: int, rule: str, detach: bool, weighted: bool, unit: bool = True,
-           eps: float | None = None, m: int = 256, need_grad: bool = True, negatives: str = "all", queue: int = 0):
+           eps: float | None = None, m: int = 256, need_grad: bool = True, negatives: str = "all", queue: int = 0,
+           labels: bool = False):
     """The launches (launch.Launch) of one call of the launcher, recorded on CPU tensors; `queue`
-    is the number of queue rows K (0: no queue)."""
+    is the number of queue rows K (0: no queue); `labels` records the grouped call (positives
+    from group ids: M/8 labels, so groups of about 8 rows)."""
     from ...rules import make_spec
     from . import launch
 
@@ -49,6 +51,8 @@ def record(compute: str, d: int, rule: str, detach: bool, weighted: bool, unit: 
     weight = torch.rand(m, dtype=torch.promote_types(dtype, torch.float32)) if weighted else None
     spec = make_spec(rule, eps=eps, normalize=unit, detach_alpha=detach, negatives=negatives)
     extra = {"queue": torch.nn.functional.normalize(torch.randn(queue, d, dtype=torch.float64), dim=1).to(dtype)} if queue else {}
+    if labels:
+        extra["groups"] = torch.arange(m) % max(m // 8, 2)
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:

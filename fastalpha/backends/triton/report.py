@@ -21,15 +21,15 @@ The matrix (SECTIONS): the calls
     square-beta-w   sparsemax threshold pass, FIXED row and column passes with β, weighted
 
 in the negative set-ups SET_UPS (negatives all, cross, none, each with and without a queue
-where the set-up has a pair at all), each with every autotuning candidate that the launcher
+where the set-up has a pair at all, and the grouped call of labels or V ≥ 3 views), each with every autotuning candidate that the launcher
 records for each of its passes (blocks.candidate_configs: autotuning may pick any of them):
 every call in every set-up at the largest single-chunk D of each tensor-core type (bf16/fp16
 D = 256, tf32 D = 128), where registers and shared memory are tightest; the light calls (the
 first three) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256} with SimCLR's set, at D = 64
 and 128 in every set-up, and tf32's chunked D = 256 in every set-up; IEEE float32 and float64
 (D = 64, `direct`) on sm_90 and bf16/tf32 at D = 128 on sm_80 (static table) in every set-up.
-The negative set and the queue are constexprs (NEGATIVES, QUEUE: the mask and the tile ranges
-of tiles.py), so every set-up is its own compiled kernel; other rules and flags change only
+The negative set, the queue and the groups are constexprs (NEGATIVES, QUEUE, GROUPS: the mask
+and the tile ranges of tiles.py), so every set-up is its own compiled kernel; other rules and flags change only
 elementwise code of the same kernels. A tensor-core variant
 is on the fast path when its products are all warpgroup MMAs on sm_90 (HGMMA > 0, HMMA = 0) or
 warp MMAs on sm_80 (HMMA > 0), it spills nothing and its shared memory fits one CTA (227 KiB on
@@ -74,14 +74,16 @@ CASES = {
 LIGHT = ("direct", "infonce", "direct-rows")
 #: Queue rows K of the set-ups with a queue (any K > 0 compiles the same kernels).
 QUEUE_ROWS = 64
-#: name: (negatives, queue rows). "none" without a queue has no pair: the launcher returns
-#: before any kernel.
+#: name: (negatives, queue rows, labels). "none" without a queue has no pair: the launcher
+#: returns before any kernel. "labels" is the grouped call (label-defined positives, or more
+#: than two views: the GROUPS constexpr, negatives "all", no queue).
 SET_UPS = {
-    "all": ("all", 0),
-    "all+queue": ("all", QUEUE_ROWS),
-    "cross": ("cross", 0),
-    "cross+queue": ("cross", QUEUE_ROWS),
-    "none+queue": ("none", QUEUE_ROWS),
+    "all": ("all", 0, False),
+    "all+queue": ("all", QUEUE_ROWS, False),
+    "cross": ("cross", 0, False),
+    "cross+queue": ("cross", QUEUE_ROWS, False),
+    "none+queue": ("none", QUEUE_ROWS, False),
+    "labels": ("all", 0, True),
 }
 #: The matrix, section by section: (arch, compute types, D values, calls, set-ups, autotuning
 #: candidates too?), most demanding first. Every call in every set-up with every candidate
@@ -186,11 +188,11 @@ def variants(sections=SECTIONS, archs=ARCHS):
         for compute in computes:
             for d in dims:
                 for set_up in set_ups:
-                    negatives, queue = SET_UPS[set_up]
+                    negatives, queue, labels = SET_UPS[set_up]
                     for name in cases:
                         rule, detach, weighted, eps, unit = CASES[name]
                         for item in record(compute, d, rule, detach, weighted, unit=unit, eps=eps,
-                                           negatives=negatives, queue=queue):
+                                           negatives=negatives, queue=queue, labels=labels):
                             for cfg in (item.candidates if tuned else (item.config,)):
                                 v = Variant(arch, compute, d, name, set_up, item, cfg,
                                             "static" if cfg == item.config else "candidate")
@@ -343,8 +345,9 @@ def render_markdown(rows: list[dict], seconds: float | None = None, jobs: int = 
 @functools.lru_cache(maxsize=8)
 def _recorded(compute: str, d: int, case: str, set_up: str) -> tuple:
     rule, detach, weighted, eps, unit = CASES[case]
-    negatives, queue = SET_UPS[set_up]
-    return tuple(record(compute, d, rule, detach, weighted, unit=unit, eps=eps, negatives=negatives, queue=queue))
+    negatives, queue, labels = SET_UPS[set_up]
+    return tuple(record(compute, d, rule, detach, weighted, unit=unit, eps=eps, negatives=negatives, queue=queue,
+                        labels=labels))
 
 
 def _compile_job(v: Variant) -> tuple:

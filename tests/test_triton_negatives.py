@@ -129,6 +129,71 @@ def test_row_range_and_row_weights(gen, negatives, k, rule, detach_alpha):
     check(z, spec, queue, lo=3, hi=9, weight=weight, what=f"{rule} {negatives} K={k} rows [3, 9)")
 
 
+@pytest.mark.parametrize("negatives,k", MODES)
+@pytest.mark.parametrize("rule,detach_alpha", [("direct", False), ("square", False), ("infonce", True)])
+def test_skipped_tiles_with_an_unaligned_row_range(gen, negatives, k, rule, detach_alpha):
+    """Tiles of 16 over M = 48 (half = 24) for the anchors [5, 40) with weights: the row blocks
+    [5, 21), [21, 37), [37, 40) lie in view 1, across the views and in view 2, and the column
+    blocks of 16 over [Z; queue] in view 1, across the views, in view 2 and (K = 10) across the
+    end of Z, so every branch of the kernels' tile ranges (tiles._column_range, _row_range)
+    runs, and the tiles they skip must have held no counted pair."""
+    z, queue = rows_and_queue(gen, 24, 12, 10 if k else 0, unit=rule != "direct")
+    weight = torch.rand(35, generator=gen, dtype=torch.float64) + 0.5
+    spec = make_spec(rule, normalize=rule != "direct", detach_alpha=detach_alpha, negatives=negatives,
+                     **RULE_PARAMS[rule])
+    check(z, spec, queue, lo=5, hi=40, weight=weight, config=SMALL_TILES[0],
+          what=f"{rule} {negatives} K={k} rows [5, 40)")
+
+
+#: The tile-product count: M = 1024 stacked rows in the 64 × 64 tiles of bf16 (D = 8, padded to
+#: 16 features), a queue of K = 256. The view boundary (512) and the end of Z fall between tiles.
+COUNT_M, COUNT_K, COUNT_D = 1024, 256, 8
+
+
+def tile_products(gen, rule, negatives, k, **params):
+    """{kernel: Counter(products, flops)} of one loss-and-gradient call, counted in the interpreter."""
+    from triton_interpreter import counting_tile_products
+
+    z, queue = rows_and_queue(gen, COUNT_M // 2, COUNT_D, k, unit=True, dtype=torch.bfloat16)
+    spec = make_spec(rule, negatives=negatives, **params)
+    with counting_tile_products() as counts:
+        call(z, spec, 0, COUNT_M, None, queue)
+    return counts
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="counts the products that Triton's CPU interpreter runs")
+@pytest.mark.parametrize("rule,params", [("direct", {}), ("square", dict(temperature=1e4, detach_alpha=False))],
+                         ids=["direct", "square"])
+def test_two_tower_and_queue_calls_skip_the_tiles_without_a_counted_pair(gen, rule, params):
+    """The products each set-up's kernels run: a two-tower call about half of SimCLR's, a
+    queue-only call the queue's share K/(M + K) of an all-negatives call with the same queue.
+
+    Exactly: 64-row blocks of one view stream the other view's M/2 columns (and the queue), so
+    cross / all = 1/2, cross + queue / all + queue = (M/2 + K)/(M + K) = 0.6, none + queue /
+    all + queue = K/(M + K) = 0.2, per kernel. `square` with τ = 10⁴ keeps every negative in the
+    sparsemax support, so Michelot's iteration takes the same two steps in every set-up and its
+    threshold pass is compared like the others."""
+    counts = {(negatives, k): tile_products(gen, rule, negatives, k, **params)
+              for negatives, k in [("all", 0), ("cross", 0), ("all", COUNT_K), ("cross", COUNT_K), ("none", COUNT_K)]}
+    full = counts[("all", 0)]
+    # The counter sees what SimCLR's kernels run: every 64 × 64 tile pair, two products per tile
+    # in the row pass and in the column pass, 8·M²·D̂ flops forward and backward (D̂ = 16).
+    blocks = COUNT_M // 64
+    assert full["row_pass_kernel"]["products"] == full["column_pass_kernel"]["products"] == 2 * blocks * blocks
+    assert full["row_pass_kernel"]["flops"] + full["column_pass_kernel"]["flops"] == 8 * COUNT_M ** 2 * 16
+    expected = {("cross", 0): (full, 0.5),
+                ("cross", COUNT_K): (counts[("all", COUNT_K)], (COUNT_M / 2 + COUNT_K) / (COUNT_M + COUNT_K)),
+                ("none", COUNT_K): (counts[("all", COUNT_K)], COUNT_K / (COUNT_M + COUNT_K))}
+    for set_up, (baseline, share) in expected.items():
+        assert set(counts[set_up]) == set(baseline), set_up
+        for kernel, count in counts[set_up].items():
+            ratio = count["products"] / baseline[kernel]["products"]
+            assert ratio == pytest.approx(share, abs=0.01), f"{rule} {set_up} {kernel}: {ratio:.3f} of the tiles"
+            assert count["flops"] / baseline[kernel]["flops"] == pytest.approx(ratio)
+    total = {set_up: sum(c["products"] for c in count.values()) for set_up, count in counts.items()}
+    assert total[("cross", 0)] <= 0.55 * total[("all", 0)]
+
+
 @pytest.mark.parametrize("negatives,k", [("cross", 0), ("none", 4), ("cross", 4)])
 def test_float32(gen, negatives, k):
     z, queue = rows_and_queue(gen, 5, 6, k, unit=True, dtype=torch.float32)

@@ -3,8 +3,10 @@
 docs/gpu-static-report.csv (python -m fastalpha.backends.triton.report) lists what ptxas made of
 every kernel variant of its matrix. These tests check that
 
-* the report is current: every variant the launcher would compile today (recorded, not
-  compiled: cheap) has a row compiled from today's kernel sources (source hash);
+* the report is current and complete: every variant the launcher would compile today
+  (recorded, not compiled: cheap) has a row compiled from today's kernel sources (source hash),
+  and the report has no other rows; it covers every negative set-up (all, cross, none; with
+  and without a queue) and every autotuning candidate of every pass where the matrix asks;
 * every tensor-core variant (bf16, fp16, tf32) at D ∈ {32, 64, 128, 256} is on Hopper's fast
   path: warpgroup MMAs only (HGMMA > 0, HMMA = 0) on sm_90, warp MMAs (HMMA) on sm_80, no
   spills, shared memory within a CTA's limit; IEEE float32 and float64 stay off the tensor
@@ -39,12 +41,50 @@ def rows():
     return found
 
 
-def test_report_is_current_and_complete(rows):
+@pytest.fixture(scope="module")
+def matrix():
+    """The variants of the report's matrix, as the launcher records them today."""
+    return list(report.variants())
+
+
+def test_report_is_current_and_complete(rows, matrix):
     digest = report.source_hash()
     current = {report.row_key(r) for r in rows if r["source_hash"] == digest}
-    missing = [v.key for v in report.variants() if v.key not in current]
+    missing = [v.key for v in matrix if v.key not in current]
     assert not missing, (f"{len(missing)} variants have no row compiled from today's kernel sources "
                          f"(first: {missing[0]}): run {REGENERATE}")
+    assert len(rows) == len(matrix) == len({report.row_key(r) for r in rows}), "rows outside the matrix, or twice"
+    with open(report.MD_PATH) as f:
+        assert f"**{len(matrix)} variants**" in f.read()
+
+
+#: The largest single-chunk D of each tensor-core type, where registers are tightest: every
+#: call (the β passes and sparsemax included) in every set-up is in the report there.
+LARGEST = {"bf16": 256, "fp16": 256, "tf32": 128}
+
+
+def test_every_negative_set_up_and_queue_is_covered(rows):
+    """Each set-up is its own compiled kernel (NEGATIVES, QUEUE constexprs): the report has, in
+    each of them, every pass at the largest single-chunk D of each tensor-core type and the
+    light passes at D = 64 and 128 on sm_90, and `direct` in IEEE float32, float64 and on sm_80,
+    each row with the constexprs of its set-up."""
+    assert set(report.SET_UPS) == {"all", "all+queue", "cross", "cross+queue", "none+queue", "labels"}
+    modes = {"all": "constexpr[0]", "cross": "constexpr[1]", "none": "constexpr[2]"}
+    seen = set()
+    for r in rows:
+        negatives, queue, labels = report.SET_UPS[r["set_up"]]
+        flags = dict(item.split("=", 1) for item in r["constexprs"].split())
+        assert (flags["NEGATIVES"], flags["QUEUE"]) == (modes[negatives], str(queue > 0)), r["set_up"]
+        assert (flags["GROUPS"] != "constexpr[0]") == labels, f"{r['set_up']}: GROUPS={flags['GROUPS']}"
+        seen.add((r["arch"], r["compute"], int(r["D"]), r["kernel"], r["set_up"]))
+    required = [("90", compute, d, kernel) for compute, d in LARGEST.items() for kernel in ("row", "column", "sparsemax")]
+    required += [("90", compute, d, kernel) for compute in TENSOR_CORE_TYPES for d in (64, 128) for kernel in ("row", "column")]
+    required += [(arch, compute, d, kernel) for arch, compute, d in [("90", "fp32", 64), ("90", "fp64", 64),
+                                                                     ("80", "bf16", 128), ("80", "tf32", 128)]
+                 for kernel in ("row", "column")]
+    for arch, compute, d, kernel in required:
+        for set_up in report.SET_UPS:
+            assert (arch, compute, d, kernel, set_up) in seen, f"sm_{arch} {kernel} {compute} D={d} {set_up}"
 
 
 def test_every_tensor_core_variant_is_on_the_fast_path(rows):
@@ -74,19 +114,26 @@ def test_every_tensor_core_variant_is_on_the_fast_path(rows):
 
 def test_every_autotuning_candidate_is_proven(rows):
     """Autotuning may launch any candidate: each must have a fast-path row in the report, for
-    every tensor-core type and D of the default call."""
-    proven = {(r["compute"], r["D"], r["kernel"], r["tile"], r["num_warps"], r["num_stages"])
-              for r in rows if r["arch"] == "90" and r["fast_path"] == "yes"}
+    the light passes (α detached) and, where registers are tightest, the β passes, which
+    blocks._WITHHELD may give fewer candidates, in the negative set-ups of the matrix."""
+    proven = {(r["compute"], r["D"], r["set_up"], r["kernel"], "BETA=True" in r["constexprs"].split(), r["tile"],
+               r["num_warps"], r["num_stages"]) for r in rows if r["arch"] == "90" and r["fast_path"] == "yes"}
     dtypes = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "tf32": (torch.float32, "tf32")}
-    tuned = 0
-    for compute, (dtype, precision) in dtypes.items():
-        for d in report.DIMS:
-            candidates = candidate_configs(d, dtype, precision)
-            tuned += len(candidates) > 1
-            for cfg in candidates:
-                for kernel in ("row", "column"):
-                    key = (compute, str(d), kernel, f"{cfg.block_m}x{cfg.block_n}", str(cfg.num_warps), str(cfg.num_stages))
-                    assert key in proven, f"autotuning candidate not proven by the static report: {key}"
+    # (compute, D, set-ups, β passes too?): the light passes at every D with SimCLR's set and at
+    # D = 64, 128 in every set-up; every pass in every set-up at the largest single-chunk D.
+    required = [(compute, d, ("all",), False) for compute in dtypes for d in report.DIMS]
+    required += [(compute, d, tuple(report.SET_UPS), False) for compute in dtypes for d in (64, 128)]
+    required += [(compute, d, tuple(report.SET_UPS), True) for compute, d in LARGEST.items()]
+    for compute, d, set_ups, with_beta in required:
+        dtype, precision = dtypes[compute]
+        for set_up in set_ups:
+            for kernel in ("row", "column"):
+                for beta in (False, True) if with_beta else (False,):
+                    for cfg in candidate_configs(d, dtype, precision, kernel, beta):
+                        key = (compute, str(d), set_up, kernel, beta, f"{cfg.block_m}x{cfg.block_n}",
+                               str(cfg.num_warps), str(cfg.num_stages))
+                        assert key in proven, f"autotuning candidate not proven by the static report: {key}"
+    tuned = sum(len(candidate_configs(d, dtype, precision)) > 1 for dtype, precision in dtypes.values() for d in report.DIMS)
     assert tuned == 11, "every single-chunk tensor-core shape has alternatives (tf32 at D = 256 is chunked)"
 
 
@@ -116,17 +163,22 @@ FRESH_COMPILE = r'''
 import json
 from triton.backends.compiler import GPUTarget
 from fastalpha.backends.triton import aot_check, report
-jobs = [(90, "bf16", 256, "direct", True, False, ("row", "column")), (90, "fp16", 256, "direct", True, False, ("column",)),
-        (90, "tf32", 128, "direct", True, False, ("column",)), (80, "bf16", 128, "direct", True, False, ("column",)),
-        (90, "fp32", 64, "direct", True, False, ("row",)), (90, "bf16", 3, "square", False, True, ("sparsemax",)),
-        (90, "tf32", 130, "direct", False, False, ("row",))]
-for arch, compute, d, rule, detach, weighted, kinds in jobs:
-    for item in aot_check.record(compute, d, rule, detach, weighted):
+jobs = [(90, "bf16", 256, "direct", True, False, ("row", "column"), "all", 0),
+        (90, "fp16", 256, "direct", True, False, ("column",), "all", 0),
+        (90, "tf32", 128, "direct", True, False, ("column",), "all", 0),
+        (80, "bf16", 128, "direct", True, False, ("column",), "all", 0),
+        (90, "fp32", 64, "direct", True, False, ("row",), "all", 0),
+        (90, "bf16", 3, "square", False, True, ("sparsemax",), "all", 0),
+        (90, "tf32", 130, "direct", False, False, ("row",), "all", 0),
+        (90, "bf16", 128, "direct", True, False, ("row",), "cross", report.QUEUE_ROWS),
+        (80, "tf32", 128, "direct", True, False, ("column",), "cross", 0)]
+for arch, compute, d, rule, detach, weighted, kinds, negatives, queue in jobs:
+    for item in aot_check.record(compute, d, rule, detach, weighted, negatives=negatives, queue=queue):
         if item.kind not in kinds or (item.kind == "row" and not item.kwargs["ACCUMULATE"]):
             continue
         usage = aot_check.resource_usage(aot_check.compile_launch(item.kernel, item.args, item.launch_kwargs(item.config), GPUTarget("cuda", arch, 32)))
         usage.update(arch=arch, compute=compute, D=d, kernel=item.kind, fast_path=report.verdict(arch, compute, usage),
-                     tile=f"{item.config.block_m}x{item.config.block_n}", constexprs=" ".join(f"{k}={v}" for k, v in sorted(item.kwargs.items())))
+                     tile=f"{item.config.block_m}x{item.config.block_n}", num_stages=item.config.num_stages, constexprs=" ".join(f"{k}={v}" for k, v in sorted(item.kwargs.items())))
         print(json.dumps(usage), flush=True)
 '''
 FRESH_TEST = "test_fresh_compile_reproduces_the_fast_path"
@@ -148,7 +200,8 @@ def _compile_subprocess(code: str, timeout: int) -> subprocess.CompletedProcess:
 @pytest.mark.background
 def test_fresh_compile_reproduces_the_fast_path(rows):
     """Compile, on this machine, the column passes that used to miss HGMMA (bf16/fp16 at D = 256,
-    tf32 at D = 128), the bf16 row pass at D = 256, one sm_80 variant, IEEE float32, and two
+    tf32 at D = 128), the bf16 row pass at D = 256, one sm_80 variant, IEEE float32, a two-tower
+    row pass with a queue, the sm_80 column pass that spilled with negatives="cross", and two
     kernels outside the report's matrix (sparsemax at D = 3, the chunked-feature path at D = 130):
     the interpreter accepts code the compiler rejects, and the report must be what this
     compiler makes of the code."""
@@ -156,8 +209,11 @@ def test_fresh_compile_reproduces_the_fast_path(rows):
     out = background.result(FRESH_TEST, _compile_subprocess, FRESH_COMPILE, 1500)
     assert out.returncode == 0, out.stdout + out.stderr
     fresh = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(fresh) == 8, [(u["kernel"], u["compute"], u["D"]) for u in fresh]
-    committed = {(r["arch"], r["kernel"], r["compute"], r["D"], r["tile"], r["constexprs"]): r for r in rows}
+    assert len(fresh) == 10, [(u["kernel"], u["compute"], u["D"]) for u in fresh]
+    # Keyed on warps and stages too: at D = 128 the 16-bit static 64×64 (8 warps, 2 stages) and
+    # its autotuning alternative (4 warps, 3 stages) share the tile.
+    committed = {(r["arch"], r["kernel"], r["compute"], r["D"], r["tile"], r["num_warps"], r["num_stages"],
+                  r["constexprs"]): r for r in rows}
     import triton
     for u in fresh:
         where = f"sm_{u['arch']} {u['kernel']} {u['compute']} D={u['D']}"
@@ -165,7 +221,8 @@ def test_fresh_compile_reproduces_the_fast_path(rows):
             assert u["spill_bytes"] == 0 and u["hgmma"] > 0 and u["hmma"] == 0, where
             continue
         assert u["fast_path"] == "yes", f"{where}: {u['fast_path']}"
-        row = committed.get((str(u["arch"]), u["kernel"], u["compute"], str(u["D"]), u["tile"], u["constexprs"]))
+        row = committed.get((str(u["arch"]), u["kernel"], u["compute"], str(u["D"]), u["tile"], str(u["num_warps"]),
+                             str(u["num_stages"]), u["constexprs"]))
         assert row is not None, f"{where} is not in the committed report: run {REGENERATE}"
         if row["triton"] == triton.__version__:
             assert (int(row["regs"]), int(row["hgmma"]), int(row["hmma"])) == (u["regs"], u["hgmma"], u["hmma"]), where

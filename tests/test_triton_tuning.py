@@ -51,12 +51,15 @@ def test_m_bucket_is_coarse():
 
 @pytest.mark.parametrize("kind,owned", [("row", "BLOCK_M"), ("column", "BLOCK_N"), ("sparsemax", "BLOCK_M")])
 @pytest.mark.parametrize("compute,d", [("bf16", 64), ("tf32", 128), ("fp16", 256), ("fp32", 64)])
-def test_pruning_hands_the_autotuner_this_calls_candidates(kind, owned, compute, d):
+@pytest.mark.parametrize("beta", [False, True])
+def test_pruning_hands_the_autotuner_this_calls_candidates(kind, owned, compute, d, beta):
     dtype, precision = TYPES[compute]
     prune = launch._prune(kind)
     placeholders = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})] * 3
-    pruned = prune(placeholders, {"z_ptr": torch.empty(2, d, dtype=dtype), "D": d}, PRECISION=precision, UNIT=True)
-    expected = blocks.candidate_configs(d, dtype, precision)
+    flags = {} if kind == "sparsemax" else {"BETA": beta}        # the threshold pass has no β
+    pruned = prune(placeholders, {"z_ptr": torch.empty(2, d, dtype=dtype), "D": d}, PRECISION=precision, UNIT=True,
+                   **flags)
+    expected = blocks.candidate_configs(d, dtype, precision, kind, flags.get("BETA", False))
     assert len(pruned) == len(expected)
     for config, cfg in zip(pruned, expected):
         assert config.kwargs[owned] == cfg.block_m                 # the owned block is the MMA's M
@@ -90,6 +93,26 @@ def test_autotuning_switch(monkeypatch):
     assert not launch.autotune_enabled(True)                         # nor does the interpreter
 
 
+def test_the_spilling_shape_is_withheld_from_the_beta_row_pass_only():
+    """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the β row pass of `entropy`
+    (docs/gpu-static-report.md); a detach_alpha=False call records that pass with the static
+    shape alone, and its statistics and column passes, like the light calls, with both."""
+    static, alternative = blocks.candidate_configs(128, torch.float32, "tf32")
+    assert (alternative.block_m, alternative.block_n, alternative.num_warps, alternative.num_stages) == (64, 64, 8, 2)
+    z = torch.randn(80, 128)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with launch.recording_launches() as recorded:
+            launch.fused_loss_and_grad(z, make_spec("entropy", detach_alpha=False), 0, 80, None, True)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    got = [(item.kind, item.kwargs["BETA"], item.candidates) for item in recorded]
+    assert got == [("row", False, (static, alternative)), ("row", True, (static,)), ("column", True, (static, alternative))]
+    assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 2]
+    assert len(blocks.candidate_configs(128, torch.bfloat16, "ieee", "row", True)) == 2     # 16-bit keeps it
+
+
 def test_fallback_launches_the_static_table_with_the_candidates_recorded(monkeypatch):
     """Under the interpreter every launch uses the static shape; the record carries the
     candidates the GPU would tune over (which the static report compiles)."""
@@ -100,7 +123,8 @@ def test_fallback_launches_the_static_table_with_the_candidates_recorded(monkeyp
     static = blocks.block_config(64, torch.bfloat16)
     for item in recorded:
         assert item.config == static
-        assert item.candidates == tuple(blocks.candidate_configs(64, torch.bfloat16))
+        assert item.candidates == tuple(blocks.candidate_configs(64, torch.bfloat16, "ieee", item.kind,
+                                                                 item.kwargs.get("BETA", False)))
         assert item.launch_kwargs(static)["num_warps"] == static.num_warps
         assert not set(item.kwargs) & {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}   # the tuner sets those
         assert item.grid(static.tile(item.kind))[0] == triton.cdiv(40, static.block_m)   # 40 rows, or 40 columns

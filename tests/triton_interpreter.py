@@ -12,9 +12,15 @@ Inside a launch a second patch of modules that are already patched changes nothi
 `install` skips it. A helper that sees a module the launch has not patched, and a helper called
 outside any launch, go through triton's own code, as before. The kernels' results are checked
 against the float64 references either way; this only changes how long the checks take.
+
+`counting_tile_products` counts the matrix products (`tl.dot`) that the interpreted programs
+actually run, per kernel: what a kernel's loop bounds make it compute, not what a launcher
+predicts, so a test of the tile skipping fails if a kernel still streams every tile.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import inspect
 import threading
 
@@ -79,3 +85,36 @@ def install() -> str:
     interpreter._patch_lang = wrapper
     executor.__call__ = wrapper.around_launch(executor.__call__)
     return "language patched once per launch"
+
+
+@contextlib.contextmanager
+def counting_tile_products():
+    """Count the `tl.dot` products of the interpreted launches inside the block.
+
+    Yields a dict {kernel name: Counter(products=…, flops=…)}, flops = 2·m·n·k of each
+    product's operand shapes, filled as the kernels run (one launch at a time, as the
+    interpreter runs them).
+    """
+    from triton.runtime import interpreter
+
+    counts: dict = collections.defaultdict(collections.Counter)
+    current = []
+    run_grid, create_dot = interpreter.GridExecutor.__call__, interpreter.InterpreterBuilder.create_dot
+
+    def launch(executor, *args, **kwargs):
+        current.append(executor.fn.__name__)
+        try:
+            return run_grid(executor, *args, **kwargs)
+        finally:
+            current.pop()
+
+    def dot(builder, a, b, d, *args, **kwargs):
+        (m, k), n = a.data.shape[-2:], b.data.shape[-1]
+        counts[current[-1] if current else "outside a launch"].update(products=1, flops=2 * m * n * k)
+        return create_dot(builder, a, b, d, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__, interpreter.InterpreterBuilder.create_dot = launch, dot
+    try:
+        yield counts
+    finally:
+        interpreter.GridExecutor.__call__, interpreter.InterpreterBuilder.create_dot = run_grid, create_dot

@@ -38,20 +38,26 @@ SASS_OPCODES = ("HGMMA", "HMMA", "FFMA", "DFMA", "MUFU", "LDL", "STL")
 
 
 def record(compute: str, d: int, rule: str, detach: bool, weighted: bool, unit: bool = True,
-           eps: float | None = None, m: int = 256, need_grad: bool = True):
-    """The launches (launch.Launch) of one call of the launcher, recorded on CPU tensors."""
+           eps: float | None = None, m: int = 256, need_grad: bool = True, negatives: str = "all", queue: int = 0,
+           labels: bool = False):
+    """The launches (launch.Launch) of one call of the launcher, recorded on CPU tensors; `queue`
+    is the number of queue rows K (0: no queue); `labels` records the grouped call (positives
+    from group ids: M/8 labels, so groups of about 8 rows)."""
     from ...rules import make_spec
     from . import launch
 
     dtype, precision = COMPUTE_TYPES[compute]
     z = torch.nn.functional.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(dtype)
     weight = torch.rand(m, dtype=torch.promote_types(dtype, torch.float32)) if weighted else None
-    spec = make_spec(rule, eps=eps, normalize=unit, detach_alpha=detach)
+    spec = make_spec(rule, eps=eps, normalize=unit, detach_alpha=detach, negatives=negatives)
+    extra = {"queue": torch.nn.functional.normalize(torch.randn(queue, d, dtype=torch.float64), dim=1).to(dtype)} if queue else {}
+    if labels:
+        extra["groups"] = torch.arange(m) % max(m // 8, 2)
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
         with launch.recording_launches() as recorded:
-            launch.fused_loss_and_grad(z, spec, 0, m, weight, need_grad)
+            launch.fused_loss_and_grad(z, spec, 0, m, weight, need_grad, **extra)
     finally:
         torch.set_float32_matmul_precision(old)
     # UPCAST is an interpreter-only workaround (tiles._mma): compiled code never has it.

@@ -97,7 +97,10 @@ def block_config(d: int, dtype: torch.dtype, precision: str = "ieee") -> BlockCo
     padded = padded_features(d)
     if kind == "fp64":
         if padded <= 64:
-            return BlockConfig(32, 32, padded, padded, True, 4, 2)
+            # 3 stages, not 2: with 2, ptxas (Triton 3.8, sm_90) gave the column pass with
+            # negatives="cross" 128 registers and 8 bytes of stack; with 3 it takes 148 and the
+            # other set-ups keep theirs (148-150). The pipeline depth changes no arithmetic.
+            return BlockConfig(32, 32, padded, padded, True, 4, 3)
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
     if kind in ("bf16", "fp16"):
         if padded <= 256:
@@ -114,7 +117,8 @@ def block_config(d: int, dtype: torch.dtype, precision: str = "ieee") -> BlockCo
 
 #: Autotuning alternatives to the static shape, per (compute type, padded D), as
 #: (owned, streamed, num_warps, num_stages). Only single-chunk tensor-core shapes are tuned;
-#: each one is in the static report with HGMMA on sm_90, no spills and its shared memory.
+#: each one is in the static report with HGMMA on sm_90, no spills and its shared memory, for
+#: every pass that can launch it (_WITHHELD below: one pass that cannot).
 _ALTERNATIVES = {
     ("16-bit", 16): [(128, 64, 8, 2)],
     ("16-bit", 32): [(128, 64, 8, 2)],
@@ -128,11 +132,23 @@ _ALTERNATIVES = {
 }
 
 
-def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee") -> list[BlockConfig]:
+#: Alternatives withheld from one pass: (group, padded D, kernel, β pass) → shapes of
+#: _ALTERNATIVES. The one decision, and why: on sm_90 (Triton 3.8, docs/gpu-static-report.md)
+#: the row pass with β (detach_alpha=False) at tf32, D̂ = 128, in 64×64 tiles with 8 warps
+#: needs all 255 registers and for `entropy` (k = 1) spills 8 bytes (16 with negatives="cross")
+#: to the stack: its 64×128 float32 accumulator, the 64×128 owned block and the 64×64 α and β
+#: tiles do not fit beside the statistics. That pass keeps the static 64×32 (180 registers);
+#: every other pass, the same call's statistics and column passes included, keeps 64×64.
+_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)]}
+
+
+def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",
+                      beta: bool = False) -> list[BlockConfig]:
     """The shapes autotuning may pick for these features and compute type; the static shape first.
 
-    A single candidate (IEEE float32, float64, features above the single-chunk limit) means
-    that case is not tuned.
+    `kernel` ("row", "column" or "sparsemax") and `beta` (a pass with β, detach_alpha=False)
+    name the pass, for the few shapes withheld from one (_WITHHELD). A single candidate (IEEE
+    float32, float64, features above the single-chunk limit) means that case is not tuned.
     """
     static = block_config(d, dtype, precision)
     kind = compute_type(dtype, precision)
@@ -140,8 +156,10 @@ def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee") -> li
         return [static]
     group = "tf32" if kind == "tf32" else "16-bit"
     padded = padded_features(d)
+    withheld = _WITHHELD.get((group, padded, kernel, bool(beta)), ())
     return [static] + [BlockConfig(owned, streamed, static.block_k, static.block_do, True, warps, stages)
-                       for owned, streamed, warps, stages in _ALTERNATIVES[(group, padded)]]
+                       for owned, streamed, warps, stages in _ALTERNATIVES[(group, padded)]
+                       if (owned, streamed, warps, stages) not in withheld]
 
 
 def m_bucket(m: int) -> int:

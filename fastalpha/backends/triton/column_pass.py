@@ -2,8 +2,9 @@ r"""Column pass: the column side of the gradient, Σ_i ω_ij and (ωᵀ Z)_j wit
 
 One program owns BLOCK_N columns j (any of the C = M + K rows of [Z; queue]: queue columns get
 their gradient rows too) and one chunk of BLOCK_DO
-output features, and loops over the anchor rows i in [row_lo, row_hi) in tiles of BLOCK_M,
-like flash-attention's dK/dV loop: the row statistics (lse_i, c_i or μ_i, 1/k_i) are known
+output features, and loops over the anchor rows i in [row_lo, row_hi) in tiles of BLOCK_M
+(for NEGATIVES = cross or none only over the anchors that can count its columns,
+tiles._row_range), like flash-attention's dK/dV loop: the row statistics (lse_i, c_i or μ_i, 1/k_i) are known
 from the row pass, so α_ij = e^{t_ij − lse_i} (or [(μ_i − d2_ij)/τ]_+) is recomputed per tile
 without any rescaling. Tiles are computed transposed (columns × rows) so that the product
 ωᵀ Z_rows is a plain `tl.dot`. Every column is written by exactly one program: no atomics,
@@ -20,8 +21,8 @@ None (constexprs, not arguments), so the other calls compile as before.
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_INFONCE, GROUPS_OFF, _distances, _gram, _group_pairs, _join, _mma, _negatives, _pair_weights,
-                    _row_norms)
+from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, _distances, _gram, _group_pairs, _join, _mma, _negatives,
+                    _pair_weights, _row_norms, _row_range)
 
 
 @triton.jit
@@ -60,9 +61,16 @@ def column_pass_kernel(
 
     col_sum = tl.zeros((BLOCK_N,), ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
-    for i0 in range(row_lo, row_hi, BLOCK_M):
+    # Only the anchor tiles that can count these columns (tiles._row_range): the other view's
+    # anchors for a two-tower call, none for a queue-only call's columns of Z; all for NEG_ALL.
+    if NEGATIVES == NEG_ALL:
+        i_lo = row_lo
+        i_hi = row_hi
+    else:
+        i_lo, i_hi = _row_range(tl.program_id(0) * BLOCK_N, row_lo, row_hi, half, M, C, BLOCK_N, NEGATIVES)
+    for i0 in range(i_lo, i_hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_hi
+        row_ok = rows < i_hi
         local = rows - row_lo
         z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
                       mask=row_ok[:, None] & feat_ok[None, :], other=0.0)

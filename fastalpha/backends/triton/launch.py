@@ -123,11 +123,12 @@ def _grid(kind: str, extent: int, chunks: int):
 
 
 def _prune(kind: str):
-    """early_config_prune of a tuned kernel: keep the candidates of this call's D and compute type."""
+    """early_config_prune of a tuned kernel: keep the candidates of this call's D, compute type and pass."""
     def prune(configs, named_args, **kwargs):
         z = named_args["z_ptr"]
         precision = "tf32" if kwargs.get("PRECISION") == "tf32" else "ieee"
-        return [_as_triton_config(kind, cfg) for cfg in candidate_configs(named_args["D"], z.dtype, precision)]
+        candidates = candidate_configs(named_args["D"], z.dtype, precision, kind, bool(kwargs.get("BETA", False)))
+        return [_as_triton_config(kind, cfg) for cfg in candidates]
     return prune
 
 
@@ -332,7 +333,6 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision)
-    candidates = (cfg,) if config is not None else tuple(candidate_configs(d, z.dtype, precision))
     tune = config is None and autotune_enabled(z.is_cuda, torch.cuda.get_device_capability(z.device) if z.is_cuda else (0, 0))
     empty = z_acc.new_empty((rows,))
     norms = empty if unit else (z_acc * z_acc).sum(1)     # unit rows: never read, d2 = 1 − z_i·z_j
@@ -354,6 +354,9 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     row_acc = z_acc.new_empty((rows, d)) if need_grad else z_acc.new_empty((1, 1))
 
     def launch(kernel, kind, extent, n_chunks, args, kwargs):
+        # The candidates of this pass: what the pruning hook (_prune) hands the autotuner.
+        candidates = (cfg,) if config is not None else tuple(
+            candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False)))
         _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
 
     def row_pass(stat_a, stat_b, online, use_beta, accumulate, lse_out):

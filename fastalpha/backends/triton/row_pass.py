@@ -1,9 +1,12 @@
 r"""Row pass: per-anchor statistics, loss and the row side of the gradient.
 
 One program owns BLOCK_M anchor rows i (of the range [row_lo, row_hi)) and one chunk of
-BLOCK_DO output features, and loops over all C columns in tiles of BLOCK_N, like the forward
+BLOCK_DO output features, and loops over the columns in tiles of BLOCK_N, like the forward
 of flash-attention with Q = K = V = Z. The columns are the M rows of Z, then the K rows of a
 queue (C = M + K, one contiguous [Z; queue] tensor); the anchors and partners are rows of Z.
+With NEGATIVES = all the loop covers all C columns; the other sets skip the tiles that hold no
+negative of the block's anchors (tiles._column_range: the other view and the queue for cross,
+the queue for none); inside the tiles kept the mask still gives every other pair weight 0.
 
 ONLINE (log-weight rules with α as stop-gradient, and the statistics pass of the others):
 running max m_i and, rescaled by e^{m_old − m_new} at every tile,
@@ -38,8 +41,8 @@ of w_i (βZ)_i restricted to the program's feature chunk. Nothing of size M × M
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_INFONCE, GROUPS_OFF, _distances, _gram, _group_pairs, _join, _log_add_exp, _log_weight, _mma,
-                    _negatives, _pair_weights, _row_norms)
+from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, _column_range, _distances, _gram, _group_pairs, _join,
+                    _log_add_exp, _log_weight, _mma, _negatives, _pair_weights, _row_norms, _streamed)
 
 EPS_NONE = tl.constexpr(0)
 EPS_CONSTANT = tl.constexpr(1)
@@ -99,9 +102,21 @@ def row_pass_kernel(
     b_i = tl.zeros((BLOCK_M,), ACC)          # FIXED: Σ β
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
 
-    for j0 in range(0, C, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < C
+    # Only the column tiles that can hold a negative of this block's anchors (tiles._column_range):
+    # half of them for a two-tower call, the queue's for a queue-only one; every one for NEG_ALL.
+    if NEGATIVES == NEG_ALL:
+        j_lo = 0
+        j_hi = C
+    else:
+        j_lo, j_hi = _column_range(row_lo + tl.program_id(0) * BLOCK_M, row_hi, half, M, C, BLOCK_M, NEGATIVES)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        if NEGATIVES == NEG_ALL:
+            # Written out, not through _streamed: so the SimCLR call's SASS stays what it was
+            # (through the helper ptxas ordered the float64 row pass differently).
+            cols = j0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < C
+        else:
+            cols, col_ok = _streamed(j0, j_hi, C, BLOCK_N, NEGATIVES)
         if SINGLE_CHUNK:
             z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
                           mask=col_ok[:, None] & feat_ok[None, :], other=0.0)

@@ -10,26 +10,27 @@ never increases μ (Σ_{S(μ)} (μ − d2) ≥ τ whenever μ ≥ μ_i) and neve
 Σ_{S}(μ − d2) = τ exactly, i.e. μ = μ_i and k_i = |S|. Each step is one pass over the columns
 that only counts and sums. In floating point, μ is kept non-increasing explicitly, which makes
 the support monotone and the loop finite (at most C steps; a handful in practice). The
-columns are [Z; queue] (C = M + K), masked by `tiles._negatives`, or, with GROUPS, J_i from
-the group ids (`tiles._group_pairs`; `group_ptr` is None otherwise, a constexpr, so the
-other calls compile as before).
+columns are [Z; queue] (C = M + K), masked by `tiles._negatives`; for the cross and none
+sets only the tiles that `tiles._column_range` keeps are streamed. With GROUPS the mask is
+J_i from the group ids (`tiles._group_pairs`; `group_ptr` is None otherwise, a constexpr, so
+the other calls compile as before).
 
 One program owns BLOCK_M rows and iterates until none of its rows changed its support.
 """
 import triton
 import triton.language as tl
 
-from .tiles import GROUPS_OFF, _distances, _gram, _group_pairs, _join, _mma, _negatives, _row_norms
+from .tiles import (GROUPS_OFF, NEG_ALL, _column_range, _distances, _gram, _group_pairs, _join, _mma, _negatives,
+                    _row_norms, _streamed)
 
 
 @triton.jit
-def _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, stride_z, M, C, D, half,
+def _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C, D, half,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                    NEGATIVES: tl.constexpr, GROUPS: tl.constexpr):
-    """(d2, valid) for rows × columns [j0, j0 + BLOCK_N)."""
-    cols = j0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < C
+    """(d2, valid) for rows × the streamed tile at loop index j0 of [.., j_hi) (tiles._streamed)."""
+    cols, col_ok = _streamed(j0, j_hi, C, BLOCK_N, NEGATIVES)
     if SINGLE_CHUNK:
         feats = tl.arange(0, BLOCK_D)
         z_j = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_z + feats[None, :],
@@ -79,11 +80,17 @@ def sparsemax_threshold_kernel(
     else:
         z_i = tl.zeros((BLOCK_M, BLOCK_D), z_ptr.dtype.element_ty)   # unused: tiles loop over D
 
+    # Only the column tiles that can hold a negative of these anchors (as in the row pass).
+    if NEGATIVES == NEG_ALL:
+        j_lo = 0
+        j_hi = C
+    else:
+        j_lo, j_hi = _column_range(row_lo + tl.program_id(0) * BLOCK_M, row_hi, half, M, C, BLOCK_M, NEGATIVES)
     d2_min = tl.full((BLOCK_M,), float("inf"), ACC)
-    for j0 in range(0, C, BLOCK_N):
-        d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, stride_z, M, C, D, half,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES,
-                                   GROUPS)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C, D,
+                                   half, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC,
+                                   NEGATIVES, GROUPS)
         d2_min = tl.minimum(d2_min, tl.min(tl.where(valid, d2, float("inf")), 1))
 
     mu = tl.where(row_ok, d2_min + tau, 0.0)
@@ -92,10 +99,10 @@ def sparsemax_threshold_kernel(
     while changed > 0:
         count = tl.zeros((BLOCK_M,), tl.int32)
         total = tl.zeros((BLOCK_M,), ACC)
-        for j0 in range(0, C, BLOCK_N):
-            d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, stride_z, M, C, D, half,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC, NEGATIVES,
-                                       GROUPS)
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C,
+                                       D, half, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST,
+                                       ACC, NEGATIVES, GROUPS)
             inside = valid & (d2 < mu[:, None])
             count += tl.sum(inside.to(tl.int32), 1)
             total += tl.sum(tl.where(inside, d2, 0.0), 1)

@@ -129,9 +129,11 @@ def _negatives(rows, cols, row_ok, col_ok, half, M, NEGATIVES: tl.constexpr):
         partner = (rows + half) % M
         return row_ok & col_ok & (cols != rows) & (cols != partner)
     if NEGATIVES == NEG_CROSS:
-        partner = (rows + half) % M
-        other_view = (cols < half) != (rows < half)
-        return row_ok & col_ok & (cols != partner) & (other_view | (cols >= M))
+        # A column j < M of the other view is p(i) exactly when |j − i| = M/2, so no partner
+        # index is formed: with (i + M/2) mod M ptxas spilled 16 bytes in the tf32 column pass at
+        # D = 128 on sm_80, with i ± M/2 by a select 8 bytes in the IEEE float32 one on sm_90.
+        counted = ((cols < half) != (rows < half)) & (cols - rows != half) & (rows - cols != half)
+        return row_ok & col_ok & (counted | (cols >= M))
     return row_ok & col_ok & (cols >= M)
 
 
@@ -149,6 +151,62 @@ def _group_pairs(rows, cols, row_ok, col_ok, g_rows, g_cols, GROUPS: tl.constexp
     if GROUPS == GROUPS_INFONCE:
         return ok & (cols != rows), same
     return ok & (g_rows != g_cols), same
+
+
+@triton.jit
+def _column_range(first, row_hi, half, M, C, BLOCK_M: tl.constexpr, NEGATIVES: tl.constexpr):
+    """[lo, hi): the streamed columns that can hold a negative of the anchors [first, first + BLOCK_M) ∩ [.., row_hi).
+
+    Not for NEG_ALL (every column counts: the kernels keep their plain loop over [0, C)). With
+    j_v the loop's index and j = j_v − C for j_v ≥ C (`_streamed`), the ranges are
+
+        NEG_NONE                        [M, C)           the queue only
+        NEG_CROSS, anchors in view 1    [half, C)        view 2, then the queue
+        NEG_CROSS, anchors in view 2    [M, C + half)    the queue, then view 1 (wrapped)
+        NEG_CROSS, anchors in both      [0, C)           (the mask keeps each anchor's own view out)
+
+    so a two-tower call streams (M/2 + K) of the C columns per anchor block instead of C, a
+    queue-only call K. The row range of the distributed layer may start anywhere: the block's
+    views are read from its first and last valid anchor, not from its position.
+    """
+    if NEGATIVES == NEG_NONE:
+        return M, C
+    last = tl.minimum(first + BLOCK_M, row_hi) - 1
+    lo = tl.where(last < half, half, tl.where(first >= half, M, 0))
+    hi = tl.where(last < half, C, tl.where(first >= half, C + half, C))
+    return lo, hi
+
+
+@triton.jit
+def _streamed(j0, hi, C, BLOCK_N: tl.constexpr, NEGATIVES: tl.constexpr):
+    """(cols, col_ok) of the streamed tile starting at loop index j0 < hi (`_column_range`).
+
+    NEG_CROSS's view-2 anchors loop past C and wrap onto view 1 (j = j_v − C); the other sets
+    never pass C, and for them this is the plain tile j0 + [0, BLOCK_N) with cols < C.
+    """
+    cols = j0 + tl.arange(0, BLOCK_N)
+    if NEGATIVES == NEG_CROSS:
+        return tl.where(cols >= C, cols - C, cols), cols < hi
+    return cols, cols < C
+
+
+@triton.jit
+def _row_range(first, row_lo, row_hi, half, M, C, BLOCK_N: tl.constexpr, NEGATIVES: tl.constexpr):
+    """[lo, hi) ⊆ [row_lo, row_hi): the anchor rows that can count the columns [first, first + BLOCK_N) ∩ [.., C).
+
+    The column pass's mirror of `_column_range` (not for NEG_ALL): a column of view 1 is a
+    negative of view-2 anchors only under NEG_CROSS, a column of view 2 of view-1 anchors only,
+    a queue column of every anchor; under NEG_NONE a column of Z of none (an empty range).
+    A block that straddles half or M keeps all anchors (the mask does the rest).
+    """
+    last = tl.minimum(first + BLOCK_N, C) - 1
+    if NEGATIVES == NEG_NONE:
+        return row_lo, tl.where(last < M, row_lo, row_hi)
+    view_1 = last < half
+    view_2 = (first >= half) & (last < M)
+    lo = tl.where(view_1, tl.maximum(row_lo, half), row_lo)
+    hi = tl.where(view_2, tl.minimum(row_hi, half), row_hi)
+    return lo, hi
 
 
 @triton.jit

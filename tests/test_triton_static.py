@@ -58,16 +58,10 @@ def test_report_is_current_and_complete(rows, matrix):
         assert f"**{len(matrix)} variants**" in f.read()
 
 
-#: The largest single-chunk D of each tensor-core type, where registers are tightest: every
-#: call (the β passes and sparsemax included) in every set-up is in the report there.
-LARGEST = {"bf16": 256, "fp16": 256, "tf32": 128}
-
-
 def test_every_negative_set_up_and_queue_is_covered(rows):
     """Each set-up is its own compiled kernel (NEGATIVES, QUEUE constexprs): the report has, in
-    each of them, every pass at the largest single-chunk D of each tensor-core type and the
-    light passes at D = 64 and 128 on sm_90, and `direct` in IEEE float32, float64 and on sm_80,
-    each row with the constexprs of its set-up."""
+    each of them, every pass of each tensor-core type at D = 64, 128 and 256 on sm_90, and
+    `direct` in IEEE float32, float64 and on sm_80, each row with the constexprs of its set-up."""
     assert set(report.SET_UPS) == {"all", "all+queue", "cross", "cross+queue", "none+queue", "labels"}
     modes = {"all": "constexpr[0]", "cross": "constexpr[1]", "none": "constexpr[2]"}
     seen = set()
@@ -77,8 +71,8 @@ def test_every_negative_set_up_and_queue_is_covered(rows):
         assert (flags["NEGATIVES"], flags["QUEUE"]) == (modes[negatives], str(queue > 0)), r["set_up"]
         assert (flags["GROUPS"] != "constexpr[0]") == labels, f"{r['set_up']}: GROUPS={flags['GROUPS']}"
         seen.add((r["arch"], r["compute"], int(r["D"]), r["kernel"], r["set_up"]))
-    required = [("90", compute, d, kernel) for compute, d in LARGEST.items() for kernel in ("row", "column", "sparsemax")]
-    required += [("90", compute, d, kernel) for compute in TENSOR_CORE_TYPES for d in (64, 128) for kernel in ("row", "column")]
+    required = [("90", compute, d, kernel) for compute in TENSOR_CORE_TYPES for d in (64, 128, 256)
+                for kernel in ("row", "column", "sparsemax")]
     required += [(arch, compute, d, kernel) for arch, compute, d in [("90", "fp32", 64), ("90", "fp64", 64),
                                                                      ("80", "bf16", 128), ("80", "tf32", 128)]
                  for kernel in ("row", "column")]
@@ -119,17 +113,16 @@ def test_every_autotuning_candidate_is_proven(rows):
     proven = {(r["compute"], r["D"], r["set_up"], r["kernel"], "BETA=True" in r["constexprs"].split(), r["tile"],
                r["num_warps"], r["num_stages"]) for r in rows if r["arch"] == "90" and r["fast_path"] == "yes"}
     dtypes = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "tf32": (torch.float32, "tf32")}
-    # (compute, D, set-ups, β passes too?): the light passes at every D with SimCLR's set and at
-    # D = 64, 128 in every set-up; every pass in every set-up at the largest single-chunk D.
+    # (compute, D, set-ups, β passes too?): the light passes at every D with SimCLR's set, and
+    # every pass in every set-up at D = 64, 128 and 256.
     required = [(compute, d, ("all",), False) for compute in dtypes for d in report.DIMS]
-    required += [(compute, d, tuple(report.SET_UPS), False) for compute in dtypes for d in (64, 128)]
-    required += [(compute, d, tuple(report.SET_UPS), True) for compute, d in LARGEST.items()]
+    required += [(compute, d, tuple(report.SET_UPS), True) for compute in dtypes for d in (64, 128, 256)]
     for compute, d, set_ups, with_beta in required:
         dtype, precision = dtypes[compute]
         for set_up in set_ups:
             for kernel in ("row", "column"):
                 for beta in (False, True) if with_beta else (False,):
-                    for cfg in candidate_configs(d, dtype, precision, kernel, beta):
+                    for cfg in candidate_configs(d, dtype, precision, kernel, beta, report.SET_UPS[set_up][2]):
                         key = (compute, str(d), set_up, kernel, beta, f"{cfg.block_m}x{cfg.block_n}",
                                str(cfg.num_warps), str(cfg.num_stages))
                         assert key in proven, f"autotuning candidate not proven by the static report: {key}"

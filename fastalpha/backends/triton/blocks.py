@@ -47,7 +47,7 @@ and fit in shared memory (docs/gpu-static-report.md). None has been timed on a G
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -91,8 +91,23 @@ def compute_type(dtype: torch.dtype, precision: str = "ieee") -> str:
 TENSOR_CORE_TYPES = ("bf16", "fp16", "tf32")
 
 
-def block_config(d: int, dtype: torch.dtype, precision: str = "ieee") -> BlockConfig:
-    """The static tile shapes for `d` features, input `dtype` and dot `precision` ("ieee" or "tf32")."""
+#: Pipeline stages of the static shape of grouped calls (labels, V ≥ 3 views: the GROUPS
+#: constexpr), per (compute type, padded D), where they differ from the table below. The one
+#: decision, and why: tf32 at D̂ = 128 with 2 stages left sm_80's grouped column pass at 128
+#: registers with 8 bytes of stack (Triton 3.8, docs/gpu-static-report.md); with 1 stage it
+#: takes 128 registers and no stack (sm_90: 168, no spill). The stage count changes no arithmetic.
+_GROUPED_STAGES = {("tf32", 128): 1}
+
+
+def block_config(d: int, dtype: torch.dtype, precision: str = "ieee", grouped: bool = False) -> BlockConfig:
+    """The static tile shapes for `d` features, input `dtype` and dot `precision` ("ieee" or "tf32"),
+    of a grouped call when `grouped` (_GROUPED_STAGES)."""
+    static = _static_config(d, dtype, precision)
+    stages = _GROUPED_STAGES.get((compute_type(dtype, precision), padded_features(d))) if grouped else None
+    return static if stages is None else replace(static, num_stages=stages)
+
+
+def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
     kind = compute_type(dtype, precision)
     padded = padded_features(d)
     if kind == "fp64":
@@ -143,14 +158,14 @@ _WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)]}
 
 
 def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",
-                      beta: bool = False) -> list[BlockConfig]:
+                      beta: bool = False, grouped: bool = False) -> list[BlockConfig]:
     """The shapes autotuning may pick for these features and compute type; the static shape first.
 
     `kernel` ("row", "column" or "sparsemax") and `beta` (a pass with β, detach_alpha=False)
     name the pass, for the few shapes withheld from one (_WITHHELD). A single candidate (IEEE
     float32, float64, features above the single-chunk limit) means that case is not tuned.
     """
-    static = block_config(d, dtype, precision)
+    static = block_config(d, dtype, precision, grouped)
     kind = compute_type(dtype, precision)
     if kind not in TENSOR_CORE_TYPES or not static.single_chunk:
         return [static]

@@ -127,7 +127,9 @@ def _prune(kind: str):
     def prune(configs, named_args, **kwargs):
         z = named_args["z_ptr"]
         precision = "tf32" if kwargs.get("PRECISION") == "tf32" else "ieee"
-        candidates = candidate_configs(named_args["D"], z.dtype, precision, kind, bool(kwargs.get("BETA", False)))
+        groups = kwargs.get("GROUPS", GROUPS_OFF)
+        grouped = getattr(groups, "value", groups) != GROUPS_OFF.value
+        candidates = candidate_configs(named_args["D"], z.dtype, precision, kind, bool(kwargs.get("BETA", False)), grouped)
         return [_as_triton_config(kind, cfg) for cfg in candidates]
     return prune
 
@@ -332,7 +334,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     group_ids = None if groups is None else group_set.ids.to(torch.int32)
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
-    cfg = config or block_config(d, z.dtype, precision)
+    cfg = config or block_config(d, z.dtype, precision, grouped=groups is not None)
     tune = config is None and autotune_enabled(z.is_cuda, torch.cuda.get_device_capability(z.device) if z.is_cuda else (0, 0))
     empty = z_acc.new_empty((rows,))
     norms = empty if unit else (z_acc * z_acc).sum(1)     # unit rows: never read, d2 = 1 − z_i·z_j
@@ -356,7 +358,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     def launch(kernel, kind, extent, n_chunks, args, kwargs):
         # The candidates of this pass: what the pruning hook (_prune) hands the autotuner.
         candidates = (cfg,) if config is not None else tuple(
-            candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False)))
+            candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False), groups is not None))
         _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
 
     def row_pass(stat_a, stat_b, online, use_beta, accumulate, lse_out):

@@ -21,13 +21,12 @@ The matrix (SECTIONS): the calls
     square-beta-w   sparsemax threshold pass, FIXED row and column passes with β, weighted
 
 in the negative set-ups SET_UPS (negatives all, cross, none, each with and without a queue
-where the set-up has a pair at all, and the grouped call of labels or V ≥ 3 views), each with every autotuning candidate that the launcher
+where the set-up has a pair at all, and the grouped call of labels or V ≥ 3 views), each
+with every autotuning candidate that the launcher
 records for each of its passes (blocks.candidate_configs: autotuning may pick any of them):
-every call in every set-up at the largest single-chunk D of each tensor-core type (bf16/fp16
-D = 256, tf32 D = 128), where registers and shared memory are tightest; the light calls (the
-first three) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256} with SimCLR's set, at D = 64
-and 128 in every set-up, and tf32's chunked D = 256 in every set-up; IEEE float32 and float64
-(D = 64, `direct`) on sm_90 and bf16/tf32 at D = 128 on sm_80 (static table) in every set-up.
+every call in every set-up for bf16, fp16 and tf32 at D ∈ {64, 128, 256}, the light calls (the
+first three) at D = 32 with SimCLR's set; IEEE float32 and float64 (D = 64, `direct`) on sm_90
+and bf16/tf32 at D = 128 on sm_80 (static table) in every set-up.
 The negative set, the queue and the groups are constexprs (NEGATIVES, QUEUE, GROUPS: the mask
 and the tile ranges of tiles.py), so every set-up is its own compiled kernel; other rules and flags change only
 elementwise code of the same kernels. A tensor-core variant
@@ -86,19 +85,14 @@ SET_UPS = {
     "labels": ("all", 0, True),
 }
 #: The matrix, section by section: (arch, compute types, D values, calls, set-ups, autotuning
-#: candidates too?), most demanding first. Every call in every set-up with every candidate
-#: at the largest single-chunk D of each tensor-core type (bf16/fp16 D = 256, tf32 D = 128, where
-#: registers and shared memory are tightest: the one spill found was there) and tf32's chunked
-#: D = 256; the light calls at every D with SimCLR's set and at D = 64 and 128 in every set-up;
+#: candidates too?), most demanding first. Every call in every set-up with every candidate for
+#: each tensor-core type at D = 64, 128 and 256; the light calls at D = 32 with SimCLR's set;
 #: IEEE float32 / float64 and sm_80 with the static table in every set-up.
 SECTIONS = (
-    (90, ("bf16", "fp16"), (256,), tuple(CASES), tuple(SET_UPS), True),
-    (90, ("tf32",), (128,), tuple(CASES), tuple(SET_UPS), True),
-    (90, TENSOR_CORE, DIMS, LIGHT, ("all",), True),
-    (90, ("tf32",), (256,), LIGHT, tuple(SET_UPS), True),
+    (90, TENSOR_CORE, (256, 128, 64), tuple(CASES), tuple(SET_UPS), True),
+    (90, TENSOR_CORE, (32,), LIGHT, ("all",), True),
     (90, ("fp32", "fp64"), (64,), ("direct",), tuple(SET_UPS), False),
     (80, ("bf16", "tf32"), (128,), ("direct",), tuple(SET_UPS), False),
-    (90, TENSOR_CORE, (64, 128), LIGHT, tuple(SET_UPS), True),
 )
 ARCHS = (90, 80)
 

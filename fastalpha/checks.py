@@ -74,14 +74,14 @@ def views_of(z1, z2, labels) -> tuple[list, list]:
     return views, names
 
 
-def check_labels(labels, n: int, m: int, device) -> None:
+def check_labels(labels, n: int, m: int, device, name: str = "labels") -> None:
     """labels: a 1-D integer tensor of length N (one per sample) or M (one per row), on the views' device."""
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] not in (n, m):
-        raise ValueError(f"labels must be 1-D of length N = {n} (one per sample) or M = {m} (one per row), "
-                         f"got shape {tuple(labels.shape)}")
+        lengths = f"K = {n}" if n == m else f"N = {n} (one per sample) or M = {m} (one per row)"
+        raise ValueError(f"{name} must be 1-D of length {lengths}, got shape {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(f"labels must be on the device of the embeddings ({device}), got {labels.device}")
+        raise ValueError(f"{name} must be on the device of the embeddings ({device}), got {labels.device}")

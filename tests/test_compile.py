@@ -101,5 +101,5 @@ def test_opcheck_custom_op(gen, backend, rule, detach_alpha, unit_rows, weighted
     if unit_rows:
         z = torch.nn.functional.normalize(z, dim=1)
     weight = torch.rand(4, generator=gen).to(DEVICE) if weighted else None
-    args = (z, None, 1, 5, weight, rule, 0.5, 4.0, 2.0, 0.0, detach_alpha, unit_rows, "all", need_grad, backend)
+    args = (z, None, 1, 5, weight, rule, 0.5, 4.0, 2.0, 0.0, detach_alpha, unit_rows, "all", need_grad, backend, [])
     torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, args)

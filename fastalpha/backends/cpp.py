@@ -88,10 +88,10 @@ def _call_grouped(ops, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int
     infonce with ε > 0) with d̄2_i and |J_i| from group sums, then the gradient of the positives'
     pull Σ_i pull_i d̄2_i (pull_i = w_i A_i times the gradient scale, 0 for an anchor without a
     loss term), from group sums as well (docs/design.md, "Positive sets")."""
-    groups = positives.Groups.of(ids.to(z.device))
+    groups = positives.groups_of(ids)
     d2_mean = positives.mean_positive_distance(z, groups, row_lo, row_hi, spec.unit_rows, z.dtype).contiguous()
     loss_rows, grad, pull = ops.alpha_cl_fused_grouped(
-        z, row_lo, row_hi, weight, groups.ids, d2_mean, groups.negative_count[row_lo:row_hi].contiguous(), spec.rule,
+        z, row_lo, row_hi, weight, groups.row_ids, d2_mean, groups.negative_count[row_lo:row_hi].contiguous(), spec.rule,
         spec.temperature, spec.p, spec.gamma, spec.eps, spec.detach_alpha, spec.unit_rows, need_grad,
     )
     if need_grad:

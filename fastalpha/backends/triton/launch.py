@@ -220,7 +220,7 @@ def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None, gr
         raise TypeError(f"the triton backend supports {SUPPORTED_DTYPES}, got z.dtype = {z.dtype}")
     m, d = z.shape
     if groups is not None:
-        _check_groups(groups, z, queue, negatives)
+        _check_groups(groups if isinstance(groups, torch.Tensor) else groups.row_ids, z, queue, negatives)
     elif m < (2 if queue is not None else 4) or m % 2:
         raise ValueError(f"z must stack two views (M = 2N rows, N >= {1 if queue is not None else 2}), got M = {m}")
     if queue is not None and (not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[1] != d):
@@ -301,10 +301,10 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit, m, params.negatives)
             return loss, grad.to(z.dtype)
     else:
-        group_set = positives.Groups.of(groups)
+        group_set = positives.groups_of(groups)
         count = group_set.negative_count[row_lo:row_hi]
-        no_negatives = not group_set.has_negatives()
-        has_positive = group_set.positive_count[row_lo:row_hi] > 0
+        no_negatives = not bool(group_set.negative_count.gt(0).any())
+        has_positive = group_set.has_loss[row_lo:row_hi]
         # w'_i = w_i [|P_i| > 0]: an anchor without a positive has no loss term.
         if row_weight is not None or not bool(has_positive.all()):
             row_weight = has_positive.to(acc_dtype) * (1.0 if row_weight is None else row_weight.to(acc_dtype))
@@ -331,7 +331,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
         group_mode = GROUPS_NEGATIVES
         log_eps_rows = flags["log_eps"].to(acc_dtype) if flags["eps_mode"] == EPS_CONSTANT else None
         flags["log_eps"] = 0.0                 # the kernels read the per-anchor log(ε|J_i|)
-    group_ids = None if groups is None else group_set.ids.to(torch.int32)
+    group_ids = None if groups is None else group_set.row_ids.to(torch.int32)
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision, grouped=groups is not None)

@@ -344,3 +344,18 @@ def test_queue_labels_on_another_device_raise():
     with pytest.raises(ValueError, match="queue_labels must be on the device"):
         fastalpha.alpha_cl_loss(torch.randn(6, 3), labels=torch.tensor([0, 1, 0, 1, 2, 2]), queue=torch.randn(4, 3),
                                 queue_labels=torch.zeros(4, dtype=torch.long, device="cuda"))
+
+
+def test_supcon_and_alpha_cl_modules_take_a_labelled_queue(gen):
+    """SupConLoss(τ)(z, y, queue, queue_labels) = alpha_cl_loss(infonce, ε = 1) of the same call,
+    and AlphaCLLoss's forward passes queue_labels on."""
+    z = torch.randn(10, 4, generator=gen, dtype=F64)
+    labels, queue = torch.randint(0, 3, (10,), generator=gen), torch.randn(6, 4, generator=gen, dtype=F64)
+    queue_labels = torch.randint(0, 4, (6,), generator=gen)
+    spec = make_spec("infonce", temperature=0.1, eps=1.0)
+    want = reference.grouped_alpha_cl_loss([z], Groups.of(labels, 6, queue_labels), spec, "mean",
+                                           reference.prepare_queue(queue, True))
+    got = fastalpha.SupConLoss(temperature=0.1)(z, labels, queue, queue_labels)
+    assert_close(got, want, "float64", "SupConLoss with a queue")
+    module = fastalpha.AlphaCLLoss(rule="infonce", temperature=0.1, eps=1.0)
+    assert_close(module(z, labels=labels, queue=queue, queue_labels=queue_labels), want, "float64", "AlphaCLLoss")

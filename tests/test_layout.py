@@ -22,11 +22,14 @@ import pytest
 import background
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: What `pip install .` reads: the build's configuration and the folders setup.py packages.
+BUILD_INPUTS = ("setup.py", "pyproject.toml", "README.md", "fastalpha", "kernels", "csrc")
 WHEEL_TEST = "test_installed_package_runs_cpp_and_triton_outside_the_checkout"
 
 #: What the installed package must do, from a directory with no checkout in it.
 OUTSIDE = r'''
-import json, os, sys
+import json
 import torch
 import fastalpha, fastalpha.cpp_build, fastalpha.kernels
 z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
@@ -72,10 +75,15 @@ def _install_and_run(root: Path) -> dict:
     env = background.environment()
     for name in ("PYTHONPATH", "FASTALPHA_CSRC", "FASTALPHA_NO_CPP"):
         env.pop(name, None)
-    # A copy of the checkout, so that the in-tree build (build/, *.egg-info) leaves it untouched.
+    # A copy of what the build reads, so that the in-tree build (build/, *.egg-info) leaves the
+    # checkout untouched and nothing else of it (data/, runs/) is copied.
     source = root / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results",
-                                                                 ".pytest_cache", "*.so", ".venv*"))
+    for name in BUILD_INPUTS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     venv = root / "venv"
     # Without a pip of its own: ensurepip's bundled setuptools would shadow the system's, which
     # builds the wheel (and the bundled one cannot, without the `wheel` package).

@@ -5,44 +5,26 @@ SimCLR): the flags are validated when parsed, the labels and the V views reach t
 CPU only, in-process (`train.cli.main(argv)`), on the synthetic set (96 images, 4 classes)
 except the end-to-end digits run.
 """
-import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train_helpers import (SYNTHETIC, assert_same_run, fake_backend, press_ctrl_c_at, read_json,  # noqa: F401
+                           record_views, restore_threads, run_in_process, state)
 
-import fastalpha  # noqa: E402
-from fastalpha import dispatch  # noqa: E402
-from fastalpha.backends import eager as eager_backend  # noqa: E402
-from train import augment, cli, data as datasets, distributed, trainer as trainer_mod  # noqa: E402
-from train.batches import BatchPlan  # noqa: E402
-from train.config import RunConfig  # noqa: E402
+import fastalpha
+from fastalpha import dispatch
+from fastalpha.backends import eager as eager_backend
+from train import augment, cli, data as datasets, distributed, trainer as trainer_mod
+from train.batches import BatchPlan
+from train.config import RunConfig
 
-# One thread: bit-for-bit comparisons need the same reduction order in every run.
-SMALL = ["--dataset", "synthetic", "--threads", "1", "--no-progress", "--linear-epochs", "2", "--no-baseline"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+SMALL = [*SYNTHETIC, "--linear-epochs", "2", "--no-baseline"]
 
 
 def run(out, *flags) -> int:
-    return cli.main([*SMALL, "--out", str(out), *flags])
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def state(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    return run_in_process(SMALL, out, *flags)
 
 
 def _record_loss_calls(monkeypatch):
@@ -171,15 +153,7 @@ def test_three_views_reach_the_loss_and_extend_the_two_view_draws(tmp_path, monk
     two-view run draws at the same step (the draws are per (seed, epoch, step, view)); every
     epoch draws new views."""
     calls = _record_loss_calls(monkeypatch)
-    drawn = []
-    real_views = augment.views
-
-    def recording(*args, **kwargs):
-        views = real_views(*args, **kwargs)
-        drawn.append([v.clone() for v in views])
-        return views
-
-    monkeypatch.setattr(augment, "views", recording)
+    drawn = record_views(monkeypatch)
     flags = ["--batch", "32", "--seed", "1", "--eval", "knn", "--eval-every", "0"]
     assert run(tmp_path / "v3", *flags, "--views", "3", "--epochs", "2") == 0
     three = list(drawn)
@@ -236,27 +210,10 @@ def test_supervised_and_self_supervised_on_digits_end_to_end(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- --check-eager
-def _fake_grouped_backend(perturb: float):
-    """A 'cpp' backend with group-defined positives: the eager one, its gradient scaled by (1 + perturb)."""
-
-    class Fake:
-        status = device_status = staticmethod(lambda *args: (True, "test double"))
-        supports = staticmethod(eager_backend.supports)
-        supports_groups = True
-
-        @staticmethod
-        def alpha_cl_fused(*args, **kwargs):
-            loss_rows, grad = eager_backend.alpha_cl_fused(*args, **kwargs)
-            return loss_rows, grad * (1 + perturb)
-
-    real = dispatch._module
-    return lambda name: Fake if name == "cpp" else real(name)
-
-
 def test_check_eager_with_labels_and_three_views_passes_exact_and_fails_wrong(tmp_path, monkeypatch, capsys):
     calls = _record_loss_calls(monkeypatch)
     flags = ["--backend", "cpp", "--supervised", "--views", "3", "--batch", "32", "--check-eager", "3"]
-    monkeypatch.setattr(dispatch, "_module", _fake_grouped_backend(0.0))
+    monkeypatch.setattr(dispatch, "_module", fake_backend(0.0, groups=True))
     assert run(tmp_path / "ok", *flags) == 0
     report = read_json(tmp_path / "ok" / "check_eager.json")
     assert report["passed"] and len(report["lockstep"]) == 3
@@ -265,7 +222,7 @@ def test_check_eager_with_labels_and_three_views_passes_exact_and_fails_wrong(tm
     assert len(calls) == 2 * 3 + 3 + 3
     assert all(isinstance(views, list) and len(views) == 3 and labels is not None and labels.shape == (32,)
                for views, _, labels, _, _ in calls)
-    monkeypatch.setattr(dispatch, "_module", _fake_grouped_backend(0.05))
+    monkeypatch.setattr(dispatch, "_module", fake_backend(0.05, groups=True))
     assert run(tmp_path / "bad", *flags) == 1
     assert "FAILED" in capsys.readouterr().out
 
@@ -279,23 +236,6 @@ def test_check_eager_supervised_on_the_real_backend(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-def _assert_same_run(a, b):
-    from train.records import read_metrics
-
-    rows_a, rows_b = read_metrics(os.path.join(a, "metrics.csv")), read_metrics(os.path.join(b, "metrics.csv"))
-    assert len(rows_a) == len(rows_b)
-    for ra, rb in zip(rows_a, rows_b):
-        for column in ("epoch", "steps", "loss", "lr", "knn_top1"):
-            assert ra[column] == rb[column], f"epoch {ra['epoch']}: {column} {ra[column]} != {rb[column]}"
-    sa, sb = state(a), state(b)
-    for key, value in sa["model"].items():
-        assert torch.equal(value, sb["model"][key]), f"weights differ in {key}"
-    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
-        for name in va:
-            assert torch.equal(va[name], vb[name]), f"optimizer state {ka}.{name} differs"
-    assert read_json(os.path.join(a, "summary.json"))["trained"] == read_json(os.path.join(b, "summary.json"))["trained"]
-
-
 def test_resumed_supervised_three_view_run_equals_the_uninterrupted_run(tmp_path):
     flags = ["--supervised", "--views", "3", "--batch", "32", "--seed", "3", "--eval", "knn"]
     assert run(tmp_path / "full", *flags, "--epochs", "3") == 0
@@ -305,26 +245,19 @@ def test_resumed_supervised_three_view_run_equals_the_uninterrupted_run(tmp_path
     assert cli.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "3", "--threads", "1", "--no-progress"]) == 0
     config = read_json(tmp_path / "split" / "config.json")
     assert config["supervised"] is True and config["views"] == 3
-    _assert_same_run(tmp_path / "full", tmp_path / "split")
+    assert_same_run(tmp_path / "full", tmp_path / "split")
 
 
 def test_ctrl_c_mid_epoch_of_a_supervised_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     flags = ["--supervised", "--views", "3", "--batch", "32", "--seed", "6", "--epochs", "2", "--eval", "knn"]
     assert run(tmp_path / "full", *flags) == 0
-    original = trainer_mod.Trainer.train_step
-
-    def press_ctrl_c_at_epoch_2_step_1(self, epoch, step, order):
-        if (epoch, step) == (2, 0):
-            os.kill(os.getpid(), __import__("signal").SIGINT)  # the real handler sets the stop flag
-        return original(self, epoch, step, order)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", press_ctrl_c_at_epoch_2_step_1)
+    original = press_ctrl_c_at(monkeypatch, epoch=2, step=0)
     assert run(tmp_path / "cut", *flags) == 130
     saved = state(tmp_path / "cut")
     assert saved["epochs_done"] == 1 and saved["step_in_epoch"] in (1, 2)
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", original)
     assert cli.main(["--resume", str(tmp_path / "cut"), "--threads", "1", "--no-progress"]) == 0
-    _assert_same_run(tmp_path / "full", tmp_path / "cut")
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
 @pytest.mark.parametrize("first, resume_flags, message", [

@@ -16,12 +16,12 @@ The passes per rule:
 * entropy / direct / inverse, detach_alpha=False: ONLINE statistics pass (lse_i and
   c_i = loss_i), FIXED row pass with β, column pass with β.
 * square: Michelot threshold passes (μ_i, k_i), FIXED row pass, column pass.
-* quadratic: closed form (quadratic.py), no pair loop.
+* quadratic: closed form (fastalpha/quadratic.py), no pair loop.
 
 Negative sets (spec.negatives) and a queue: the kernels' columns are the contiguous [Z; queue]
 (C = M + K rows, the kernels' column count; the anchors and their partners are rows of Z,
 M = 2·half), the NEGATIVES constexpr picks
-the mask of tiles._negatives, QUEUE (K > 0) makes the passes stream C columns instead of M,
+the mask of kernels/tiles._negatives, QUEUE (K > 0) makes the passes stream C columns instead of M,
 the column pass writes all C gradient rows, and |J_i| (the ε-terms)
 is rules.negative_count(N, K, negatives). Without a queue and with negatives="all" this is the
 SimCLR call, compiled as before (C = M).
@@ -60,14 +60,14 @@ import triton.language as tl
 import triton.testing
 
 from ... import positives
+from ...kernels.column_pass import column_pass_kernel
+from ...kernels.row_pass import EPS_CONSTANT, EPS_INFONCE, EPS_NONE, row_pass_kernel
+from ...kernels.sparsemax import sparsemax_threshold_kernel
+from ...kernels.tiles import (GROUPS_INFONCE, GROUPS_NEGATIVES, GROUPS_OFF, NEG_ALL, NEG_CROSS, NEG_NONE,
+                              WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX)
+from ...quadratic import grouped_quadratic_loss_and_grad, quadratic_loss_and_grad
 from ...rules import LossSpec, negative_count
 from .blocks import BlockConfig, block_config, candidate_configs, m_bucket
-from .column_pass import column_pass_kernel
-from .quadratic import grouped_quadratic_loss_and_grad, quadratic_loss_and_grad
-from .row_pass import EPS_CONSTANT, EPS_INFONCE, EPS_NONE, row_pass_kernel
-from .sparsemax import sparsemax_threshold_kernel
-from .tiles import (GROUPS_INFONCE, GROUPS_NEGATIVES, GROUPS_OFF, NEG_ALL, NEG_CROSS, NEG_NONE, WEIGHT_INVERSE,
-                    WEIGHT_POWER, WEIGHT_SPARSEMAX)
 
 #: `negatives=` of the spec → the kernels' NEGATIVES constexpr (tiles._negatives).
 NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
@@ -75,7 +75,7 @@ NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-#: When a list, kernel launches are appended to it instead of run (see report.py).
+#: When a list, kernel launches are appended to it instead of run (see bench/static/report.py).
 _recorded_launches: list | None = None
 
 #: Launch-time tuning budget per candidate: triton.testing.do_bench warm-up and repetition
@@ -250,7 +250,7 @@ def _check_groups(groups, z: torch.Tensor, queue, negatives: str) -> None:
 
 
 def _rule_flags(params: LossSpec, count) -> dict:
-    """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each); `count` = |J_i|
+    """Kernel constexprs and scalars of a rule (see kernels/tiles.py for the meaning of each); `count` = |J_i|
     (an int, or an (R,) tensor per anchor with groups)."""
     rule, eps = params.rule, params.eps
     if rule == "inverse":

@@ -76,6 +76,23 @@ def test_reference_matches_naive_loops(gen, rule, normalize, eps, k):
 
 
 @pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reference_views_with_an_unlabelled_queue_matches_naive_loops(gen, rule, normalize):
+    """V = 3 views of N samples (groups k mod N) and a queue without labels: every queue row is
+    a negative of every anchor, whatever the ids the batch's groups got."""
+    n, views, k, d = 4, 3, 6, 3
+    z = torch.randn(n * views, d, generator=gen, dtype=F64)
+    queue = torch.randn(k, d, generator=gen, dtype=F64)
+    ids = torch.arange(n).repeat(views)
+    spec = make_spec(rule, normalize=normalize)
+    got = reference.grouped_loss_rows(normalised(z, normalize), spec, Groups.of(ids, k),
+                                      queue=normalised(queue, normalize))
+    want = naive.grouped_loss_rows(z.numpy(), ids.tolist(), rule, spec.temperature, spec.p, spec.gamma, spec.eps,
+                                   normalize, queue.numpy())
+    assert_close(got, torch.from_numpy(want), "float64", f"{rule} rows")
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_reference_with_ignored_columns_and_self_columns_matches_the_loops(gen, rule):
     """The memory set-up of CrossBatchMemory: the batch rows are anchors only, the memory has
     empty slots (ignored) and holds each anchor's own copy (its self column)."""

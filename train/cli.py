@@ -96,16 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--queue-size). Default: all")
     g.add_argument("--queue-size", type=int, default=0, metavar="K",
                    help="keep the last K second-view embeddings (detached, first in first out) as extra negatives "
-                        "of every anchor, a memory bank as in MoCo; 0 = no queue. Default: 0")
+                        "of every anchor, a memory bank as in MoCo; with --supervised the bank keeps their labels "
+                        "and a bank row is a positive of the anchors of its label (XBM); 0 = no queue. Default: 0")
     g.add_argument("--supervised", action="store_true",
                    help="pre-train with the labels of the pre-training images (SupCon style): the positives of a "
                         "row are every other row of its label (in every view), its negatives the rows of the other "
                         "labels; the Table-1 rule sees the mean positive distance (docs/design.md, 'Positive sets'). "
-                        "Needs --negatives all, no --queue-size, one process. Default: off (self-supervised)")
+                        "With --queue-size the bank's rows are labelled too. Needs --negatives all, one process. "
+                        "Default: off (self-supervised)")
     g.add_argument("--views", type=int, default=2, metavar="V",
                    help="augmented views of every image per step (multi-view SimCLR): the positives of a row are the "
                         "other V-1 views of its image (with --supervised also the other images of its label). "
-                        "V > 2 needs --negatives all, no --queue-size, one process. Default: 2")
+                        "V > 2 needs --negatives all, one process. Default: 2")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="loss implementation: auto = cpp on CPU / triton on CUDA when available, else eager "
                         "(the dense reference). An explicit backend never falls back. Default: auto")
@@ -219,7 +221,7 @@ def _check_args(args, parser, world_size: int = 1) -> None:
         parser.error("--negatives none takes the negatives from the queue only: give --queue-size K > 0")
     if args.views < 2:
         parser.error(f"--views must be >= 2 (a positive is another view of the image), got {args.views}")
-    problem = grouped_positives_error(args.supervised, args.views, args.negatives, args.queue_size, world_size)
+    problem = grouped_positives_error(args.supervised, args.views, args.negatives, world_size)
     if problem:
         parser.error(problem)
     try:
@@ -372,7 +374,8 @@ def _describe(cfg: RunConfig, backend: str, log, threads_note: str = "") -> None
 def describe_positives(cfg: RunConfig) -> str:
     """What a row's positives are in this run (for the run's log)."""
     if cfg.supervised:
-        return f"supervised: every other row of the same label, {cfg.views} views per image"
+        bank = f", and the memory bank's rows of that label (K = {cfg.queue_size})" if cfg.queue_size else ""
+        return f"supervised: every other row of the same label{bank}, {cfg.views} views per image"
     return f"self-supervised: the other {'view' if cfg.views == 2 else f'{cfg.views - 1} views'} of the same image"
 
 

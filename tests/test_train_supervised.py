@@ -474,3 +474,53 @@ def test_check_eager_compares_with_the_labelled_bank(tmp_path, monkeypatch):
     assert all(q_labels is not None and q_labels.shape == (q.shape[0],) for q, q_labels in banks)
     monkeypatch.setattr(dispatch, "_module", _fake_grouped_backend(0.05, queue=True))
     assert run(tmp_path / "bad", *flags) == 1
+
+
+def test_three_unlabelled_views_with_a_queue_take_the_bank_as_negatives(tmp_path, monkeypatch):
+    banks = []
+    calls = _record_loss_calls(monkeypatch, banks)
+    assert run(tmp_path / "vq", "--views", "3", "--queue-size", "24", "--batch", "16", "--epochs", "1", "--eval", "knn",
+               "--eval-every", "0") == 0
+    assert [q.shape[0] for q, _ in banks] == [0, 16, 24, 24, 24, 24]
+    assert all(q_labels is None for _, q_labels in banks)
+    views, _, labels, loss, kwargs = calls[3]
+    kwargs = {k: v for k, v in kwargs.items() if k != "backend"}
+    assert labels is None
+    assert loss.item() == pytest.approx(fastalpha.alpha_cl_loss(views, queue=banks[3][0], **kwargs).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(fastalpha.alpha_cl_loss(views, **kwargs).item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- resume and loss parameters
+@pytest.mark.parametrize("first, again", [
+    (["--loss", "nce", "--temperature", "0.2", "--eps", "0.5"], ["--temperature", "0.2"]),
+    (["--loss", "nce", "--temperature", "0.2", "--eps", "0.5"], ["--eps", "0.5"]),
+    (["--temperature", "0.2", "--negatives", "cross"], ["--temperature", "0.2"]),
+    (["--supervised", "--queue-size", "32", "--temperature", "0.2"], ["--temperature", "0.2", "--supervised"]),
+    (["--loss", "inverse", "--gamma", "3"], ["--gamma", "3"]),
+    (["--loss", "entropy"], ["--eps", "0"]),  # the rule's default, which the preset leaves out
+])
+def test_resume_repeating_the_runs_loss_parameters_is_no_conflict(tmp_path, first, again):
+    """Flags not given on --resume come from the checkpoint: repeating some of the original loss
+    parameters (the others, the loss and the negatives left out) resumes the same run."""
+    flags = ["--batch", "48", "--eval", "knn", "--eval-every", "0", *first]
+    assert run(tmp_path / "r", *flags, "--epochs", "1") == 0
+    saved = read_json(tmp_path / "r" / "config.json")["loss_kwargs"]
+    assert cli.main(["--out", str(tmp_path / "r"), "--resume", "--epochs", "2", "--threads", "1", "--no-progress",
+                     *again]) == 0
+    resumed = read_json(tmp_path / "r" / "config.json")
+    assert resumed["loss_kwargs"] == saved and resumed["epochs"] == 2
+    assert state(tmp_path / "r")["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("first, again, message", [
+    (["--loss", "nce", "--temperature", "0.2"], ["--temperature", "0.3"], "--temperature 0.3"),
+    (["--loss", "nce", "--temperature", "0.2", "--eps", "0.5"], ["--temperature", "0.2", "--eps", "0"], "--eps 0.0"),
+    (["--loss", "inverse", "--gamma", "3"], ["--gamma", "2"], "--gamma 2.0"),
+    (["--loss", "inverse"], ["--p", "2"], "--p has no effect on --loss inverse"),
+])
+def test_resume_refuses_changed_loss_parameters(tmp_path, capsys, first, again, message):
+    assert run(tmp_path / "r", "--batch", "48", "--epochs", "1", "--eval", "knn", "--eval-every", "0", *first) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--out", str(tmp_path / "r"), "--resume", "--epochs", "2", *again])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

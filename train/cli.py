@@ -22,6 +22,7 @@ import torch
 import fastalpha
 from fastalpha import dispatch
 from fastalpha import PAPER_LOSSES
+from fastalpha.rules import make_spec
 
 from . import checkpoint, data as datasets, distributed, recipes, records
 from .check_eager import DEFAULT_TOLERANCE, check_against_eager
@@ -315,6 +316,23 @@ def _checkpoint_path(args, parser) -> str:
     return os.path.join(args.out, CHECKPOINT_NAME)
 
 
+def take_unset_flags_from(saved: dict, args, given: set) -> None:
+    """--resume: the flags of the run's maths that the command line leaves out take the checkpoint's
+    values, so that the flag checks and the comparison with the checkpoint see the run's settings
+    and not a new run's defaults (the preset τ, ε, γ, p of --loss direct, --negatives all). The
+    loss parameters are taken only when the loss is the checkpoint's: another loss is a conflict."""
+    for name in ("dataset", "loss", "supervised", "views", "queue_size"):
+        if name not in given and name in saved:
+            setattr(args, name, saved[name])
+    kwargs = saved["loss_kwargs"]
+    if "negatives" not in given:
+        args.negatives = kwargs.get("negatives", "all")
+    if args.loss == saved["loss"]:
+        for name in LOSS_PARAMETERS[args.loss]:
+            if name not in given:
+                setattr(args, name, kwargs.get(name))
+
+
 def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> RunConfig:
     """The checkpoint's config with the resumable flags the user gave; other given flags must agree."""
     cfg = RunConfig.from_saved(saved)
@@ -340,9 +358,13 @@ def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> Ru
     saved_negatives = saved["loss_kwargs"].get("negatives", "all")
     if "negatives" in given and args.negatives != saved_negatives:
         conflicts.append(f"--negatives {args.negatives} (the checkpoint has {saved_negatives!r})")
-    if given & {"temperature", "p", "gamma", "eps"}:
-        if loss_kwargs(saved["loss"], args) != saved["loss_kwargs"]:
-            conflicts.append(f"loss parameters differ from the checkpoint's {saved['loss_kwargs']}")
+    # Compared as resolved specs: a parameter the preset leaves to the rule's default (ε of
+    # --loss entropy) given as that default is the same loss.
+    had = make_spec(**saved["loss_kwargs"])
+    wanted = make_spec(**loss_kwargs(saved["loss"], args))
+    for name in ("temperature", "p", "gamma", "eps"):
+        if name in given and getattr(wanted, name) != getattr(had, name):
+            conflicts.append(f"--{name} {getattr(args, name)} (the checkpoint has {getattr(had, name)!r})")
     if conflicts:
         parser.error("cannot resume with changed settings: " + "; ".join(conflicts) +
                      f". Only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES)} may change.")
@@ -383,8 +405,6 @@ def resolve_loss_backend(cfg: RunConfig, device: torch.device) -> str:
     """The backend `auto` (or the named one) gives for this run's loss: labels and more than two views
     need a backend with group-defined positives, a queue one that takes it (ValueError if the named
     backend cannot)."""
-    from fastalpha.rules import make_spec
-
     kw = cfg.loss_kwargs
     spec = make_spec(kw["rule"], kw.get("temperature"), kw.get("p"), kw.get("gamma"), kw.get("eps"),
                      kw.get("normalize", True), kw.get("detach_alpha", True), kw.get("negatives", "all"))
@@ -457,16 +477,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     resolve_threads(args, parser)
     topology = distributed.from_environment()
-    _check_args(args, parser, topology.world_size)
-    log = print if topology.is_main else (lambda *a, **k: None)
     state = None
     if args.resume is not None:
-        ckpt_path = _checkpoint_path(args, parser)
         try:
-            state = checkpoint.load(ckpt_path)
+            state = checkpoint.load(_checkpoint_path(args, parser))
         except FileNotFoundError as err:
             parser.error(f"--resume: {err}")
-        args.dataset = state["config"]["dataset"] if "dataset" not in explicit_flags(argv) else args.dataset
+        take_unset_flags_from(state["config"], args, explicit_flags(argv))
+    _check_args(args, parser, topology.world_size)
+    log = print if topology.is_main else (lambda *a, **k: None)
     try:
         device = resolve_device(args.device, topology)
     except ValueError as err:

@@ -498,6 +498,7 @@ def test_three_unlabelled_views_with_a_queue_take_the_bank_as_negatives(tmp_path
     (["--supervised", "--queue-size", "32", "--temperature", "0.2"], ["--temperature", "0.2", "--supervised"]),
     (["--loss", "inverse", "--gamma", "3"], ["--gamma", "3"]),
     (["--loss", "entropy"], ["--eps", "0"]),  # the rule's default, which the preset leaves out
+    (["--loss", "nce", "--negatives", "none", "--queue-size", "32"], ["--negatives", "none"]),
 ])
 def test_resume_repeating_the_runs_loss_parameters_is_no_conflict(tmp_path, first, again):
     """Flags not given on --resume come from the checkpoint: repeating some of the original loss
@@ -524,3 +525,15 @@ def test_resume_refuses_changed_loss_parameters(tmp_path, capsys, first, again, 
         cli.main(["--out", str(tmp_path / "r"), "--resume", "--epochs", "2", *again])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first", [["--supervised"], ["--views", "3"]])
+def test_resuming_a_grouped_run_under_several_processes_is_refused_when_parsed(tmp_path, capsys, monkeypatch, first):
+    """The resumed run's --supervised / --views come from the checkpoint before the flag checks."""
+    assert run(tmp_path / "r", *first, "--batch", "48", "--epochs", "1", "--eval", "knn", "--eval-every", "0") == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "init", lambda *a: pytest.fail("the process group must not be started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--out", str(tmp_path / "r"), "--resume", "--epochs", "2"])
+    assert exit_info.value.code == 2
+    assert "runs in one process" in capsys.readouterr().err

@@ -319,18 +319,15 @@ def _checkpoint_path(args, parser) -> str:
 def take_unset_flags_from(saved: dict, args, given: set) -> None:
     """--resume: the flags of the run's maths that the command line leaves out take the checkpoint's
     values, so that the flag checks and the comparison with the checkpoint see the run's settings
-    and not a new run's defaults (the preset τ, ε, γ, p of --loss direct, --negatives all). The
-    loss parameters are taken only when the loss is the checkpoint's: another loss is a conflict."""
+    and not a new run's defaults (--loss direct and its preset τ, ε, p). The loss parameters are
+    taken only when the loss is the checkpoint's: another loss is a conflict."""
     for name in ("dataset", "loss", "supervised", "views", "queue_size"):
         if name not in given and name in saved:
             setattr(args, name, saved[name])
-    kwargs = saved["loss_kwargs"]
-    if "negatives" not in given:
-        args.negatives = kwargs.get("negatives", "all")
     if args.loss == saved["loss"]:
         for name in LOSS_PARAMETERS[args.loss]:
             if name not in given:
-                setattr(args, name, kwargs.get(name))
+                setattr(args, name, saved["loss_kwargs"].get(name))
 
 
 def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> RunConfig:

@@ -53,14 +53,16 @@ def state(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
 
 
-def fake_backend(perturb: float, groups: bool = False):
+def fake_backend(perturb: float, groups: bool = False, grouped_queue: bool = False):
     """A replacement of dispatch._module whose 'cpp' backend is the eager one with its gradient
-    scaled by (1 + perturb); `groups`: it also claims group-defined positives."""
+    scaled by (1 + perturb); `groups`: it also claims group-defined positives (`grouped_queue`:
+    with a labelled queue too)."""
 
     class Fake:
         status = device_status = staticmethod(lambda *args: (True, "test double"))
         supports = staticmethod(eager_backend.supports)
         supports_groups = groups
+        supports_grouped_queue = grouped_queue
 
         @staticmethod
         def alpha_cl_fused(*args, **kwargs):

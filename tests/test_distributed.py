@@ -772,7 +772,8 @@ def test_view_blocks_layout(sizes):
         layout = GlobalLayout(group=None, rank=rank, sizes=tuple(sizes), views=views)
         own = _local_rows(torch.arange(views * n), sizes, rank, views)
         assert [k for lo, hi in layout.anchor_blocks() for k in range(lo, hi)] == own.tolist()
-        expected = [(views * r + v) * n_max + k for v in range(views) for r, size in enumerate(sizes) for k in range(size)]
+        expected = [(views * r + v) * n_max + k
+                    for v in range(views) for r, size in enumerate(sizes) for k in range(size)]
         assert layout.padded_index("cpu").tolist() == expected
 
 

@@ -12,9 +12,10 @@ class AlphaCLLoss(torch.nn.Module):
     """α-CL loss module: `AlphaCLLoss(rule="direct")(z1, z2)`; see fastalpha.alpha_cl_loss.
 
     With `gather_distributed=True` (under an initialised torch.distributed) the loss is that
-    of the global batch: every rank's rows are negatives for every anchor, each rank computes
-    its own anchors, and with reduction="mean" plus DDP's gradient averaging the parameter
-    gradients equal those of one process seeing the whole batch (fastalpha.distributed).
+    of the global batch: every rank's rows are negatives for every anchor (and, with labels or
+    V views, positives of the anchors of their group on every rank), each rank computes its own
+    anchors, and with reduction="mean" plus DDP's gradient averaging the parameter gradients
+    equal those of one process seeing the whole batch (fastalpha.distributed).
     """
 
     def __init__(self, rule="direct", temperature=None, p=None, gamma=None, eps=None, normalize=True,
@@ -37,12 +38,10 @@ class AlphaCLLoss(torch.nn.Module):
         """The loss of two views (or V views, or one labelled view: see fastalpha.alpha_cl_loss),
         with an optional (K, D) queue, integer `labels` and the queue's `queue_labels`."""
         if self.gather_distributed:
-            if labels is not None or z2 is None:
-                raise ValueError("gather_distributed=True does not support labels or more than two views: "
-                                 "the distributed layer gathers partner pairs (pass z1 and z2, no labels)")
             from .distributed import alpha_cl_loss_distributed
 
-            return alpha_cl_loss_distributed(z1, z2, group=self.group, queue=queue, **self.kwargs)
+            return alpha_cl_loss_distributed(z1, z2, group=self.group, queue=queue, labels=labels,
+                                             queue_labels=queue_labels, **self.kwargs)
         return alpha_cl_loss(z1, z2, queue=queue, labels=labels, queue_labels=queue_labels, **self.kwargs)
 
     def extra_repr(self) -> str:
@@ -93,13 +92,24 @@ class SupConLoss(torch.nn.Module):
     positives (docs/design.md, "Positive sets"), computed by the fused backends in O(M·D)
     memory. `embeddings` may also be a (V, N, D) tensor or a list of V views with labels of
     length N. Differences from pytorch-metric-learning: docs/migrating.md.
+
+    With `gather_distributed=True` (under an initialised torch.distributed) the labels are
+    gathered with the rows: a row's positives are the rows with its label on every rank, and
+    "mean" averages over the global batch's anchors that have a positive, so that DDP's averaged
+    gradient is that of one process on the whole batch (fastalpha.distributed).
     """
 
-    def __init__(self, temperature=0.1, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, temperature=0.1, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False, group=None):
         super().__init__()
         make_spec("infonce", temperature, eps=1.0)
         check_reduction(reduction)
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        if self.gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch build does not have "
+                             "(torch.distributed.is_available() is False)")
+        self.group = group
 
     def forward(self, embeddings, labels: torch.Tensor, queue: torch.Tensor | None = None,
                 queue_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,9 +117,14 @@ class SupConLoss(torch.nn.Module):
         queue's rows are positives of the anchors with their label and negatives of the others."""
         if labels is None:
             raise ValueError("SupConLoss needs labels: the positives of a row are the rows with its label")
-        return alpha_cl_loss(embeddings, rule="infonce", temperature=self.temperature, eps=1.0,
-                             reduction=self.reduction, backend=self.backend, labels=labels, queue=queue,
-                             queue_labels=queue_labels)
+        kwargs = dict(rule="infonce", temperature=self.temperature, eps=1.0, reduction=self.reduction,
+                      backend=self.backend, labels=labels, queue=queue, queue_labels=queue_labels)
+        if self.gather_distributed:
+            from .distributed import alpha_cl_loss_distributed
+
+            return alpha_cl_loss_distributed(embeddings, group=self.group, **kwargs)
+        return alpha_cl_loss(embeddings, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature!r}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"temperature={self.temperature!r}, reduction={self.reduction!r}, backend={self.backend!r}, "
+                f"gather_distributed={self.gather_distributed}")

@@ -9,8 +9,10 @@ fastalpha.reference on the global batch — at the tolerances of fastalpha.testi
 
 Semantics under test (fastalpha/distributed.py): with reduction "mean"/"sum" rank r returns
 W × its anchors' share of the global loss and receives W × the global gradient of its rows,
-so DDP's average is exact; with "none" it returns its 2N_r anchor losses and receives the
-gradient of Σ over ranks of what the ranks backpropagate.
+so DDP's average is exact; with "none" it returns its V·N_r anchor losses and receives the
+gradient of Σ over ranks of what the ranks backpropagate. With labels or V views (the
+GroupedCase cases) the reference is the single-process grouped loss of the concatenated
+batch, and "mean" divides by its global number of anchors with a positive.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 import background
 import fastalpha
 import triton_interpreter
-from fastalpha import AlphaCLLoss, InfoNCELoss, dispatch, reference
+from fastalpha import AlphaCLLoss, InfoNCELoss, SupConLoss, dispatch, positives, reference
 from fastalpha.distributed import alpha_cl_loss_distributed
 from fastalpha.rules import make_spec
 from fastalpha.testing import assert_close, loss_scale, precision_of
@@ -105,7 +107,44 @@ DDP_CASES = [DDPCase("eager", "direct"), DDPCase("eager", "entropy", detach_alph
              DDPCase("eager", "infonce", module="InfoNCELoss"), DDPCase("auto", "square", dtype="float32"),
              DDPCase("cpp", "direct", dtype="float32"), DDPCase("triton", "inverse", dtype="float32")]
 #: Bad inputs on some ranks: every rank must raise (none may hang in a later collective).
-ERROR_CASES = ("columns-differ", "one-rank-int", "dtype-differs", "grad-differs", "empty-rank")
+ERROR_CASES = ("columns-differ", "one-rank-int", "dtype-differs", "grad-differs", "empty-rank", "views-differ",
+               "labels-on-one-rank", "bad-labels-one-rank", "queue-size-differs")
+
+#: Rows per rank of the grouped cases: uneven, as in the last batch of an epoch (N_r = 1 included).
+GROUPED_SIZES = {2: (5, 2), 3: (5, 3, 1)}
+GROUPED_VIEWS = 3
+#: The grouped set-ups: (how the call is made, rule, views V, labels). "local-distinct" labels
+#: are one per row, all different on each rank but shared across ranks (every positive lives on
+#: another rank; the sum of the ranks' local anchor counts is 0, the global count is not), with
+#: labels that occur once globally (anchors without a positive, left out of "mean").
+GROUPED_SETUPS = {
+    "sample-labels": ("AlphaCLLoss-list", "direct", GROUPED_VIEWS, "per-sample"),
+    "row-labels": ("AlphaCLLoss-stack", "infonce", GROUPED_VIEWS, "local-distinct"),
+    "supcon-one-view": ("SupConLoss", "infonce", 1, "local-distinct"),
+    "views-only": ("AlphaCLLoss-stack", "entropy", GROUPED_VIEWS, None),
+    "labelled-queue": ("AlphaCLLoss-stack", "infonce", 2, "local-distinct"),
+}
+GROUPED_QUEUE_ROWS = 4
+SUPCON_TAU = 0.3
+
+
+@dataclass(frozen=True)
+class GroupedCase:
+    backend: str
+    setup: str
+    reduction: str = "mean"
+
+    @property
+    def name(self) -> str:
+        return "-".join(["grouped", self.backend, self.setup, self.reduction])
+
+
+# "sum" is "mean" with another scale in the distributed layer: the eager backend covers it.
+GROUPED_CASES = [GroupedCase(backend, setup, reduction) for backend in ("eager", "chunked", "cpp")
+                 for setup in ("sample-labels", "row-labels", "supcon-one-view", "views-only")
+                 for reduction in (("mean", "sum", "none") if backend == "eager" else ("mean", "none"))]
+GROUPED_CASES += [GroupedCase(backend, "labelled-queue", reduction) for backend in ("eager", "chunked")
+                  for reduction in ("mean", "none")]
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -150,6 +189,14 @@ def _worker_main(cases_path: str, out_path: str) -> None:
         if case.backend != "auto" and not results["status"][case.backend][0]:
             continue
         results[case.name] = _guarded(lambda: _run_ddp_case(case, data, rank))
+    for fields, data in spec["grouped"]:
+        case = GroupedCase(**fields)
+        if not results["status"][case.backend][0]:
+            continue
+        calls.clear()
+        results[case.name] = _guarded(lambda: _run_grouped_case(case, data, rank))
+        results[case.name]["calls"] = list(calls)
+    results["ddp-supcon"] = _guarded(lambda: _run_supcon_ddp(spec["supcon_ddp"], rank))
     torch.save(results, out_path)
     dist.destroy_process_group()
 
@@ -194,8 +241,52 @@ def _run_ddp_case(case: DDPCase, data: dict, rank: int) -> dict:
     return {"losses": torch.stack(losses), "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
+def _run_grouped_case(case: GroupedCase, data: dict, rank: int) -> dict:
+    how, rule, _, _ = GROUPED_SETUPS[case.setup]
+    x = data["x"][rank].clone().requires_grad_()  # (V, N_r, D)
+    labels = data["labels"][rank]
+    weights = data["weights"][rank] if case.reduction == "none" else None
+    if how == "SupConLoss":
+        loss = SupConLoss(SUPCON_TAU, case.reduction, case.backend, gather_distributed=True)(x[0], labels)
+    else:
+        loss_fn = AlphaCLLoss(rule=rule, temperature=SUPCON_TAU if rule == "infonce" else None,
+                              eps=1.0 if rule == "infonce" else None, reduction=case.reduction, backend=case.backend,
+                              gather_distributed=True)
+        views = list(x.unbind(0)) if how == "AlphaCLLoss-list" else x
+        loss = loss_fn(views, labels=labels, queue=data.get("queue"), queue_labels=data.get("queue_labels"))
+    loss.backward(weights)
+    return {"value": loss.detach(), "grad": x.grad}
+
+
+def _run_supcon_ddp(data: dict, rank: int) -> dict:
+    """A Linear model trained with DDP and SupConLoss(gather_distributed=True) on uneven shares."""
+    model = torch.nn.Linear(DDP_IN, DIM, dtype=torch.float64)
+    model.load_state_dict(data["init"])
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
+    loss_fn = SupConLoss(SUPCON_TAU, backend="chunked", gather_distributed=True)
+    losses = []
+    for x, labels in data["batches"][rank]:
+        loss = loss_fn(ddp(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return {"losses": torch.stack(losses), "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
 def _run_error_case(name: str, rank: int, world: int) -> dict:
     z1, z2 = torch.randn(3, DIM, dtype=torch.float64), torch.randn(3, DIM, dtype=torch.float64)
+    if name in ("views-differ", "labels-on-one-rank", "bad-labels-one-rank", "queue-size-differs"):
+        views = torch.stack([z1, z2, z1 + z2] if name == "views-differ" and rank == 0 else [z1, z2])
+        labels = torch.arange(3) if name in ("labels-on-one-rank", "bad-labels-one-rank") else None
+        if name == "labels-on-one-rank" and rank != 0:
+            labels = None
+        if name == "bad-labels-one-rank" and rank == world - 1:
+            labels = torch.arange(4)
+        queue = torch.randn(2 if rank == 0 else 3, DIM, dtype=torch.float64) if name == "queue-size-differs" else None
+        alpha_cl_loss_distributed(views, backend="eager", labels=labels, queue=queue)
+        return {"error": None}
     if name == "columns-differ" and rank == 0:
         z1, z2 = z1[:, :-1], z2[:, :-1]
     if name == "one-rank-int" and rank == world - 1:
@@ -240,7 +331,70 @@ def _make_inputs(world: int, gen: torch.Generator) -> dict:
             steps.append((x1, (x1.double() + 0.5 * torch.randn(x1.shape, generator=gen, dtype=torch.float64)).to(dtype)))
         per_rank = [[(_split(x1, sizes)[r], _split(x2, sizes)[r]) for x1, x2 in steps] for r in range(world)]
         ddp.append((case, {"init": init, "batches": per_rank, "global": steps}))
-    return {"loss": loss, "ddp": ddp}
+    grouped = [(case, _grouped_inputs(case, world, gen)) for case in GROUPED_CASES]
+    return {"loss": loss, "ddp": ddp, "grouped": grouped, "supcon_ddp": _supcon_ddp_inputs(world, gen)}
+
+
+def _local_rows(rows: torch.Tensor, sizes, rank: int, views: int) -> torch.Tensor:
+    """Rank r's rows of a per-row tensor in the global order (view after view, ranks in order),
+    in the rank's own stacked order (its rows view after view)."""
+    n, lo = sum(sizes), sum(sizes[:rank])
+    return torch.cat([rows[v * n + lo: v * n + lo + sizes[rank]] for v in range(views)])
+
+
+def _local_distinct_labels(sizes, views: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-row labels of the global batch (global order), all different on each rank, shared
+    across ranks: local row j of every rank gets label perm[j], so the ranks' first rows share
+    labels and rank 0's last rows (beyond the others' shares) have none to share."""
+    perm = torch.randperm(views * max(sizes), generator=gen)
+    local = [perm[: views * size] for size in sizes]
+    n = sum(sizes)
+    rows = torch.empty(views * n, dtype=torch.int64)
+    for rank, own in enumerate(local):
+        lo = sum(sizes[:rank])
+        for v in range(views):
+            rows[v * n + lo: v * n + lo + sizes[rank]] = own[v * sizes[rank]:(v + 1) * sizes[rank]]
+    return rows
+
+
+def _grouped_inputs(case: GroupedCase, world: int, gen: torch.Generator) -> dict:
+    """A fresh global batch (V, N, D) and its labels; per-rank shares as the workers receive them."""
+    _, _, views, labelling = GROUPED_SETUPS[case.setup]
+    sizes = GROUPED_SIZES[world]
+    n = sum(sizes)
+    x = torch.randn(views, n, DIM, generator=gen, dtype=torch.float64)
+    if labelling == "per-sample":
+        labels = torch.randint(0, 3, (n,), generator=gen)
+        own_labels = _split(labels, sizes)
+    elif labelling == "local-distinct":
+        labels = _local_distinct_labels(sizes, views, gen)
+        own_labels = [_local_rows(labels, sizes, r, views) for r in range(world)]
+    else:
+        labels, own_labels = None, [None] * world
+    weights = torch.randn(views * n, generator=gen, dtype=torch.float64)
+    data = {"x": [x[:, lo:lo + size].clone() for lo, size in zip(_offsets(sizes), sizes)], "labels": own_labels,
+            "weights": [_local_rows(weights, sizes, r, views) for r in range(world)],
+            "global": {"x": x, "labels": labels, "weights": weights}}
+    if case.setup == "labelled-queue":
+        # The queue (identical on every rank) holds positives of some anchors and new labels.
+        data["queue"] = torch.randn(GROUPED_QUEUE_ROWS, DIM, generator=gen, dtype=torch.float64)
+        data["queue_labels"] = torch.cat([labels[:2], labels.max() + 1 + torch.arange(GROUPED_QUEUE_ROWS - 2)])
+        data["global"].update(queue=data["queue"], queue_labels=data["queue_labels"])
+    return data
+
+
+def _offsets(sizes) -> list:
+    return [sum(sizes[:r]) for r in range(len(sizes))]
+
+
+def _supcon_ddp_inputs(world: int, gen: torch.Generator) -> dict:
+    sizes = GROUPED_SIZES[world]
+    init = {"weight": torch.randn(DIM, DDP_IN, generator=gen, dtype=torch.float64) / math.sqrt(DDP_IN),
+            "bias": 0.1 * torch.randn(DIM, generator=gen, dtype=torch.float64)}
+    steps = [(torch.randn(sum(sizes), DDP_IN, generator=gen, dtype=torch.float64),
+              _local_distinct_labels(sizes, 1, gen)) for _ in range(DDP_STEPS)]
+    per_rank = [[(_split(x, sizes)[r], _split(y, sizes)[r]) for x, y in steps] for r in range(world)]
+    return {"init": init, "batches": per_rank, "global": steps}
 
 
 def start_in_background(tmp_path_factory, items) -> None:
@@ -277,8 +431,10 @@ def _run_world(world: int, tmp_dir, environment: dict) -> tuple[dict, list]:
     folder.mkdir()
     cases_path = folder / "cases.pt"
     # Cases travel as plain dicts: this file runs as __main__ in the workers.
-    torch.save({kind: [(asdict(c), {k: v for k, v in d.items() if k != "global"}) for c, d in inputs[kind]]
-                for kind in ("loss", "ddp")}, cases_path)
+    cases = {kind: [(asdict(c), {k: v for k, v in d.items() if k != "global"}) for c, d in inputs[kind]]
+             for kind in ("loss", "ddp", "grouped")}
+    cases["supcon_ddp"] = {k: v for k, v in inputs["supcon_ddp"].items() if k != "global"}
+    torch.save(cases, cases_path)
     # A rendezvous file, not a TCP port picked here: another process (another test run on this
     # machine) could take such a port in the seconds before rank 0 binds it.
     env = dict(environment, WORLD_SIZE=str(world), FASTALPHA_TEST_RENDEZVOUS=str(folder / "rendezvous"), TRITON_INTERPRET="1",
@@ -411,15 +567,108 @@ def test_bad_input_on_some_ranks_raises_on_every_rank(world, name, world_results
         "dtype-differs": ("TypeError", "TypeError", "same dtype"),
         "grad-differs": ("ValueError", "ValueError", "agree on whether"),
         "empty-rank": ("ValueError", "ValueError", "N_r >= 1"),
+        "views-differ": ("ValueError", "ValueError", "same number of views"),
+        "labels-on-one-rank": ("ValueError", "ValueError", "either every rank passes labels"),
+        "bad-labels-one-rank": ("ValueError", "ValueError", "labels must be 1-D"),
+        "queue-size-differs": ("ValueError", "ValueError", "queue must be the same on every rank"),
     }[name]
-    offender = {"one-rank-int": world - 1, "empty-rank": 1}.get(name, 0)
+    one_offender = {"one-rank-int": world - 1, "empty-rank": 1, "bad-labels-one-rank": world - 1}
+    offender = one_offender.get(name, 0)
     for rank, result in enumerate(results):
         assert result[name]["error"] is not None, f"rank {rank} did not raise for {name}"
         kind, message, _ = result[name]["error"]
-        if rank == offender or name not in ("one-rank-int", "empty-rank"):
+        if rank == offender or name not in one_offender:
             assert kind == expected[0] and expected[2] in message, (rank, kind, message)
         else:
             assert kind == expected[1] and f"[{offender}]" in message, (rank, kind, message)
+
+
+def _grouped_reference(case: GroupedCase, data: dict):
+    """(loss rows of the global batch, objective, ∂objective/∂x, groups): the single-process
+    float64 loss of the concatenated batch, by autograd of fastalpha.reference."""
+    how, rule, views, _ = GROUPED_SETUPS[case.setup]
+    x = data["x"].clone().requires_grad_()
+    n = x.shape[1]
+    spec = make_spec(rule, SUPCON_TAU if rule == "infonce" else None, eps=1.0 if rule == "infonce" else None)
+    labels, queue = data["labels"], data.get("queue")
+    ids = positives.view_groups(n, views) if labels is None else positives.label_groups(labels, n, views)
+    groups = positives.Groups.of(ids, 0 if queue is None else queue.shape[0], data.get("queue_labels"))
+    z = torch.nn.functional.normalize(x.reshape(views * n, DIM), dim=1)
+    rows = reference.grouped_loss_rows(z, spec, groups, queue=reference.prepare_queue(queue, True))
+    objective = {"mean": rows.sum() / groups.anchor_count().clamp_min(1), "sum": rows.sum(),
+                 "none": (rows * data["weights"]).sum()}[case.reduction]
+    (grad,) = torch.autograd.grad(objective, x)
+    return rows.detach(), objective.detach(), grad, groups, spec, z.detach()
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
+@pytest.mark.background
+def test_grouped_rank_losses_and_gradients_equal_global_batch(world, case, world_results):
+    """Labels / V views across ranks: each rank's loss and the gradient of its rows equal the
+    single-process grouped loss of the concatenated batch (float64), "mean" over its global
+    anchors with a positive, with uneven shares and positives on other ranks."""
+    inputs, per_rank = _results_or_skip(world, world_results, case)
+    data = dict(inputs["grouped"])[case]["global"]
+    _, _, views, labelling = GROUPED_SETUPS[case.setup]
+    sizes = GROUPED_SIZES[world]
+    n, m = sum(sizes), views * sum(sizes)
+    rows, objective, grad, groups, spec, z = _grouped_reference(case, data)
+    if labelling == "local-distinct":
+        # What makes the case worth running: no rank has a positive of its own rows (their sum
+        # of local anchor counts is 0), yet the global batch has anchors, and not all of them.
+        local = [positives.Groups.of(_local_rows(data["labels"], sizes, r, views)).anchor_count() for r in range(world)]
+        assert sum(local) == 0 and 0 < groups.anchor_count() < m, (local, groups.anchor_count())
+    anchors = int(groups.anchor_count().clamp_min(1))
+    scale = {"mean": world / anchors, "sum": world, "none": 1.0}[case.reduction]
+    term = loss_scale(z, spec)
+    for rank, got in enumerate(per_rank):
+        own = _local_rows(torch.arange(m), sizes, rank, views)
+        expected = rows[own] if case.reduction == "none" else scale * rows[own].sum()
+        assert_close(got["value"], expected, "float64", f"rank {rank} loss",
+                     scale=term if case.reduction == "none" else scale * len(own) * term)
+        lo = sum(sizes[:rank])
+        grad_scale = 1.0 if case.reduction == "none" else world
+        assert_close(got["grad"], grad_scale * grad[:, lo:lo + sizes[rank]], "float64", f"rank {rank} ∂/∂x")
+        # One fused call per view block of this rank, each against all M columns (the op skips
+        # the kernel for a block in which no anchor has a loss term).
+        blocks = {(v * n + lo, v * n + lo + sizes[rank]) for v in range(views)}
+        needed = {(b_lo, b_hi) for b_lo, b_hi in blocks if groups.has_loss[b_lo:b_hi].any()}
+        called = {(row_lo, row_hi) for _, row_lo, row_hi, _ in got["calls"]}
+        assert needed <= called <= blocks, (got["calls"], blocks, needed)
+        assert all(rows_in_z == m for rows_in_z, *_ in got["calls"]), got["calls"]
+    if case.reduction != "none":
+        mean_over_ranks = torch.stack([got["value"] for got in per_rank]).mean()
+        assert_close(mean_over_ranks, objective, "float64", "mean over ranks of the loss vs the global loss",
+                     scale=(1 if case.reduction == "mean" else m) * term)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.background
+def test_supcon_ddp_training_equals_single_process_on_global_batch(world, world_results):
+    """DDP + SupConLoss(gather_distributed=True), uneven shares whose positives all live on other
+    ranks: after 3 SGD steps every rank holds the weights of one process on the global batch."""
+    inputs, results = world_results(world)
+    per_rank = [r["ddp-supcon"] for r in results]
+    errors = [r["error"] for r in per_rank if r.get("error")]
+    assert not errors, errors[0][2]
+    data = inputs["supcon_ddp"]
+    model = torch.nn.Linear(DDP_IN, DIM, dtype=torch.float64)
+    model.load_state_dict(data["init"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=DDP_LR, momentum=0.9)
+    spec = make_spec("infonce", SUPCON_TAU, eps=1.0)
+    losses = []
+    for x, labels in data["global"]:
+        loss = reference.grouped_alpha_cl_loss([model(x)], positives.Groups.of(labels), spec, "mean")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    mean_losses = torch.stack([got["losses"] for got in per_rank]).mean(0)
+    assert_close(mean_losses, torch.stack(losses), "float64", "mean over ranks of the step losses")
+    for rank, got in enumerate(per_rank):
+        for key, value in model.state_dict().items():
+            assert_close(got["state"][key], value, "float64", f"rank {rank} {key} after {DDP_STEPS} steps")
 
 
 # ----------------------------------------------------------------------------- ranks as threads
@@ -513,6 +762,22 @@ def test_unequal_shares_layout(sizes):
 
 
 @pytest.mark.parametrize("sizes", THREAD_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_view_blocks_layout(sizes):
+    """V = 3 views: rank r owns [v·N + o_r, v·N + o_r + N_r) for each view v, and the padded
+    buffer holds (rank, view, row) at (V·rank + view)·n_max + row."""
+    from fastalpha.distributed import GlobalLayout
+
+    n, n_max, views = sum(sizes), max(sizes), 3
+    for rank in range(len(sizes)):
+        layout = GlobalLayout(group=None, rank=rank, sizes=tuple(sizes), views=views)
+        own = _local_rows(torch.arange(views * n), sizes, rank, views)
+        assert [k for lo, hi in layout.anchor_blocks() for k in range(lo, hi)] == own.tolist()
+        expected = [(views * r + v) * n_max + k
+                    for v in range(views) for r, size in enumerate(sizes) for k in range(size)]
+        assert layout.padded_index("cpu").tolist() == expected
+
+
+@pytest.mark.parametrize("sizes", THREAD_SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", ["eager", "chunked", "cpp"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_unequal_shares_values_with_ranks_as_threads(monkeypatch, gen, sizes, backend, reduction):
@@ -571,6 +836,9 @@ def test_without_process_group_is_the_local_loss_and_warns_once(gen, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         alpha_cl_loss_distributed(z1, z2, rule="inverse", backend="eager")
+        labels = torch.tensor([0, 1, 0, 2, 1])
+        got = SupConLoss(0.2, backend="eager", gather_distributed=True)(z1, labels)
+        assert_close(got, SupConLoss(0.2, backend="eager")(z1, labels), "float64", "SupCon without a process group")
 
 
 if __name__ == "__main__":

@@ -364,8 +364,6 @@ BAD_INPUT = [
      "negatives='cross'"),
     ("labels with none", lambda: fastalpha.alpha_cl_loss(z1, z2, labels=torch.arange(6), negatives="none",
                                                          queue=torch.randn(3, 4)), ValueError, "negatives='none'"),
-    ("labels across ranks", lambda: fastalpha.AlphaCLLoss(gather_distributed=True)(z1, z2, labels=torch.arange(6)),
-     ValueError, "gather_distributed"),
     ("SupCon without labels", lambda: fastalpha.SupConLoss()(z1, None), ValueError, "labels"),
     ("SupCon temperature 0", lambda: fastalpha.SupConLoss(temperature=0.0), ValueError, "temperature"),
 ]

@@ -127,3 +127,56 @@ class Queue(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"size={self.size}, dim={self.bank.shape[1]}, dtype={self.bank.dtype}, filled={len(self)}"
                 f"{', labelled' if self.labelled else ''}")
+
+
+class MemoryBank(torch.nn.Module):
+    r"""lightly's memory bank of `size` rows: the negatives of `NTXentLoss(memory_bank_size=(K, D))`.
+
+    Written as lightly writes it: a batch goes to the slots from the write position on; one that
+    reaches the end fills the last slots, the rest of it is dropped, and the position goes back
+    to 0 (so the bank always holds whole runs of consecutive rows). Unlike lightly's bank, which
+    starts as K random unit rows, this one starts empty: the slots [0, filled) hold rows, and
+    only they are negatives. The rows, the position and the fill level are buffers (saved in
+    state_dict).
+    """
+
+    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("bank", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
+        # Once every slot holds a row the fill level never changes again: remembered on the host
+        # so that a full bank is used without reading the fill level back.
+        self._full = False
+
+    @property
+    def size(self) -> int:
+        return self.bank.shape[0]
+
+    def rows(self) -> torch.Tensor:
+        """The slots that hold a row, (filled, dim): the whole bank once it has been filled."""
+        if not self._full:
+            filled = int(self.filled)
+            self._full = filled == self.size
+            if not self._full:
+                return self.bank[:filled]
+        return self.bank
+
+    @torch.no_grad()
+    def enqueue(self, rows: torch.Tensor) -> None:
+        """Write `rows` (detached) from the write position on, lightly's way (see the class)."""
+        batch, size = rows.shape[0], self.size
+        source = torch.arange(size, device=self.bank.device) - self.bank_ptr     # batch row of each slot
+        written = (source >= 0) & (source < batch)
+        values = rows.detach().to(device=self.bank.device, dtype=self.bank.dtype)[source.clamp(0, batch - 1)]
+        self.bank.copy_(torch.where(written[:, None], values, self.bank))
+        end = self.bank_ptr + batch
+        self.filled.copy_(torch.maximum(self.filled, end.clamp_max(size)))
+        self.bank_ptr.copy_(torch.where(end >= size, torch.zeros_like(end), end))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._full = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.bank.shape[1]}, dtype={self.bank.dtype}"

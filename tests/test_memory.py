@@ -305,3 +305,35 @@ def test_bad_construction():
     learnable = torch.tensor(0.1, requires_grad=True)
     with pytest.raises(ValueError, match="constant temperature"):
         fastalpha.CrossBatchMemory(fastalpha.AlphaCLLoss(rule="infonce", temperature=learnable), 4, 8)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_compiles_into_one_graph_that_never_recompiles_while_filling(gen, masked):
+    """torch.compile(fullgraph=True) traces the call (enqueue included), compiles once for the
+    filling, full and wrapped memory and any label values, and equals eager step after step."""
+    torch._dynamo.reset()
+    batch, size, dim = 6, 20, 4
+    compiled_memory, eager_memory = (
+        fastalpha.CrossBatchMemory(fastalpha.SupConLoss(0.1, backend="chunked"), dim, size, dtype=F64) for _ in range(2))
+
+    def step(memory, x, labels, mask):
+        return memory(x, labels, enqueue_mask=mask)
+
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(8):
+            x, labels = random_batch(gen, batch, dim, F64, classes=3)
+            mask = torch.rand(batch, generator=gen) < 0.7 if masked else None
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            got, want = compiled(compiled_memory, a, labels, mask), step(eager_memory, b, labels, mask)
+            got.backward()
+            want.backward()
+            assert_close(got, want, "float64", "compiled value")
+            assert_close(a.grad, b.grad, "float64", "compiled gradient")
+            assert all(torch.equal(u, v) for u, v in zip(compiled_memory.state_dict().values(),
+                                                          eager_memory.state_dict().values()))
+    assert compiled_memory.has_been_filled
+    assert counter.frame_count == 1 and counter.op_count > 0, (counter.frame_count, counter.op_count)
+    torch._dynamo.reset()

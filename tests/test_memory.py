@@ -337,3 +337,21 @@ def test_compiles_into_one_graph_that_never_recompiles_while_filling(gen, masked
     assert compiled_memory.has_been_filled
     assert counter.frame_count == 1 and counter.op_count > 0, (counter.frame_count, counter.op_count)
     torch._dynamo.reset()
+
+
+def test_a_batch_of_one_leaves_its_own_copy_out(gen):
+    """Documented difference (docs/migrating.md): pml 2.9 does not remove the self-comparison
+    for a batch of one row (its single anchor keeps its own copy as a positive); fastalpha
+    leaves the own copy out for every batch size, as for B > 1 (the naive loops' sets)."""
+    dim, size = 4, 10
+    ours = fastalpha.CrossBatchMemory(fastalpha.SupConLoss(0.1, backend="chunked"), dim, size, dtype=F64)
+    ours(*random_batch(gen, 5, dim, F64, classes=2))
+    x = torch.randn(1, dim, generator=gen, dtype=F64)
+    label = ours.label_memory[:1].clone()                      # a label the memory holds: a positive exists
+    slot = int(ours.queue_idx)
+    got = ours(x, label)
+    memory, labels = ours.embedding_memory.clone(), ours.label_memory.clone()
+    queue_groups = [int(labels[k]) if k < 6 else None for k in range(size)]
+    rows = naive.grouped_loss_rows(x.numpy(), label.tolist(), "infonce", 0.1, eps=1.0, queue=memory.numpy(),
+                                   queue_groups=queue_groups, batch_columns=False, self_columns=[1 + slot])
+    assert_close(got, torch.tensor(rows[0], dtype=F64), "float64", "B = 1")

@@ -1,6 +1,8 @@
 """nn.Module wrappers of fastalpha.alpha_cl_loss, with the names users of other libraries look for."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import dispatch
@@ -13,12 +15,15 @@ from .rules import check_reduction, make_spec
 def memory_bank_shape(size) -> tuple[int, int] | None:
     """lightly's `memory_bank_size`: 0 (no bank) or (K, D); None for no bank. A bare int K > 0
     is rejected as lightly rejects it: the rows' dimension cannot be guessed."""
-    shape = (size,) if isinstance(size, int) else tuple(size)
-    if any(isinstance(x, bool) or not isinstance(x, int) for x in shape):
+    if isinstance(size, bool) or not isinstance(size, (numbers.Integral, tuple, list, torch.Size)):
         raise TypeError(f"memory_bank_size must be 0 or a (num_features, dim) tuple of ints, got {size!r}")
+    shape = (int(size),) if isinstance(size, numbers.Integral) else tuple(size)
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in shape):
+        raise TypeError(f"memory_bank_size must be 0 or a (num_features, dim) tuple of ints, got {size!r}")
+    shape = tuple(int(x) for x in shape)
     if any(x < 0 for x in shape):
         raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
-    if isinstance(size, int) and size > 0:
+    if isinstance(size, numbers.Integral) and size > 0:
         raise ValueError(f"Memory bank size 'size={size}' does not specify the feature dimension. Set it with "
                          f"'size=({size}, dim)', or pass 'size=0' to disable the memory bank.")
     if shape != (0,) and len(shape) != 2:

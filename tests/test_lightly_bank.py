@@ -13,6 +13,7 @@ N anchor rows, state_dict, lightly's errors.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,6 +226,10 @@ def test_lightly_errors():
         fastalpha.NTXentLoss(memory_bank_size=(4, 4, 4))
     with pytest.raises(ValueError, match="gather_distributed"):
         fastalpha.NTXentLoss(memory_bank_size=(4, 4), gather_distributed=True)
+    for bad in ("8", 1.5, (8, 4.0), True):
+        with pytest.raises(TypeError, match="memory_bank_size"):
+            fastalpha.NTXentLoss(memory_bank_size=bad)
+    assert fastalpha.NTXentLoss(memory_bank_size=[np.int64(8), 4]).memory_bank.bank.shape == (8, 4)
 
 
 def test_bad_input_leaves_the_bank_unchanged(gen):

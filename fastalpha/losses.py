@@ -137,7 +137,9 @@ class InfoNCELoss(AlphaCLLoss):
         # with a queue, while this partner path (negatives="none") runs on all of them.
         # A copy: the bank is overwritten below, and the op may keep its queue for backward.
         negatives = bank.rows().to(out0.dtype, copy=True)
-        loss = loss_of_spec(out0, out1, spec, self.kwargs["reduction"], backend, negatives, None,
+        temperature = self.kwargs["temperature"]
+        learnable = temperature if isinstance(temperature, torch.Tensor) and temperature.requires_grad else None
+        loss = loss_of_spec(out0, out1, spec, self.kwargs["reduction"], backend, negatives, learnable,
                             first_view_anchors=True)
         if out0.requires_grad:
             bank.enqueue(torch.nn.functional.normalize(out1.detach(), dim=1) if spec.unit_rows else out1)

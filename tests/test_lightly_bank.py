@@ -182,6 +182,21 @@ def test_reductions_and_second_derivatives(gen, reduction):
         assert_close(got, expected, "float64", what)
 
 
+def test_learnable_temperature(gen, bank_backend):
+    """A learnable τ (a 0-dim tensor with requires_grad) gets lightly's gradient with a bank."""
+    name, device = bank_backend
+    bank_rows = torch.randn(7, 3, generator=gen, dtype=F64)
+    out0 = torch.randn(5, 3, generator=gen, dtype=F64, requires_grad=True)
+    out1 = torch.randn(5, 3, generator=gen, dtype=F64, requires_grad=True)
+    tau = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    loss = fastalpha.NTXentLoss(tau, memory_bank_size=(7, 3), backend=name).double()
+    loss.memory_bank.enqueue(F.normalize(bank_rows, dim=1))
+    got = torch.autograd.grad(loss(out0, out1), (out0, out1, tau))
+    want = torch.autograd.grad(lightly_reference(out0, out1, bank_rows, tau), (out0, out1, tau))
+    for g, w, what in zip(got, want, ("out0", "out1", "τ")):
+        assert_close(g, w, "float64", f"{name}: {what} gradient")
+
+
 def test_bank_in_state_dict(gen):
     first = fastalpha.NTXentLoss(0.2, memory_bank_size=(10, 3)).double()
     for _ in range(3):

@@ -33,8 +33,12 @@ Where pml's conventions are kept and where they differ: docs/migrating.md.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from . import dispatch, positives
+from .checks import check_flag
+from .distributed import _DTYPES
+from .distributed import _all_gather_single as all_gather_single
 from .functional import grouped_loss_of_spec
 from .losses import AlphaCLLoss, SupConLoss
 from .rules import LossSpec, check_reduction, make_spec
@@ -76,11 +80,22 @@ class CrossBatchMemory(torch.nn.Module):
         dtype, device: of the stored rows (float32 and the default device, as pml starts);
             rows are stored in this dtype whatever the batch's, and the loss is computed in the
             batch's dtype.
+        gather_distributed: under an initialised torch.distributed group (`group`, default the
+            world), every rank enqueues the global batch (the ranks' batches in rank order,
+            any sizes), so the memory is the same on every rank, and compares its own rows with
+            it. With DDP's convention (per-rank loss, gradients averaged over the W ranks) the
+            gradient is the single-process gradient of the global batch: "mean" returns W × this
+            rank's anchors' sum / the global number of anchors with a loss term, "sum" W × this
+            rank's sum, "none" this rank's B_r losses.
     """
 
     def __init__(self, loss, embedding_size: int, memory_size: int = 1024, dtype: torch.dtype = torch.float32,
-                 device=None):
+                 device=None, gather_distributed: bool = False, group=None):
         super().__init__()
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        if self.gather_distributed and not dist.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch build does not have")
+        self.group = group
         for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -109,16 +124,81 @@ class CrossBatchMemory(torch.nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 enqueue_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(embeddings, labels, enqueue_mask)
+        distributed = self.gather_distributed and dist.is_available() and dist.is_initialized()
+        if distributed:
+            world, (written, written_labels, written_mask, offset) = self._gather(embeddings, labels, enqueue_mask)
+        else:
+            self._check(embeddings, labels, enqueue_mask)
         backend = dispatch.resolve_backend(self.backend, embeddings.device, self.spec, True, True)
         batch = embeddings.shape[0]
         enqueued = torch.ones(batch, dtype=torch.bool, device=embeddings.device) if enqueue_mask is None else enqueue_mask
-        slots = self._enqueue(embeddings, labels, enqueued)
+        if distributed:
+            slots = self._enqueue(written, written_labels, written_mask)[offset:offset + batch]
+        else:
+            slots = self._enqueue(embeddings, labels, enqueued)
         groups = self._groups(labels, slots, enqueued, own_copies=enqueue_mask is None)
         memory = self.embedding_memory.to(embeddings.dtype)
-        loss = grouped_loss_of_spec([embeddings], groups, self.spec, self.reduction, backend, None, memory)
         anchors = ~enqueued if enqueue_mask is not None else enqueued
-        return torch.where(_at_most_one_pair_each(groups, anchors), torch.zeros_like(loss), loss)
+        if not distributed:
+            loss = grouped_loss_of_spec([embeddings], groups, self.spec, self.reduction, backend, None, memory)
+            return torch.where(_at_most_one_pair_each(*_pair_counts(groups, anchors)), torch.zeros_like(loss), loss)
+        local = "none" if self.reduction == "none" else "sum"
+        loss = grouped_loss_of_spec([embeddings], groups, self.spec, local, backend, None, memory)
+        counts = torch.stack([groups.anchor_count(), *_pair_counts(groups, anchors)])
+        gathered = counts.new_empty(world * 3)
+        all_gather_single(gathered, counts, group=self.group)
+        anchor_count, positive_pairs, negative_pairs = gathered.view(world, 3).sum(0)
+        if self.reduction == "mean":
+            loss = loss * (world / anchor_count.clamp_min(1).to(loss.dtype))
+        elif self.reduction == "sum":
+            loss = loss * world
+        return torch.where(_at_most_one_pair_each(positive_pairs, negative_pairs), torch.zeros_like(loss), loss)
+
+    def _gather(self, embeddings, labels, enqueue_mask):
+        """(W, (rows, labels, enqueue mask, offset)): the global batch, every rank's rows in rank
+        order, and where this rank's rows start in it. Every rank takes part even when its own
+        input is invalid, and then every rank raises (no rank is left waiting in a collective)."""
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        try:
+            self._check(embeddings, labels, enqueue_mask)
+            problem = None
+        except (TypeError, ValueError) as err:
+            problem = err
+        valid = problem is None
+        device = embeddings.device if isinstance(embeddings, torch.Tensor) else self.embedding_memory.device
+        header = torch.tensor([embeddings.shape[0] if valid else -1,
+                               _DTYPES.index(embeddings.dtype) if valid and embeddings.dtype in _DTYPES else -1,
+                               int(enqueue_mask is not None), int(not valid)], dtype=torch.int64, device=device)
+        headers = header.new_empty(world * header.numel())
+        all_gather_single(headers, header, group=self.group)
+        sizes, dtypes, masked, bad = (tuple(int(v) for v in column) for column in headers.view(world, -1).cpu().T)
+        if problem is not None:
+            raise type(problem)(f"{problem} (rank {rank} of {world})")
+        if any(bad):
+            raise ValueError(f"rank(s) {[r for r in range(world) if bad[r]]} of the process group got invalid input; "
+                             "see the error raised there")
+        if len(set(dtypes)) > 1 or -1 in dtypes:
+            raise TypeError(f"embeddings must have one dtype of {_DTYPES} on every rank, got "
+                            f"{[str(_DTYPES[c]) if c >= 0 else '?' for c in dtypes]} by rank")
+        if len(set(masked)) > 1:
+            raise ValueError("every rank must pass enqueue_mask, or none: got it on ranks "
+                             f"{[r for r in range(world) if masked[r]]} only")
+        if sum(sizes) > self.memory_size:
+            raise ValueError(f"the global batch of B = {sum(sizes)} rows (B_r = {list(sizes)} by rank) is larger than "
+                             f"the memory (memory_size = {self.memory_size}): the memory must hold one global batch")
+        batch, most = embeddings.shape[0], max(sizes)
+        mask = torch.ones(batch, dtype=torch.bool, device=device) if enqueue_mask is None else enqueue_mask
+        # One padded block per rank (B_max rows: the rows and the mask as a last column, exact
+        # in any float dtype), the padding dropped after.
+        block = torch.zeros(most, self.embedding_size + 1, dtype=embeddings.dtype, device=device)
+        block[:batch, :-1] = embeddings.detach()
+        block[:batch, -1] = mask.to(embeddings.dtype)
+        received = block.new_empty(world * most, block.shape[1])
+        all_gather_single(received, block, group=self.group)
+        keep = torch.cat([torch.arange(size, device=device) + r * most for r, size in enumerate(sizes)])
+        rows = received.index_select(0, keep)
+        gathered_labels = _gathered_labels(labels, sizes, most, world, self.group, keep)
+        return world, (rows[:, :-1], gathered_labels, rows[:, -1] > 0.5, sum(sizes[:rank]))
 
     @torch.no_grad()
     def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor, enqueued: torch.Tensor) -> torch.Tensor:
@@ -203,11 +283,24 @@ class CrossBatchMemory(torch.nn.Module):
                 f"dtype={self.embedding_memory.dtype}")
 
 
-def _at_most_one_pair_each(groups: positives.Groups, anchors: torch.Tensor) -> torch.Tensor:
-    """pml's rule for a pair loss: with at most one positive pair and at most one negative pair
-    over all anchors (`anchors`: (B,) bool, the rows that are anchors), the loss is 0, with a
-    zero gradient."""
+def _pair_counts(groups: positives.Groups, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive pairs, negative pairs) of the anchors (`anchors`: (B,) bool, the rows that are
+    anchors), as 0-dim tensors."""
     zero = torch.zeros_like(groups.positive_count)
-    positive_pairs = torch.where(anchors, groups.positive_count, zero).sum()
-    negative_pairs = torch.where(anchors, groups.negative_count, zero).sum()
+    return (torch.where(anchors, groups.positive_count, zero).sum(),
+            torch.where(anchors, groups.negative_count, zero).sum())
+
+
+def _at_most_one_pair_each(positive_pairs: torch.Tensor, negative_pairs: torch.Tensor) -> torch.Tensor:
+    """pml's rule for a pair loss: with at most one positive pair and at most one negative pair
+    over all anchors, the loss is 0, with a zero gradient."""
     return (positive_pairs <= 1) & (negative_pairs <= 1)
+
+
+def _gathered_labels(labels, sizes, most: int, world: int, group, keep) -> torch.Tensor:
+    """Every rank's labels in rank order, gathered as int64 (a float column would round large ids)."""
+    block = torch.zeros(most, dtype=torch.int64, device=labels.device)
+    block[: labels.shape[0]] = labels.to(torch.int64)
+    received = block.new_empty(world * most)
+    all_gather_single(received, block, group=group)
+    return received.index_select(0, keep)

@@ -91,7 +91,8 @@ class InfoNCELoss(AlphaCLLoss):
         loss = (1/N) Σ_i −log(e^{cos(out0_i, out1_i)/τ} / (e^{cos(out0_i, out1_i)/τ} + Σ_k e^{cos(out0_i, b_k)/τ})),
 
     after which the bank takes out1 (normalised, detached) if out0 requires grad, as lightly
-    does (an evaluation call leaves it alone). Gradients flow into out0 and out1. The bank
+    does (an evaluation call leaves it alone); with gather_distributed=True it takes every
+    rank's out1, so the banks of all ranks stay equal (the loss stays this rank's, as lightly's). Gradients flow into out0 and out1. The bank
     starts empty and only its filled slots are negatives (lightly starts from random rows):
     docs/migrating.md. The anchors are the fused op's first N rows, so a call costs N anchor
     rows, not 2N.
@@ -104,8 +105,6 @@ class InfoNCELoss(AlphaCLLoss):
         size = memory_bank_shape(memory_bank_size)
         self.memory_bank = None
         if size is not None:
-            if self.gather_distributed:
-                raise ValueError("memory_bank_size with gather_distributed=True is not supported: the bank is local")
             if negatives != "all":
                 raise ValueError(f"memory_bank_size takes its negatives from the bank (negatives='none' is implied); "
                                  f"leave negatives='all', got negatives={negatives!r}")
@@ -120,6 +119,13 @@ class InfoNCELoss(AlphaCLLoss):
         return self._bank_forward(z1, z2)
 
     def _bank_forward(self, out0, out1) -> torch.Tensor:
+        from . import distributed
+
+        update = bool(getattr(out0, "requires_grad", False))
+        layout = None
+        if self.gather_distributed and distributed.dist.is_available() and distributed.dist.is_initialized():
+            # First, so that bad input on one rank raises on every rank (no rank left waiting).
+            layout = distributed.exchange_layout(out0, out1, update, self.group)
         check_views(out0, out1, ("out0", "out1"))
         bank = self.memory_bank
         if out0.shape[1] != bank.bank.shape[1]:
@@ -141,8 +147,13 @@ class InfoNCELoss(AlphaCLLoss):
         learnable = temperature if isinstance(temperature, torch.Tensor) and temperature.requires_grad else None
         loss = loss_of_spec(out0, out1, spec, self.kwargs["reduction"], backend, negatives, learnable,
                             first_view_anchors=True)
-        if out0.requires_grad:
-            bank.enqueue(torch.nn.functional.normalize(out1.detach(), dim=1) if spec.unit_rows else out1)
+        if update:
+            rows = torch.nn.functional.normalize(out1.detach(), dim=1) if spec.unit_rows else out1.detach()
+            if layout is not None:
+                # lightly's gather_distributed: every rank's rows (rank order, any shares) enter
+                # every rank's bank, so the banks stay equal; the loss stays local, as lightly's.
+                rows = distributed.gather_rows(torch.cat([rows, rows]), layout)[layout.n_global:]
+            bank.enqueue(rows)
         return loss
 
 

@@ -239,8 +239,6 @@ def test_lightly_errors():
         fastalpha.NTXentLoss(memory_bank_size=(-1, 4))
     with pytest.raises(ValueError, match="num_features, dim"):
         fastalpha.NTXentLoss(memory_bank_size=(4, 4, 4))
-    with pytest.raises(ValueError, match="gather_distributed"):
-        fastalpha.NTXentLoss(memory_bank_size=(4, 4), gather_distributed=True)
     for bad in ("8", 1.5, (8, 4.0), True):
         with pytest.raises(TypeError, match="memory_bank_size"):
             fastalpha.NTXentLoss(memory_bank_size=bad)
@@ -264,3 +262,46 @@ def test_bad_input_leaves_the_bank_unchanged(gen):
         with pytest.raises(error, match=message):
             loss(*args, **kwargs)
         assert all(torch.equal(v, before[k]) for k, v in loss.state_dict().items())
+
+
+@pytest.mark.parametrize("sizes", [(3, 5), (2, 4, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_gather_distributed_banks_stay_equal(monkeypatch, gen, sizes):
+    """lightly's gather_distributed with a bank: every rank's out1 enters every rank's bank
+    (any shares), so the banks stay equal; each rank's loss is its own batch's against the bank
+    (ranks as threads: tests/test_distributed.py's ThreadWorld)."""
+    import fastalpha.distributed as distributed
+    from test_distributed import ThreadWorld
+
+    world = ThreadWorld(len(sizes))
+    monkeypatch.setattr(distributed, "dist", world)
+    dim, size, total = 3, 17, sum(sizes)
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    ranks = [fastalpha.NTXentLoss(0.2, memory_bank_size=(size, dim), gather_distributed=True,
+                                  backend="chunked").double() for _ in sizes]
+    ring = {"bank": torch.zeros(size, dim, dtype=F64), "ptr": 0, "filled": 0}
+    for step in range(4):
+        x0 = torch.randn(total, dim, generator=gen, dtype=F64)
+        x1 = torch.randn(total, dim, generator=gen, dtype=F64)
+
+        def rank_fn(rank):
+            lo, hi = offsets[rank], offsets[rank] + sizes[rank]
+            out0, out1 = x0[lo:hi].clone().requires_grad_(), x1[lo:hi].clone().requires_grad_()
+            loss = ranks[rank](out0, out1)
+            return loss.detach(), torch.autograd.grad(loss, (out0, out1)) if loss.requires_grad else None
+
+        got = world.run(rank_fn)
+        for rank, (value, grads) in enumerate(got):
+            lo, hi = offsets[rank], offsets[rank] + sizes[rank]
+            if ring["filled"]:
+                r0, r1 = x0[lo:hi].clone().requires_grad_(), x1[lo:hi].clone().requires_grad_()
+                want = lightly_reference(r0, r1, ring["bank"][: ring["filled"]], 0.2)
+                assert_close(value, want, "float64", f"step {step} rank {rank}")
+                for g, w in zip(grads, torch.autograd.grad(want, (r0, r1))):
+                    assert_close(g, w, "float64", f"step {step} rank {rank} gradient")
+            else:
+                assert value.item() == 0.0
+        lightly_ring_write(ring, F.normalize(x1, dim=1))
+        for rank in ranks:
+            assert int(rank.memory_bank.filled) == ring["filled"]
+            assert_close(rank.memory_bank.bank[: ring["filled"]], ring["bank"][: ring["filled"]], "float64", "bank")
+            assert torch.equal(rank.memory_bank.bank, ranks[0].memory_bank.bank)

@@ -152,6 +152,7 @@ class InfoNCELoss(AlphaCLLoss):
             if layout is not None:
                 # lightly's gather_distributed: every rank's rows (rank order, any shares) enter
                 # every rank's bank, so the banks stay equal; the loss stays local, as lightly's.
+                # gather_rows moves the two views of a pair layout: the rows go as both, one is kept.
                 rows = distributed.gather_rows(torch.cat([rows, rows]), layout)[layout.n_global:]
             bank.enqueue(rows)
         return loss

@@ -51,7 +51,8 @@ def loss_settings(loss) -> tuple[LossSpec, str, str]:
         spec = make_spec("infonce", temperature, eps=1.0)
     elif isinstance(loss, AlphaCLLoss):
         if loss.gather_distributed:
-            raise ValueError("CrossBatchMemory takes a loss without gather_distributed=True (the memory is local)")
+            raise ValueError("CrossBatchMemory takes a loss without gather_distributed=True: pass "
+                             "gather_distributed=True to CrossBatchMemory itself (it gathers the batch into the memory)")
         kwargs = dict(loss.kwargs)
         reduction, backend = kwargs.pop("reduction"), kwargs.pop("backend")
         temperature = kwargs["temperature"]

@@ -4,6 +4,7 @@
     loss = fastalpha.alpha_cl_loss(z1, z2, rule="direct")       # or AlphaCLLoss(...)(z1, z2)
     loss = fastalpha.alpha_cl_loss(z1, z2, **fastalpha.PAPER_LOSSES["nce"])
     loss = fastalpha.alpha_cl_loss(views, labels=y)              # V views (V, N, D) and SupCon labels
+    xbm = fastalpha.CrossBatchMemory(fastalpha.SupConLoss(0.1), 128, 65536)   # xbm(embeddings, labels)
 """
 from . import _checkout  # noqa: F401  (first: a checkout's kernels/ as fastalpha.kernels)
 from . import ops as _ops  # registers the fastalpha::alpha_cl_fused custom op
@@ -11,6 +12,7 @@ from .dispatch import available_backends
 from .distributed import alpha_cl_loss_distributed
 from .functional import alpha_cl_loss, contrastive_covariance, energy, pair_weights
 from .losses import AlphaCLLoss, DCLLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from .memory import CrossBatchMemory
 from .queue import Queue
 from .rules import PAPER_LOSSES, RULES
 
@@ -25,6 +27,7 @@ __all__ = [
     "DCLLoss",
     "SupConLoss",
     "Queue",
+    "CrossBatchMemory",
     "pair_weights",
     "energy",
     "contrastive_covariance",

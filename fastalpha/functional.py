@@ -146,7 +146,7 @@ def grouped_loss_of_spec(views: list, groups: positives.Groups, spec: LossSpec, 
         eager_spec = spec if temperature is None else spec.with_(temperature=temperature)
         return reference.grouped_alpha_cl_loss(views, groups, eager_spec, reduction, queue).to(views[0].dtype)
     z1, z2, *more = views if len(views) > 1 else (views[0], None)
-    return FusedAlphaCL.apply(z1, z2, queue, temperature, spec, reduction, backend, groups, *more)
+    return FusedAlphaCL.apply(z1, z2, queue, temperature, spec, reduction, backend, groups, None, *more)
 
 
 def check_queue(queue, z1: torch.Tensor, negatives: str) -> None:
@@ -166,19 +166,27 @@ def check_queue(queue, z1: torch.Tensor, negatives: str) -> None:
 
 
 def loss_of_spec(z1: torch.Tensor, z2: torch.Tensor, spec: LossSpec, reduction: str, backend: str, queue=None,
-                 temperature: torch.Tensor | None = None) -> torch.Tensor:
+                 temperature: torch.Tensor | None = None, first_view_anchors: bool = False) -> torch.Tensor:
     """The loss for validated inputs and a concrete backend name (the public API's last step).
 
     `temperature` is the learnable τ tensor, or None when τ is a constant (spec.temperature).
+    `first_view_anchors`: only z1's N rows are anchors (z2's rows are their partners and
+    columns): N losses, "mean" over N, at the cost of N anchor rows (lightly's memory bank).
     """
     queue_rows = 0 if queue is None else queue.shape[0]
+    anchor_rows = z1.shape[0] if first_view_anchors else None
     if negative_count(z1.shape[0], queue_rows, spec.negatives) == 0:
-        return no_negatives_loss([z1, z2], reduction)
+        rows = _NoNegatives.apply(z1, z2)
+        return reference.reduce_rows(rows if anchor_rows is None else rows[:anchor_rows], reduction)
     if backend == "eager":
         eager_spec = spec if temperature is None else spec.with_(temperature=temperature)
-        return reference.alpha_cl_loss(z1, z2, eager_spec, reduction, queue).to(z1.dtype)
+        if anchor_rows is None:
+            return reference.alpha_cl_loss(z1, z2, eager_spec, reduction, queue).to(z1.dtype)
+        z = reference.stack_views(z1, z2, spec.unit_rows)
+        rows = reference.loss_rows(z, eager_spec, 0, anchor_rows, reference.prepare_queue(queue, spec.unit_rows))
+        return reference.reduce_rows(rows, reduction).to(z1.dtype)
     queue = reference.prepare_queue(queue, spec.unit_rows)
-    return FusedAlphaCL.apply(z1, z2, queue, temperature, spec, reduction, backend)
+    return FusedAlphaCL.apply(z1, z2, queue, temperature, spec, reduction, backend, None, anchor_rows)
 
 
 class _NoNegatives(torch.autograd.Function):

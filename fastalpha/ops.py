@@ -94,7 +94,8 @@ def call_fused(z: torch.Tensor, spec: LossSpec, backend: str, row_lo: int, row_h
 _double_backward_logged = False
 
 
-def differentiable_gradient(views, queue, temperature, spec: LossSpec, row_weight: torch.Tensor, groups=None):
+def differentiable_gradient(views, queue, temperature, spec: LossSpec, row_weight: torch.Tensor, groups=None,
+                            rows: int | None = None):
     """(∂/∂view for each view, ∂/∂τ) of Σ_i w_i loss_i by dense autograd with a graph, for second derivatives.
 
     `views` are the saved inputs of the fused Function: inside a `create_graph=True` backward
@@ -113,10 +114,10 @@ def differentiable_gradient(views, queue, temperature, spec: LossSpec, row_weigh
             z = torch.nn.functional.normalize(z, dim=1)
         spec = spec if temperature is None else spec.with_(temperature=temperature)
         if groups is None:
-            rows = reference.loss_rows(z, spec, queue=queue)
+            losses = reference.loss_rows(z, spec, 0, rows, queue=queue)
         else:
-            rows = reference.grouped_loss_rows(z, spec, groups, queue=queue)
-        grads = torch.autograd.grad(rows, inputs, row_weight.to(rows.dtype), create_graph=True, allow_unused=True)
+            losses = reference.grouped_loss_rows(z, spec, groups, 0, rows, queue=queue)
+        grads = torch.autograd.grad(losses, inputs, row_weight.to(losses.dtype), create_graph=True, allow_unused=True)
     return list(grads[:len(views)]), (grads[-1] if temperature is not None else None)
 
 
@@ -183,7 +184,10 @@ class FusedAlphaCL(torch.autograd.Function):
     views after the fixed arguments, queue (K × D, already prepared, or None, no gradient),
     temperature (None, or the learnable 0-dim τ whose value spec.temperature holds), groups
     (None: z1 and z2 are partners; else fastalpha.positives.Groups over [Z; queue], docs/design.md
-    "Positive sets").
+    "Positive sets"), anchor_rows (None: every row of Z is an anchor; R: only the first R rows
+    are, e.g. R = N for one-directional anchors z1 against the columns [z1; z2; queue], which
+    costs the fused op R rows instead of M; every row still gets its gradient as a column or
+    partner).
     Stacking, normalisation and its backward are fused here so that a call holds Z and the
     kernel's gradient G (M × D each) and no other M × D tensor: the backward works on G in
     place (once; a second backward of a retained graph recomputes G). With groups, "mean"
@@ -196,18 +200,19 @@ class FusedAlphaCL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z1, z2, queue, temperature, spec: LossSpec, reduction: str, backend: str, groups=None, *more_views):
+    def forward(ctx, z1, z2, queue, temperature, spec: LossSpec, reduction: str, backend: str, groups=None,
+                anchor_rows=None, *more_views):
         views = [v for v in (z1, z2) if v is not None] + list(more_views)
         with torch.no_grad():
             z, norms = stack_rows(views, spec.unit_rows)
-        m = z.shape[0]
-        # needs_input_grad: z1, z2, queue, τ, spec, reduction, backend, groups, then the further views.
+        rows = z.shape[0] if anchor_rows is None else anchor_rows
+        # needs_input_grad: z1, z2, queue, τ, spec, reduction, backend, groups, anchor_rows, then the further views.
         wanted = ctx.needs_input_grad
-        needs_grad = wanted[0] or wanted[1] or wanted[3] or any(wanted[8:])
-        loss_rows, grad = call_fused(z, spec, backend, 0, m, None, needs_grad and reduction != "none", queue, groups)
+        needs_grad = wanted[0] or wanted[1] or wanted[3] or any(wanted[9:])
+        loss_rows, grad = call_fused(z, spec, backend, 0, rows, None, needs_grad and reduction != "none", queue, groups)
         ctx.spec, ctx.reduction, ctx.backend = spec, reduction, backend
-        ctx.has_z2, ctx.more_views = z2 is not None, len(more_views)
-        ctx.anchors = m if groups is None else groups.anchor_count().clamp_min(1)
+        ctx.has_z2, ctx.more_views, ctx.rows = z2 is not None, len(more_views), rows
+        ctx.anchors = rows if groups is None else groups.anchor_count().clamp_min(1)
         ctx.groups = groups
         ctx.save_for_backward(z, norms, queue, temperature, *views)
         # Not saved for backward: the backward consumes it in place (see there).
@@ -223,15 +228,15 @@ class FusedAlphaCL(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, norms, queue, temperature, *views = ctx.saved_tensors
         groups = ctx.groups
-        m = z.shape[0]
+        m, rows = z.shape[0], ctx.rows
         stat = torch.promote_types(z.dtype, torch.float32)
         if ctx.reduction == "none":
             row_weight, scale = grad_out.to(stat).contiguous(), None
         else:
             scale = (grad_out / ctx.anchors if ctx.reduction == "mean" else grad_out).to(stat)
-            row_weight = scale.expand(m)
+            row_weight = scale.expand(rows)
         if torch.is_grad_enabled():
-            view_grads, grad_t = differentiable_gradient(views, queue, temperature, ctx.spec, row_weight, groups)
+            view_grads, grad_t = differentiable_gradient(views, queue, temperature, ctx.spec, row_weight, groups, rows)
             return _layout(ctx, view_grads, grad_t)
         # The forward's G is consumed in place by the first backward (torch.compile's traced
         # backward works on a copy); a retained graph's next backward recomputes it.
@@ -241,10 +246,10 @@ class FusedAlphaCL(torch.autograd.Function):
         else:
             ctx.fused_grad = None
         if ctx.reduction == "none":
-            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, row_weight, True, queue, groups)
+            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, rows, row_weight, True, queue, groups)
         elif grad is None:
             # Recomputed as the forward computed it, so that every backward gives the same bits.
-            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, m, None, True, queue, groups)
+            _, grad = call_fused(z, ctx.spec, ctx.backend, 0, rows, None, True, queue, groups)
         grad_t = None
         if temperature is not None and ctx.needs_input_grad[3]:
             inner = rows_inner(z, grad[:m]) + (0 if queue is None else rows_inner(queue, grad[m:]))
@@ -256,7 +261,7 @@ class FusedAlphaCL(torch.autograd.Function):
 
 
 def _layout(ctx, view_grads, grad_t):
-    """backward's outputs: one per input of forward (views, queue, τ, spec, …, groups, more views)."""
+    """backward's outputs: one per input of forward (views, queue, τ, spec, …, groups, anchor_rows, more views)."""
     first, rest = view_grads[0], view_grads[1:]
     second = rest.pop(0) if ctx.has_z2 else None
-    return (first, second, None, grad_t, None, None, None, None, *rest)
+    return (first, second, None, grad_t, None, None, None, None, None, *rest)

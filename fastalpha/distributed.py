@@ -85,7 +85,7 @@ from .ops import call_fused
 from .rules import LossSpec, check_reduction, make_spec, negative_count
 
 #: Floating dtypes, by the code that travels in the rank header.
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+RANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _warned_not_initialised = False
 
@@ -224,13 +224,13 @@ def exchange_layout(views, problem, need_grad: bool, labelled: bool = False, que
     valid = not problem
     first = views[0] if views else None
     header = torch.tensor(
-        [first.shape[0] if valid else -1, first.shape[1] if valid else -1, _DTYPES.index(first.dtype) if valid else -1,
+        [first.shape[0] if valid else -1, first.shape[1] if valid else -1, RANK_DTYPES.index(first.dtype) if valid else -1,
          int(need_grad), int(not valid), len(views) if valid else -1, int(labelled),
          queue.shape[0] if valid and queue is not None else 0],
         dtype=torch.int64, device=_header_device(first, group),
     )
     headers = header.new_empty(world * header.numel())  # concatenated form: gloo has no stacked form
-    _all_gather_single(headers, header, group=group)
+    all_gather_single(headers, header, group=group)
     sizes, dims, dtypes, grads, bad, view_counts, labelled_by_rank, queue_sizes = (
         tuple(int(v) for v in column) for column in headers.view(world, -1).cpu().T)
 
@@ -243,7 +243,7 @@ def exchange_layout(views, problem, need_grad: bool, labelled: bool = False, que
     if len(set(dims)) > 1:
         raise ValueError(f"z1/z2 must have the same number of columns D on every rank, got D = {list(dims)} by rank")
     if len(set(dtypes)) > 1:
-        raise TypeError(f"z1/z2 must have the same dtype on every rank, got {[str(_DTYPES[c]) for c in dtypes]} by rank")
+        raise TypeError(f"z1/z2 must have the same dtype on every rank, got {[str(RANK_DTYPES[c]) for c in dtypes]} by rank")
     if len(set(grads)) > 1:
         raise ValueError(f"every rank must agree on whether the loss needs a gradient (grad mode and requires_grad), "
                          f"got {list(map(bool, grads))} by rank: backward runs a collective on all ranks")
@@ -280,8 +280,8 @@ def _local_problem(z1, z2, labels, queue, queue_labels, negatives: str):
         check_queue_labels(queue_labels, queue, labels, first.device)
     except (TypeError, ValueError) as err:
         return (type(err), str(err)), []
-    if first.dtype not in _DTYPES:
-        return (TypeError, f"z1/z2 dtype {first.dtype} is not supported across ranks; use one of {_DTYPES}"), []
+    if first.dtype not in RANK_DTYPES:
+        return (TypeError, f"z1/z2 dtype {first.dtype} is not supported across ranks; use one of {RANK_DTYPES}"), []
     return None, views
 
 
@@ -303,7 +303,7 @@ def _header_device(first, group) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_gather_single(output, tensor, group=None):
+def all_gather_single(output, tensor, group=None):
     # torch ≥ 2.14 renames all_gather_into_tensor (same signature); 2.11 has only the old name.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, tensor, group=group)
@@ -321,7 +321,7 @@ def gather_rows(z_local: torch.Tensor, layout: GlobalLayout) -> torch.Tensor:
     send = z_local.new_zeros(v, layout.n_max, d)
     send[:, : layout.n_local] = z_local.view(v, layout.n_local, d)
     received = z_local.new_empty(layout.world * v * layout.n_max, d)
-    _all_gather_single(received, send.view(-1, d), group=layout.group)
+    all_gather_single(received, send.view(-1, d), group=layout.group)
     return received.index_select(0, layout.padded_index(z_local.device))
 
 

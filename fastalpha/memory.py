@@ -37,8 +37,7 @@ import torch.distributed as dist
 
 from . import dispatch, positives
 from .checks import check_flag
-from .distributed import _DTYPES
-from .distributed import _all_gather_single as all_gather_single
+from .distributed import RANK_DTYPES, all_gather_single
 from .functional import grouped_loss_of_spec
 from .losses import AlphaCLLoss, SupConLoss
 from .rules import LossSpec, check_reduction, make_spec
@@ -168,7 +167,7 @@ class CrossBatchMemory(torch.nn.Module):
         valid = problem is None
         device = embeddings.device if isinstance(embeddings, torch.Tensor) else self.embedding_memory.device
         header = torch.tensor([embeddings.shape[0] if valid else -1,
-                               _DTYPES.index(embeddings.dtype) if valid and embeddings.dtype in _DTYPES else -1,
+                               RANK_DTYPES.index(embeddings.dtype) if valid and embeddings.dtype in RANK_DTYPES else -1,
                                int(enqueue_mask is not None), int(not valid)], dtype=torch.int64, device=device)
         headers = header.new_empty(world * header.numel())
         all_gather_single(headers, header, group=self.group)
@@ -179,8 +178,8 @@ class CrossBatchMemory(torch.nn.Module):
             raise ValueError(f"rank(s) {[r for r in range(world) if bad[r]]} of the process group got invalid input; "
                              "see the error raised there")
         if len(set(dtypes)) > 1 or -1 in dtypes:
-            raise TypeError(f"embeddings must have one dtype of {_DTYPES} on every rank, got "
-                            f"{[str(_DTYPES[c]) if c >= 0 else '?' for c in dtypes]} by rank")
+            raise TypeError(f"embeddings must have one dtype of {RANK_DTYPES} on every rank, got "
+                            f"{[str(RANK_DTYPES[c]) if c >= 0 else '?' for c in dtypes]} by rank")
         if len(set(masked)) > 1:
             raise ValueError("every rank must pass enqueue_mask, or none: got it on ranks "
                              f"{[r for r in range(world) if masked[r]]} only")

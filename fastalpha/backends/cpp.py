@@ -29,6 +29,8 @@ def status() -> tuple[bool, str]:
 
 supports = every_negative_set
 supports_groups = True
+# The grouped kernel takes queue columns with ids (csrc/alpha_cl_common.h, the grouped op).
+supports_group_queue = True
 
 # (backend name, device type) of each compiled library.
 _COMPILED = {"cpu": ("cpp", "cpu"), "cuda": ("cuda", "cuda")}
@@ -73,7 +75,7 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
     qc = None if queue is None else queue.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     weight = None if row_weight is None else row_weight.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     if groups is not None:
-        loss_rows, grad = _call_grouped(ops, zc, spec, row_lo, row_hi, weight, need_grad, groups)
+        loss_rows, grad = _call_grouped(ops, zc, qc, spec, row_lo, row_hi, weight, need_grad, groups)
         return loss_rows, grad.to(z.dtype)
     loss_rows, grad = ops.alpha_cl_fused(
         zc, qc, row_lo, row_hi, weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
@@ -82,18 +84,31 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
     return loss_rows, grad.to(z.dtype)
 
 
-def _call_grouped(ops, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, weight, need_grad: bool,
+def _call_grouped(ops, z: torch.Tensor, queue, spec: LossSpec, row_lo: int, row_hi: int, weight, need_grad: bool,
                   ids: torch.Tensor):
     r"""The grouped op on z in its compute dtype: the kernel's pair sweep over J_i (and P_i for
     infonce with ε > 0) with d̄2_i and |J_i| from group sums, then the gradient of the positives'
-    pull Σ_i pull_i d̄2_i (pull_i = w_i A_i times the gradient scale, 0 for an anchor without a
-    loss term), from group sums as well (docs/design.md, "Positive sets")."""
+    pull Σ_i pull_i d̄2_i (pull_i = w_i A_i times the gradient scale), from group sums as well
+    (docs/design.md, "Positive sets").
+
+    The op takes the general grouped contract (csrc/alpha_cl_common.h: row ids, column ids of
+    [Z; Q] with −1 for ignored columns, self columns); the M ids of `ids` are its ordinary
+    case: every row of Z is a column with its own id and its own self column. An anchor
+    without a positive gets weight 0 and loss 0 here (the kernel returns a finite loss for it).
+    """
+    if queue is not None and queue.shape[0] > 0:
+        raise ValueError("the grouped op's Python side takes group ids for the rows of Z only (no queue)")
     groups = positives.Groups.of(ids.to(z.device))
+    m = groups.ids.numel()
+    has_loss = ((groups.positive_count > 0) & (groups.negative_count > 0))[row_lo:row_hi]
+    weight = has_loss.to(z.dtype) if weight is None else weight * has_loss
     d2_mean = positives.mean_positive_distance(z, groups, row_lo, row_hi, spec.unit_rows, z.dtype).contiguous()
     loss_rows, grad, pull = ops.alpha_cl_fused_grouped(
-        z, row_lo, row_hi, weight, groups.ids, d2_mean, groups.negative_count[row_lo:row_hi].contiguous(), spec.rule,
-        spec.temperature, spec.p, spec.gamma, spec.eps, spec.detach_alpha, spec.unit_rows, need_grad,
+        z, None, row_lo, row_hi, weight, groups.ids, groups.ids, torch.arange(m, device=z.device), d2_mean,
+        groups.negative_count[row_lo:row_hi].contiguous(), spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
+        spec.detach_alpha, spec.unit_rows, need_grad,
     )
+    loss_rows = torch.where(has_loss, loss_rows, torch.zeros_like(loss_rows))
     if need_grad:
         positives.add_positive_pull_(grad, z, groups, pull, row_lo, spec.unit_rows)
     return loss_rows, grad

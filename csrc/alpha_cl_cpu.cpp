@@ -951,19 +951,23 @@ class Symmetric {
   // Pass 1 with the fixed reference t(r0): one sweep per tile row from S to the sums of both
   // orientations (no minima, no rescaling).
   void fixed_reference_statistics_tile(int64_t a, int64_t b) {
-    if constexpr (kGrouped) {
-      masked_fixed_reference_tile(a, b);
-      return;
-    }
     Scratch& s = scratch();
     const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
     const bool rows_on = blocks_.anchor[a], cols_on = blocks_.anchor[b] && a != b;
     T* t = s.tile.data();
-    at::Tensor st = tile_view(t, ra, cb);
-    at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
+    // SimCLR sets: S, with d2 formed in the sweep and the self and partner columns masked by
+    // an index test (which vectorises where splitting the range did not); grouped: the masked
+    // distances of tile_distances, the ones pass 2 reads.
+    if constexpr (kGrouped) {
+      tile_distances(a, b, t);
+    } else {
+      at::Tensor st = tile_view(t, ra, cb);
+      at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
+    }
+    constexpr T inf = std::numeric_limits<T>::infinity();
     const T* hc = half_ + j0;
     with_weight<T>(cfg_, [&](auto weight) {
-      const T ref = weight.ref(T(0));
+      const T ref = weight.ref(fixed_reference_distance());
       T* cl = s.col_a.data();
       T* cld = s.col_b.data();
       std::fill(cl, cl + cb, T(0));
@@ -971,18 +975,18 @@ class Symmetric {
       for (int64_t r = 0; r < ra; ++r) {
         const T* row = t + r * cb;
         const T hr = half_[i0 + r];
-        // The self and partner columns of row i0 + r in tile coordinates (−1: not in the tile),
-        // masked by an index test, which vectorises where splitting the range did not.
-        const int64_t i = i0 + r, p = partner_of(i, m_);
-        const int64_t cx = j0 <= i && i < j0 + cb ? i - j0 : -1, cy = j0 <= p && p < j0 + cb ? p - j0 : -1;
+        // The self and partner columns of row i0 + r in tile coordinates (−1: not in the tile).
+        const int64_t i = i0 + r, p = kGrouped ? -1 : partner_of(i, m_);
+        const int64_t cx = !kGrouped && j0 <= i && i < j0 + cb ? i - j0 : -1;
+        const int64_t cy = !kGrouped && j0 <= p && p < j0 + cb ? p - j0 : -1;
         T ls = 0, lds = 0;
         if (cols_on) {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t c = 0; c < cb; ++c) {
-            T d = hr + hc[c] - row[c];
-            d = d > T(0) ? d : T(0);
-            const bool keep = c != cx && c != cy;
-            const T e = keep ? weight(d, ref) : T(0), ed = e * d;
+            const T d = swept_distance(hr, hc[c], row[c]);
+            const bool keep = kGrouped ? d < inf : c != cx && c != cy;
+            // e d is 0 where keep is false, except at the grouped mode's d = inf (0 · inf).
+            const T e = keep ? weight(d, ref) : T(0), ed = kGrouped && !keep ? T(0) : e * d;
             ls += e;
             lds += ed;
             cl[c] += e;
@@ -991,12 +995,11 @@ class Symmetric {
         } else {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t c = 0; c < cb; ++c) {
-            T d = hr + hc[c] - row[c];
-            d = d > T(0) ? d : T(0);
-            const bool keep = c != cx && c != cy;
+            const T d = swept_distance(hr, hc[c], row[c]);
+            const bool keep = kGrouped ? d < inf : c != cx && c != cy;
             const T e = keep ? weight(d, ref) : T(0);
             ls += e;
-            lds += e * d;
+            lds += kGrouped && !keep ? T(0) : e * d;
           }
         }
         if (rows_on) {
@@ -1135,58 +1138,6 @@ class Symmetric {
     });
   }
 
-  // The same from the masked distances of tile_distances (the grouped sets).
-  void masked_fixed_reference_tile(int64_t a, int64_t b) {
-    Scratch& s = scratch();
-    const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
-    const bool rows_on = blocks_.anchor[a], cols_on = blocks_.anchor[b] && a != b;
-    T* t = s.tile.data();
-    tile_distances(a, b, t);
-    constexpr T inf = std::numeric_limits<T>::infinity();
-    with_weight<T>(cfg_, [&](auto weight) {
-      const T ref = weight.ref(fixed_reference_distance());
-      T* cl = s.col_a.data();
-      T* cld = s.col_b.data();
-      std::fill(cl, cl + cb, T(0));
-      std::fill(cld, cld + cb, T(0));
-      for (int64_t r = 0; r < ra; ++r) {
-        const T* row = t + r * cb;
-        T ls = 0, lds = 0;
-        if (cols_on) {
-#pragma omp simd reduction(+ : ls, lds)
-          for (int64_t c = 0; c < cb; ++c) {
-            const T d = row[c];
-            const bool keep = d < inf;
-            const T e = keep ? weight(d, ref) : T(0), ed = keep ? e * d : T(0);
-            ls += e;
-            lds += ed;
-            cl[c] += e;
-            cld[c] += ed;
-          }
-        } else {
-#pragma omp simd reduction(+ : ls, lds)
-          for (int64_t c = 0; c < cb; ++c) {
-            const T d = row[c];
-            const bool keep = d < inf;
-            const T e = keep ? weight(d, ref) : T(0);
-            ls += e;
-            lds += keep ? e * d : T(0);
-          }
-        }
-        if (rows_on) {
-          l_[i0 + r] += ls;
-          ld_[i0 + r] += lds;
-        }
-      }
-      if (cols_on) {
-        for (int64_t c = 0; c < cb; ++c) {
-          l_[j0 + c] += cl[c];
-          ld_[j0 + c] += cld[c];
-        }
-      }
-    });
-  }
-
   // l_i += e^{t_ref − t(dmin_i)} Σ e: sums taken relative to the tile's reference, moved to the row's.
   void add_sums(int64_t i, T ls, T lds, double t_ref) {
     const double factor = std::exp(t_ref - log_weight(cfg_, dmin_[i]));
@@ -1275,9 +1226,9 @@ class Symmetric {
     }
   }
 
-  // d2 of a tile entry as pass 2 reads it: formed from S (SimCLR sets), or the masked
+  // d2 of a tile entry as the fused sweeps read it: formed from S (SimCLR sets), or the masked
   // distance tile_distances left (grouped: +inf outside the sweep, see `masked`).
-  static T pass2_distance(T nr, T nc, T s) {
+  static T swept_distance(T nr, T nc, T s) {
     if constexpr (kGrouped) {
       return s;
     } else {
@@ -1333,14 +1284,14 @@ class Symmetric {
         if (beta) {
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) {
-            const T d = pass2_distance(nr, nc[c], row[c]);
+            const T d = swept_distance(nr, nc[c], row[c]);
             const T e = weight(d, ref), sl = weight.slope(d);
             row[c] = masked(d, beta_log_weight(ri * e, sl, d, hi) + beta_log_weight(rc[c] * e, sl, d, hc[c]));
           }
         } else {
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) {
-            const T d = pass2_distance(nr, nc[c], row[c]);
+            const T d = swept_distance(nr, nc[c], row[c]);
             row[c] = masked(d, weight(d, ref) * (ri + rc[c]));
           }
         }
@@ -1359,7 +1310,7 @@ class Symmetric {
       const T si = sr[r], pi = pr[r], hi = hr[r], nr = half_[i0 + r];
 #pragma omp simd
       for (int64_t c = 0; c < cb; ++c) {
-        const T d = pass2_distance(nr, nc[c], row[c]);
+        const T d = swept_distance(nr, nc[c], row[c]);
         const T ei = si == T(0) ? T(0) : si * weight(d, pi);
         const T ej = sc[c] == T(0) ? T(0) : sc[c] * weight(d, pc[c]);
         T v;

@@ -553,3 +553,16 @@ def test_cuda_raw_grouped_op_rejects_groups_on_another_device():
             torch.zeros(6, dtype=torch.float64, device="cuda"), torch.full((6,), 4, dtype=torch.long, device="cuda"),
             "direct", 0.5, 4.0, 2.0, 0.0, True, True, True)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", QUEUE_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("unit,detach", [(True, True), (False, False)])
+@pytest.mark.parametrize("rule,eps", RULE_EPS)
+def test_cuda_labelled_queue_contract(gen, cuda_float32, layout, dtype, unit, detach, rule, eps):
+    """The raw CUDA op on the general contract (labelled queues, ignored columns, self columns)."""
+    spec = make_spec(rule, eps=eps, normalize=unit, detach_alpha=detach)
+    if beta_jumps_under_rounding(spec, dtype):
+        pytest.skip(SQUARE_BETA_IN_FLOAT64)
+    cols, m, row_ids, col_ids, self_col = contract_case_inputs(gen, layout, 9, unit)
+    check_contract(gen, cols, m, row_ids, col_ids, self_col, spec, dtype, device="cuda")

@@ -11,7 +11,7 @@
 #   3. bench      python bench/compare.py --device cuda --quick              bench.log, bench/
 #   4. roofline   the roofline model's predictions (docs/roofline.md) next to timings of the
 #                 same cases: fused triton, chunked, dense eager at M = 16384, 65536, D = 128,
-#                 bf16 and tf32 (fastalpha.backends.triton.roofline --measure)   roofline.log, .csv
+#                 bf16 and tf32 (bench.static.roofline --measure)   roofline.log, .csv
 #   5. train      python train/run.py --check-eager 20 (fused vs eager)      train.log, train/
 # and a summary (summary.txt, also printed) that ends with the roofline table, so the first GPU
 # run says at once how far off the model was. Exit status 0 only if every step passed.
@@ -97,7 +97,7 @@ if [ "$HAS_CUDA" = 1 ]; then
   # The timings stop after 60 s of measuring (a dense eager case that does not fit in memory is
   # reported as such); the step limit leaves room for compiling and autotuning the kernels.
   run_step roofline "$ROOFLINE_S" "$OUTDIR/roofline.log" \
-    "$PY" -m fastalpha.backends.triton.roofline --measure --budget 60 --csv "$OUTDIR/roofline.csv"
+    "$PY" -m bench.static.roofline --measure --budget 60 --csv "$OUTDIR/roofline.csv"
 
   DATASET=${GPU_CHECK_DATASET:-}
   BATCH=1024
@@ -117,7 +117,7 @@ if [ "$HAS_CUDA" = 1 ]; then
   SUMMARY+=("       (train check dataset: $DATASET)")
 else
   skip_step bench "no CUDA device"
-  run_step roofline 120 "$OUTDIR/roofline.log" "$PY" -m fastalpha.backends.triton.roofline --csv "$OUTDIR/roofline.csv"
+  run_step roofline 120 "$OUTDIR/roofline.log" "$PY" -m bench.static.roofline --csv "$OUTDIR/roofline.csv"
   skip_step train "no CUDA device"
 fi
 

@@ -5,6 +5,7 @@
     loss = fastalpha.alpha_cl_loss(z1, z2, **fastalpha.PAPER_LOSSES["nce"])
     loss = fastalpha.alpha_cl_loss(views, labels=y)              # V views (V, N, D) and SupCon labels
 """
+from . import _checkout  # noqa: F401  (first: a checkout's kernels/ as fastalpha.kernels)
 from . import ops as _ops  # registers the fastalpha::alpha_cl_fused custom op
 from .dispatch import available_backends
 from .distributed import alpha_cl_loss_distributed

@@ -9,16 +9,22 @@ def check_views(z1, z2, names=("z1", "z2")) -> None:
     for name, z in zip(names, (z1, z2)):
         _check_embedding(name, z, sizes=False)
     a, b = names
-    if z1.dtype != z2.dtype:
-        raise TypeError(f"{a} and {b} must have the same dtype, got {z1.dtype} and {z2.dtype}")
-    if z1.device != z2.device:
-        raise ValueError(f"{a} and {b} must be on the same device, got {z1.device} and {z2.device}")
-    if z1.shape != z2.shape:
-        raise ValueError(f"{a} and {b} must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    _check_alike(z1, a, z2, b)
     if z1.shape[0] == 0:
         raise ValueError(f"{a}/{b} need N >= 1 rows, got N = 0")
     if z1.shape[1] == 0:
         raise ValueError(f"{a}/{b} need D >= 1 columns, got D = 0")
+
+
+def _check_alike(first, a: str, view, b: str) -> None:
+    """Two views of one batch: one dtype, one device, one shape."""
+    if view.dtype != first.dtype:
+        raise TypeError(f"{a} and {b} must have the same dtype, got {first.dtype} and {view.dtype}")
+    if view.device != first.device:
+        raise ValueError(f"{a} and {b} must be on the same device, got {first.device} and {view.device}")
+    if view.shape != first.shape:
+        raise ValueError(f"{a} and {b} must have the same shape (views of one batch), got "
+                         f"{tuple(first.shape)} and {tuple(view.shape)}")
 
 
 def check_flag(name: str, value) -> bool:
@@ -64,24 +70,18 @@ def views_of(z1, z2, labels) -> tuple[list, list]:
         _check_embedding(name, view)
     first, a = views[0], names[0]
     for name, view in zip(names[1:], views[1:]):
-        if view.dtype != first.dtype:
-            raise TypeError(f"{a} and {name} must have the same dtype, got {first.dtype} and {view.dtype}")
-        if view.device != first.device:
-            raise ValueError(f"{a} and {name} must be on the same device, got {first.device} and {view.device}")
-        if view.shape != first.shape:
-            raise ValueError(f"{a} and {name} must have the same shape (views of one batch), got "
-                             f"{tuple(first.shape)} and {tuple(view.shape)}")
+        _check_alike(first, a, view, name)
     return views, names
 
 
-def check_labels(labels, n: int, m: int, device) -> None:
+def check_labels(labels, n: int, m: int, device, name: str = "labels") -> None:
     """labels: a 1-D integer tensor of length N (one per sample) or M (one per row), on the views' device."""
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] not in (n, m):
-        raise ValueError(f"labels must be 1-D of length N = {n} (one per sample) or M = {m} (one per row), "
-                         f"got shape {tuple(labels.shape)}")
+        lengths = f"K = {n}" if n == m else f"N = {n} (one per sample) or M = {m} (one per row)"
+        raise ValueError(f"{name} must be 1-D of length {lengths}, got shape {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(f"labels must be on the device of the embeddings ({device}), got {labels.device}")
+        raise ValueError(f"{name} must be on the device of the embeddings ({device}), got {labels.device}")

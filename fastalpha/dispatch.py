@@ -12,15 +12,15 @@ Every backend implements one contract (the kernel behind `fastalpha::alpha_cl_fu
     grad       (M, D) in z.dtype: ∂(Σ_i w_i loss_i)/∂Z (rows and columns), or (0, D) if not need_grad
 
     queue      (keyword, only when given) (K, D) extra negative rows; grad then has M + K rows
-    groups     (keyword, only when given) (M,) int64 group ids of the rows of Z: positives and
-               negatives from the groups (fastalpha.positives; negatives="all", any M ≥ 1; with a
-               queue only where the backend has `supports_group_queue = True`)
+    groups     (keyword, only when given) fastalpha.positives.Groups over the columns [Z; queue]:
+               positives and negatives from the groups (negatives="all", any M ≥ 1; row ids,
+               column ids with −1 for ignored columns, self columns, |P_i| and |J_i|)
 
 A backend module exposes `status() -> (available, reason)` and `alpha_cl_fused(...)` with the
 signature above, and optionally `supports(negatives, has_queue) -> (ok, reason)` when it
-computes more than the SimCLR negatives (every row but i and p(i), no queue),
-`supports_groups = True` when it takes group-defined positives, and `supports_group_queue = True`
-when its grouped kernel also takes queue columns with their own ids (the labelled queue). `backend="auto"` picks, for CUDA tensors, triton, then cuda, then chunked; for
+computes more than the SimCLR negatives (every row but i and p(i), no queue), and
+`supports_groups = True` when it takes group-defined positives (and `supports_grouped_queue =
+True` when also with queue columns: a labelled queue, a cross-batch memory). `backend="auto"` picks, for CUDA tensors, triton, then cuda, then chunked; for
 CPU tensors, cpp, then chunked (plain PyTorch, always there, so memory stays O(R·M) on a
 machine without a compiler or without Triton). An automatic fallback is logged once at INFO; an explicit
 backend that is unavailable raises with the reason.
@@ -68,14 +68,15 @@ def supports(name: str, negatives: str, has_queue: bool, has_groups: bool = Fals
     """(supported, reason) of a backend for a set of negatives (and group-defined positives).
 
     A backend module may define `supports(negatives, has_queue)`; one that does not computes
-    the SimCLR set only (negatives="all", no queue). Groups need `supports_groups = True`, groups
-    with a queue `supports_group_queue = True` as well.
+    the SimCLR set only (negatives="all", no queue). Groups need `supports_groups = True`.
     """
     module = _module(name)
     if has_groups and not getattr(module, "supports_groups", False):
         return False, f"the {name} backend has no group-defined positives (labels, more than two views)"
-    if has_groups and has_queue and not getattr(module, "supports_group_queue", False):
-        return False, f"the {name} backend has no labelled queue (group-defined positives with queue columns)"
+    if has_groups and has_queue and not getattr(module, "supports_grouped_queue", False):
+        return False, f"the {name} backend has no queue columns with group-defined positives (a labelled queue)"
+    if has_groups:
+        return True, ""
     if hasattr(module, "supports"):
         return module.supports(negatives, has_queue)
     if negatives == "all" and not has_queue:

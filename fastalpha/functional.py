@@ -38,6 +38,7 @@ def alpha_cl_loss(
     negatives: str = "all",
     queue: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    queue_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pair-weighted contrastive loss of the views of a batch, averaged over the anchors.
 
@@ -60,12 +61,16 @@ def alpha_cl_loss(
         negatives: the rows of Z that are negatives of anchor i: "all" (every row but i and
             p(i): SimCLR), "cross" (the other view's rows but p(i): CLIP's two towers, z1 and
             z2 may come from different encoders), "none" (only the queue: MoCo).
-        queue: optional (K, D) extra negatives shared by every anchor (a memory bank; see
+        queue: optional (K, D) extra columns shared by every anchor (a memory bank; see
             fastalpha.Queue). Normalised like z when normalize=True; never receives gradient.
+            Its rows are negatives of every anchor, unless `queue_labels` gives them labels.
         labels: optional integer class ids, of length N (one per sample, shared by its views)
             or M (one per row): the positives of a row are every other row with its label and
             its negatives every row with another label (SupCon). An anchor whose label occurs
             once has loss 0 (docs/design.md, "Positive sets").
+        queue_labels: with labels and a queue, the (K,) integer labels of the queue's rows: a
+            queue row is then a positive of every anchor with its label and a negative of every
+            other anchor (SupCon with a cross-batch memory).
 
     Returns the loss in the dtype of the views (computed in at least float32). An anchor set
     with no negatives (N = 1 without a queue, or one label for the whole batch) gives 0 with
@@ -78,8 +83,9 @@ def alpha_cl_loss(
         check_labels(labels, n, m, first.device)
     grouped = labels is not None or len(views) != 2
     if grouped:
-        check_grouped_setup(negatives, queue)
+        check_grouped_setup(negatives)
     check_queue(queue, first, negatives)
+    check_queue_labels(queue_labels, queue, labels, first.device)
     spec = make_spec(rule, temperature, p, gamma, eps, normalize, detach_alpha, negatives)
     check_reduction(reduction)
     learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
@@ -95,33 +101,52 @@ def alpha_cl_loss(
     name = dispatch.resolve_backend(backend, first.device, spec, queue is not None, grouped)
     tau = temperature if learnable else None
     if grouped:
-        ids = positives.label_groups(labels, n, len(views)) if labels is not None else positives.view_groups(n, len(views), first.device)
-        return grouped_loss_of_spec(views, ids, spec, reduction, name, tau)
+        groups = positives.Groups.of(row_groups(labels, n, len(views), first.device),
+                                     0 if queue is None else queue.shape[0], queue_labels)
+        return grouped_loss_of_spec(views, groups, spec, reduction, name, tau, queue)
     return loss_of_spec(views[0], views[1], spec, reduction, name, queue, tau)
 
 
-def check_grouped_setup(negatives: str, queue) -> None:
+def row_groups(labels, n: int, views: int, device) -> torch.Tensor:
+    """The group ids of the V·N stacked rows: their labels, or their sample without labels."""
+    return positives.label_groups(labels, n, views) if labels is not None else positives.view_groups(n, views, device)
+
+
+def check_grouped_setup(negatives: str) -> None:
     """Labels and more than two views define the negatives as the rows of the other groups:
-    they take negatives="all" and no queue (docs/design.md, "Positive sets")."""
+    they take negatives="all" (docs/design.md, "Positive sets")."""
     if negatives != "all":
         raise ValueError(f"labels / more than two views do not support negatives={negatives!r}: their negatives are "
                          "the rows of the other groups (negatives='all')")
-    if queue is not None:
-        raise ValueError("labels / more than two views do not support a queue (a queue's rows carry no labels); "
-                         "pass queue=None")
 
 
-def grouped_loss_of_spec(views: list, ids: torch.Tensor, spec: LossSpec, reduction: str, backend: str,
-                         temperature: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss with group-defined positives for validated views, the rows' group ids and a backend."""
-    groups = positives.Groups.of(ids)
-    if not groups.has_negatives() or not bool((groups.positive_count > 0).any()):
-        return no_negatives_loss(views, reduction)
+def check_queue_labels(queue_labels, queue, labels, device) -> None:
+    """queue_labels go with labels and a queue: a 1-D integer tensor of length K on the views' device.
+    A labelled batch needs a labelled queue (an unlabelled row's positives are unknown)."""
+    if queue_labels is None:
+        if labels is not None and queue is not None:
+            raise ValueError("labels with a queue need queue_labels= (the labels of the queue's K rows): an unlabelled "
+                             "queue row is neither known to be a positive nor a negative of a labelled anchor")
+        return
+    if labels is None:
+        raise ValueError("queue_labels= needs labels= for the batch (the queue's labels say which anchors they are "
+                         "positives of)")
+    if queue is None:
+        raise ValueError("queue_labels= needs a queue= (the rows those labels belong to)")
+    check_labels(queue_labels, queue.shape[0], queue.shape[0], device, name="queue_labels")
+
+
+def grouped_loss_of_spec(views: list, groups: positives.Groups, spec: LossSpec, reduction: str, backend: str,
+                         temperature: torch.Tensor | None = None, queue: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss with group-defined positives for validated views, their groups over [Z; queue]
+    and a backend. No host synchronisation (it traces under torch.compile): an anchor set
+    without a loss term gives 0 with a zero gradient inside the op."""
+    queue = reference.prepare_queue(queue, spec.unit_rows)
     if backend == "eager":
         eager_spec = spec if temperature is None else spec.with_(temperature=temperature)
-        return reference.grouped_alpha_cl_loss(views, groups.ids, eager_spec, reduction).to(views[0].dtype)
+        return reference.grouped_alpha_cl_loss(views, groups, eager_spec, reduction, queue).to(views[0].dtype)
     z1, z2, *more = views if len(views) > 1 else (views[0], None)
-    return FusedAlphaCL.apply(z1, z2, None, temperature, spec, reduction, backend, groups.ids, *more)
+    return FusedAlphaCL.apply(z1, z2, queue, temperature, spec, reduction, backend, groups, *more)
 
 
 def check_queue(queue, z1: torch.Tensor, negatives: str) -> None:

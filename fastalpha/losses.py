@@ -33,9 +33,9 @@ class AlphaCLLoss(torch.nn.Module):
         self.group = group
 
     def forward(self, z1, z2: torch.Tensor | None = None, queue: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, queue_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of two views (or V views, or one labelled view: see fastalpha.alpha_cl_loss),
-        with an optional (K, D) queue of extra negatives or integer `labels`."""
+        with an optional (K, D) queue, integer `labels` and the queue's `queue_labels`."""
         if self.gather_distributed:
             if labels is not None or z2 is None:
                 raise ValueError("gather_distributed=True does not support labels or more than two views: "
@@ -43,7 +43,7 @@ class AlphaCLLoss(torch.nn.Module):
             from .distributed import alpha_cl_loss_distributed
 
             return alpha_cl_loss_distributed(z1, z2, group=self.group, queue=queue, **self.kwargs)
-        return alpha_cl_loss(z1, z2, queue=queue, labels=labels, **self.kwargs)
+        return alpha_cl_loss(z1, z2, queue=queue, labels=labels, queue_labels=queue_labels, **self.kwargs)
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.kwargs.items() if v is not None}
@@ -101,11 +101,15 @@ class SupConLoss(torch.nn.Module):
         check_reduction(reduction)
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
 
-    def forward(self, embeddings, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings, labels: torch.Tensor, queue: torch.Tensor | None = None,
+                queue_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of labelled embeddings; with a (K, D) `queue` and its `queue_labels`, the
+        queue's rows are positives of the anchors with their label and negatives of the others."""
         if labels is None:
             raise ValueError("SupConLoss needs labels: the positives of a row are the rows with its label")
         return alpha_cl_loss(embeddings, rule="infonce", temperature=self.temperature, eps=1.0,
-                             reduction=self.reduction, backend=self.backend, labels=labels)
+                             reduction=self.reduction, backend=self.backend, labels=labels, queue=queue,
+                             queue_labels=queue_labels)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature!r}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -46,21 +46,33 @@ def alpha_cl_fused(
     negatives: str,
     need_grad: bool,
     backend: str,
-    groups: Optional[torch.Tensor] = None,
+    groups: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = LossSpec(rule, temperature, p, gamma, eps, detach_alpha, unit_rows, negatives)
+    group_sets = positives.Groups(*groups) if groups else None
+    if group_sets is not None and not bool(group_sets.has_loss[row_lo:row_hi].any()):
+        # No anchor in range has a positive and a negative: every loss is 0, and so is the
+        # gradient (the one host synchronisation of a grouped call; the kernels need not
+        # handle a batch without any pair).
+        return _no_loss(z, queue, row_lo, row_hi, need_grad)
     impl = dispatch.implementation(backend)
     # Only the set-ups a backend was asked for reach it as keywords: one without queues or
     # groups keeps the plain signature.
-    extra = {name: value for name, value in (("queue", queue), ("groups", groups)) if value is not None}
+    extra = {name: value for name, value in (("queue", queue), ("groups", group_sets)) if value is not None}
     loss_rows, grad = impl(z, spec, row_lo, row_hi, row_weight, need_grad, **extra)
     # A custom op may not return an alias of its input.
     return loss_rows.clone() if loss_rows is z else loss_rows, grad
 
 
+def _no_loss(z, queue, row_lo: int, row_hi: int, need_grad: bool):
+    rows = z.shape[0] + (0 if queue is None else queue.shape[0])
+    loss_rows = z.new_zeros((row_hi - row_lo,), dtype=torch.promote_types(z.dtype, torch.float32))
+    return loss_rows, z.new_zeros((rows, z.shape[1]) if need_grad else (0, z.shape[1]))
+
+
 @alpha_cl_fused.register_fake
 def _alpha_cl_fused_fake(z, queue, row_lo, row_hi, row_weight, rule, temperature, p, gamma, eps, detach_alpha, unit_rows,
-                         negatives, need_grad, backend, groups=None):
+                         negatives, need_grad, backend, groups):
     loss_rows = z.new_empty((row_hi - row_lo,), dtype=torch.promote_types(z.dtype, torch.float32))
     rows = z.shape[0] + (0 if queue is None else queue.shape[0])
     grad = z.new_empty((rows, z.shape[1]) if need_grad else (0, z.shape[1]))
@@ -68,12 +80,14 @@ def _alpha_cl_fused_fake(z, queue, row_lo, row_hi, row_weight, rule, temperature
 
 
 def call_fused(z: torch.Tensor, spec: LossSpec, backend: str, row_lo: int, row_hi: int, row_weight=None, need_grad=True,
-               queue: Optional[torch.Tensor] = None, groups: Optional[torch.Tensor] = None):
+               queue: Optional[torch.Tensor] = None, groups: Optional[positives.Groups] = None):
     """Call the custom op with a validated spec. With a queue, grad has M + K rows ([Z; queue]);
-    `groups` (M int64 group ids) takes the positives and negatives from groups."""
+    `groups` (fastalpha.positives.Groups over [Z; queue]) takes the positives and negatives from
+    groups. The op carries the groups' tensors, so they are computed once per call."""
     return torch.ops.fastalpha.alpha_cl_fused(
         z, queue, row_lo, row_hi, row_weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
-        spec.detach_alpha, spec.unit_rows, spec.negatives, need_grad, backend, groups,
+        spec.detach_alpha, spec.unit_rows, spec.negatives, need_grad, backend,
+        [] if groups is None else list(positives.groups_of(groups, 0 if queue is None else queue.shape[0]).tensors()),
     )
 
 
@@ -101,7 +115,7 @@ def differentiable_gradient(views, queue, temperature, spec: LossSpec, row_weigh
         if groups is None:
             rows = reference.loss_rows(z, spec, queue=queue)
         else:
-            rows = reference.grouped_loss_rows(z, spec, groups)
+            rows = reference.grouped_loss_rows(z, spec, groups, queue=queue)
         grads = torch.autograd.grad(rows, inputs, row_weight.to(rows.dtype), create_graph=True, allow_unused=True)
     return list(grads[:len(views)]), (grads[-1] if temperature is not None else None)
 
@@ -168,11 +182,13 @@ class FusedAlphaCL(torch.autograd.Function):
     Inputs: the views z1, z2 (N × D, raw; z2 is None for one labelled view) and any further
     views after the fixed arguments, queue (K × D, already prepared, or None, no gradient),
     temperature (None, or the learnable 0-dim τ whose value spec.temperature holds), groups
-    (None: z1 and z2 are partners; else the M rows' group ids, docs/design.md "Positive sets").
+    (None: z1 and z2 are partners; else fastalpha.positives.Groups over [Z; queue], docs/design.md
+    "Positive sets").
     Stacking, normalisation and its backward are fused here so that a call holds Z and the
     kernel's gradient G (M × D each) and no other M × D tensor: the backward works on G in
     place (once; a second backward of a retained graph recomputes G). With groups, "mean"
-    averages over the anchors that have a positive.
+    averages over the anchors that have a positive and a negative
+    (Groups.has_loss), counted as a tensor: no host synchronisation, so it traces.
 
     The losses are homogeneous of degree 0 in (Z, τ) jointly under Z → cZ, τ → c²τ (every d2
     difference is quadratic in the rows), so Euler's identity gives the temperature's gradient
@@ -191,8 +207,9 @@ class FusedAlphaCL(torch.autograd.Function):
         loss_rows, grad = call_fused(z, spec, backend, 0, m, None, needs_grad and reduction != "none", queue, groups)
         ctx.spec, ctx.reduction, ctx.backend = spec, reduction, backend
         ctx.has_z2, ctx.more_views = z2 is not None, len(more_views)
-        ctx.anchors = m if groups is None else int((positives.Groups.of(groups).positive_count > 0).sum())
-        ctx.save_for_backward(z, norms, queue, temperature, groups, *views)
+        ctx.anchors = m if groups is None else groups.anchor_count().clamp_min(1)
+        ctx.groups = groups
+        ctx.save_for_backward(z, norms, queue, temperature, *views)
         # Not saved for backward: the backward consumes it in place (see there).
         ctx.fused_grad = grad
         loss_rows = loss_rows.to(z.dtype)
@@ -200,11 +217,12 @@ class FusedAlphaCL(torch.autograd.Function):
             return loss_rows
         if reduction == "sum":
             return loss_rows.sum()
-        return loss_rows.mean() if groups is None else loss_rows.sum() / ctx.anchors
+        return loss_rows.mean() if groups is None else loss_rows.sum() / ctx.anchors.to(loss_rows.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, norms, queue, temperature, groups, *views = ctx.saved_tensors
+        z, norms, queue, temperature, *views = ctx.saved_tensors
+        groups = ctx.groups
         m = z.shape[0]
         stat = torch.promote_types(z.dtype, torch.float32)
         if ctx.reduction == "none":

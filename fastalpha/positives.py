@@ -35,40 +35,145 @@ import torch
 
 @dataclass(frozen=True)
 class Groups:
-    """The groups of the M rows of Z, as dense ids 0 … G−1 (`ids`, int64, on Z's device).
+    r"""The positive and negative sets of the anchors of Z over the columns [Z; Q].
 
-    `size[k]` is the size of row k's group, so |P_k| = size − 1 and |J_k| = M − size.
+    Every anchor row i of Z (M rows) has a group id `row_ids[i]` ≥ 0 and every column c of
+    [Z; Q] (M + K columns: the batch, then the queue or memory) an id `col_ids[c]`, with −1 for
+    a column that is nobody's positive or negative (an empty memory slot, or the batch rows when
+    they are anchors only). `self_col[i]` is the column that holds anchor i itself (i in every
+    public call; its copy in the memory for CrossBatchMemory; −1 for none). Then
+
+        P_i = {c : col_ids[c] = row_ids[i], c ≠ self_col[i]},    J_i = {c : col_ids[c] ≥ 0, col_ids[c] ≠ row_ids[i]}.
+
+    Ids are dense (0 … M + K − 1), so per-group sums are `index_add` into M + K + 1 slots, the
+    last one collecting the ignored columns. Everything here has static shapes and no host
+    synchronisation, so it traces under torch.compile. An anchor takes part in the loss only
+    if it has a positive and a negative (`has_loss`): that rule is decided here and nowhere
+    else, and "mean" divides by `has_loss.sum()`.
     """
 
-    ids: torch.Tensor
-    count: int
-    size: torch.Tensor
+    row_ids: torch.Tensor
+    col_ids: torch.Tensor
+    self_col: torch.Tensor
+    positive_count: torch.Tensor
+    negative_count: torch.Tensor
 
     @classmethod
-    def of(cls, ids: torch.Tensor) -> "Groups":
-        """Groups from any integer ids (relabelled densely; equal ids share a group)."""
-        unique, dense = torch.unique(ids, return_inverse=True)
-        size = torch.bincount(dense, minlength=unique.numel())[dense]
-        return cls(ids=dense.to(torch.int64), count=int(unique.numel()), size=size)
+    def of(cls, labels: torch.Tensor, queue_rows: int = 0, queue_labels: torch.Tensor | None = None,
+           queue_valid: torch.Tensor | None = None, batch_columns: bool = True,
+           self_col: torch.Tensor | None = None) -> "Groups":
+        """Groups from any integer ids of the M batch rows (equal ids share a group).
+
+        `queue_labels` (K,) puts queue rows into the batch's groups; without them every queue
+        row is a group of its own (a negative of every anchor). `queue_valid` (K, bool) marks
+        the memory slots that hold a row (the others are ignored). `batch_columns=False` makes
+        the batch rows anchors only; `self_col` overrides the anchors' own columns.
+        """
+        m = labels.shape[0]
+        device = labels.device
+        if queue_labels is None:
+            dense = dense_ids(labels)
+            queue_ids = m + torch.arange(queue_rows, device=device)
+        else:
+            both = dense_ids(torch.cat([labels, queue_labels.to(labels.dtype)]))
+            dense, queue_ids = both[:m], both[m:]
+        if queue_valid is not None:
+            queue_ids = torch.where(queue_valid, queue_ids, torch.full_like(queue_ids, -1))
+        batch_ids = dense if batch_columns else torch.full_like(dense, -1)
+        col_ids = torch.cat([batch_ids, queue_ids])
+        own = torch.arange(m, device=device) if self_col is None else self_col.to(device=device, dtype=torch.int64)
+        return cls.from_ids(dense, col_ids, own)
+
+    @classmethod
+    def from_ids(cls, row_ids: torch.Tensor, col_ids: torch.Tensor, self_col: torch.Tensor) -> "Groups":
+        """Groups of dense ids (as built by `of`), with the sizes of the sets counted."""
+        columns = col_ids.shape[0]
+        slots = torch.zeros(columns + 1, dtype=torch.int64, device=col_ids.device)
+        slots.index_add_(0, _slot(col_ids, columns), torch.ones_like(col_ids))
+        same = slots[row_ids]
+        valid_columns = columns - slots[columns]
+        positive = same - _self_in_group(row_ids, col_ids, self_col).to(torch.int64)
+        return cls(row_ids, col_ids, self_col, positive, valid_columns - same)
 
     @property
-    def positive_count(self) -> torch.Tensor:
-        """|P_k| per row (int64)."""
-        return self.size - 1
+    def rows(self) -> int:
+        return self.row_ids.shape[0]
 
     @property
-    def negative_count(self) -> torch.Tensor:
-        """|J_k| per row (int64): the rows of the other groups."""
-        return self.ids.numel() - self.size
+    def columns(self) -> int:
+        return self.col_ids.shape[0]
 
-    def has_negatives(self) -> bool:
-        """Whether any anchor has a negative, i.e. there are two groups or more."""
-        return self.count > 1
+    @property
+    def has_loss(self) -> torch.Tensor:
+        """(M,) bool: the anchors with a positive and a negative, the only ones with a loss term."""
+        return (self.positive_count > 0) & (self.negative_count > 0)
+
+    def anchor_count(self) -> torch.Tensor:
+        """The number of anchors with a loss term (0-dim int64 tensor): the divisor of "mean"."""
+        return self.has_loss.sum()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields, in order (what the custom op carries)."""
+        return self.row_ids, self.col_ids, self.self_col, self.positive_count, self.negative_count
+
+    def masks(self, row_lo: int = 0, row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense boolean (R, M + K) masks (P_i, J_i) of the anchors [row_lo, row_hi): O(R·(M + K)),
+        for the dense reference and the chunked loop."""
+        row_hi = self.rows if row_hi is None else row_hi
+        ids = self.row_ids[row_lo:row_hi, None]
+        cols = torch.arange(self.columns, device=self.col_ids.device)[None, :]
+        same = self.col_ids[None, :] == ids
+        positives = same & (cols != self.self_col[row_lo:row_hi, None])
+        negatives = (self.col_ids[None, :] >= 0) & ~same
+        return positives, negatives
 
     def sums(self, values: torch.Tensor) -> torch.Tensor:
-        """Σ over the rows of each group of `values` (M, ...) → (G, ...)."""
-        out = values.new_zeros((self.count,) + tuple(values.shape[1:]))
-        return out.index_add_(0, self.ids, values)
+        """Σ over the columns of each group of `values` ((M + K), ...) → (M + K + 1, ...); the
+        last slot collects the ignored columns."""
+        out = values.new_zeros((self.columns + 1,) + tuple(values.shape[1:]))
+        return out.index_add_(0, _slot(self.col_ids, self.columns), values)
+
+    def anchor_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ over the anchors of each group of `values` (M, ...) → (M + K + 1, ...)."""
+        out = values.new_zeros((self.columns + 1,) + tuple(values.shape[1:]))
+        return out.index_add_(0, self.row_ids, values)
+
+    def own_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, counted): each anchor's self column (clamped to a valid index) and whether it
+        lies in the anchor's group, i.e. is taken out of the group's sums for P_i."""
+        counted = _self_in_group(self.row_ids, self.col_ids, self.self_col)
+        return self.self_col.clamp_min(0), counted
+
+
+def _slot(col_ids: torch.Tensor, columns: int) -> torch.Tensor:
+    """Sum slot of each column: its id, or the last slot for an ignored column."""
+    return torch.where(col_ids >= 0, col_ids, torch.full_like(col_ids, columns))
+
+
+def _self_in_group(row_ids: torch.Tensor, col_ids: torch.Tensor, self_col: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: anchor i's self column exists and carries its group id."""
+    own = col_ids[self_col.clamp_min(0)]
+    return (self_col >= 0) & (own == row_ids)
+
+
+def dense_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Ids relabelled 0 … G − 1 (in sorted order), equal ids equal: a sort and a cumulative sum,
+    static shapes and no host synchronisation (unlike torch.unique)."""
+    ids = ids.to(torch.int64)
+    if ids.numel() == 0:
+        return ids
+    ordered, order = torch.sort(ids)
+    starts = torch.ones_like(ordered)
+    starts[1:] = (ordered[1:] != ordered[:-1]).to(torch.int64)
+    return torch.empty_like(ids).scatter_(0, order, starts.cumsum(0) - 1)
+
+
+def groups_of(groups, queue_rows: int = 0) -> Groups:
+    """`groups` as Groups: a Groups passes through; a tensor of the M rows' ids becomes their
+    groups, with `queue_rows` unlabelled queue rows (negatives of every anchor)."""
+    if isinstance(groups, Groups):
+        return groups
+    return Groups.of(groups, queue_rows)
 
 
 def view_groups(n: int, views: int, device=None) -> torch.Tensor:
@@ -81,58 +186,69 @@ def label_groups(labels: torch.Tensor, n: int, views: int) -> torch.Tensor:
     return labels.repeat(views) if labels.shape[0] == n and views > 1 else labels
 
 
-def mean_positive_distance(z: torch.Tensor, groups: Groups, row_lo: int, row_hi: int, unit_rows: bool,
+def mean_positive_distance(cols: torch.Tensor, groups: Groups, row_lo: int, row_hi: int, unit_rows: bool,
                            dtype: torch.dtype) -> torch.Tensor:
     r"""d̄2_i for the anchors [row_lo, row_hi), in `dtype`; 0 for an anchor without positives.
 
-    From group sums: Σ_{p∈P_i} z_i·z_p = z_i·(S_{g_i} − z_i) and, with norms n_k = ||z_k||²,
-    Σ_{p∈P_i} (n_i + n_p)/2 = (|P_i| n_i + N_{g_i} − n_i)/2, N_g = Σ_{k∈g} n_k. For unit rows
-    n = 1, so d̄2_i = 1 − z_i·(S_{g_i} − z_i)/|P_i|. Clamped at 0 like every distance.
+    `cols` is [Z; Q] ((M + K) × D; the anchors are its first M rows). From group sums over the
+    columns, minus the anchor's own column where it is in the group:
+    Σ_{p∈P_i} z_i·c_p = z_i·(S_{g_i} − c_{s(i)}) and, with norms n_c = ||c||²,
+    Σ_{p∈P_i} (n_i + n_p)/2 = (|P_i| n_i + N_{g_i} − n_{s(i)})/2. For unit rows n = 1, so
+    d̄2_i = 1 − z_i·(S_{g_i} − c_{s(i)})/|P_i|. Clamped at 0 like every distance.
     """
-    zs = z.to(dtype)
-    rows = zs[row_lo:row_hi]
-    ids = groups.ids[row_lo:row_hi]
+    cs = cols.to(dtype)
+    rows = cs[row_lo:row_hi]
+    ids = groups.row_ids[row_lo:row_hi]
+    own, counted = (t[row_lo:row_hi] for t in groups.own_columns())
+    counted = counted.to(dtype)
     count = groups.positive_count[row_lo:row_hi].to(dtype)
     safe = count.clamp_min(1)
-    partner_sum = groups.sums(zs)[ids] - rows
-    dots = (rows * partner_sum).sum(1)
+    positive_sum = groups.sums(cs)[ids] - counted[:, None] * cs[own]
+    dots = (rows * positive_sum).sum(1)
     if unit_rows:
         d2 = 1 - dots / safe
     else:
-        norms = zs.square().sum(1)
-        norm_sums = groups.sums(norms)[ids] - norms[row_lo:row_hi]
+        norms = cs.square().sum(1)
+        norm_sums = groups.sums(norms)[ids] - counted * norms[own]
         d2 = norms[row_lo:row_hi] / 2 + norm_sums / (2 * safe) - dots / safe
     return torch.where(count > 0, d2.clamp_min(0), torch.zeros_like(d2))
 
 
-def add_positive_pull_(grad: torch.Tensor, z: torch.Tensor, groups: Groups, pull: torch.Tensor, row_lo: int,
+def add_positive_pull_(grad: torch.Tensor, cols: torch.Tensor, groups: Groups, pull: torch.Tensor, row_lo: int,
                        unit_rows: bool) -> torch.Tensor:
-    r"""In place: grad[:M] += ∂/∂Z of Σ_i a_i d̄2_i over the anchors i ∈ [row_lo, row_lo + R).
+    r"""In place: grad ((M + K) × D, over [Z; Q]) += ∂/∂[Z; Q] of Σ_i a_i d̄2_i over the anchors
+    i ∈ [row_lo, row_lo + R).
 
     `pull` (R,) holds a_i (w_i A_i, the weight of d̄2_i in the weighted loss); each positive pair
-    then carries u_i = a_i / |P_i| (0 without positives). With ∂d2_ip/∂z_i = z_i − z_p
-    (−z_p for unit rows, whose terms in z_i itself drop out) and U_g = Σ_{i∈g} u_i z_i,
-    Ū_g = Σ_{i∈g} u_i over the anchors:
+    then carries u_i = a_i / |P_i| (0 without positives). With ∂d2_ip/∂z_i = z_i − c_p,
+    ∂d2_ip/∂c_p = c_p − z_i (the terms in a row's own norm drop out for unit rows), the anchor
+    side and the column side are group sums over the anchors (U_g = Σ_{i∈g} u_i z_i,
+    Ū_g = Σ_{i∈g} u_i) and over the columns (S_g), less each anchor's own column s(i):
 
-        unit rows:  G_k −= u_k (S_{g_k} − z_k) + (U_{g_k} − u_k z_k)
-        otherwise:  G_k += u_k (|P_k| z_k − (S_{g_k} − z_k)) + (Ū_{g_k} − u_k) z_k − (U_{g_k} − u_k z_k)
+        anchor i:  −u_i (S_{g_i} − c_{s(i)})          (+ u_i |P_i| z_i without unit rows)
+        column c:  −(U_{g_c} − u_{o(c)} z_{o(c)})     (+ (Ū_{g_c} − u_{o(c)}) c without unit rows)
 
-    With two views (groups of two) this is the partner term of the SimCLR gradient.
+    where o(c) is the anchor whose own column c is. With two views (groups of two) this is the
+    partner term of the SimCLR gradient.
     """
-    m = groups.ids.numel()
+    m = groups.rows
     stat = grad.dtype
-    zs = z[:m].to(stat)
+    cs = cols.to(stat)
+    zs = cs[:m]
     rows = slice(row_lo, row_lo + pull.shape[0])
     count = groups.positive_count.to(stat)
-    u = torch.zeros(m, dtype=stat, device=z.device)
+    u = torch.zeros(m, dtype=stat, device=cols.device)
     u[rows] = torch.where(count[rows] > 0, pull.to(stat) / count[rows].clamp_min(1), torch.zeros_like(pull, dtype=stat))
-    ids = groups.ids
+    own, counted = groups.own_columns()
+    owner_u = torch.where(counted, u, torch.zeros_like(u))
     uz = u[:, None] * zs
-    others = groups.sums(zs)[ids] - zs              # Σ_{p∈P_k} z_p
-    pulled = groups.sums(uz)[ids] - uz              # Σ_{i: k∈P_i} u_i z_i
-    if unit_rows:
-        grad[:m] -= u[:, None] * others + pulled
-    else:
-        pulled_weight = groups.sums(u)[ids] - u     # Σ_{i: k∈P_i} u_i
-        grad[:m] += u[:, None] * (count[:, None] * zs - others) + pulled_weight[:, None] * zs - pulled
+    slot = _slot(groups.col_ids, groups.columns)
+    positive_sum = groups.sums(cs)[groups.row_ids] - counted.to(stat)[:, None] * cs[own]   # Σ_{p∈P_i} c_p
+    pulled = groups.anchor_sums(uz)[slot].index_add_(0, own, -owner_u[:, None] * zs)       # Σ_{i: c∈P_i} u_i z_i
+    grad[:m] -= u[:, None] * positive_sum
+    if not unit_rows:
+        grad[:m] += (u * count)[:, None] * zs
+        pulled_weight = groups.anchor_sums(u)[slot].index_add_(0, own, -owner_u)             # Σ_{i: c∈P_i} u_i
+        grad += pulled_weight[:, None] * cs
+    grad -= pulled
     return grad

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .positives import groups_of
 from .rules import LossSpec
 
 
@@ -296,27 +297,19 @@ def closed_form_gradient(z: torch.Tensor, params: LossSpec, row_weight: torch.Te
     return rows, grad * params.grad_scale
 
 
-# Positive sets from groups (labels, or more than two views): docs/design.md, "Positive sets".
-# P_i = {j ≠ i : g_j = g_i}, J_i = {j : g_j ≠ g_i}, d̄2_i = mean_{p∈P_i} d2_ip; an anchor without
-# a positive (or, with a single group, without a negative) has loss 0 and no gradient term.
+# Positive sets from groups (labels, or more than two views, with or without a queue):
+# docs/design.md, "Positive sets". The columns are [Z; Q]; fastalpha.positives.Groups says which
+# column is a positive (P_i) or a negative (J_i) of each anchor; d̄2_i = mean_{p∈P_i} d2_ip; an
+# anchor without a positive or without a negative has loss 0 and no gradient term.
 
 
-def group_masks(groups: torch.Tensor, row_lo: int = 0, row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (R, M) masks (P_i, J_i) of the anchors [row_lo, row_hi) from the rows' group ids."""
-    m = groups.shape[0]
-    row_hi = m if row_hi is None else row_hi
-    same = groups[row_lo:row_hi, None] == groups[None, :]
-    not_self = torch.arange(row_lo, row_hi, device=groups.device)[:, None] != torch.arange(m, device=groups.device)[None, :]
-    return same & not_self, ~same
-
-
-def _grouped_block(z: torch.Tensor, params: LossSpec, groups: torch.Tensor, row_lo: int, row_hi: int):
-    """The anchors of [row_lo, row_hi) that have a positive and a negative, and their pair block:
-    (index within the range, d2, P mask, J mask, d̄2)."""
-    positives, negatives = group_masks(groups, row_lo, row_hi)
+def _grouped_block(z: torch.Tensor, queue, params: LossSpec, groups, row_lo: int, row_hi: int):
+    """The anchors of [row_lo, row_hi) that have a positive and a negative, and their pair block
+    against the columns [Z; Q]: (index within the range, d2, P mask, J mask, d̄2)."""
+    positives, negatives = groups.masks(row_lo, row_hi)
     active = torch.nonzero(positives.any(1) & negatives.any(1))[:, 0]
     positives, negatives = positives[active], negatives[active]
-    d2 = squared_distances(z[row_lo + active], z, params.unit_rows)
+    d2 = squared_distances(z[row_lo + active], column_rows(z, queue), params.unit_rows)
     d2_pos = torch.where(positives, d2, torch.zeros_like(d2)).sum(1) / positives.sum(1).to(d2.dtype)
     return active, d2, positives, negatives, d2_pos
 
@@ -330,19 +323,21 @@ def _grouped_infonce_logits(d2, d2_pos, positives, negatives, params: LossSpec) 
     return logits
 
 
-def grouped_loss_rows(z: torch.Tensor, params: LossSpec, groups: torch.Tensor, row_lo: int = 0,
-                      row_hi: int | None = None) -> torch.Tensor:
-    r"""Per-anchor losses with positives and negatives from group ids (Z already normalised).
+def grouped_loss_rows(z: torch.Tensor, params: LossSpec, groups, row_lo: int = 0, row_hi: int | None = None,
+                      queue: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Per-anchor losses with positives and negatives from groups (Z and Q already normalised).
 
         loss_i = Σ_{j∈J_i} α_ij (d̄2_i − d2_ij)                                   (every rule but infonce)
         loss_i = log(ε Σ_{p∈P_i} e^{(d̄2_i − d2_ip)/τ} + Σ_{j∈J_i} e^{(d̄2_i − d2_ij)/τ})   (infonce)
 
-    with α from the rule over J_i (|J_i| per anchor), and 0 for an anchor without a positive
-    or without a negative. Differentiable (the oracle's gradient is autograd of this).
+    over the columns [Z; Q], with α from the rule over J_i (|J_i| per anchor), and 0 for an
+    anchor without a positive or without a negative. Differentiable in Z (the queue is a
+    constant; the oracle's gradient is autograd of this).
     """
     m = z.shape[0]
     row_hi = m if row_hi is None else row_hi
-    active, d2, positives, negatives, d2_pos = _grouped_block(z, params, groups, row_lo, row_hi)
+    groups = groups_of(groups, 0 if queue is None else queue.shape[0])
+    active, d2, positives, negatives, d2_pos = _grouped_block(z, queue, params, groups, row_lo, row_hi)
     if params.rule == "infonce":
         values = torch.logsumexp(_grouped_infonce_logits(d2, d2_pos, positives, negatives, params), 1)
     else:
@@ -354,25 +349,29 @@ def grouped_loss_rows(z: torch.Tensor, params: LossSpec, groups: torch.Tensor, r
     return out.index_put((active,), values, accumulate=True)
 
 
-def grouped_closed_form_gradient(z: torch.Tensor, params: LossSpec, groups: torch.Tensor,
-                                 row_weight: torch.Tensor | None = None, row_lo: int = 0,
-                                 row_hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-anchor losses and ∂(Σ_i w_i loss_i)/∂Z with group-defined positives, in closed form.
+def grouped_closed_form_gradient(z: torch.Tensor, params: LossSpec, groups, row_weight: torch.Tensor | None = None,
+                                 row_lo: int = 0, row_hi: int | None = None,
+                                 queue: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-anchor losses and ∂(Σ_i w_i loss_i)/∂[Z; Q] with group-defined positives, in closed form.
 
-    With c_ij = w_i ∂loss_i/∂d2_ij for every pair of an anchor in range,
+    With c_ij = w_i ∂loss_i/∂d2_ij for every pair of an anchor in range and a column j,
 
-        G_i += Σ_j c_ij ∂d2_ij/∂z_i,   G_j += Σ_i c_ij ∂d2_ij/∂z_j,
+        G_i += Σ_j c_ij ∂d2_ij/∂z_i,   G_j += Σ_i c_ij ∂d2_ij/∂c_j,
 
-    ∂d2_ij/∂z_i = z_i − z_j (−z_j for unit rows). The coefficients:
+    ∂d2_ij/∂z_i = z_i − c_j (−c_j for unit rows). The coefficients:
       * every rule but infonce: c_ij = −w_i ω_ij on J_i (ω = α, or β with detach_alpha=False)
         and c_ip = w_i A_i / |P_i| on P_i (A_i = Σ_j α_ij, the weight of d̄2_i);
       * infonce: c_ij = −w_i α_ij / τ on J_i and c_ip = w_i (1/|P_i| − π_ip) / τ on P_i, where
         α_ij = e^{(d̄2_i − d2_ij)/τ} / (εη_i + ξ_i) and π_ip = ε e^{(d̄2_i − d2_ip)/τ} / (εη_i + ξ_i).
-    Dense, O(R·M): the eager backend with groups, checked against autograd in the tests.
+    The queue's rows get their column side too (as if Q were differentiable: the temperature's
+    gradient uses it). Dense, O(R·(M + K)): the eager backend with groups, checked against
+    autograd in the tests.
     """
     m = z.shape[0]
     row_hi = m if row_hi is None else row_hi
-    active, d2, positives, negatives, d2_pos = _grouped_block(z, params, groups, row_lo, row_hi)
+    groups = groups_of(groups, 0 if queue is None else queue.shape[0])
+    cols = column_rows(z, queue)
+    active, d2, positives, negatives, d2_pos = _grouped_block(z, queue, params, groups, row_lo, row_hi)
     count = positives.sum(1, keepdim=True).to(z.dtype)
     if params.rule == "infonce":
         logits = _grouped_infonce_logits(d2, d2_pos, positives, negatives, params)
@@ -388,25 +387,27 @@ def grouped_closed_form_gradient(z: torch.Tensor, params: LossSpec, groups: torc
         coef = coef * row_weight.to(z.dtype)[active][:, None]
     rows = torch.zeros(row_hi - row_lo, dtype=z.dtype, device=z.device).index_put_((active,), values)
     z_rows = z[row_lo + active]
-    row_side = -(coef @ z)
+    row_side = -(coef @ cols)
     column_side = -(coef.T @ z_rows)
     if not params.unit_rows:
         row_side += coef.sum(1, keepdim=True) * z_rows
-        column_side += coef.sum(0)[:, None] * z
+        column_side += coef.sum(0)[:, None] * cols
     grad = column_side.index_add_(0, row_lo + active, row_side)
     return rows, grad
 
 
-def grouped_alpha_cl_loss(views: list[torch.Tensor], groups: torch.Tensor, params: LossSpec, reduction="mean"):
-    """The loss of V stacked views with group-defined positives, by dense autograd.
-
-    "mean" averages over the anchors that have a positive (SupCon's convention); 0 if none has.
+def grouped_alpha_cl_loss(views: list[torch.Tensor], groups, params: LossSpec, reduction="mean", queue=None):
+    """The loss of V stacked views with group-defined positives (and a prepared queue), by
+    dense autograd. "mean" averages over the anchors that have a positive and a negative
+    (SupCon's convention); 0 if none has.
     """
     z = torch.cat(views, 0)
     if params.unit_rows:
         z = torch.nn.functional.normalize(z, dim=1)
-    rows = grouped_loss_rows(z, params, groups)
+    groups = groups_of(groups, 0 if queue is None else queue.shape[0])
+    rows = grouped_loss_rows(z, params, groups, queue=queue)
     if reduction == "mean":
-        anchors = group_masks(groups)[0].any(1).sum()
+        positives, negatives = groups.masks()
+        anchors = (positives.any(1) & negatives.any(1)).sum()
         return rows.sum() / anchors.clamp_min(1).to(rows.dtype)
     return reduce_rows(rows, reduction)

@@ -151,22 +151,35 @@ def square_gradient(z1, z2, tau, detach_alpha, normalize, weights=None, inclusiv
     return grad[: m // 2], grad[m // 2:]
 
 
-def grouped_loss_rows(z, groups, rule, tau, p=4.0, gamma=2.0, eps=0.0, normalize=True):
-    """Per-row losses with positives P_i = {j ≠ i : g_j = g_i} and negatives J_i = {j : g_j ≠ g_i}.
+def grouped_loss_rows(z, groups, rule, tau, p=4.0, gamma=2.0, eps=0.0, normalize=True, queue=None, queue_groups=None,
+                      batch_columns=True, self_columns=None):
+    """Per-row losses with positives and negatives from groups, over the columns [Z; Q].
 
-    Straight from docs/design.md ("Positive sets"), in loops: d̄2_i is the mean of d2_ip over
-    P_i; every rule but infonce has loss_i = Σ_{j∈J_i} α_ij (d̄2_i − d2_ij) with α over J_i
-    (|J_i| = the number of rows of other groups), infonce has
+    Straight from docs/design.md ("Positive sets"), in loops. The columns are the M rows of z
+    (unless `batch_columns` is False: then they are anchors only) and the K rows of `queue`;
+    `queue_groups[k]` is the group of queue row k, None for an ignored row (nobody's positive
+    or negative); without `queue_groups` every queue row is nobody's positive. Anchor i's own
+    column is i, or `self_columns[i]` (None: no own column). P_i = the columns of i's group but
+    its own, J_i = the columns of the other groups; d̄2_i is the mean of d2_ip over P_i; every
+    rule but infonce has loss_i = Σ_{j∈J_i} α_ij (d̄2_i − d2_ij) with α over J_i, infonce has
     loss_i = log(ε Σ_{p∈P_i} e^{(d̄2_i − d2_ip)/τ} + Σ_{j∈J_i} e^{(d̄2_i − d2_ij)/τ}); an anchor
     without a positive or without a negative has loss 0.
     """
     z = np.asarray(z, dtype=np.float64)
     m = len(z)
-    d2 = distances(z, normalize)
+    queue = np.zeros((0, z.shape[1])) if queue is None else np.asarray(queue, dtype=np.float64)
+    cols = np.concatenate([z, queue])
+    d2 = distances(cols, normalize)
+    ignored = object()
+    unique = [("queue row", k) for k in range(len(queue))]
+    col_groups = [groups[j] if batch_columns else ignored for j in range(m)]
+    col_groups += [unique[k] if queue_groups is None else (ignored if queue_groups[k] is None else queue_groups[k])
+                   for k in range(len(queue))]
     out = []
     for i in range(m):
-        pos = [j for j in range(m) if j != i and groups[j] == groups[i]]
-        neg = [j for j in range(m) if groups[j] != groups[i]]
+        own = i if self_columns is None else self_columns[i]
+        pos = [j for j in range(len(cols)) if j != own and col_groups[j] is not ignored and col_groups[j] == groups[i]]
+        neg = [j for j in range(len(cols)) if col_groups[j] is not ignored and col_groups[j] != groups[i]]
         if not pos or not neg:
             out.append(0.0)
             continue

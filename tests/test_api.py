@@ -163,8 +163,14 @@ def test_custom_op_opcheck(gen):
     """torch.library.opcheck: schema, fake (meta) implementation and dispatch are consistent."""
     z = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     for need_grad in (True, False):
-        args = (z, None, 0, 8, None, "direct", 0.5, 4.0, 2.0, 0.0, True, False, "all", need_grad, "eager")
+        args = (z, None, 0, 8, None, "direct", 0.5, 4.0, 2.0, 0.0, True, False, "all", need_grad, "eager", [])
         torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, args, test_utils=("test_schema", "test_faketensor"))
     weight = torch.rand(5, generator=gen, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, (z, None, 2, 7, weight, "square", 5.0, 4.0, 2.0, 0.0, False, True, "all", True, "eager"),
+    torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, (z, None, 2, 7, weight, "square", 5.0, 4.0, 2.0, 0.0, False, True, "all", True, "eager", []),
                           test_utils=("test_schema", "test_faketensor"))
+    # Groups over [Z; queue] (a labelled queue): the fake gives the (M + K)-row gradient too.
+    queue = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    groups = fastalpha.positives.Groups.of(torch.tensor([0, 1, 0, 2, 1, 1, 0, 2]), 5, torch.tensor([2, 0, 9, 1, 0]))
+    for backend in ("eager", "chunked"):
+        args = (z, queue, 1, 6, weight, "infonce", 0.5, 4.0, 2.0, 1.0, True, True, "all", True, backend, list(groups.tensors()))
+        torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -233,7 +233,7 @@ def test_raw_op_rejects_unknown_rule(backend):
     name, device = backend
     z = torch.randn(6, 3, dtype=F64, device=device)
     with pytest.raises(ValueError, match="unknown rule"):
-        torch.ops.fastalpha.alpha_cl_fused(z, None, 0, 6, None, "drect", 0.5, 4.0, 2.0, 0.0, True, True, "all", True, name)
+        torch.ops.fastalpha.alpha_cl_fused(z, None, 0, 6, None, "drect", 0.5, 4.0, 2.0, 0.0, True, True, "all", True, name, [])
 
 
 # ----------------------------------------------------------------------------- ε reaches the kernel

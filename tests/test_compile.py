@@ -101,5 +101,75 @@ def test_opcheck_custom_op(gen, backend, rule, detach_alpha, unit_rows, weighted
     if unit_rows:
         z = torch.nn.functional.normalize(z, dim=1)
     weight = torch.rand(4, generator=gen).to(DEVICE) if weighted else None
-    args = (z, None, 1, 5, weight, rule, 0.5, 4.0, 2.0, 0.0, detach_alpha, unit_rows, "all", need_grad, backend)
+    args = (z, None, 1, 5, weight, rule, 0.5, 4.0, 2.0, 0.0, detach_alpha, unit_rows, "all", need_grad, backend, [])
     torch.library.opcheck(torch.ops.fastalpha.alpha_cl_fused.default, args)
+
+
+# ----------------------------------------------------------------------------- groups
+# Labels, V ≥ 3 views and a labelled queue: the groups are built with static shapes and no host
+# read (fastalpha.positives.Groups), so these calls trace into one graph, and a graph compiled
+# once serves every label assignment of the same shapes.
+
+GROUPED_BACKENDS = ["chunked", "cpp"]
+
+
+def _grouped_calls(gen, backend):
+    """name → (loss function, inputs needing gradients, other inputs, a fresh draw of the labels)."""
+    z = torch.randn(14, 6, generator=gen).to(DEVICE)
+    views = torch.randn(3, 5, 6, generator=gen).to(DEVICE)
+    queue = torch.randn(9, 6, generator=gen).to(DEVICE)
+
+    def labels(k=14):
+        return torch.randint(0, 4, (k,), generator=gen).to(DEVICE)
+
+    return {
+        "supcon": (lambda z, y: fastalpha.SupConLoss(0.1, backend=backend)(z, y), (z,), lambda: (labels(),)),
+        "labels": (lambda z, y: fastalpha.alpha_cl_loss(z, labels=y, rule="direct", backend=backend), (z,),
+                   lambda: (labels(),)),
+        "views": (lambda v: fastalpha.alpha_cl_loss(v, rule="square", backend=backend), (views,), lambda: ()),
+        "labelled-queue": (lambda z, y, q, yq: fastalpha.alpha_cl_loss(z, labels=y, queue=q, queue_labels=yq,
+                                                                       rule="infonce", backend=backend),
+                           (z,), lambda: (labels(), queue, labels(9))),
+        "views-queue": (lambda v, q: fastalpha.alpha_cl_loss(v, queue=q, rule="entropy", backend=backend), (views,),
+                        lambda: (queue,)),
+    }
+
+
+def _grouped_backend(name):
+    ok, reason = fastalpha.dispatch.backend_status(name, torch.device("cpu"))
+    if not ok:
+        pytest.skip(reason)
+    return name
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("call", ["supcon", "labels", "views", "labelled-queue", "views-queue"])
+def test_grouped_calls_trace_without_graph_break(gen, backend, call):
+    fn, leaves, rest = _grouped_calls(gen, _grouped_backend(backend))[call]
+    if "queue" in call and not fastalpha.dispatch.supports(backend, "all", True, True)[0]:
+        backend = "chunked"
+        fn, leaves, rest = _grouped_calls(gen, backend)[call]
+    explanation = torch._dynamo.explain(fn)(*leaves, *rest())
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    ops = [str(node.target) for graph in explanation.graphs for node in graph.graph.nodes]
+    assert "fastalpha.alpha_cl_fused" in ops, ops
+
+
+@pytest.mark.parametrize("call", ["supcon", "labels", "views", "labelled-queue", "views-queue"])
+def test_grouped_compiled_matches_eager_without_recompiling_for_new_labels(gen, call):
+    """fullgraph=True: value and gradient equal the uncompiled call, for three label draws of
+    the same shapes, with recompilation an error."""
+    fn, leaves, rest = _grouped_calls(gen, "chunked")[call]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        others = rest()
+        inputs = [x.clone().requires_grad_() for x in leaves]
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            got = compiled(*inputs, *others)
+        got_grads = torch.autograd.grad(got, inputs)
+        ref_inputs = [x.clone().requires_grad_() for x in leaves]
+        want = fn(*ref_inputs, *others)
+        want_grads = torch.autograd.grad(want, ref_inputs)
+        assert_close(got, want, "float32", f"{call} loss, draw {step}")
+        for g, w in zip(got_grads, want_grads):
+            assert_close(g, w, "float32", f"{call} gradient, draw {step}")

@@ -271,7 +271,7 @@ def test_custom_op_gradient_matches_autograd(gen):
 
 
 def test_auto_backend_takes_cpp_for_groups():
-    assert cpp.supports_groups and cpp.supports_group_queue
+    assert cpp.supports_groups and cpp.supports_grouped_queue
     assert dispatch.supports("cpp", "all", True, True) == (True, "")
     assert dispatch.resolve_backend("auto", torch.device("cpu"), make_spec("direct"), False, True) == "cpp"
 
@@ -475,6 +475,37 @@ def test_labelled_queue_contract(gen, algorithm, layout, dtype, unit, detach, ru
     check_contract(gen, cols, m, row_ids, col_ids, self_col, spec, dtype)
 
 
+@pytest.mark.parametrize("memory", [False, True])
+@pytest.mark.parametrize("rule,eps", [("infonce", 1.0), ("direct", 0.3), ("entropy", None), ("quadratic", None)])
+def test_backend_with_positives_groups_and_a_queue(gen, algorithm, memory, rule, eps):
+    """cpp.alpha_cl_fused with a fastalpha.positives.Groups and a queue (the Python glue: d̄2_i
+    and the pull from group sums over [Z; Q]) against reference.grouped_closed_form_gradient:
+    a labelled queue with empty slots, or the CrossBatchMemory drop-in (batch rows not columns,
+    self columns in the memory)."""
+    m, k, d = 36, 50, 8
+    labels = torch.randint(0, 5, (m,), generator=gen)
+    z = torch.nn.functional.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(k, d, generator=gen, dtype=torch.float64), dim=1)
+    q_labels = torch.randint(0, 6, (k,), generator=gen)
+    valid = torch.rand(k, generator=gen) > 0.2
+    self_col = None
+    if memory:
+        slots = torch.randperm(k, generator=gen)[:m]
+        q[slots] = z
+        q_labels[slots] = labels
+        valid[slots] = True
+        self_col = m + slots
+    groups = positives.Groups.of(labels, k, q_labels, valid, batch_columns=not memory, self_col=self_col)
+    spec = make_spec(rule, eps=eps)
+    lo, hi = random_row_range(gen, m)
+    weight = torch.rand(hi - lo, generator=gen, dtype=torch.float64)
+    rows, grad = cpp.alpha_cl_fused(z, spec, lo, hi, weight, True, queue=q, groups=groups)
+    ref_rows, ref_grad = reference.grouped_closed_form_gradient(z, spec, groups, weight, lo, hi, queue=q)
+    assert grad.shape == (m + k, d)
+    assert_close(rows, ref_rows, "float64", "loss rows", scale=loss_scale(z, spec))
+    assert_close(grad, ref_grad, "float64", "gradient", scale=grad_scale(z, spec))
+
+
 @pytest.mark.parametrize("rule", ["direct", "infonce"])
 def test_contract_without_any_loss_term_is_finite(gen, algorithm, rule):
     """No anchor with a negative (one live label in the columns) or none with a positive:
@@ -490,7 +521,7 @@ def test_contract_without_any_loss_term_is_finite(gen, algorithm, rule):
 def test_ordinary_contract_equals_the_groups_call(gen, algorithm):
     """col_ids = row_ids, self_col = arange(M), no queue: the raw op is what groups= computes."""
     z, ids = grouped_rows(gen, "labels", 12, torch.float64)
-    dense = positives.Groups.of(ids).ids
+    dense = positives.dense_ids(ids)
     check_contract(gen, z, z.shape[0], dense, dense, torch.arange(z.shape[0]), make_spec("entropy", eps=0.4),
                    torch.float64)
 
@@ -508,7 +539,7 @@ def cuda_float32(monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_supports_groups():
-    assert cuda.supports_groups and cuda.supports_group_queue
+    assert cuda.supports_groups and cuda.supports_grouped_queue
     assert dispatch.supports("cuda", "all", False, True)[0] and dispatch.supports("cuda", "all", True, True)[0]
 
 

@@ -14,7 +14,6 @@ What is checked, and against what:
 * the digits quick start beats the untrained encoder by a clear margin.
 """
 import gzip
-import json
 import math
 import os
 import struct
@@ -24,45 +23,20 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import background
+from train_helpers import (REPO, SYNTHETIC, assert_same_run, fake_backend, metrics, press_ctrl_c_at,  # noqa: F401
+                           read_json, record_views, restore_threads, run_in_process, state)
 
-import background  # noqa: E402
-import fastalpha  # noqa: E402
-from fastalpha import dispatch  # noqa: E402
-from fastalpha.backends import eager as eager_backend  # noqa: E402
-from train import augment, cli, data as datasets, evaluate, trainer as trainer_mod  # noqa: E402
-from train.batches import BatchPlan  # noqa: E402
+import fastalpha
+from fastalpha import dispatch
+from train import augment, cli, data as datasets, evaluate, trainer as trainer_mod
+from train.batches import BatchPlan
 
-# One thread: bit-for-bit comparisons need the same reduction order in every run.
-SMALL = ["--dataset", "synthetic", "--threads", "1", "--no-progress", "--linear-epochs", "3"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+SMALL = [*SYNTHETIC, "--linear-epochs", "3"]
 
 
 def run(out, *flags) -> int:
-    return cli.main([*SMALL, "--out", str(out), *flags])
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def metrics(out):
-    from train.records import read_metrics
-
-    return read_metrics(os.path.join(out, "metrics.csv"))
-
-
-def state(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    return run_in_process(SMALL, out, *flags)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -336,41 +310,19 @@ def test_every_table1_loss_trains_two_steps(tmp_path, loss):
         assert (out / name).stat().st_size > 0
 
 
-def _assert_same_run(a, b):
-    rows_a, rows_b = metrics(a), metrics(b)
-    assert len(rows_a) == len(rows_b)
-    for ra, rb in zip(rows_a, rows_b):
-        for column in ("epoch", "steps", "loss", "lr", "knn_top1"):
-            assert ra[column] == rb[column], f"epoch {ra['epoch']}: {column} {ra[column]} != {rb[column]}"
-    sa, sb = state(a), state(b)
-    for key, value in sa["model"].items():
-        assert torch.equal(value, sb["model"][key]), f"weights differ in {key}"
-    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
-        for name in va:
-            assert torch.equal(va[name], vb[name]), f"optimizer state {ka}.{name} differs"
-    assert read_json(a / "summary.json")["trained"] == read_json(b / "summary.json")["trained"]
-
-
 def test_resume_after_an_epoch_equals_the_uninterrupted_run(tmp_path):
     flags = ["--batch", "32", "--seed", "3"]
     assert run(tmp_path / "full", *flags, "--epochs", "3") == 0
     assert run(tmp_path / "split", *flags, "--epochs", "1") == 0
     assert state(tmp_path / "split")["epochs_done"] == 1
     assert cli.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "3", "--threads", "1", "--no-progress"]) == 0
-    _assert_same_run(tmp_path / "full", tmp_path / "split")
+    assert_same_run(tmp_path / "full", tmp_path / "split")
 
 
 def test_ctrl_c_mid_epoch_checkpoints_and_resume_is_bit_for_bit(tmp_path, monkeypatch):
     flags = ["--batch", "32", "--seed", "5", "--epochs", "2"]
     assert run(tmp_path / "full", *flags) == 0
-    original = trainer_mod.Trainer.train_step
-
-    def press_ctrl_c_at_epoch_2_step_1(self, epoch, step, order):
-        if (epoch, step) == (2, 0):
-            os.kill(os.getpid(), __import__("signal").SIGINT)  # the real handler sets the stop flag
-        return original(self, epoch, step, order)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", press_ctrl_c_at_epoch_2_step_1)
+    original = press_ctrl_c_at(monkeypatch, epoch=2, step=0)
     assert run(tmp_path / "cut", *flags) == 130
     saved = state(tmp_path / "cut")
     # The flag is read by the step that follows the signal (or the one after): a mid-epoch stop.
@@ -378,7 +330,7 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_is_bit_for_bit(tmp_path, monkey
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "interrupted"
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", original)
     assert cli.main(["--resume", str(tmp_path / "cut"), "--threads", "1", "--no-progress"]) == 0
-    _assert_same_run(tmp_path / "full", tmp_path / "cut")
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -399,29 +351,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert read_json(out / "summary.json")["status"].startswith("stopped: non-finite loss")
 
 
-def _fake_backend(perturb: float):
-    """A 'cpp' backend that is the eager one, with its gradient scaled by (1 + perturb)."""
-
-    class Fake:
-        status = device_status = staticmethod(lambda *args: (True, "test double"))
-        supports = staticmethod(eager_backend.supports)
-
-        @staticmethod
-        def alpha_cl_fused(*args, **kwargs):
-            loss_rows, grad = eager_backend.alpha_cl_fused(*args, **kwargs)
-            return loss_rows, grad * (1 + perturb)
-
-    real = dispatch._module
-    return lambda name: Fake if name == "cpp" else real(name)
-
-
 def test_check_eager_passes_for_an_exact_backend_and_fails_for_a_wrong_one(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dispatch, "_module", _fake_backend(0.0))
+    monkeypatch.setattr(dispatch, "_module", fake_backend(0.0))
     assert run(tmp_path / "ok", "--backend", "cpp", "--batch", "32", "--check-eager", "4") == 0
     report = read_json(tmp_path / "ok" / "check_eager.json")
     assert report["passed"] and len(report["lockstep"]) == 4 and len(report["free_run"]["losses_fused"]) == 4
     assert report["max_grad_rel_dev"] < 1e-4 and report["max_loss_rel_dev"] < 1e-4  # rounding level
-    monkeypatch.setattr(dispatch, "_module", _fake_backend(0.05))
+    monkeypatch.setattr(dispatch, "_module", fake_backend(0.05))
     assert run(tmp_path / "bad", "--backend", "cpp", "--batch", "32", "--check-eager", "4") == 1
     assert "FAILED" in capsys.readouterr().out
     assert not read_json(tmp_path / "bad" / "check_eager.json")["passed"]
@@ -534,20 +470,6 @@ def test_torchrun_two_processes_with_global_negatives(tmp_path):
 
 
 # ----------------------------------------------------------------------------- views per epoch
-def _record_views(monkeypatch):
-    """Every (v1, v2) the trainer draws, in order (the wrapper calls the real augment.views)."""
-    calls = []
-    real = augment.views
-
-    def recording(*args, **kwargs):
-        views = real(*args, **kwargs)
-        calls.append(tuple(v.clone() for v in views))
-        return views
-
-    monkeypatch.setattr(augment, "views", recording)
-    return calls
-
-
 def test_each_epoch_draws_new_views_of_the_same_images(tmp_path, monkeypatch):
     """All pre-training images are one image, so the data order cannot make the views differ:
     only the augmentation can. Epoch 2's views must not repeat epoch 1's."""
@@ -559,7 +481,7 @@ def test_each_epoch_draws_new_views_of_the_same_images(tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(datasets, "load_synthetic", one_image)
-    calls = _record_views(monkeypatch)
+    calls = record_views(monkeypatch)
     assert run(tmp_path / "run", "--batch", "32", "--epochs", "2", "--eval", "knn", "--eval-every", "0") == 0
     steps = 96 // 32
     assert len(calls) == 2 * steps
@@ -569,7 +491,7 @@ def test_each_epoch_draws_new_views_of_the_same_images(tmp_path, monkeypatch):
 
 
 def test_resumed_run_draws_the_views_of_the_uninterrupted_run(tmp_path, monkeypatch):
-    calls = _record_views(monkeypatch)
+    calls = record_views(monkeypatch)
     flags = ("--batch", "32", "--eval", "knn", "--eval-every", "0", "--seed", "3")
     assert run(tmp_path / "straight", *flags, "--epochs", "2") == 0
     straight = list(calls)

@@ -1,26 +1,19 @@
 """train/run.py with two-tower negatives and a memory bank: the flags reach the loss, the bank
 holds the previous steps' second views, and it is part of the checkpoint (bit-for-bit resume)."""
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train_helpers import SYNTHETIC, run_in_process, state
 
-from train import cli, trainer as trainer_mod  # noqa: E402
+from train import cli, trainer as trainer_mod
 
-# One thread: bit-for-bit comparisons need the same reduction order in every run.
-SMALL = ["--dataset", "synthetic", "--threads", "1", "--no-progress", "--linear-epochs", "2", "--no-baseline"]
+SMALL = [*SYNTHETIC, "--linear-epochs", "2", "--no-baseline"]
 
 
 def run(out, *flags) -> int:
-    return cli.main([*SMALL, "--out", str(out), *flags])
-
-
-def state(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    return run_in_process(SMALL, out, *flags)
 
 
 def test_negatives_and_queue_reach_the_loss(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The Triton kernels' machine code, without a GPU: the committed static report and fresh compiles.
 
-docs/gpu-static-report.csv (python -m fastalpha.backends.triton.report) lists what ptxas made of
+docs/gpu-static-report.csv (python -m bench.static.report) lists what ptxas made of
 every kernel variant of its matrix. These tests check that
 
 * the report is current and complete: every variant the launcher would compile today
@@ -26,12 +26,14 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the report is tooling in bench/static/, not part of the package
+
 import background  # noqa: E402
-from fastalpha.backends.triton import report  # noqa: E402
+from bench.static import report  # noqa: E402
 from fastalpha.backends.triton.blocks import TENSOR_CORE_TYPES, candidate_configs  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REGENERATE = "python -m fastalpha.backends.triton.report --reuse"
+REGENERATE = "python -m bench.static.report --reuse"
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,7 @@ def test_occupancy_estimate():
 FRESH_COMPILE = r'''
 import json
 from triton.backends.compiler import GPUTarget
-from fastalpha.backends.triton import aot_check, report
+from bench.static import aot_check, report
 jobs = [(90, "bf16", 256, "direct", True, False, ("row", "column"), "all", 0),
         (90, "fp16", 256, "direct", True, False, ("column",), "all", 0),
         (90, "tf32", 128, "direct", True, False, ("column",), "all", 0),

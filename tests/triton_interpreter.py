@@ -5,7 +5,7 @@ modules its kernel sees, runs every program of the grid, and restores the module
 call of a @triton.jit helper from inside a program (`InterpretedFunction.__call__`) patches them
 again: a scan of every member of tl, tl.tensor and tl.math with `inspect.getmembers`, which
 costs as much as the arithmetic of a small tile. fastalpha's kernels call their tile helpers
-(backends/triton/tiles.py) once per tile, so without this module the scan takes about a third
+(kernels/tiles.py) once per tile, so without this module the scan takes about a third
 of the interpreter's time in this suite.
 
 Inside a launch a second patch of modules that are already patched changes nothing, so

@@ -64,8 +64,7 @@ def _lockstep(cfg, data, spec, device, backend: str, steps: int, log) -> dict:
         for p, g in zip(params, grads_e):
             p.grad = g
         trainer.optimizer.step()
-        if trainer.queue is not None:
-            trainer.queue.enqueue(embeddings[1].detach().float())
+        trainer.enqueue(embeddings, labels)
     return rows
 
 

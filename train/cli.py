@@ -22,6 +22,7 @@ import torch
 import fastalpha
 from fastalpha import dispatch
 from fastalpha import PAPER_LOSSES
+from fastalpha.rules import make_spec
 
 from . import checkpoint, data as datasets, distributed, recipes, records
 from .check_eager import DEFAULT_TOLERANCE, check_against_eager
@@ -96,16 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--queue-size). Default: all")
     g.add_argument("--queue-size", type=int, default=0, metavar="K",
                    help="keep the last K second-view embeddings (detached, first in first out) as extra negatives "
-                        "of every anchor, a memory bank as in MoCo; 0 = no queue. Default: 0")
+                        "of every anchor, a memory bank as in MoCo; with --supervised the bank keeps their labels "
+                        "and a bank row is a positive of the anchors of its label (XBM); 0 = no queue. Default: 0")
     g.add_argument("--supervised", action="store_true",
                    help="pre-train with the labels of the pre-training images (SupCon style): the positives of a "
                         "row are every other row of its label (in every view), its negatives the rows of the other "
                         "labels; the Table-1 rule sees the mean positive distance (docs/design.md, 'Positive sets'). "
-                        "Needs --negatives all, no --queue-size, one process. Default: off (self-supervised)")
+                        "With --queue-size the bank's rows are labelled too. Needs --negatives all, one process. "
+                        "Default: off (self-supervised)")
     g.add_argument("--views", type=int, default=2, metavar="V",
                    help="augmented views of every image per step (multi-view SimCLR): the positives of a row are the "
                         "other V-1 views of its image (with --supervised also the other images of its label). "
-                        "V > 2 needs --negatives all, no --queue-size, one process. Default: 2")
+                        "V > 2 needs --negatives all, one process. Default: 2")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="loss implementation: auto = cpp on CPU / triton on CUDA when available, else eager "
                         "(the dense reference). An explicit backend never falls back. Default: auto")
@@ -219,7 +222,7 @@ def _check_args(args, parser, world_size: int = 1) -> None:
         parser.error("--negatives none takes the negatives from the queue only: give --queue-size K > 0")
     if args.views < 2:
         parser.error(f"--views must be >= 2 (a positive is another view of the image), got {args.views}")
-    problem = grouped_positives_error(args.supervised, args.views, args.negatives, args.queue_size, world_size)
+    problem = grouped_positives_error(args.supervised, args.views, args.negatives, world_size)
     if problem:
         parser.error(problem)
     try:
@@ -313,6 +316,20 @@ def _checkpoint_path(args, parser) -> str:
     return os.path.join(args.out, CHECKPOINT_NAME)
 
 
+def take_unset_flags_from(saved: dict, args, given: set) -> None:
+    """--resume: the flags of the run's maths that the command line leaves out take the checkpoint's
+    values, so that the flag checks and the comparison with the checkpoint see the run's settings
+    and not a new run's defaults (--loss direct and its preset τ, ε, p). The loss parameters are
+    taken only when the loss is the checkpoint's: another loss is a conflict."""
+    for name in ("dataset", "loss", "supervised", "views", "queue_size"):
+        if name not in given and name in saved:
+            setattr(args, name, saved[name])
+    if args.loss == saved["loss"]:
+        for name in LOSS_PARAMETERS[args.loss]:
+            if name not in given:
+                setattr(args, name, saved["loss_kwargs"].get(name))
+
+
 def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> RunConfig:
     """The checkpoint's config with the resumable flags the user gave; other given flags must agree."""
     cfg = RunConfig.from_saved(saved)
@@ -338,9 +355,13 @@ def _resumed_config(saved: dict, args, given: set, parser, ckpt_path: str) -> Ru
     saved_negatives = saved["loss_kwargs"].get("negatives", "all")
     if "negatives" in given and args.negatives != saved_negatives:
         conflicts.append(f"--negatives {args.negatives} (the checkpoint has {saved_negatives!r})")
-    if given & {"temperature", "p", "gamma", "eps"}:
-        if loss_kwargs(saved["loss"], args) != saved["loss_kwargs"]:
-            conflicts.append(f"loss parameters differ from the checkpoint's {saved['loss_kwargs']}")
+    # Compared as resolved specs: a parameter the preset leaves to the rule's default (ε of
+    # --loss entropy) given as that default is the same loss.
+    had = make_spec(**saved["loss_kwargs"])
+    wanted = make_spec(**loss_kwargs(saved["loss"], args))
+    for name in ("temperature", "p", "gamma", "eps"):
+        if name in given and getattr(wanted, name) != getattr(had, name):
+            conflicts.append(f"--{name} {getattr(args, name)} (the checkpoint has {getattr(had, name)!r})")
     if conflicts:
         parser.error("cannot resume with changed settings: " + "; ".join(conflicts) +
                      f". Only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES)} may change.")
@@ -372,7 +393,8 @@ def _describe(cfg: RunConfig, backend: str, log, threads_note: str = "") -> None
 def describe_positives(cfg: RunConfig) -> str:
     """What a row's positives are in this run (for the run's log)."""
     if cfg.supervised:
-        return f"supervised: every other row of the same label, {cfg.views} views per image"
+        bank = f", and the memory bank's rows of that label (K = {cfg.queue_size})" if cfg.queue_size else ""
+        return f"supervised: every other row of the same label{bank}, {cfg.views} views per image"
     return f"self-supervised: the other {'view' if cfg.views == 2 else f'{cfg.views - 1} views'} of the same image"
 
 
@@ -380,8 +402,6 @@ def resolve_loss_backend(cfg: RunConfig, device: torch.device) -> str:
     """The backend `auto` (or the named one) gives for this run's loss: labels and more than two views
     need a backend with group-defined positives, a queue one that takes it (ValueError if the named
     backend cannot)."""
-    from fastalpha.rules import make_spec
-
     kw = cfg.loss_kwargs
     spec = make_spec(kw["rule"], kw.get("temperature"), kw.get("p"), kw.get("gamma"), kw.get("eps"),
                      kw.get("normalize", True), kw.get("detach_alpha", True), kw.get("negatives", "all"))
@@ -454,16 +474,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     resolve_threads(args, parser)
     topology = distributed.from_environment()
-    _check_args(args, parser, topology.world_size)
-    log = print if topology.is_main else (lambda *a, **k: None)
     state = None
     if args.resume is not None:
-        ckpt_path = _checkpoint_path(args, parser)
         try:
-            state = checkpoint.load(ckpt_path)
+            state = checkpoint.load(_checkpoint_path(args, parser))
         except FileNotFoundError as err:
             parser.error(f"--resume: {err}")
-        args.dataset = state["config"]["dataset"] if "dataset" not in explicit_flags(argv) else args.dataset
+        take_unset_flags_from(state["config"], args, explicit_flags(argv))
+    _check_args(args, parser, topology.world_size)
+    log = print if topology.is_main else (lambda *a, **k: None)
     try:
         device = resolve_device(args.device, topology)
     except ValueError as err:

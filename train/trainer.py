@@ -9,7 +9,11 @@ One step, for the global batch of B images x_1..x_B (rank r holds its B/W of the
 With `--views V` (V ≥ 3) the step draws V views, z = model(cat(v1..vV)) and the loss gets the V
 views (positives: the other V − 1 views of an image). With `--supervised` it also gets the
 images' labels y_1..y_B (positives: every other row of the same label, SupCon style;
-docs/design.md, "Positive sets"). Both run in one process, with negatives "all" and no queue.
+docs/design.md, "Positive sets"). Both run in one process, with negatives "all".
+
+With `--queue-size K` the loss also gets the last K second views of earlier steps (detached)
+as extra columns: negatives of every anchor, or, with `--supervised`, labelled rows that are
+positives of the anchors of their label and negatives of the others.
 
 Trust features:
 * checkpoint.pt (atomic) after every epoch, and at the first step boundary after Ctrl-C
@@ -32,6 +36,7 @@ import fastalpha
 from . import augment, checkpoint, distributed, evaluate
 from .batches import BatchPlan
 from .config import grouped_positives_error
+from .labelled_queue import LabelledQueue
 from .models import ContrastiveModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -89,7 +94,7 @@ class Trainer:
         # The flags are checked when parsed; a resumed run (other process count) is checked here,
         # before any weight is built, instead of failing at the first loss.
         problem = grouped_positives_error(cfg.supervised, cfg.views, cfg.loss_kwargs.get("negatives", "all"),
-                                          cfg.queue_size, topology.world_size)
+                                          topology.world_size)
         if problem:
             raise ValueError(problem)
         if cfg.supervised and data.pretrain_labels is None:
@@ -107,7 +112,12 @@ class Trainer:
         self.loss_fn = fastalpha.AlphaCLLoss(**cfg.loss_kwargs, backend=cfg.backend, gather_distributed=topology.enabled)
         # The memory bank of --queue-size: the same rows on every rank (all ranks enqueue the
         # global batch's second views), part of the checkpoint so that a resumed run sees them.
-        self.queue = fastalpha.Queue(cfg.queue_size, self.model.embedding_dim).to(device) if cfg.queue_size else None
+        # With --supervised it keeps each row's label too: the label says which anchors it is a
+        # positive of.
+        self.queue = None
+        if cfg.queue_size:
+            bank = LabelledQueue if cfg.supervised else fastalpha.Queue
+            self.queue = bank(cfg.queue_size, self.model.embedding_dim).to(device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.wd)
         self.plan = BatchPlan(len(data.pretrain), cfg.batch, cfg.seed, topology.world_size, topology.rank)
         self.images = data.pretrain.to(device)
@@ -174,12 +184,25 @@ class Trainer:
         return z.chunk(self.cfg.views), (self.labels[idx] if self.labels is not None else None)
 
     def loss_of(self, loss_fn, embeddings, labels) -> torch.Tensor:
-        """`loss_fn` on one step's embeddings: the (z1, z2) pair with the memory bank for two views,
-        the list of views otherwise (the bank is refused with more views: grouped_positives_error)."""
+        """`loss_fn` on one step's embeddings: the (z1, z2) pair for two views, the list of views
+        otherwise, with the memory bank's rows (and, with labels, the bank's labels) as extra columns."""
+        queue = self.queue.rows() if self.queue is not None else None
+        queue_labels = self.queue.labels() if queue is not None and labels is not None else None
         if len(embeddings) == 2:
             z1, z2 = embeddings
-            return loss_fn(z1, z2, queue=self.queue.rows() if self.queue is not None else None, labels=labels)
-        return loss_fn(list(embeddings), labels=labels)
+            return loss_fn(z1, z2, queue=queue, labels=labels, queue_labels=queue_labels)
+        return loss_fn(list(embeddings), queue=queue, labels=labels, queue_labels=queue_labels)
+
+    def enqueue(self, embeddings, labels) -> None:
+        """After the step: the global batch's second views (detached, from the weights the loss
+        saw) enter the memory bank, with their images' labels under --supervised."""
+        if self.queue is None:
+            return
+        rows = distributed.all_gather_rows(embeddings[1].detach().float(), self.topology)
+        if labels is None:
+            self.queue.enqueue(rows)
+        else:
+            self.queue.enqueue(rows, distributed.all_gather_rows(labels[:, None], self.topology)[:, 0])
 
     def train_step(self, epoch: int, step: int, order: torch.Tensor) -> float:
         """One optimizer step; returns the global-batch loss (checked finite before the update)."""
@@ -195,8 +218,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.queue is not None:
-            self.queue.enqueue(distributed.all_gather_rows(embeddings[1].detach().float(), self.topology))
+        self.enqueue(embeddings, labels)
         return value
 
     def set_lr(self, epoch: int, step: int) -> float:

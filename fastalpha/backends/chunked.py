@@ -127,6 +127,7 @@ def status() -> tuple[bool, str]:
 
 supports = every_negative_set
 supports_groups = True
+supports_grouped_queue = True
 
 
 def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None,
@@ -164,26 +165,24 @@ def _chunk_mask(lo: int, hi: int, m: int, queue_rows: int, negatives: str, devic
     return mask_
 
 
-def _group_mask(lo: int, hi: int, ids: torch.Tensor, log_eps_positives: float | None):
-    """`mask_(t, value)` of the chunk [lo, hi) with group-defined sets: J_i = the other groups' rows.
+def _group_mask(lo: int, hi: int, groups: positives.Groups, log_eps_positives: float | None):
+    """`mask_(t, value)` of the chunk [lo, hi) with group-defined sets over [Z; Q]: J_i = the
+    other groups' columns (fastalpha.positives.Groups).
 
     With `log_eps_positives` (infonce with ε > 0, whose positives are in its denominator) the
-    pair loop also runs over P_i: the positives keep their logit plus log ε and only the
-    anchor itself is set to `value`.
+    pair loop also runs over P_i: the positives keep their logit plus log ε and every other
+    column outside J_i is set to `value`.
     """
-    same = ids[lo:hi, None] == ids[None, :]
-    rows = torch.arange(hi - lo, device=ids.device)
+    positive, negative = groups.masks(lo, hi)
     if log_eps_positives is None:
         def mask_(t, value):
-            return t.masked_fill_(same, value)
+            return t.masked_fill_(~negative, value)
         return mask_
-    positive = same.clone()
-    positive[rows, rows + lo] = False
+    outside = ~(positive | negative)
 
     def mask_with_positives(t, value):
         t.add_(positive, alpha=log_eps_positives)
-        t[rows, rows + lo] = value
-        return t
+        return t.masked_fill_(outside, value)
     return mask_with_positives
 
 
@@ -193,11 +192,13 @@ def loss_rows_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: i
     r"""Losses of the anchors [row_lo, row_hi) and ∂(Σ_i w_i loss_i)/∂[Z; queue] ((M + K) × D, or (0, D)).
 
     `z` (and `queue`) are already normalised; `row_weight` (R,) defaults to ones. The queue's
-    K rows are extra columns: O(R·(M + K) + (M + K)·D) memory. With `groups` (M group ids, no
-    queue) positives and negatives come from the groups (fastalpha.positives).
+    K rows are extra columns: O(R·(M + K) + (M + K)·D) memory. With `groups`
+    (fastalpha.positives.Groups, or the M rows' group ids) positives and negatives come from
+    the groups, over the batch and the queue.
     """
     if groups is not None:
-        return _grouped_loss_rows_and_grad(z, params, row_lo, row_hi, row_weight, need_grad, chunk_rows, groups)
+        return _grouped_loss_rows_and_grad(z, params, row_lo, row_hi, row_weight, need_grad, chunk_rows,
+                                           positives.groups_of(groups, 0 if queue is None else queue.shape[0]), queue)
     z = z.detach()
     m, d = z.shape
     half = m // 2
@@ -254,57 +255,60 @@ def loss_rows_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: i
 
 
 def _grouped_loss_rows_and_grad(z, params: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, chunk_rows,
-                                ids: torch.Tensor):
-    r"""`loss_rows_and_grad` with group-defined positives (docs/design.md, "Positive sets").
+                                groups: positives.Groups, queue=None):
+    r"""`loss_rows_and_grad` with group-defined positives over the columns [Z; Q]
+    (docs/design.md, "Positive sets").
 
     The pair loop of each chunk runs over J_i (and P_i with log ε for infonce, ε > 0) with
     d2_i = d̄2_i, exactly as the SimCLR loop runs over its J_i; the positives' uniform pull,
     a_i = w_i A_i spread over P_i, is added from group sums (fastalpha.positives). Anchors
-    without a positive have loss 0 and weight 0.
+    without a loss term (Groups.has_loss) have loss 0 and weight 0. The gradient covers the
+    queue's rows too ((M + K) × D).
     """
     z = z.detach()
     m, d = z.shape
-    groups = positives.Groups.of(ids)
+    cols = z if queue is None else torch.cat([z, queue.detach().to(z.dtype)], 0)
+    c = cols.shape[0]
     stat = torch.promote_types(z.dtype, torch.float32)
-    chunk = default_chunk_rows(m, z.device.type) if chunk_rows is None else int(chunk_rows)
+    chunk = default_chunk_rows(c, z.device.type) if chunk_rows is None else int(chunk_rows)
     if chunk < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     infonce_positives = params.rule == "infonce" and params.eps > 0
     loop_params = params.with_(eps=0.0) if infonce_positives else params
     log_eps = math.log(params.eps) if infonce_positives else None
-    d2_mean = positives.mean_positive_distance(z, groups, row_lo, row_hi, params.unit_rows, stat)
-    has_positive = groups.positive_count[row_lo:row_hi] > 0
-    weight = has_positive.to(stat) if row_weight is None else row_weight.to(stat) * has_positive
-    half_sq = torch.full((m,), 0.5, dtype=stat, device=z.device) if params.unit_rows else z.to(stat).square().sum(1).mul_(0.5)
+    d2_mean = positives.mean_positive_distance(cols, groups, row_lo, row_hi, params.unit_rows, stat)
+    has_loss = groups.has_loss[row_lo:row_hi]
+    weight = has_loss.to(stat) if row_weight is None else row_weight.to(stat) * has_loss
+    half_sq = torch.full((c,), 0.5, dtype=stat, device=z.device) if params.unit_rows else cols.to(stat).square().sum(1).mul_(0.5)
     loss_rows = torch.zeros(row_hi - row_lo, dtype=stat, device=z.device)
     pull = torch.zeros(row_hi - row_lo, dtype=stat, device=z.device)
-    grad = torch.zeros(m, d, dtype=stat, device=z.device) if need_grad else None
-    if not groups.has_negatives():
-        return loss_rows, (grad.to(z.dtype) if need_grad else z.new_empty((0, d)))
-    count = groups.negative_count.to(stat)
+    grad = torch.zeros(c, d, dtype=stat, device=z.device) if need_grad else None
+    # |J_i| ≥ 1 keeps the rules finite on anchors without negatives, which have weight 0.
+    count = groups.negative_count.clamp_min(1).to(stat)
     for lo in range(row_lo, row_hi, chunk):
         hi = min(lo + chunk, row_hi)
         local = slice(lo - row_lo, hi - row_lo)
         z_rows = z[lo:hi]
-        d2 = (z_rows @ z.T).to(stat).neg_().add_(half_sq).add_(half_sq[lo:hi, None]).clamp_min_(0)
-        loss, a_sum, omega = _chunk_weights(d2, d2_mean[local], _group_mask(lo, hi, groups.ids, log_eps), count[lo:hi],
+        d2 = (z_rows @ cols.T).to(stat).neg_().add_(half_sq).add_(half_sq[lo:hi, None]).clamp_min_(0)
+        loss, a_sum, omega = _chunk_weights(d2, d2_mean[local], _group_mask(lo, hi, groups, log_eps), count[lo:hi],
                                             loop_params)
         del d2
-        loss_rows[local] = torch.where(has_positive[local], loss, torch.zeros_like(loss))
+        loss_rows[local] = torch.where(has_loss[local], loss, torch.zeros_like(loss))
         if not need_grad:
             continue
-        w = weight[local]
-        omega.mul_(w[:, None])
-        pull[local] = a_sum * w
+        w, counted = weight[local], has_loss[local]
+        # where, not a product: an anchor without a loss term may hold non-finite weights.
+        omega = torch.where(counted[:, None], omega * w[:, None], torch.zeros_like(omega))
+        pull[local] = torch.where(counted, a_sum * w, torch.zeros_like(w))
         omega_in = omega.to(z.dtype)
-        row_side = (omega_in @ z).to(stat)
+        row_side = (omega_in @ cols).to(stat)
         if not params.unit_rows:
             row_side.sub_(omega.sum(1)[:, None] * z_rows.to(stat))
-            grad.sub_(omega.sum(0)[:, None] * z.to(stat))
+            grad.sub_(omega.sum(0)[:, None] * cols.to(stat))
         grad[lo:hi] += row_side
         grad += (omega_in.T @ z_rows).to(stat)
     if not need_grad:
         return loss_rows, z.new_empty((0, d))
-    positives.add_positive_pull_(grad, z, groups, pull, row_lo, params.unit_rows)
+    positives.add_positive_pull_(grad, cols, groups, pull, row_lo, params.unit_rows)
     grad.mul_(params.grad_scale)
     return loss_rows, grad.to(z.dtype)

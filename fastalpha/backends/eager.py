@@ -18,6 +18,7 @@ def status() -> tuple[bool, str]:
 
 supports = every_negative_set
 supports_groups = True
+supports_grouped_queue = True
 
 
 def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None,
@@ -25,7 +26,7 @@ def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, ro
     # A custom op's kernel runs below autograd, so the gradient comes from the closed form
     # (tested against autograd of reference.loss_rows / grouped_loss_rows in the tests).
     if groups is not None:
-        rows, grad = reference.grouped_closed_form_gradient(z, spec, groups, row_weight, row_lo, row_hi)
+        rows, grad = reference.grouped_closed_form_gradient(z, spec, groups, row_weight, row_lo, row_hi, queue)
     else:
         rows, grad = reference.closed_form_gradient(z, spec, row_weight, row_lo, row_hi, queue)
     out_dtype = torch.promote_types(z.dtype, torch.float32)

@@ -5,15 +5,13 @@ and the gradient ∂(Σ_i w_i loss_i)/∂Z of every rule (fastalpha.dispatch has
 every set of negatives ("all", "cross", "none") with or without a queue (K extra columns),
 and with group-defined positives (labels, more than two views: `groups`):
 
-    row_pass.py      online row statistics (flash-attention forward with Q = K = V = Z),
-                     loss, A_i, row side Σ_j β_ij and βZ
-    column_pass.py   column side Σ_i β_ij and βᵀZ (flash-attention's dK/dV loop)
-    sparsemax.py     exact sparsemax threshold of `square` (Michelot's iteration)
-    quadratic.py     `quadratic` in closed form (no pair loop)
-    tiles.py         Gram tile, masks, log-weights, α and β of a tile
     blocks.py        the block-size rule (keyed on D and dtype)
     launch.py        the launcher implementing the contract
-    aot_check.py     compiles every kernel variant for a GPU target without a GPU
+
+The kernels themselves (the JIT-compiled row pass, column pass, sparsemax threshold, tile
+helpers) are in kernels/ at the top of the checkout, imported as fastalpha.kernels; `quadratic`
+needs no kernel (closed form, fastalpha/quadratic.py). The static report, the AOT compiler and
+the roofline model are tooling, in bench/static/.
 
 Kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1
 is set before this package is first imported (tests do that). float64 inputs are computed in

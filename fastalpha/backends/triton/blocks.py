@@ -41,7 +41,7 @@ they are not autotuned. TF32 is used only when the caller opts in through
 torch.set_float32_matmul_precision("high") (or torch.backends.cuda.matmul.allow_tf32 = True).
 
 Every tensor-core shape here, static or candidate, was compiled for sm_90 at D ∈ {32, 64, 128,
-256} by `python -m fastalpha.backends.triton.report` (no GPU needed; sm_80 for the static table
+256} by `python -m bench.static.report` (no GPU needed; sm_80 for the static table
 at D = 128), which checks that the variants issue HGMMA on sm_90 (HMMA on sm_80), spill nothing
 and fit in shared memory (docs/gpu-static-report.md). None has been timed on a GPU yet.
 """

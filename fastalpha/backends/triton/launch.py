@@ -16,12 +16,12 @@ The passes per rule:
 * entropy / direct / inverse, detach_alpha=False: ONLINE statistics pass (lse_i and
   c_i = loss_i), FIXED row pass with β, column pass with β.
 * square: Michelot threshold passes (μ_i, k_i), FIXED row pass, column pass.
-* quadratic: closed form (quadratic.py), no pair loop.
+* quadratic: closed form (fastalpha/quadratic.py), no pair loop.
 
 Negative sets (spec.negatives) and a queue: the kernels' columns are the contiguous [Z; queue]
 (C = M + K rows, the kernels' column count; the anchors and their partners are rows of Z,
 M = 2·half), the NEGATIVES constexpr picks
-the mask of tiles._negatives, QUEUE (K > 0) makes the passes stream C columns instead of M,
+the mask of kernels/tiles._negatives, QUEUE (K > 0) makes the passes stream C columns instead of M,
 the column pass writes all C gradient rows, and |J_i| (the ε-terms)
 is rules.negative_count(N, K, negatives). Without a queue and with negatives="all" this is the
 SimCLR call, compiled as before (C = M).
@@ -60,14 +60,14 @@ import triton.language as tl
 import triton.testing
 
 from ... import positives
+from ...kernels.column_pass import column_pass_kernel
+from ...kernels.row_pass import EPS_CONSTANT, EPS_INFONCE, EPS_NONE, row_pass_kernel
+from ...kernels.sparsemax import sparsemax_threshold_kernel
+from ...kernels.tiles import (GROUPS_INFONCE, GROUPS_NEGATIVES, GROUPS_OFF, NEG_ALL, NEG_CROSS, NEG_NONE,
+                              WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX)
+from ...quadratic import grouped_quadratic_loss_and_grad, quadratic_loss_and_grad
 from ...rules import LossSpec, negative_count
 from .blocks import BlockConfig, block_config, candidate_configs, m_bucket
-from .column_pass import column_pass_kernel
-from .quadratic import grouped_quadratic_loss_and_grad, quadratic_loss_and_grad
-from .row_pass import EPS_CONSTANT, EPS_INFONCE, EPS_NONE, row_pass_kernel
-from .sparsemax import sparsemax_threshold_kernel
-from .tiles import (GROUPS_INFONCE, GROUPS_NEGATIVES, GROUPS_OFF, NEG_ALL, NEG_CROSS, NEG_NONE, WEIGHT_INVERSE,
-                    WEIGHT_POWER, WEIGHT_SPARSEMAX)
 
 #: `negatives=` of the spec → the kernels' NEGATIVES constexpr (tiles._negatives).
 NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
@@ -75,7 +75,7 @@ NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-#: When a list, kernel launches are appended to it instead of run (see report.py).
+#: When a list, kernel launches are appended to it instead of run (see bench/static/report.py).
 _recorded_launches: list | None = None
 
 #: Launch-time tuning budget per candidate: triton.testing.do_bench warm-up and repetition
@@ -220,7 +220,7 @@ def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None, gr
         raise TypeError(f"the triton backend supports {SUPPORTED_DTYPES}, got z.dtype = {z.dtype}")
     m, d = z.shape
     if groups is not None:
-        _check_groups(groups, z, queue, negatives)
+        _check_groups(groups if isinstance(groups, torch.Tensor) else groups.row_ids, z, queue, negatives)
     elif m < (2 if queue is not None else 4) or m % 2:
         raise ValueError(f"z must stack two views (M = 2N rows, N >= {1 if queue is not None else 2}), got M = {m}")
     if queue is not None and (not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[1] != d):
@@ -250,7 +250,7 @@ def _check_groups(groups, z: torch.Tensor, queue, negatives: str) -> None:
 
 
 def _rule_flags(params: LossSpec, count) -> dict:
-    """Kernel constexprs and scalars of a rule (see tiles.py for the meaning of each); `count` = |J_i|
+    """Kernel constexprs and scalars of a rule (see kernels/tiles.py for the meaning of each); `count` = |J_i|
     (an int, or an (R,) tensor per anchor with groups)."""
     rule, eps = params.rule, params.eps
     if rule == "inverse":
@@ -301,10 +301,10 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit, m, params.negatives)
             return loss, grad.to(z.dtype)
     else:
-        group_set = positives.Groups.of(groups)
+        group_set = positives.groups_of(groups)
         count = group_set.negative_count[row_lo:row_hi]
-        no_negatives = not group_set.has_negatives()
-        has_positive = group_set.positive_count[row_lo:row_hi] > 0
+        no_negatives = not bool(group_set.negative_count.gt(0).any())
+        has_positive = group_set.has_loss[row_lo:row_hi]
         # w'_i = w_i [|P_i| > 0]: an anchor without a positive has no loss term.
         if row_weight is not None or not bool(has_positive.all()):
             row_weight = has_positive.to(acc_dtype) * (1.0 if row_weight is None else row_weight.to(acc_dtype))
@@ -331,7 +331,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
         group_mode = GROUPS_NEGATIVES
         log_eps_rows = flags["log_eps"].to(acc_dtype) if flags["eps_mode"] == EPS_CONSTANT else None
         flags["log_eps"] = 0.0                 # the kernels read the per-anchor log(ε|J_i|)
-    group_ids = None if groups is None else group_set.ids.to(torch.int32)
+    group_ids = None if groups is None else group_set.row_ids.to(torch.int32)
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision, grouped=groups is not None)

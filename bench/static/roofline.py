@@ -1,7 +1,7 @@
 r"""Roofline model of the fused Triton passes on an H200, against dense eager and the chunked backend.
 
-    python -m fastalpha.backends.triton.roofline                  # predictions (docs/roofline.md)
-    python -m fastalpha.backends.triton.roofline --measure --csv out.csv   # and timings, on a GPU
+    python -m bench.static.roofline                  # predictions (docs/roofline.md)
+    python -m bench.static.roofline --measure --csv out.csv   # and timings, on a GPU
 
 Work per pair (i, j) of a pass, for the default call (rule `direct`, α detached, unit rows):
 
@@ -45,7 +45,7 @@ H200 = {
 }
 
 #: Non-MMA instructions per pair of the default call (direct, p = 4, unit rows, α detached),
-#: counted from the kernel source (tiles.py, row_pass.py, column_pass.py): (FP32 ops, INT32 ops).
+#: counted from the kernel source (kernels/tiles.py, row_pass.py, column_pass.py): (FP32 ops, INT32 ops).
 ALU_PER_PAIR = {"row": (9, 4), "row-loss-only": (8, 4), "column": (7, 4)}
 
 
@@ -106,9 +106,9 @@ def count_baseline(which: str, compute: str, m: int = 1024, d: int = 128) -> dic
 
     M = 1024 with D = 128 keeps the M × D tensors (M·D = M²/8) under the M²/4 threshold.
     """
-    from ...backends import chunked
-    from ...rules import make_spec
-    from ... import reference
+    from fastalpha import reference
+    from fastalpha.backends import chunked
+    from fastalpha.rules import make_spec
 
     dtype = torch.bfloat16 if compute in ("bf16", "fp16") else torch.float32
     if compute == "fp16":
@@ -172,10 +172,10 @@ def measure(rows: list[dict], budget_s: float = 60.0) -> None:
 
     import triton.testing
 
-    from ...rules import make_spec
-    from .. import chunked
-    from . import alpha_cl_fused
-    from ... import reference
+    from fastalpha import reference
+    from fastalpha.backends import chunked
+    from fastalpha.backends.triton import alpha_cl_fused
+    from fastalpha.rules import make_spec
 
     started = time.time()
     spec = make_spec("direct")

@@ -1,6 +1,6 @@
 r"""Compile Triton kernel variants for a GPU target without a GPU, and read back what ptxas made.
 
-    python -m fastalpha.backends.triton.aot_check [--arch 90] [--dims 3,64,128,256,2048] [--quick]
+    python -m bench.static.aot_check [--arch 90] [--dims 3,64,128,256,2048] [--quick]
 
 The launcher runs on small CPU tensors with its launches recorded instead of executed
 (launch.recording_launches), so the variants compiled are exactly those a real call would
@@ -43,8 +43,8 @@ def record(compute: str, d: int, rule: str, detach: bool, weighted: bool, unit: 
     """The launches (launch.Launch) of one call of the launcher, recorded on CPU tensors; `queue`
     is the number of queue rows K (0: no queue); `labels` records the grouped call (positives
     from group ids: M/8 labels, so groups of about 8 rows)."""
-    from ...rules import make_spec
-    from . import launch
+    from fastalpha.backends.triton import launch
+    from fastalpha.rules import make_spec
 
     dtype, precision = COMPUTE_TYPES[compute]
     z = torch.nn.functional.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(dtype)

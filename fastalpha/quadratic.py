@@ -120,7 +120,7 @@ def grouped_quadratic_loss_and_grad(z_acc: torch.Tensor, groups, d2_pos: torch.T
     caller's (positives.add_positive_pull_). Every group sum is O(M·D); needs two groups or more.
     """
     c, d = z_acc.shape
-    ids = groups.ids
+    ids = groups.row_ids
     count = groups.negative_count[row_lo:row_hi].to(z_acc.dtype)
     norms = torch.ones_like(z_acc[:, 0]) if unit_rows else (z_acc * z_acc).sum(1)
     z_rows, row_ids = z_acc[row_lo:row_hi], ids[row_lo:row_hi]

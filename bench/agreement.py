@@ -49,7 +49,8 @@ def precision(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def check_agreement(fn: Callable, rule: str, device: torch.device, dtype: torch.dtype, generator: torch.Generator,
-                    negatives: str = "all", with_queue: bool = False, positives: str = "pair") -> tuple[str, str]:
+                    negatives: str = "all", with_queue: bool = False, positives: str = "pair",
+                    supcon: bool = False) -> tuple[str, str]:
     """("ok" | "wrong" | "error", reason) for loss function `fn(*views, **setup)` of `rule`:
     fn(z1, z2, ...) for partner positives, fn(z, labels=y) for positives="labels"."""
     level = precision(device, dtype)
@@ -66,7 +67,7 @@ def check_agreement(fn: Callable, rule: str, device: torch.device, dtype: torch.
             + (f" ({len(labels.unique())} labels)" if labels is not None else ""))
     names = ["z"] if len(views) == 1 else [f"z{k + 1}" for k in range(len(views))]
     try:
-        expected = loss_fn("eager", rule, positives)(*exact, **exact_setup)
+        expected = loss_fn("eager", rule, positives, supcon)(*exact, **exact_setup)
         expected_grads = torch.autograd.grad(expected, exact)
     except Exception as err:
         return "error", f"the float64 reference raised on the {what}: {type(err).__name__}: {err}"

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fastalpha  # noqa: E402
-from bench import memory, plots, presets, providers, report, runner  # noqa: E402
+from bench import memory, plots, presets, providers, report, runner, timing  # noqa: E402
 
 EPILOG = """usual invocations:
   python bench/compare.py                          # CPU default sweep (about 5 minutes on 2 cores)
@@ -498,13 +498,18 @@ def main(argv=None) -> list[dict]:
     csv_path = os.path.join(args.out, name + ".csv")
     settings = runner.Settings(device=args.device, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                                budget_s=args.budget_s, cap_bytes=memory.default_cap_bytes(device, args.mem_cap_gb), seed=args.seed,
-                               memory=args.memory if device.type == "cpu" else "none", single_call_s=args.single_call_s)
+                               memory=args.memory if device.type == "cpu" else "none", single_call_s=args.single_call_s,
+                               rule_params=presets.PRESETS[args.preset].get("rule_params", "default") if args.preset else "default")
     tasks = plan(args)
     blocked = blocked_tasks(tasks, device)
     runnable = [t for t in tasks if t.key() not in blocked]
     header = dict(env, load_start=load_start)
     print(f"fastalpha bench: {report.machine_line(header)}; triton {env['triton'] or '-'}; "
           f"memory cap {settings.cap_bytes / 2**30:.1f} GiB; {len(runnable)} measurements -> {csv_path}")
+    if device.type == "cpu":
+        print(f"compute ceiling: {settings.threads} concurrent single-threaded {timing.CEILING_TILE} x D x {timing.CEILING_TILE} "
+              f"tile products into cache-resident outputs (column 'ceil' = true GFLOP/s / its rate); FMA peak (column "
+              f"'peak'): {timing.fma_peak_gflops(settings.threads, torch.float32)[1]}")
     if load_warning(load_start):
         print(load_warning(load_start))
     for (status, reason) in dict.fromkeys(v for v in blocked.values() if v[0] == "skipped"):

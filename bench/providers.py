@@ -168,16 +168,18 @@ def _compiled_reference():
     return torch.compile(functools.partial(fastalpha.alpha_cl_loss, backend="eager"), dynamic=True)
 
 
-def rule_kwargs(rule: str, positives: str) -> dict:
-    """Rule parameters every provider of a set-up gets: SUPCON for `infonce` with labels, else none (defaults)."""
-    return dict(SUPCON) if positives == "labels" and rule == "infonce" else {}
+def rule_kwargs(rule: str, positives: str, supcon: bool = False) -> dict:
+    """Rule parameters every provider of a set-up gets: SUPCON for `infonce` with labels (and,
+    with `supcon`, in every set-up: a run that compares labelled with unlabelled batches at
+    the same parameters), else none (defaults)."""
+    return dict(SUPCON) if (positives == "labels" or supcon) and rule == "infonce" else {}
 
 
-def loss_fn(name: str, rule: str, positives: str = "pair") -> Callable[..., torch.Tensor]:
+def loss_fn(name: str, rule: str, positives: str = "pair", supcon: bool = False) -> Callable[..., torch.Tensor]:
     """f(*views, **setup) -> scalar loss of `rule` computed by provider `name`: f(z1, z2, ...) for
-    the two-view set-ups, f(z, labels=y) for the labels one."""
+    the two-view set-ups, f(z, labels=y) for the labels one (`supcon`: see rule_kwargs)."""
     check_provider(name)
-    params = rule_kwargs(rule, positives)
+    params = rule_kwargs(rule, positives, supcon)
     if name == "pml":
         from pytorch_metric_learning.losses import SupConLoss
 

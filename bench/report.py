@@ -10,11 +10,18 @@ Derived columns of an `ok` row:
                         for fwd alone. Score columns per anchor: M ("all", and "labels",
                         where M is the rows of its one view), M/2 ("cross"),
                         0 ("none"), plus K for a queue.
-    ceiling_gflops    torch.mm rate of the same shape class, measured by the process that took
-                      the measurement, just before its first one of that shape (bench/runner.py)
-    ceiling_fraction  = gflops / ceiling_gflops. With the nominal count this can exceed 1 for
-                      an implementation doing fewer than four GEMM passes (one-pass designs
-                      with three products per chunk top out at 8/6 ≈ 1.33 of their real rate).
+    true_gflops       = true_flops / median time: the flops the provider's algorithm really does
+                        (`true_flops`: the cpp kernel's symmetric tiles 4·M²·D fwd+bwd, its one
+                        pass and the chunked/dense ones 6·M·C·D; C = M + K columns), its rate
+    ceiling_gflops    the compute ceiling, measured by the process that took the measurement,
+                      just before its first one of that D and dtype (bench/runner.py): on the CPU
+                      concurrent single-threaded tile products into cache-resident outputs
+                      (timing.tile_gemm_ceiling_gflops, the products the cpp kernel runs); on a
+                      GPU torch.mm of the same shape class
+    ceiling_fraction  = true_gflops / ceiling_gflops: how close the provider's own arithmetic
+                      runs to the products' rate (at most about 1 for a GEMM-bound kernel)
+    fma_peak_gflops   the cores' multiply-add peak from clock and vector width (CPU,
+                      timing.fma_peak_gflops), and peak_fraction = true_gflops / it
     speedup_vs_B        = B's median / this median, B in SPEEDUP_BASELINES (eager, chunked, pml)
     memory_saving_vs_B  = B's peak_mb / this peak_mb (how many times less memory than B), B in
                         MEMORY_BASELINES (eager, pml: the O(M²) ones)
@@ -43,7 +50,8 @@ RATIOS = tuple((f"speedup_vs_{b}", b, "median_ms", f"x {b}") for b in SPEEDUP_BA
 COLUMNS = (
     "provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "positives",
     "median_ms", "p20_ms", "p80_ms", "repeats", "calls_per_block", "peak_mb", "rss_growth_mb",
-    "gflops", "ceiling_gflops", "ceiling_fraction", *(column for column, *_ in RATIOS),
+    "gflops", "true_gflops", "ceiling_gflops", "ceiling_fraction", "fma_peak_gflops", "peak_fraction",
+    *(column for column, *_ in RATIOS),
     "status", "reason",
     "device", "threads", "cores", "torch", "triton", "git_commit", "timestamp", "load_start", "load_end",
 )
@@ -62,6 +70,40 @@ def nominal_flops(m: int, d: int, mode: str, negatives: str = "all", queue: int 
     return m * d * (batch * score_columns(m, negatives) + per_queue * queue)
 
 
+def cpp_algorithm(m: int, d: int, mode: str, negatives: str = "all", queue: int = 0, rule: str = "direct",
+                  positives: str = "pair", forced: str | None = None) -> str:
+    """"symmetric" or "onepass": what csrc/alpha_cl_cpu.cpp's choose_algorithm runs for a full
+    anchor range (`forced`: FASTALPHA_CPP_ALGORITHM). Labels run the symmetric tiles but for square."""
+    if positives == "labels" and rule == "square":
+        return "onepass"
+    if forced in ("onepass", "symmetric"):
+        return forced
+    if negatives == "none" or queue >= m:
+        return "onepass"
+    large = (m >= 2048 and m * d >= 2**18) if mode == "fwdbwd" else m >= 1024
+    return "symmetric" if large and d >= 32 else "onepass"
+
+
+def true_flops(provider: str, m: int, d: int, mode: str, negatives: str = "all", queue: int = 0, rule: str = "direct",
+               positives: str = "pair", forced: str | None = None) -> float:
+    """Multiply-add flops (2 per FMA) of one call as the provider computes it.
+
+    One pass over full rows (cpp's and cuda's one pass, chunked, the dense eager/compile/pml):
+    S = Z [Z; Q]ᵀ, then ω[Z; Q] and ωᵀZ, 6·M·C·D fwd+bwd and 2·M·C·D forward, C = M + K
+    (the masked columns of "cross"/"none" are computed too). cpp's symmetric tiles: each pair of
+    Z once for both anchors, pass 1 one product and pass 2 three over M²/2 pairs, 4·M²·D fwd+bwd
+    and M²·D forward ("cross": the cross-view quarter of the pairs, half of that), and 8·M·K·D
+    (forward 2·M·K·D) for the queue's one-directional pairs. triton: the nominal count.
+    """
+    columns = m + queue
+    if provider == "triton":
+        return nominal_flops(m, d, mode, negatives, queue)
+    if provider == "cpp" and cpp_algorithm(m, d, mode, negatives, queue, rule, positives, forced) == "symmetric":
+        pairs = {"all": 1.0, "cross": 0.5}[negatives] * m * m * d
+        return (4.0 * pairs + 8.0 * m * queue * d) if mode == "fwdbwd" else (pairs + 2.0 * m * queue * d)
+    return (6.0 if mode == "fwdbwd" else 2.0) * m * columns * d
+
+
 def _same(r: dict) -> tuple:
     return (r["rule"], r["M"], r["D"], r["dtype"], r["mode"], r["negatives"], r["queue"], r["positives"])
 
@@ -70,13 +112,20 @@ def add_derived(rows: list[dict]) -> list[dict]:
     """Fill gflops, ceiling_fraction and the ratio columns (ceiling_gflops comes measured)."""
     ok = {(r["provider"], *_same(r)): r for r in rows if r["status"] == "ok"}
     for r in rows:
-        r.update(gflops=None, ceiling_fraction=None, **{column: None for column, *_ in RATIOS})
+        r.update(gflops=None, true_gflops=None, ceiling_fraction=None, peak_fraction=None,
+                 **{column: None for column, *_ in RATIOS})
         r.setdefault("ceiling_gflops", None)
+        r.setdefault("fma_peak_gflops", None)
         if r["status"] != "ok":
             continue
-        r["gflops"] = nominal_flops(r["M"], r["D"], r["mode"], r["negatives"], r["queue"]) / (r["median_ms"] * 1e-3) / 1e9
+        seconds = r["median_ms"] * 1e-3
+        r["gflops"] = nominal_flops(r["M"], r["D"], r["mode"], r["negatives"], r["queue"]) / seconds / 1e9
+        r["true_gflops"] = true_flops(r["provider"], r["M"], r["D"], r["mode"], r["negatives"], r["queue"], r["rule"],
+                                      r["positives"], r.get("cpp_algorithm")) / seconds / 1e9
         if r["ceiling_gflops"]:
-            r["ceiling_fraction"] = r["gflops"] / r["ceiling_gflops"]
+            r["ceiling_fraction"] = r["true_gflops"] / r["ceiling_gflops"]
+        if r["fma_peak_gflops"]:
+            r["peak_fraction"] = r["true_gflops"] / r["fma_peak_gflops"]
         for column, baseline, field, _ in RATIOS:
             base = ok.get((baseline, *_same(r)))
             # A peak under a page rounds to 0: no ratio rather than a division by zero.
@@ -108,7 +157,8 @@ def read_csv(path: str) -> list[dict]:
     negatives/queue/positives column the default setup, and load_1min (taken at a measurement's end)
     becomes load_end."""
     ints = ("M", "D", "repeats", "calls_per_block", "threads", "cores", "queue")
-    floats = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "rss_growth_mb", "gflops", "ceiling_gflops", "ceiling_fraction",
+    floats = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "rss_growth_mb", "gflops", "true_gflops", "ceiling_gflops",
+              "ceiling_fraction", "fma_peak_gflops", "peak_fraction",
               *(column for column, *_ in RATIOS), "load_start", "load_end")
     rows = []
     with open(path, newline="") as f:
@@ -171,7 +221,7 @@ def table(rows: list[dict]) -> str:
         present = {r["provider"] for r in group if r["status"] == "ok"}
         ratios = [(column, title) for column, baseline, _, title in RATIOS if baseline in present]
         header = (f"{'provider':<10}{'M':>8}{'median ms':>12}{'p20-p80 ms':>20}{'peak MiB':>10}{'RSS+ MiB':>10}{'GFLOP/s':>9}"
-                  f"{'ceil':>6}" + "".join(f"{title:>{len(title) + 2}}" for _, title in ratios) + f"{'load':>11}  status")
+                  f"{'true':>7}{'ceil':>6}{'peak':>6}" + "".join(f"{title:>{len(title) + 2}}" for _, title in ratios) + f"{'load':>11}  status")
         lines += ["", f"rule={rule}  D={d}  dtype={dtype}  mode={mode}  set-up={setup}", header, "-" * len(header)]
         for r in sorted(group, key=lambda r: (r["M"], r["provider"])):
             spread = f"{_fmt(r['p20_ms'], '.4g')}-{_fmt(r['p80_ms'], '.4g')}" if r["status"] == "ok" else "-"
@@ -180,7 +230,8 @@ def table(rows: list[dict]) -> str:
             lines.append(
                 f"{r['provider']:<10}{r['M']:>8}{_fmt(r['median_ms'], '.4g'):>12}{spread:>20}"
                 f"{_fmt(r['peak_mb'], '.1f'):>10}{_fmt(r.get('rss_growth_mb'), '.1f'):>10}{_fmt(r['gflops'], '.1f'):>9}"
-                f"{_fmt(r['ceiling_fraction'], '.0%'):>6}"
+                f"{_fmt(r.get('true_gflops'), '.1f'):>7}{_fmt(r['ceiling_fraction'], '.0%'):>6}"
+                f"{_fmt(r.get('peak_fraction'), '.0%'):>6}"
                 + "".join(f"{_fmt(r[column], '.2f'):>{len(title) + 2}}" for column, title in ratios)
                 + f"{load:>11}  {note}")
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 timed and its peak memory taken, after it has been checked against the float64 reference.
 
 A measurement (a `Task`) comes back as a dict: median_ms / p20_ms / p80_ms / repeats /
-calls_per_block / peak_mb / rss_growth_mb, ceiling_gflops (torch.mm of the same shape class,
-see `ceiling`), load_start / load_end (1-minute load average when the measurement began and
+calls_per_block / peak_mb / rss_growth_mb, ceiling_gflops (the compute ceiling, see `ceiling`)
+and fma_peak_gflops (CPU: timing.fma_peak_gflops), load_start / load_end (1-minute load average when the measurement began and
 ended) and a status:
 
     ok           timed
@@ -74,6 +74,7 @@ class Settings:
     seed: int = 0
     memory: str = "pinned"      # one of MEMORY_MODES
     single_call_s: float = 30.0
+    rule_params: str = "default"   # "supcon": SupCon's infonce parameters in every set-up (providers.rule_kwargs)
     verdicts: dict = field(default_factory=dict)   # (provider, rule, dtype, negatives, queue?, positives) -> (status, reason)
     ceilings: dict = field(default_factory=dict)   # (M, D, dtype) -> GFLOP/s of torch.mm
 
@@ -107,21 +108,32 @@ def verdict(task: Task, settings: Settings) -> tuple[str, str]:
     if key not in settings.verdicts:
         device = torch.device(settings.device)
         gen = torch.Generator().manual_seed(settings.seed)
-        fn = providers.loss_fn(task.provider, task.rule, task.positives)
+        supcon = settings.rule_params == "supcon"
+        fn = providers.loss_fn(task.provider, task.rule, task.positives, supcon)
         settings.verdicts[key] = agreement.check_agreement(fn, task.rule, device, dtype_of(task.dtype), gen,
                                                            negatives=task.negatives, with_queue=task.queue > 0,
-                                                           positives=task.positives)
+                                                           positives=task.positives, supcon=supcon)
     return settings.verdicts[key]
 
 
 def ceiling(task: Task, settings: Settings) -> float:
-    """The matmul ceiling for the task's shape class, measured once per measuring process, just
-    before the first measurement that needs it, so that it sees the machine as that
-    provider's measurements do (the CPU machine is shared and its speed drifts)."""
+    """The compute ceiling for the task, measured once per measuring process, just before the
+    first measurement that needs it, so that it sees the machine as that provider's
+    measurements do (the CPU machine is shared and its speed drifts). CPU: concurrent
+    single-threaded tile products into cache-resident outputs, per (D, dtype)
+    (timing.tile_gemm_ceiling_gflops); GPU: torch.mm of the task's shape class."""
+    budget = min(settings.budget_s, 2.0)
+    if settings.device == "cpu":
+        key = (task.d, task.dtype)
+        if key not in settings.ceilings:
+            # bf16/fp16 inputs are computed in float32 by the CPU providers that matter here.
+            dtype = torch.float64 if task.dtype == "float64" else torch.float32
+            settings.ceilings[key] = timing.tile_gemm_ceiling_gflops(task.d, dtype, settings.threads, budget_s=budget)
+        return settings.ceilings[key]
     key = (task.m, task.d, task.dtype)
     if key not in settings.ceilings:
         settings.ceilings[key] = timing.matmul_ceiling_gflops(task.m, task.d, dtype_of(task.dtype), torch.device(settings.device),
-                                                              budget_s=min(settings.budget_s, 2.0))
+                                                              budget_s=budget)
     return settings.ceilings[key]
 
 
@@ -152,9 +164,11 @@ def _run(task: Task, settings: Settings) -> dict:
     device = torch.device(settings.device)
     try:
         ceiling_gflops = ceiling(task, settings)
+        peak = timing.fma_peak_gflops(settings.threads, dtype)[0] if device.type == "cpu" else None
         timed = _time(task, settings, device, dtype)
         note = timed.pop("note", "")
-        return dict(result, **timed, ceiling_gflops=ceiling_gflops, status="ok", reason=reason + note)
+        return dict(result, **timed, ceiling_gflops=ceiling_gflops, fma_peak_gflops=peak,
+                    cpp_algorithm=os.environ.get("FASTALPHA_CPP_ALGORITHM"), status="ok", reason=reason + note)
     except Exception as err:
         return dict(result, **_failure(err))
     finally:
@@ -229,7 +243,8 @@ def _inputs(task: Task, settings: Settings, device: torch.device, dtype: torch.d
     labels = (providers.supcon_labels(task.m, torch.Generator().manual_seed(settings.seed)).to(device)
               if task.positives == "labels" else None)
     setup = providers.setup_kwargs(task.negatives, queue, labels)
-    return views, _make_call(providers.loss_fn(task.provider, task.rule, task.positives), views, task.mode, setup)
+    fn = providers.loss_fn(task.provider, task.rule, task.positives, settings.rule_params == "supcon")
+    return views, _make_call(fn, views, task.mode, setup)
 
 
 def _warm_up(call, task: Task, settings: Settings, done: int = 0) -> float | None:

@@ -17,6 +17,7 @@ calls per block.
 from __future__ import annotations
 
 import math
+import subprocess
 import time
 from typing import Callable
 
@@ -107,3 +108,110 @@ def matmul_ceiling_gflops(m: int, d: int, dtype: torch.dtype, device: torch.devi
         product()
         median_ms = time_cpu(product, repeats, budget_s, estimate_s=time.perf_counter() - t0)[0]
     return 2.0 * rows * d * m / (median_ms * 1e-3) / 1e9
+
+
+#: Rows and columns of the compute ceiling's products: the cpp kernel's tile, (T × D) @ (D × T)
+#: with T = 256, whose T × T float32 output (256 KiB) stays in a core's L2 as the kernel's does.
+CEILING_TILE = 256
+
+
+def tile_gemm_ceiling_gflops(d: int, dtype: torch.dtype, threads: int, repeats: int = 5, budget_s: float = 2.0) -> float:
+    """GFLOP/s of tile products into cache-resident outputs on the CPU, the way the cpp kernel
+    runs them: `threads` workers at once, each a loop of single-threaded torch.mm calls
+    (T × D) @ (D × T) → T × T, T = CEILING_TILE, into its own output.
+
+    This is the compute ceiling a fused CPU kernel can approach: its products are tiles (or
+    row chunks) whose outputs stay in cache, while torch.mm of an M × M output
+    (`matmul_ceiling_gflops`) is bound by writing that output to memory, which no fused kernel
+    does. One torch.mm of a tile on several threads, or torch.bmm, is no ceiling: splitting so
+    small a product costs more than it gains. The rate is measured in the run, at its thread
+    count, so it sees the machine as the providers' measurements do; the median of `repeats`
+    rounds (at least 3, fewer when `budget_s` runs out).
+    """
+    import threading
+
+    calls = 8  # products per worker per round
+    gen = torch.Generator().manual_seed(0)
+    work = [(torch.randn(CEILING_TILE, d, generator=gen).to(dtype), torch.randn(d, CEILING_TILE, generator=gen).to(dtype),
+             torch.empty(CEILING_TILE, CEILING_TILE, dtype=dtype)) for _ in range(threads)]
+
+    def worker(k: int, start: threading.Barrier, done: threading.Barrier):
+        a, b, out = work[k]
+        start.wait()
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+        done.wait()
+
+    def one_round() -> float:
+        start, done = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+        pool = [threading.Thread(target=worker, args=(k, start, done)) for k in range(threads)]
+        for t in pool:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        done.wait()
+        elapsed = time.perf_counter() - t0
+        for t in pool:
+            t.join()
+        return elapsed
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)   # each product on one thread, as inside the kernel's parallel_for
+    try:
+        one_round()
+        times, spent = [], 0.0
+        while len(times) < max(repeats, 3) and (len(times) < 3 or spent < budget_s):
+            times.append(one_round())
+            spent += times[-1]
+    finally:
+        torch.set_num_threads(previous)
+    median_s = float(np.median(times))
+    return 2.0 * threads * calls * CEILING_TILE * CEILING_TILE * d / median_s / 1e9
+
+
+#: FMA pipes per core assumed by `fma_peak_gflops`: two on the x86 server cores this project
+#: runs on (Intel since Haswell, AMD since Zen 2); a core with one gives half the figure.
+FMA_PIPES = 2
+
+
+def _cpu_info() -> dict:
+    """vendor, flags and clocks (MHz) from /proc/cpuinfo and lscpu; {} where unreadable."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key in ("vendor_id", "flags", "cpu MHz") and key not in info:
+                    info[key] = value
+    except OSError:
+        pass
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "CPU max MHz":
+                info["max MHz"] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def fma_peak_gflops(threads: int, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(GFLOP/s, how it was derived) of the cores' multiply-add peak: threads × clock × SIMD
+    lanes × 2 (an FMA is two flops) × FMA_PIPES; (None, why) where the clock or the vector
+    width cannot be read. The clock is lscpu's maximum (else /proc/cpuinfo's current one); the
+    lanes are AVX-512's 16 float32 (8 float64), AVX2's 8 or SSE's 4, with AMD's AVX-512 (Zen 4,
+    two 256-bit halves) counted as 256 bits. bfloat16/float16 inputs are computed in float32.
+    """
+    info = _cpu_info()
+    flags = set(info.get("flags", "").split())
+    mhz = info.get("max MHz") or info.get("cpu MHz")
+    if not flags or not mhz:
+        return None, "no /proc/cpuinfo flags or clock"
+    bits = 512 if "avx512f" in flags and info.get("vendor_id") != "AuthenticAMD" else 256 if "avx2" in flags and "fma" in flags else 128
+    width = 8 if dtype == torch.float64 else 4
+    lanes = bits // (8 * width)
+    ghz = float(mhz) / 1e3
+    peak = threads * ghz * lanes * 2 * FMA_PIPES
+    return peak, f"{threads} threads x {ghz:.2f} GHz x {lanes} lanes ({bits}-bit) x 2 x {FMA_PIPES} FMA pipes"

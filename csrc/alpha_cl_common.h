@@ -50,6 +50,17 @@ inline void check_anchor_inputs(const at::Tensor& z, int64_t row_lo, int64_t row
   }
 }
 
+// An optional queue Q (K × D): z's width, dtype and device.
+inline void check_queue(const at::Tensor& z, const std::optional<at::Tensor>& queue) {
+  if (!queue.has_value()) return;
+  const at::Tensor& q = *queue;
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == z.size(1), "fastalpha: queue must have shape (K, ", z.size(1), "), got ",
+              q.sizes());
+  TORCH_CHECK(q.scalar_type() == z.scalar_type(), "fastalpha: queue must have dtype ", z.scalar_type(), ", got ",
+              q.scalar_type());
+  TORCH_CHECK(q.device() == z.device(), "fastalpha: queue must be on ", z.device(), ", got ", q.device());
+}
+
 inline void check_fused_inputs(const at::Tensor& z, const std::optional<at::Tensor>& queue, int64_t row_lo,
                                int64_t row_hi, const std::optional<at::Tensor>& row_weight, c10::DeviceType device) {
   TORCH_CHECK(z.dim() == 2, "fastalpha: z must be 2-D (M, D), got ", z.dim(), " dimensions");
@@ -57,22 +68,22 @@ inline void check_fused_inputs(const at::Tensor& z, const std::optional<at::Tens
   // N = 1 is legitimate with a queue; whether any anchor has a negative is the caller's count.
   TORCH_CHECK(m >= 2 && m % 2 == 0, "fastalpha: z must stack two views of N >= 1 rows (M = 2N even), got M = ", m);
   check_anchor_inputs(z, row_lo, row_hi, row_weight, device);
-  if (queue.has_value()) {
-    const at::Tensor& q = *queue;
-    TORCH_CHECK(q.dim() == 2 && q.size(1) == z.size(1), "fastalpha: queue must have shape (K, ", z.size(1),
-                "), got ", q.sizes());
-    TORCH_CHECK(q.scalar_type() == z.scalar_type(), "fastalpha: queue must have dtype ", z.scalar_type(), ", got ",
-                q.scalar_type());
-    TORCH_CHECK(q.device() == z.device(), "fastalpha: queue must be on ", z.device(), ", got ", q.device());
-  }
+  check_queue(z, queue);
 }
 
-// The grouped op's per-row inputs (GroupColumns): `groups` g_k for the M rows (int64), and for
-// the R anchors `positive_distance` d̄2_i (z's dtype) and `negative_count` |J_i| (int64). A
-// wrong dtype is a TypeError, a wrong shape or device a ValueError.
-inline void check_group_inputs(const at::Tensor& z, int64_t row_lo, int64_t row_hi, const at::Tensor& groups,
-                               const at::Tensor& positive_distance, const at::Tensor& negative_count) {
-  const int64_t m = z.size(0), rows = row_hi - row_lo;
+// The grouped op's inputs, one checker for the CPU and the CUDA op (GroupColumns in
+// alpha_cl_rule.h): z, the row range, the weights and the queue as for the SimCLR op, then
+// int64 `row_ids` and `self_col` for the M rows of Z, `col_ids` for the M + K columns, and for
+// the R anchors `d2_mean` d̄2_i (z's dtype) and `negative_count` |J_i| (int64), all on z's
+// device. A wrong dtype is a TypeError, a wrong shape or device a ValueError. The values are
+// not read (no device sync): ids and self columns are only ever compared, never indices.
+inline void check_grouped_inputs(const at::Tensor& z, const std::optional<at::Tensor>& queue, int64_t row_lo,
+                                 int64_t row_hi, const std::optional<at::Tensor>& row_weight, const at::Tensor& row_ids,
+                                 const at::Tensor& col_ids, const at::Tensor& self_col, const at::Tensor& d2_mean,
+                                 const at::Tensor& negative_count, c10::DeviceType device) {
+  check_anchor_inputs(z, row_lo, row_hi, row_weight, device);
+  check_queue(z, queue);
+  const int64_t m = z.size(0), k = queue.has_value() ? queue->size(0) : 0, rows = row_hi - row_lo;
   TORCH_CHECK_VALUE(m >= 1, "fastalpha: z needs M >= 1 rows");
   auto check = [&](const at::Tensor& t, const char* name, int64_t length, at::ScalarType dtype) {
     TORCH_CHECK_TYPE(t.scalar_type() == dtype, "fastalpha: ", name, " must have dtype ", dtype, ", got ",
@@ -81,10 +92,23 @@ inline void check_group_inputs(const at::Tensor& z, int64_t row_lo, int64_t row_
                       ",), got ", t.sizes());
     TORCH_CHECK_VALUE(t.device() == z.device(), "fastalpha: ", name, " must be on ", z.device(), ", got ", t.device());
   };
-  check(groups, "groups", m, at::kLong);
-  check(positive_distance, "positive_distance", rows, z.scalar_type());
+  check(row_ids, "row_ids", m, at::kLong);
+  check(col_ids, "col_ids", m + k, at::kLong);
+  check(self_col, "self_col", m, at::kLong);
+  check(d2_mean, "d2_mean", rows, z.scalar_type());
   check(negative_count, "negative_count", rows, at::kLong);
 }
+
+// One grouped call, checked and contiguous, as both libraries' kernels take it.
+struct GroupedCall {
+  at::Tensor cols;                        // [Z; Q], (M + K) × D
+  int64_t m, row_lo, row_hi;
+  at::Tensor row_weight;                  // (R,), undefined for all ones
+  at::Tensor row_ids, col_ids, self_col;  // (M,), (M + K,), (M,)
+  at::Tensor d2_mean, negative_count;     // (R,)
+  GroupedLoop loop;
+  bool need_grad;
+};
 
 // The columns every anchor is compared with: [Z; Q] ((M + K) × D, contiguous), or Z itself
 // without a queue (no copy).
@@ -130,13 +154,15 @@ inline at::Tensor assemble_gradient(const at::Tensor& cols, int64_t m, int64_t r
 }
 
 // The grouped mode's pair sum alone (no partner terms; the positives' pull is added by the
-// caller from group sums): G = column side + Σ_j ω_kj (z_j − z_k) on the anchor rows.
-inline at::Tensor assemble_pair_gradient(const at::Tensor& z, int64_t row_lo, int64_t row_hi, at::Tensor omega_t_z,
+// caller from group sums): G = column side over the M + K rows of `cols` = [Z; Q], plus
+// Σ_j ω_kj (z_j − z_k) on the anchor rows.
+inline at::Tensor assemble_pair_gradient(const at::Tensor& cols, int64_t row_lo, int64_t row_hi, at::Tensor omega_t_z,
                                          const at::Tensor& colsum, const at::Tensor& omega_rowsum,
                                          const at::Tensor& omega_z, bool unit_rows) {
-  at::Tensor grad = column_side(omega_t_z, colsum, z, unit_rows);
+  at::Tensor grad = column_side(omega_t_z, colsum, cols, unit_rows);
   if (row_hi == row_lo) return grad;
-  at::Tensor row_part = unit_rows ? omega_z : omega_z - omega_rowsum.unsqueeze(1) * z.narrow(0, row_lo, row_hi - row_lo);
+  at::Tensor row_part =
+      unit_rows ? omega_z : omega_z - omega_rowsum.unsqueeze(1) * cols.narrow(0, row_lo, row_hi - row_lo);
   grad.narrow(0, row_lo, row_hi - row_lo).add_(row_part);
   return grad;
 }
@@ -183,34 +209,46 @@ inline int64_t chunk_rows_from_env(int64_t fallback) {
     return kernel<float>(cols, m, row_lo, row_hi, row_weight, cfg, need_grad);                               \
   }
 
-// The grouped op (GroupColumns): positives and negatives of every anchor from the rows' group
-// ids, any M ≥ 1, no queue. It returns the pair loop's part of the results: the losses (0 for
-// an anchor without a positive or without a negative), the gradient of Σ_i w_i loss_i over the
-// pairs the sweep holds (J_i, and P_i for infonce with ε > 0) and `pull` = w_i g A_i per anchor
-// (g the gradient scale, 0 for an anchor without a loss term): the weight of d̄2_i, whose
-// gradient the caller adds from group sums (fastalpha.positives.add_positive_pull_).
-// kernel<T>(z, row_lo, row_hi, row_weight, groups, positive_distance, negative_count, loop, need_grad).
-#define FASTALPHA_GROUPED_OP_SCHEMA                                                                        \
-  "alpha_cl_fused_grouped(Tensor z, int row_lo, int row_hi, Tensor? row_weight, Tensor groups, "           \
-  "Tensor positive_distance, Tensor negative_count, str rule, float temperature, float p, float gamma, "   \
-  "float eps, bool detach_alpha, bool unit_rows, bool need_grad) -> (Tensor, Tensor, Tensor)"
+// The grouped op (GroupColumns): positives and negatives of every anchor from the group ids of
+// the rows and the columns, any M ≥ 1, an optional queue (its K rows are columns only). It
+// returns the pair loop's part of the results: the losses (0 for an anchor without a
+// negative; one without a positive gets the finite loss of the d̄2_i it is given, and the
+// caller gives it weight 0 and discards that loss), the gradient ((M + K) × D, queue rows
+// included) of Σ_i w_i loss_i over the pairs the sweep holds (J_i, and P_i for infonce with
+// ε > 0) and `pull` = w_i g A_i per anchor (g the gradient scale, 0 without a loss term): the
+// weight of d̄2_i, whose gradient the caller adds from group sums
+// (fastalpha.positives.add_positive_pull_). kernel<T>(const GroupedCall&).
+#define FASTALPHA_GROUPED_OP_SCHEMA                                                                         \
+  "alpha_cl_fused_grouped(Tensor z, Tensor? queue, int row_lo, int row_hi, Tensor? row_weight, "            \
+  "Tensor row_ids, Tensor col_ids, Tensor self_col, Tensor d2_mean, Tensor negative_count, str rule, "      \
+  "float temperature, float p, float gamma, float eps, bool detach_alpha, bool unit_rows, bool need_grad) " \
+  "-> (Tensor, Tensor, Tensor)"
 
 #define FASTALPHA_DEFINE_GROUPED_OP(entry, device, kernel)                                                   \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> entry(                                                      \
-      const at::Tensor& z_in, int64_t row_lo, int64_t row_hi, const std::optional<at::Tensor>& row_weight,   \
-      const at::Tensor& groups, const at::Tensor& positive_distance, const at::Tensor& negative_count,       \
+      const at::Tensor& z_in, const std::optional<at::Tensor>& queue, int64_t row_lo, int64_t row_hi,        \
+      const std::optional<at::Tensor>& row_weight, const at::Tensor& row_ids, const at::Tensor& col_ids,     \
+      const at::Tensor& self_col, const at::Tensor& d2_mean, const at::Tensor& negative_count,               \
       c10::string_view rule, double temperature, double p, double gamma, double eps, bool detach_alpha,      \
       bool unit_rows, bool need_grad) {                                                                      \
     const RuleConfig cfg = make_rule(std::string(rule.data(), rule.size()), temperature, p, gamma, eps,      \
                                      detach_alpha, unit_rows, "all");                                        \
-    check_anchor_inputs(z_in, row_lo, row_hi, row_weight, device);                                           \
-    check_group_inputs(z_in, row_lo, row_hi, groups, positive_distance, negative_count);                     \
-    const at::Tensor z = z_in.contiguous(), ids = groups.contiguous();                                       \
-    const at::Tensor d2_mean = positive_distance.contiguous(), n_neg = negative_count.contiguous();          \
-    const GroupedLoop loop = grouped_loop(cfg);                                                              \
-    if (z.scalar_type() == at::kDouble)                                                                      \
-      return kernel<double>(z, row_lo, row_hi, row_weight, ids, d2_mean, n_neg, loop, need_grad);            \
-    return kernel<float>(z, row_lo, row_hi, row_weight, ids, d2_mean, n_neg, loop, need_grad);               \
+    check_grouped_inputs(z_in, queue, row_lo, row_hi, row_weight, row_ids, col_ids, self_col, d2_mean,       \
+                         negative_count, device);                                                            \
+    const GroupedCall call{column_rows(z_in, queue),                                                         \
+                           z_in.size(0),                                                                     \
+                           row_lo,                                                                           \
+                           row_hi,                                                                           \
+                           row_weight.has_value() ? row_weight->contiguous() : at::Tensor(),                 \
+                           row_ids.contiguous(),                                                             \
+                           col_ids.contiguous(),                                                             \
+                           self_col.contiguous(),                                                            \
+                           d2_mean.contiguous(),                                                             \
+                           negative_count.contiguous(),                                                      \
+                           grouped_loop(cfg),                                                                \
+                           need_grad};                                                                       \
+    if (call.cols.scalar_type() == at::kDouble) return kernel<double>(call);                                 \
+    return kernel<float>(call);                                                                              \
   }
 
 #define FASTALPHA_REGISTER_FUSED_OPS(library, dispatch_key, entry, grouped_entry)              \

@@ -239,15 +239,17 @@ struct PairedSets {
   }
 };
 
-// Grouped (GroupColumns): all M columns, each tested against the anchor's group; d̄2_i and
-// |J_i| per anchor come from the caller. An anchor without a positive (|J_i| = M − 1) or
-// without a negative has no loss term.
+// Grouped (GroupColumns): all C = M + K columns, each tested against the anchor's id; d̄2_i
+// and |J_i| per anchor come from the caller. An anchor without a negative has no loss term
+// (one without a positive has weight 0 from the caller: a finite loss, no gradient).
 struct GroupedSets {
   GroupedLoop loop;
-  const int64_t* group;     // M
+  const int64_t* row_ids;   // M
+  const int64_t* col_ids;   // C
+  const int64_t* self_col;  // M
   const int64_t* n_neg;     // per anchor, from row_lo
   const void* d2_mean;      // per anchor, T
-  int64_t m, row_lo;
+  int64_t c, row_lo;
 
   struct Row {
     NegativeRanges ranges;
@@ -264,12 +266,10 @@ struct GroupedSets {
     bool in_sweep(T d) const { return d != std::numeric_limits<T>::infinity(); }
   };
   Row row(int64_t i) const {
-    return {{{0, m, m}, {m, m, m}}, group_columns(group, i, loop.with_positives), loop.positive_offset};
+    return {{{0, c, c}, {c, c, c}}, group_columns(col_ids, row_ids, self_col, i, loop.with_positives),
+            loop.positive_offset};
   }
-  bool has_term(int64_t i) const {
-    const int64_t count = n_neg[i - row_lo];
-    return count > 0 && count < m - 1;
-  }
+  bool has_term(int64_t i) const { return n_neg[i - row_lo] > 0; }
   double negative_count(int64_t i) const { return static_cast<double>(n_neg[i - row_lo]); }
   template <typename T>
   double positive_distance(int64_t i, const T*, const T*) const {
@@ -465,13 +465,6 @@ class RowSweep {
   const int64_t c_;
 };
 
-// Per-anchor outputs and the inputs of the gradient assembly.
-template <typename T>
-struct RowOutputs {
-  at::Tensor loss;  // (R,) loss_i
-  std::vector<T> coef;  // (M,) w_i g A_i at anchors, 0 elsewhere (g: the gradient scale)
-};
-
 // G_k += u (c_k + c_{p(k)} − wsum_k) z_k − (c_k + c_{p(k)}) z_{p(k)}, with c = coef and
 // u = 0 for unit rows (their d2 = 1 − z_i·z_j has no term in z_k itself): the partner terms
 // of every anchor and the self terms of the pair sum (reference.closed_form_gradient). `z` is
@@ -653,29 +646,6 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const at::Tensor& cols, int64_t m, i
   return {sums.loss, sums.grad};
 }
 
-// The grouped mode (GroupColumns, FASTALPHA_DEFINE_GROUPED_OP): always the one pass, whose
-// chunks hold full rows, so a per-column group test is all the sets need. The symmetric
-// tiles would need the pull's gradient and the mask per tile as well, for what is the
-// one-pass's work with a mask; FASTALPHA_CPP_ALGORITHM does not apply here. The gradient
-// gets the pair sum's terms only; `pull` = coef_i = w_i g A_i at the anchors.
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_cpu(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
-                                                           const std::optional<at::Tensor>& row_weight,
-                                                           const at::Tensor& groups, const at::Tensor& d2_mean,
-                                                           const at::Tensor& n_neg, const GroupedLoop& loop,
-                                                           bool need_grad) {
-  const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
-  const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
-  const int64_t m = z.size(0), dim = z.size(1);
-  const GroupedSets sets{loop, groups.data_ptr<int64_t>(), n_neg.data_ptr<int64_t>(), d2_mean.data_ptr<T>(), m, row_lo};
-  OnePassSums<T> sums = one_pass_sums<T>(z, m, row_lo, row_hi, w, loop.rule, need_grad, sets);
-  if (!need_grad) return {sums.loss, at::empty({0, dim}, z.options()), at::empty({0}, z.options())};
-  if (!loop.rule.unit_rows) add_self_terms<T>(z.data_ptr<T>(), 0, m, dim, sums.wsum.data(), sums.grad.template data_ptr<T>());
-  at::Tensor pull = at::empty({row_hi - row_lo}, z.options());
-  std::copy(sums.coef.begin() + row_lo, sums.coef.begin() + row_hi, pull.data_ptr<T>());
-  return {sums.loss, sums.grad, pull};
-}
-
 // ----------------------------------------------------------------------------------------
 // The symmetric algorithm.
 
@@ -711,10 +681,13 @@ inline Blocks make_blocks(int64_t m, int64_t c, int64_t row_lo, int64_t row_hi, 
   return blocks;
 }
 
-// Whether tile (a, b) holds pairs of J: an anchor side, and for "cross" blocks of different
-// views or the queue (a same-view tile has no negatives), for "none" one queue block.
-inline bool tile_has_negatives(const Blocks& blocks, int64_t a, int64_t b, Negatives negatives) {
-  if (!(blocks.anchor[a] || blocks.anchor[b])) return false;
+// Whether tile (a, b) holds pairs of J: an anchor side facing a block with live columns
+// (`live`: every block for the SimCLR sets, the blocks with a column id ≥ 0 for the grouped
+// ones), and for "cross" blocks of different views or the queue (a same-view tile has no
+// negatives), for "none" one queue block.
+inline bool tile_has_negatives(const Blocks& blocks, const std::vector<char>& live, int64_t a, int64_t b,
+                               Negatives negatives) {
+  if (!((blocks.anchor[a] && live[b]) || (blocks.anchor[b] && live[a]))) return false;
   if (negatives == Negatives::Cross) return blocks.part[a] != blocks.part[b];
   if (negatives == Negatives::None) return (blocks.part[a] == 2) != (blocks.part[b] == 2);
   return true;
@@ -724,15 +697,16 @@ inline bool tile_has_negatives(const Blocks& blocks, int64_t a, int64_t b, Negat
 // a round-robin tournament over B' = B (odd) or B + 1 teams. In round r, team r plays itself
 // (the diagonal tile) and teams r + s and r − s (mod B') meet for s = 1 … (B' − 1)/2; every
 // pair meets exactly once, since a + b ≡ 2r (mod B') has one solution r for odd B'.
-inline std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(const Blocks& blocks, Negatives negatives) {
+inline std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(const Blocks& blocks, const std::vector<char>& live,
+                                                                        Negatives negatives) {
   const int64_t n = blocks.count(), teams = n % 2 == 1 ? n : n + 1;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
   for (int64_t r = 0; r < teams; ++r) {
     std::vector<std::pair<int64_t, int64_t>> round;
-    if (r < n && tile_has_negatives(blocks, r, r, negatives)) round.emplace_back(r, r);
+    if (r < n && tile_has_negatives(blocks, live, r, r, negatives)) round.emplace_back(r, r);
     for (int64_t s = 1; s <= (teams - 1) / 2; ++s) {
       const int64_t a = (r + s) % teams, b = (r - s + teams) % teams;
-      if (a >= n || b >= n || !tile_has_negatives(blocks, a, b, negatives)) continue;
+      if (a >= n || b >= n || !tile_has_negatives(blocks, live, a, b, negatives)) continue;
       round.emplace_back(std::min(a, b), std::max(a, b));
     }
     if (!round.empty()) rounds.push_back(std::move(round));
@@ -740,17 +714,65 @@ inline std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(const Bl
   return rounds;
 }
 
-template <typename T>
+// The grouped sets as the symmetric tiles see them. The tiles need a mask that is the same
+// for both orientations of a pair of anchors, which holds when every anchor's column id is
+// its row id and no anchor's self column is another row of Z (`symmetric_groups`): then
+// (i, j) is a negative pair iff both column ids are ≥ 0 and differ, a positive pair iff they
+// are equal (i ≠ j), for both ends, and the self column of a row is the diagonal or in the
+// queue. Every row of a tile is therefore keyed by its column id.
+struct GroupedTiles {
+  const int64_t* col_ids;   // C
+  const int64_t* self_col;  // M
+  const int64_t* n_neg;     // per anchor, from row_lo
+  const void* d2_mean;      // per anchor, T
+  bool with_positives;
+  double positive_offset;
+};
+
+inline bool symmetric_groups(const int64_t* row_ids, const int64_t* col_ids, const int64_t* self_col, int64_t m,
+                             int64_t row_lo, int64_t row_hi) {
+  for (int64_t i = row_lo; i < row_hi; ++i) {
+    const int64_t s = self_col[i];
+    if (row_ids[i] != col_ids[i] || (0 <= s && s < m && s != i)) return false;
+  }
+  return true;
+}
+
+// Blocks with a live column (an id ≥ 0); every block for the SimCLR sets (col_ids null).
+inline std::vector<char> live_blocks(const Blocks& blocks, const int64_t* col_ids) {
+  std::vector<char> live(blocks.count(), 1);
+  if (col_ids == nullptr) return live;
+  for (int64_t b = 0; b < blocks.count(); ++b)
+    live[b] = std::any_of(col_ids + blocks.start[b], col_ids + blocks.start[b + 1], [](int64_t g) { return g >= 0; });
+  return live;
+}
+
+// kGrouped: the grouped sets (GroupedTiles) in place of the SimCLR contract's negative set,
+// partner and partner terms; everything else is shared.
+template <typename T, bool kGrouped = false>
 class Symmetric {
  public:
   // `cols` is [Z; Q] (C = M + K rows); the anchors are rows [row_lo, row_hi) of its first M.
   Symmetric(const at::Tensor& cols, int64_t m, int64_t row_lo, int64_t row_hi, const T* w, const RuleConfig& cfg,
-            bool need_grad)
+            bool need_grad, const GroupedTiles& grouped = {})
       : cols_(cols), m_(m), c_(cols.size(0)), dim_(cols.size(1)), lo_(row_lo), hi_(row_hi), w_(w), cfg_(cfg),
-        need_grad_(need_grad), half_t_(half_norms<T>(cols, cfg.unit_rows)), half_(half_t_.data_ptr<T>()),
+        need_grad_(need_grad), g_(grouped), half_t_(half_norms<T>(cols, cfg.unit_rows)), half_(half_t_.data_ptr<T>()),
         zp_(cols.data_ptr<T>()), blocks_(make_blocks(m_, c_, row_lo, row_hi, tile_size(m_), cfg.negatives)),
-        rounds_(tournament(blocks_, cfg.negatives)),
-        threads_(at::get_num_threads()), scratch_(threads_) {}
+        live_(live_blocks(blocks_, kGrouped ? grouped.col_ids : nullptr)),
+        rounds_(tournament(blocks_, live_, cfg.negatives)),
+        threads_(at::get_num_threads()), scratch_(threads_) {
+    // square's full-row statistics pass computes S with other products than the tiles of
+    // pass 2, so a pair's d2 could differ between the passes by rounding; the grouped mode
+    // runs square in the one pass instead (grouped_cpu).
+    TORCH_CHECK(!(kGrouped && cfg.rule == Rule::Square), "fastalpha: the grouped symmetric tiles do not run square");
+  }
+
+  // pull_i = coef_i = w_i g A_i of the anchors (after run()).
+  at::Tensor pull() const {
+    at::Tensor out = at::empty({hi_ - lo_}, cols_.options());
+    std::copy(coef_.begin() + lo_, coef_.begin() + hi_, out.data_ptr<T>());
+    return out;
+  }
 
   std::tuple<at::Tensor, at::Tensor> run() {
     const int64_t rows = hi_ - lo_;
@@ -766,8 +788,8 @@ class Symmetric {
       square_statistics();
     } else {
       const bool global = fixed_reference();
-      // With a fixed reference every row's shift is t(0): dmin_ = 0 stands for it below.
-      if (global) std::fill(dmin_.begin() + lo_, dmin_.begin() + hi_, T(0));
+      // With a fixed reference every row's shift is t(r0): dmin_ = r0 stands for it below.
+      if (global) std::fill(dmin_.begin() + lo_, dmin_.begin() + hi_, fixed_reference_distance());
       for (const auto& round : rounds_) {
         at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t first, int64_t last) {
           for (int64_t t = first; t < last; ++t) {
@@ -784,16 +806,26 @@ class Symmetric {
     shift_.assign(c_, T(0));
     T* loss_out = loss.data_ptr<T>();
     for (int64_t i = lo_; i < hi_; ++i) {
-      const int64_t p = partner_of(i, m_);
-      double dot = 0;
-      for (int64_t c = 0; c < dim_; ++c) dot += static_cast<double>(zp_[i * dim_ + c]) * zp_[p * dim_ + c];
-      const T d2_pos = std::max(T(0), static_cast<T>(static_cast<double>(half_[i]) + half_[p] - dot));
+      double d2_pos, count = n_neg;
+      if constexpr (kGrouped) {
+        count = static_cast<double>(g_.n_neg[i - lo_]);
+        if (count == 0) {  // no negative: no loss term (coef_, scale_ and shift_ stay 0)
+          loss_out[i - lo_] = T(0);
+          continue;
+        }
+        d2_pos = static_cast<double>(static_cast<const T*>(g_.d2_mean)[i - lo_]);
+      } else {
+        const int64_t p = partner_of(i, m_);
+        double dot = 0;
+        for (int64_t c = 0; c < dim_; ++c) dot += static_cast<double>(zp_[i * dim_ + c]) * zp_[p * dim_ + c];
+        d2_pos = static_cast<double>(std::max(T(0), static_cast<T>(static_cast<double>(half_[i]) + half_[p] - dot)));
+      }
       RowStats st{};
       st.m = cfg_.rule == Rule::Square ? 0.0 : log_weight(cfg_, static_cast<double>(dmin_[i]));
       st.l = l_[i];
       st.ld = ld_[i];
       st.support = support_[i];
-      const RowFinal fin = finalize_row(cfg_, st, static_cast<double>(d2_pos), n_neg);
+      const RowFinal fin = finalize_row(cfg_, st, d2_pos, count);
       loss_out[i - lo_] = static_cast<T>(fin.loss);
       const double g = (w_ ? static_cast<double>(w_[i - lo_]) : 1.0) * cfg_.grad_scale;
       coef_[i] = static_cast<T>(g * fin.alpha_sum);
@@ -815,7 +847,12 @@ class Symmetric {
         for (int64_t t = first; t < last; ++t) gradient_tile(round[t].first, round[t].second);
       });
     }
-    add_partner_and_self_terms<T>(zp_, m_, c_, dim_, cfg_.unit_rows, coef_.data(), wsum_.data(), grad_);
+    if constexpr (kGrouped) {
+      // The pair sum's self terms on every row; the positives' pull is the caller's.
+      if (!cfg_.unit_rows) add_self_terms<T>(zp_, 0, c_, dim_, wsum_.data(), grad_);
+    } else {
+      add_partner_and_self_terms<T>(zp_, m_, c_, dim_, cfg_.unit_rows, coef_.data(), wsum_.data(), grad_);
+    }
     return {loss, grad};
   }
 
@@ -841,26 +878,51 @@ class Symmetric {
   }
 
   // d2 of the tile rows of block a × columns of block b, in `t` (ra × cb, row-major), with
-  // +inf at the self and partner pairs (excluded from every minimum, sum and weight). The
-  // other exclusions of J are whole tiles, never scheduled (tile_has_negatives). Block a is
-  // always a block of Z: queue blocks come last and never meet each other, so in a tile
-  // (a, b), a ≤ b, only b can be one.
+  // +inf at the pairs outside the sweep (excluded from every minimum, sum and weight): the
+  // self and partner pairs, or in the grouped mode the pairs outside J ∪ P (P only for
+  // infonce with ε > 0, at d2 + positive_offset) and the anchors' self columns. The other
+  // exclusions are whole tiles, never scheduled (tile_has_negatives). Block a is always a
+  // block of Z: queue blocks come last and never meet each other, so in a tile (a, b),
+  // a ≤ b, only b can be one. Both passes take a pair's d2 from here: the same product and
+  // the same arithmetic, so the same number.
   void tile_distances(int64_t a, int64_t b, T* t) const {
     const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
     at::Tensor s = tile_view(t, ra, cb);
     at::mm_out(s, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
     const T* hc = half_ + j0;
+    constexpr T inf = std::numeric_limits<T>::infinity();
     for (int64_t r = 0; r < ra; ++r) {
       T* row = t + r * cb;
       const T hr = half_[i0 + r];
+      const int64_t i = i0 + r;
+      if constexpr (kGrouped) {
+        // Every row keyed by its column id (symmetric_groups); an ignored row has no pairs.
+        const int64_t gi = g_.col_ids[i];
+        const int64_t* gc = g_.col_ids + j0;
+        const T pos = g_.with_positives ? static_cast<T>(g_.positive_offset) : inf;
+        if (gi < 0) {
+          std::fill(row, row + cb, inf);
+          continue;
+        }
 #pragma omp simd
-      for (int64_t c = 0; c < cb; ++c) {
-        const T d = hr + hc[c] - row[c];
-        row[c] = d > T(0) ? d : T(0);
+        for (int64_t c = 0; c < cb; ++c) {
+          T d = hr + hc[c] - row[c];
+          d = d > T(0) ? d : T(0);
+          row[c] = gc[c] < 0 ? inf : gc[c] != gi ? d : d + pos;
+        }
+        // The anchor's self column: the diagonal, or a queue row (symmetric_groups).
+        const int64_t self = blocks_.anchor[a] ? g_.self_col[i] : -1;
+        if (j0 <= self && self < j0 + cb) row[self - j0] = inf;
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cb; ++c) {
+          const T d = hr + hc[c] - row[c];
+          row[c] = d > T(0) ? d : T(0);
+        }
+        const int64_t p = partner_of(i, m_);
+        if (j0 <= i && i < j0 + cb) row[i - j0] = inf;
+        if (j0 <= p && p < j0 + cb) row[p - j0] = inf;
       }
-      const int64_t i = i0 + r, p = partner_of(i, m_);
-      if (j0 <= i && i < j0 + cb) row[i - j0] = std::numeric_limits<T>::infinity();
-      if (j0 <= p && p < j0 + cb) row[p - j0] = std::numeric_limits<T>::infinity();
     }
   }
 
@@ -869,6 +931,8 @@ class Symmetric {
   // range), and pass 1 needs no minimum distances. d2 ≤ 2 for unit rows, and
   // d2 ≤ (√n_i + √n_j)²/2 ≤ 2 max n otherwise. True for the usual losses on unit rows
   // (direct τ = 0.5: t ∈ [−8, 0]); small τ falls back to per-row running minima.
+  // The grouped sweep's positives sit at d2 + positive_offset: the range of the swept
+  // distances, and with it the reference r0 = its low end, moves by the offset.
   bool fixed_reference() const {
     double dmax = 2.0;
     if (!cfg_.unit_rows) {
@@ -876,21 +940,34 @@ class Symmetric {
       for (int64_t k = 0; k < c_; ++k) half_max = std::max<double>(half_max, half_[k]);
       dmax = 4.0 * half_max;
     }
-    return log_weight(cfg_, 0.0) - log_weight(cfg_, 1.01 * dmax + 1e-6) <= kMaxSharedSpread<T>;
+    const double offset = swept_offset();
+    return log_weight(cfg_, fixed_reference_distance()) - log_weight(cfg_, 1.01 * dmax + 1e-6 + std::max(0.0, offset)) <=
+           kMaxSharedSpread<T>;
   }
 
-  // Pass 1 with the fixed reference t(0): one sweep per tile row from S to the sums of both
+  double swept_offset() const { return kGrouped && g_.with_positives ? g_.positive_offset : 0.0; }
+  T fixed_reference_distance() const { return static_cast<T>(std::min(0.0, swept_offset())); }
+
+  // Pass 1 with the fixed reference t(r0): one sweep per tile row from S to the sums of both
   // orientations (no minima, no rescaling).
   void fixed_reference_statistics_tile(int64_t a, int64_t b) {
     Scratch& s = scratch();
     const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
     const bool rows_on = blocks_.anchor[a], cols_on = blocks_.anchor[b] && a != b;
     T* t = s.tile.data();
-    at::Tensor st = tile_view(t, ra, cb);
-    at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
+    // SimCLR sets: S, with d2 formed in the sweep and the self and partner columns masked by
+    // an index test (which vectorises where splitting the range did not); grouped: the masked
+    // distances of tile_distances, the ones pass 2 reads.
+    if constexpr (kGrouped) {
+      tile_distances(a, b, t);
+    } else {
+      at::Tensor st = tile_view(t, ra, cb);
+      at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
+    }
+    constexpr T inf = std::numeric_limits<T>::infinity();
     const T* hc = half_ + j0;
     with_weight<T>(cfg_, [&](auto weight) {
-      const T ref = weight.ref(T(0));
+      const T ref = weight.ref(fixed_reference_distance());
       T* cl = s.col_a.data();
       T* cld = s.col_b.data();
       std::fill(cl, cl + cb, T(0));
@@ -898,18 +975,18 @@ class Symmetric {
       for (int64_t r = 0; r < ra; ++r) {
         const T* row = t + r * cb;
         const T hr = half_[i0 + r];
-        // The self and partner columns of row i0 + r in tile coordinates (−1: not in the tile),
-        // masked by an index test, which vectorises where splitting the range did not.
-        const int64_t i = i0 + r, p = partner_of(i, m_);
-        const int64_t cx = j0 <= i && i < j0 + cb ? i - j0 : -1, cy = j0 <= p && p < j0 + cb ? p - j0 : -1;
+        // The self and partner columns of row i0 + r in tile coordinates (−1: not in the tile).
+        const int64_t i = i0 + r, p = kGrouped ? -1 : partner_of(i, m_);
+        const int64_t cx = !kGrouped && j0 <= i && i < j0 + cb ? i - j0 : -1;
+        const int64_t cy = !kGrouped && j0 <= p && p < j0 + cb ? p - j0 : -1;
         T ls = 0, lds = 0;
         if (cols_on) {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t c = 0; c < cb; ++c) {
-            T d = hr + hc[c] - row[c];
-            d = d > T(0) ? d : T(0);
-            const bool keep = c != cx && c != cy;
-            const T e = keep ? weight(d, ref) : T(0), ed = e * d;
+            const T d = swept_distance(hr, hc[c], row[c]);
+            const bool keep = kGrouped ? d < inf : c != cx && c != cy;
+            // e d is 0 where keep is false, except at the grouped mode's d = inf (0 · inf).
+            const T e = keep ? weight(d, ref) : T(0), ed = kGrouped && !keep ? T(0) : e * d;
             ls += e;
             lds += ed;
             cl[c] += e;
@@ -918,12 +995,11 @@ class Symmetric {
         } else {
 #pragma omp simd reduction(+ : ls, lds)
           for (int64_t c = 0; c < cb; ++c) {
-            T d = hr + hc[c] - row[c];
-            d = d > T(0) ? d : T(0);
-            const bool keep = c != cx && c != cy;
+            const T d = swept_distance(hr, hc[c], row[c]);
+            const bool keep = kGrouped ? d < inf : c != cx && c != cy;
             const T e = keep ? weight(d, ref) : T(0);
             ls += e;
-            lds += e * d;
+            lds += kGrouped && !keep ? T(0) : e * d;
           }
         }
         if (rows_on) {
@@ -1100,21 +1176,29 @@ class Symmetric {
     Scratch& s = scratch();
     const int64_t i0 = blocks_.start[a], ra = blocks_.size(a), j0 = blocks_.start[b], cb = blocks_.size(b);
     T* t = s.tile.data();
-    at::Tensor st = tile_view(t, ra, cb);
-    at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
-    // The weight sweeps read S and form d2 themselves; the self and partner pairs get W = 0
-    // afterwards (whatever the sweep left there, inf included, is overwritten).
-    if (cfg_.rule == Rule::Square) {
-      square_weights(t, i0, ra, j0, cb);
-    } else {
+    if constexpr (kGrouped) {
+      // The masked distances of pass 1 (tile_distances), bit for bit; W = 0 where they are inf.
+      tile_distances(a, b, t);
       with_weight<T>(cfg_, [&](auto weight) {
         log_rule_weights(weight, s, t, i0, ra, blocks_.anchor[a], j0, cb, blocks_.anchor[b]);
       });
-    }
-    for (int64_t r = 0; r < ra; ++r) {
-      const int64_t i = i0 + r, p = partner_of(i, m_);
-      if (j0 <= i && i < j0 + cb) t[r * cb + (i - j0)] = T(0);
-      if (j0 <= p && p < j0 + cb) t[r * cb + (p - j0)] = T(0);
+    } else {
+      at::Tensor st = tile_view(t, ra, cb);
+      at::mm_out(st, cols_.narrow(0, i0, ra), cols_.narrow(0, j0, cb).t());
+      // The weight sweeps read S and form d2 themselves; the self and partner pairs get W = 0
+      // afterwards (whatever the sweep left there, inf included, is overwritten).
+      if (cfg_.rule == Rule::Square) {
+        square_weights(t, i0, ra, j0, cb);
+      } else {
+        with_weight<T>(cfg_, [&](auto weight) {
+          log_rule_weights(weight, s, t, i0, ra, blocks_.anchor[a], j0, cb, blocks_.anchor[b]);
+        });
+      }
+      for (int64_t r = 0; r < ra; ++r) {
+        const int64_t i = i0 + r, p = partner_of(i, m_);
+        if (j0 <= i && i < j0 + cb) t[r * cb + (i - j0)] = T(0);
+        if (j0 <= p && p < j0 + cb) t[r * cb + (p - j0)] = T(0);
+      }
     }
     if (!cfg_.unit_rows) {
       // Σ_j W_kj for the self terms: row sums to block a, column sums to block b.
@@ -1140,6 +1224,22 @@ class Symmetric {
       at::Tensor gb = at::from_blob(grad_ + j0 * dim_, {cb, dim_}, cols_.options());
       gb.addmm_(w.t(), cols_.narrow(0, i0, ra));
     }
+  }
+
+  // d2 of a tile entry as the fused sweeps read it: formed from S (SimCLR sets), or the masked
+  // distance tile_distances left (grouped: +inf outside the sweep, see `masked`).
+  static T swept_distance(T nr, T nc, T s) {
+    if constexpr (kGrouped) {
+      return s;
+    } else {
+      const T d = nr + nc - s;
+      return d > T(0) ? d : T(0);
+    }
+  }
+  // W of a pair from its value v: 0 outside the grouped sweep (v may be NaN there: 0 · inf).
+  static T masked(T d, T v) {
+    if constexpr (kGrouped) return d < std::numeric_limits<T>::infinity() ? v : T(0);
+    else return v;
   }
 
   // W_ij = scale_i e^{t(d) − t(dmin_i)} (1 + t'(d)(d − shift_i))^{[β]} + the same with j.
@@ -1184,17 +1284,15 @@ class Symmetric {
         if (beta) {
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) {
-            T d = nr + nc[c] - row[c];
-            d = d > T(0) ? d : T(0);
+            const T d = swept_distance(nr, nc[c], row[c]);
             const T e = weight(d, ref), sl = weight.slope(d);
-            row[c] = beta_log_weight(ri * e, sl, d, hi) + beta_log_weight(rc[c] * e, sl, d, hc[c]);
+            row[c] = masked(d, beta_log_weight(ri * e, sl, d, hi) + beta_log_weight(rc[c] * e, sl, d, hc[c]));
           }
         } else {
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) {
-            T d = nr + nc[c] - row[c];
-            d = d > T(0) ? d : T(0);
-            row[c] = weight(d, ref) * (ri + rc[c]);
+            const T d = swept_distance(nr, nc[c], row[c]);
+            row[c] = masked(d, weight(d, ref) * (ri + rc[c]));
           }
         }
       }
@@ -1212,8 +1310,7 @@ class Symmetric {
       const T si = sr[r], pi = pr[r], hi = hr[r], nr = half_[i0 + r];
 #pragma omp simd
       for (int64_t c = 0; c < cb; ++c) {
-        T d = nr + nc[c] - row[c];
-        d = d > T(0) ? d : T(0);
+        const T d = swept_distance(nr, nc[c], row[c]);
         const T ei = si == T(0) ? T(0) : si * weight(d, pi);
         const T ej = sc[c] == T(0) ? T(0) : sc[c] * weight(d, pc[c]);
         T v;
@@ -1223,7 +1320,7 @@ class Symmetric {
         } else {
           v = ei + ej;
         }
-        row[c] = v;
+        row[c] = masked(d, v);
       }
     }
   }
@@ -1266,10 +1363,12 @@ class Symmetric {
   const T* w_;
   const RuleConfig cfg_;
   const bool need_grad_;
+  const GroupedTiles g_;  // kGrouped only
   const at::Tensor half_t_;
   const T* half_;
   const T* zp_;
   const Blocks blocks_;
+  const std::vector<char> live_;
   const std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds_;
   const int threads_;
   std::vector<Scratch> scratch_;
@@ -1291,6 +1390,40 @@ std::tuple<at::Tensor, at::Tensor> fused_cpu(const at::Tensor& cols, int64_t m, 
                                                cfg.negatives);
   if (algorithm == Algorithm::Symmetric) return Symmetric<T>(cols, m, row_lo, row_hi, w, cfg, need_grad).run();
   return one_pass<T>(cols, m, row_lo, row_hi, w, cfg, need_grad);
+}
+
+// The grouped mode (GroupColumns, FASTALPHA_DEFINE_GROUPED_OP). The size rule and
+// FASTALPHA_CPP_ALGORITHM choose as for the SimCLR sets, with two exceptions that run the one
+// pass, whose per-column test computes any sets: ids for which the tiles' mask would not be
+// the same in both orientations (symmetric_groups; e.g. batch rows that are not columns), and
+// square (see Symmetric). The gradient gets the pair sum's terms only; `pull` = w_i g A_i.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_cpu(const GroupedCall& call) {
+  const at::Tensor& cols = call.cols;
+  const int64_t m = call.m, c = cols.size(0), dim = cols.size(1), lo = call.row_lo, hi = call.row_hi;
+  const T* w = call.row_weight.defined() ? call.row_weight.data_ptr<T>() : nullptr;
+  const RuleConfig& cfg = call.loop.rule;
+  const int64_t* row_ids = call.row_ids.data_ptr<int64_t>();
+  const int64_t* col_ids = call.col_ids.data_ptr<int64_t>();
+  const int64_t* self_col = call.self_col.data_ptr<int64_t>();
+  const bool tiles = cfg.rule != Rule::Square && symmetric_groups(row_ids, col_ids, self_col, m, lo, hi) &&
+                     choose_algorithm(m, c - m, dim, hi - lo, call.need_grad, Negatives::All) == Algorithm::Symmetric;
+  if (tiles) {
+    const GroupedTiles grouped{col_ids, self_col, call.negative_count.data_ptr<int64_t>(), call.d2_mean.data_ptr<T>(),
+                               call.loop.with_positives, call.loop.positive_offset};
+    Symmetric<T, true> kernel(cols, m, lo, hi, w, cfg, call.need_grad, grouped);
+    auto [loss, grad] = kernel.run();
+    if (!call.need_grad) return {loss, grad, at::empty({0}, cols.options())};
+    return {loss, grad, kernel.pull()};
+  }
+  const GroupedSets sets{call.loop, row_ids, col_ids, self_col, call.negative_count.data_ptr<int64_t>(),
+                         call.d2_mean.data_ptr<T>(), c, lo};
+  OnePassSums<T> sums = one_pass_sums<T>(cols, m, lo, hi, w, cfg, call.need_grad, sets);
+  if (!call.need_grad) return {sums.loss, at::empty({0, dim}, cols.options()), at::empty({0}, cols.options())};
+  if (!cfg.unit_rows) add_self_terms<T>(cols.data_ptr<T>(), 0, c, dim, sums.wsum.data(), sums.grad.template data_ptr<T>());
+  at::Tensor pull = at::empty({hi - lo}, cols.options());
+  std::copy(sums.coef.begin() + lo, sums.coef.begin() + hi, pull.data_ptr<T>());
+  return {sums.loss, sums.grad, pull};
 }
 
 FASTALPHA_DEFINE_FUSED_OP(alpha_cl_fused_cpu, c10::DeviceType::CPU, fused_cpu)

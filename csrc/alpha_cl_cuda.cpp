@@ -10,9 +10,9 @@
 //   ωᵀZ += ωᵀ Z_r            cuBLAS, one C × D accumulator (the stream orders the chunks: no atomics)
 //   C   += Σ_i ω_i·          column sums
 //
-// Group-defined positives (the grouped op) run the same chunks with the grouped row sweep
-// (J_i from the rows' group ids, GroupColumns); the positive side is group sums in
-// fastalpha/positives.py, as for the CPU kernel.
+// Group-defined positives (the grouped op) run the same chunks over [Z; Q] with the grouped
+// row sweep (J_i and P_i from the ids of the rows and columns, GroupColumns); the positive
+// side is group sums in fastalpha/positives.py, as for the CPU kernel.
 //
 // Everything runs on the current stream, deterministically. Memory: two R × C buffers plus
 // O(C·D); R is chosen so a buffer holds about 2^25 elements. The rule arrives as the same
@@ -119,25 +119,27 @@ std::tuple<at::Tensor, at::Tensor> fused_cuda(const at::Tensor& cols, int64_t m,
                                       sums.omega_rowsum, sums.omega_z, cfg.unit_rows)};
 }
 
-// The grouped mode (GroupColumns, FASTALPHA_DEFINE_GROUPED_OP): the same chunked pass with the
-// grouped row sweep; the gradient gets the pair sum's terms only, and `pull` = coef.
+// The grouped mode (GroupColumns, FASTALPHA_DEFINE_GROUPED_OP): the same chunked pass over
+// [Z; Q] with the grouped row sweep; the gradient gets the pair sum's terms only (queue rows
+// included), and `pull` = coef.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_cuda(const at::Tensor& z, int64_t row_lo, int64_t row_hi,
-                                                            const std::optional<at::Tensor>& row_weight,
-                                                            const at::Tensor& groups, const at::Tensor& d2_mean,
-                                                            const at::Tensor& n_neg, const GroupedLoop& loop,
-                                                            bool need_grad) {
-  const int64_t m = z.size(0);
-  const cuda::GroupedRows<T> rows{groups.data_ptr<int64_t>(), d2_mean.data_ptr<T>(), n_neg.data_ptr<int64_t>(),
-                                  row_lo, loop.with_positives, loop.positive_offset};
-  ChunkedSums sums = chunked_pass<T>(z, m, row_lo, row_hi, row_weight, loop.rule.unit_rows, 0.0, need_grad,
-                                     [&](const cuda::RowSweepArgs<T>& args, cudaStream_t stream) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_cuda(const GroupedCall& call) {
+  const std::optional<at::Tensor> weight =
+      call.row_weight.defined() ? std::optional<at::Tensor>(call.row_weight) : std::nullopt;
+  const cuda::GroupedRows<T> rows{call.row_ids.data_ptr<int64_t>(), call.col_ids.data_ptr<int64_t>(),
+                                  call.self_col.data_ptr<int64_t>(), call.d2_mean.data_ptr<T>(),
+                                  call.negative_count.data_ptr<int64_t>(), call.row_lo, call.loop.with_positives,
+                                  call.loop.positive_offset};
+  const GroupedLoop& loop = call.loop;
+  ChunkedSums sums = chunked_pass<T>(call.cols, call.m, call.row_lo, call.row_hi, weight, loop.rule.unit_rows, 0.0,
+                                     call.need_grad, [&](const cuda::RowSweepArgs<T>& args, cudaStream_t stream) {
                                        cuda::launch_grouped_row_sweep<T>(loop, rows, args, stream);
                                      });
-  if (!need_grad) return {sums.loss, at::empty({0, z.size(1)}, z.options()), at::empty({0}, z.options())};
+  const auto opts = call.cols.options();
+  if (!call.need_grad) return {sums.loss, at::empty({0, call.cols.size(1)}, opts), at::empty({0}, opts)};
   return {sums.loss,
-          assemble_pair_gradient(z, row_lo, row_hi, sums.omega_t_z, sums.colsum, sums.omega_rowsum, sums.omega_z,
-                                 loop.rule.unit_rows),
+          assemble_pair_gradient(call.cols, call.row_lo, call.row_hi, sums.omega_t_z, sums.colsum, sums.omega_rowsum,
+                                 sums.omega_z, loop.rule.unit_rows),
           sums.coef};
 }
 

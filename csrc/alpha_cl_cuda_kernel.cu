@@ -104,8 +104,8 @@ struct PairedRow {
   __device__ double positive_distance(const T* d2_row) const { return static_cast<double>(d2_row[partner]); }
 };
 
-// Anchor i with group-defined sets (GroupColumns); no loss term without a positive
-// (|J_i| = M − 1) or without a negative.
+// Anchor i with group-defined sets (GroupColumns); no loss term without a negative (an
+// anchor without a positive has weight 0 from the caller).
 template <typename T>
 struct GroupedRow {
   static constexpr bool kOffsets = true;
@@ -113,14 +113,12 @@ struct GroupedRow {
   T positive_offset;
   double d2_mean;
   double n_neg;
-  int64_t m;
 
-  __device__ static GroupedRow of(const GroupedRows<T>& g, const RowSweepArgs<T>& a, int64_t i) {
-    return {group_columns(g.group, i, g.with_positives), static_cast<T>(g.positive_offset),
-            static_cast<double>(g.positive_distance[i - g.row_lo]), static_cast<double>(g.negative_count[i - g.row_lo]),
-            a.m};
+  __device__ static GroupedRow of(const GroupedRows<T>& g, const RowSweepArgs<T>&, int64_t i) {
+    return {group_columns(g.col_ids, g.row_ids, g.self_col, i, g.with_positives), static_cast<T>(g.positive_offset),
+            static_cast<double>(g.d2_mean[i - g.row_lo]), static_cast<double>(g.negative_count[i - g.row_lo])};
   }
-  __device__ bool has_term() const { return n_neg > 0 && n_neg < static_cast<double>(m - 1); }
+  __device__ bool has_term() const { return n_neg > 0; }
   __device__ bool contains(int64_t j) const { return columns.contains(j); }
   __device__ T offset(int64_t j) const { return columns.is_positive(j) ? positive_offset : T(0); }
   __device__ double positive_distance(const T*) const { return d2_mean; }

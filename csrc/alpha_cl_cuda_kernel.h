@@ -36,12 +36,15 @@ struct RowSweepArgs {
   bool need_grad;
 };
 
-// The grouped sweep's per-row inputs (GroupColumns in alpha_cl_rule.h), on the device:
-// g_k of the M rows, and per anchor (indexed from row_lo) d̄2_i and |J_i|.
+// The grouped sweep's inputs (GroupColumns in alpha_cl_rule.h), on the device: the ids of the
+// M rows and of the M + K columns, the rows' self columns, and per anchor (indexed from
+// row_lo) d̄2_i and |J_i|.
 template <typename T>
 struct GroupedRows {
-  const int64_t* group;
-  const T* positive_distance;
+  const int64_t* row_ids;
+  const int64_t* col_ids;
+  const int64_t* self_col;
+  const T* d2_mean;
   const int64_t* negative_count;
   int64_t row_lo;
   bool with_positives;     // GroupedLoop

@@ -98,23 +98,29 @@ FASTALPHA_HD NegativeRanges negative_ranges(Negatives negatives, int64_t i, int6
   return {{m, c, c}, {c, c, c}};
 }
 
-// J_i with group-defined positives (docs/design.md, "Positive sets"): row k of Z belongs to
-// group g_k, the negatives of anchor i are the rows of the other groups and its positives
-// P_i the other rows of its own. The kernels test membership per column, `contains(j)`.
+// J_i and P_i with group-defined positives (docs/design.md, "Positive sets"). The columns are
+// [Z; Q] (C = M + K); column c has a group id col_ids[c] (−1: an ignored column, neither a
+// positive nor a negative of any anchor, e.g. an empty memory slot), anchor i an id
+// row_ids[i] ≥ 0 and a self column self_col[i] (i itself in ordinary calls; −1 = none):
+//
+//   J_i = {c : col_ids[c] ≥ 0, col_ids[c] ≠ row_ids[i]},   P_i = {c : col_ids[c] = row_ids[i], c ≠ self_col[i]}.
+//
+// The kernels test membership per column, `contains(c)`.
 //
 // infonce with ε > 0 keeps its positives in the denominator, loss_i = log(ε η_i + ξ_i): a
 // positive's term ε e^{(d̄2_i − d2_ip)/τ} is a negative's term at the distance d2_ip − τ log ε,
 // so the positives join the sweep with that offset (`positive_offset`) and finalize_row sees
 // ε = 0 (its log ξ_i is then log(ε η_i + ξ_i), A_i = 1). Every other rule sweeps J_i only.
 struct GroupColumns {
-  const int64_t* group;     // g_k for the M rows
-  int64_t anchor;           // i
-  int64_t anchor_group;     // g_i
+  const int64_t* col_ids;   // C
+  int64_t id;               // row_ids[i]
+  int64_t self;             // self_col[i]
   bool with_positives;      // infonce with ε > 0: P_i is swept too
 
-  FASTALPHA_HD bool is_positive(int64_t j) const { return group[j] == anchor_group && j != anchor; }
-  FASTALPHA_HD bool contains(int64_t j) const {
-    return group[j] != anchor_group || (with_positives && j != anchor);
+  FASTALPHA_HD bool is_positive(int64_t c) const { return col_ids[c] == id && c != self; }
+  // id ≥ 0, so col_ids[c] == id implies a live column.
+  FASTALPHA_HD bool contains(int64_t c) const {
+    return col_ids[c] >= 0 && (col_ids[c] != id || (with_positives && c != self));
   }
 };
 
@@ -166,8 +172,9 @@ inline GroupedLoop grouped_loop(const RuleConfig& cfg) {
   return loop;
 }
 
-FASTALPHA_HD GroupColumns group_columns(const int64_t* group, int64_t i, bool with_positives) {
-  return {group, i, group[i], with_positives};
+FASTALPHA_HD GroupColumns group_columns(const int64_t* col_ids, const int64_t* row_ids, const int64_t* self_col,
+                                        int64_t i, bool with_positives) {
+  return {col_ids, row_ids[i], self_col[i], with_positives};
 }
 
 }  // namespace fastalpha

@@ -25,7 +25,8 @@ from bench import agreement, compare, presets, report, runner  # noqa: E402
 
 #: The CSV columns docs/benchmarks.md documents (bench/report.py may add more).
 DOCUMENTED_COLUMNS = ("provider", "rule", "M", "D", "dtype", "mode", "negatives", "queue", "positives", "median_ms", "p20_ms",
-                      "p80_ms", "repeats", "peak_mb", "rss_growth_mb", "gflops", "ceiling_fraction", "speedup_vs_eager",
+                      "p80_ms", "repeats", "peak_mb", "rss_growth_mb", "gflops", "true_gflops", "ceiling_gflops", "ceiling_fraction",
+                      "fma_peak_gflops", "peak_fraction", "speedup_vs_eager",
                       "speedup_vs_chunked", "speedup_vs_pml", "memory_saving_vs_eager", "memory_saving_vs_pml", "status", "reason", "device", "threads", "cores", "torch", "triton",
                       "git_commit", "timestamp", "load_start", "load_end")
 
@@ -154,7 +155,12 @@ def test_compare_tiny_run_writes_documented_csv_and_plot(tmp_path):
                 assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
                 flops = (8 if mode == "fwdbwd" else 2) * m * m * 32
                 assert r["gflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e9, rel=1e-4)
-                assert r["ceiling_fraction"] == pytest.approx(r["gflops"] / r["ceiling_gflops"], rel=1e-4)
+                # eager and chunked do 6·M²·D fwd+bwd (S, ωZ, ωᵀZ; autograd's two products for eager)
+                true = (6 if mode == "fwdbwd" else 2) * m * m * 32
+                assert r["true_gflops"] == pytest.approx(true / (r["median_ms"] * 1e-3) / 1e9, rel=1e-4)
+                assert r["ceiling_fraction"] == pytest.approx(r["true_gflops"] / r["ceiling_gflops"], rel=1e-4)
+                assert r["peak_fraction"] is None or r["peak_fraction"] == pytest.approx(
+                    r["true_gflops"] / r["fma_peak_gflops"], rel=1e-4)
             chunk = parsed[("chunked", m, mode)]
             eager = parsed[("eager", m, mode)]
             assert chunk["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / chunk["median_ms"], rel=1e-4)
@@ -261,3 +267,38 @@ def test_help_shows_defaults_and_invocations(capsys):
     assert {(t.provider, t.rule, t.mode, t.m) for t in tasks} >= {("cpp", "direct", "fwdbwd", presets.CPU_LARGE_M),
                                                                     ("chunked", "infonce", "fwd", presets.CPU_TARGET_M)}
     assert args.memory == "both" and not any(t.provider == "eager" and t.m == presets.CPU_LARGE_M for t in tasks)
+
+
+def test_true_flops_count_what_each_algorithm_does():
+    """The symmetric cpp kernel does 4·M²·D fwd+bwd (each pair once for both anchors), the one
+    pass and the chunked/dense providers 6·M·C·D, against the nominal 8·M²·D of every row."""
+    m, d = 8192, 128
+    assert report.cpp_algorithm(m, d, "fwdbwd") == "symmetric" and report.cpp_algorithm(1024, d, "fwdbwd") == "onepass"
+    assert report.cpp_algorithm(m, d, "fwdbwd", positives="labels") == "symmetric"
+    assert report.cpp_algorithm(m, d, "fwdbwd", rule="square", positives="labels") == "onepass"
+    assert report.cpp_algorithm(m, d, "fwdbwd", queue=m) == "onepass"
+    assert report.cpp_algorithm(1024, d, "fwdbwd", forced="symmetric") == "symmetric"
+    assert report.true_flops("cpp", m, d, "fwdbwd") == 4 * m * m * d
+    assert report.true_flops("cpp", m, d, "fwd") == m * m * d
+    assert report.true_flops("cpp", m, d, "fwdbwd", negatives="cross") == 2 * m * m * d
+    assert report.true_flops("cpp", m, d, "fwdbwd", queue=100) == 4 * m * m * d + 8 * m * 100 * d
+    for provider in ("chunked", "eager", "pml"):
+        assert report.true_flops(provider, m, d, "fwdbwd", positives="labels") == 6 * m * m * d
+    assert report.true_flops("cpp", 1024, d, "fwdbwd", queue=2048) == 6 * 1024 * 3072 * d
+    assert report.nominal_flops(m, d, "fwdbwd") == 8 * m * m * d
+
+
+def test_compute_ceiling_and_fma_peak_are_measured_rates(monkeypatch):
+    """The ceiling is a rate of tile products (positive, finite); the FMA peak multiplies the
+    threads, clock, lanes, 2 flops per FMA and the pipes, or says why it cannot."""
+    from bench import timing
+
+    rate = timing.tile_gemm_ceiling_gflops(16, torch.float32, 1, repeats=1, budget_s=0.0)
+    assert 0 < rate < float("inf")
+    monkeypatch.setattr(timing, "_cpu_info", lambda: {"flags": "sse avx2 fma", "max MHz": "2000", "vendor_id": "GenuineIntel"})
+    peak, how = timing.fma_peak_gflops(2, torch.float32)
+    assert peak == pytest.approx(2 * 2.0 * 8 * 2 * timing.FMA_PIPES) and "8 lanes" in how
+    monkeypatch.setattr(timing, "_cpu_info", lambda: {"flags": "avx512f avx2 fma", "cpu MHz": "1000", "vendor_id": "GenuineIntel"})
+    assert timing.fma_peak_gflops(1, torch.float64)[0] == pytest.approx(1.0 * 8 * 2 * timing.FMA_PIPES)
+    monkeypatch.setattr(timing, "_cpu_info", lambda: {})
+    assert timing.fma_peak_gflops(1, torch.float32)[0] is None

@@ -28,9 +28,10 @@ TINY_TEST = "test_supcon_preset_at_tiny_sizes_writes_rows_ratios_and_plot"
 
 
 def _tiny_preset_argv() -> list[str]:
-    """The supcon preset's one group as selection flags, with TINY_SIZES for its sizes."""
-    group, = presets.expand("supcon")
-    flags = dict(providers=group["providers"], rules=group["rules"], sizes=TINY_SIZES, dims=group["dims"],
+    """The supcon preset's labelled group as selection flags, with TINY_SIZES for its sizes
+    (eager added: the ratio columns against it are checked too)."""
+    group = presets.expand("supcon")[0]
+    flags = dict(providers=group["providers"] + ["eager"], rules=group["rules"], sizes=TINY_SIZES, dims=group["dims"],
                  dtypes=group["dtypes"], modes=group["modes"], setups=group["setups"])
     argv = [arg for key, values in flags.items() for arg in (f"--{key}", ",".join(map(str, values)))]
     return argv + ["--repeats", "2", "--budget-s", "0", "--threads", "1", "--memory", "pinned", "--name", "supcon-tiny"]
@@ -63,12 +64,23 @@ def test_labels_are_classes_of_eight_and_singletons():
 
 
 def test_supcon_preset_plans_every_provider_and_size_under_its_cap():
+    """Issue 35's table: cpp, chunked and pml labelled, cpp's SimCLR call at the same M (and the
+    same SupCon parameters), cpp labelled at SUPCON_LARGE_M; the targets cover every ratio."""
     args = compare.parse_args(["--preset", "supcon"])
     tasks = compare.plan(args)
-    assert {(t.provider, t.m) for t in tasks} == {(p, m) for p in ("cpp", "chunked", "eager", "pml") for m in presets.SUPCON_SIZES}
-    assert {(t.rule, t.d, t.dtype, t.mode, t.positives, t.negatives, t.queue) for t in tasks} == \
-        {("infonce", 128, "float32", "fwdbwd", "labels", "all", 0)}
-    assert args.mem_cap_gb == presets.SUPCON_MEM_CAP_GB and args.single_call_s > 30   # pml at M = 16384 is measured, not one call
+    assert {(t.provider, t.m, t.positives) for t in tasks} == \
+        {(p, m, "labels") for p in ("cpp", "chunked", "pml") for m in presets.SUPCON_SIZES} | \
+        {("cpp", m, "pair") for m in presets.SUPCON_SIZES} | {("cpp", presets.SUPCON_LARGE_M, "labels")}
+    assert {(t.rule, t.d, t.dtype, t.mode, t.negatives, t.queue) for t in tasks} == \
+        {("infonce", 128, "float32", "fwdbwd", "all", 0)}
+    assert presets.SUPCON_SIZES == [8192, 16384] and presets.PRESETS["supcon"]["rule_params"] == "supcon"
+    assert providers.rule_kwargs("infonce", "pair", supcon=True) == providers.SUPCON
+    assert providers.rule_kwargs("infonce", "pair") == {} and providers.rule_kwargs("direct", "pair", supcon=True) == {}
+    assert args.mem_cap_gb == presets.SUPCON_MEM_CAP_GB and args.memory == "both"
+    whats = [t.what for t in presets.TARGETS["supcon"]]
+    for m in presets.SUPCON_SIZES:
+        for part in ("over chunked", "over pml", "labelled / unlabelled time", "labelled / unlabelled RSS"):
+            assert any(part in w and f"M={m}" in w for w in whats), (part, m)
     # The largest size of the dense providers is predicted to fit the preset's cap, so it runs.
     cap = presets.SUPCON_MEM_CAP_GB * 2**30
     for name in ("pml", "eager"):
@@ -135,8 +147,8 @@ def test_supcon_preset_at_tiny_sizes_writes_rows_ratios_and_plot(tmp_path):
     assert {"positives", "speedup_vs_pml", "speedup_vs_eager", "memory_saving_vs_pml", "memory_saving_vs_eager"} <= set(header)
     assert (out / "supcon-tiny.png").stat().st_size > 0
     rows = report.read_csv(str(out / "supcon-tiny.csv"))
-    group, = presets.expand("supcon")
-    assert {(r["provider"], r["M"]) for r in rows} == {(p, m) for p in group["providers"] for m in TINY_SIZES}
+    group = presets.expand("supcon")[0]
+    assert {(r["provider"], r["M"]) for r in rows} == {(p, m) for p in group["providers"] + ["eager"] for m in TINY_SIZES}
     by = {(r["provider"], r["M"]): r for r in rows}
     for r in rows:
         assert r["positives"] == "labels" and r["rule"] == "infonce" and r["mode"] == "fwdbwd", r
@@ -165,3 +177,21 @@ def test_supcon_preset_at_tiny_sizes_writes_rows_ratios_and_plot(tmp_path):
     if HAVE_PML:
         assert by["pml", max(TINY_SIZES)]["peak_mb"] > max(TINY_SIZES) ** 2 * 4 / 2**20
         assert "x pml" in printed and "mem x pml" in printed
+
+
+def test_supcon_targets_report_every_ratio():
+    """The target report of a synthetic run: each ratio from the rows it names, PASS/FAIL by its
+    bound, MISSING where a row is absent."""
+    def row(provider, positives, m, ms, rss=10.0):
+        return dict(provider=provider, positives=positives, M=m, rule="infonce", mode="fwdbwd", D=128, dtype="float32",
+                    negatives="all", queue=0, status="ok", median_ms=ms, rss_growth_mb=rss)
+    rows = []
+    for m in presets.SUPCON_SIZES:
+        rows += [row("cpp", "labels", m, 100.0, 11.0), row("chunked", "labels", m, 250.0), row("pml", "labels", m, 1400.0),
+                 row("cpp", "pair", m, 90.0, 10.0)]
+    text = presets.target_report("supcon", rows, dict(device="cpu", threads=2, cores=2), None)
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert "2.50x" in next(v for k, v in lines.items() if "over chunked" in k and "8192" in k) and "PASS" in text
+    assert "FAIL" in next(v for k, v in lines.items() if "over pml" in k and "16384" in k)   # 14x < 15x
+    assert "1.11x" in next(v for k, v in lines.items() if "unlabelled time" in k and "8192" in k)
+    assert "MISSING" in next(v for k, v in lines.items() if "completes" in k)

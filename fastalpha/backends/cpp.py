@@ -6,9 +6,10 @@ returns loss_i and ∂(Σ_i w_i loss_i)/∂[Z; Q] ((M + K) × D) without the pai
 two-pass tiles of S = [Z; Q][Z; Q]ᵀ for large batches, one pass over chunks of full rows
 (S = Z_r [Z; Q]ᵀ, ωZ, ωᵀZ) otherwise, O((M + K)·D) memory plus per-thread buffers. Every
 negative set ("all", "cross", "none"), with or without a queue (docs/cpp.md). With `groups`
-(labels, more than two views; fastalpha.positives) the one pass takes its sets from the rows'
-group ids: the kernel sweeps J_i (and, for infonce with ε > 0, P_i) per row, and the positives'
-uniform pull is added here from group sums, O(M·D + G·D).
+(labels, more than two views, a labelled queue or memory; fastalpha.positives.Groups) both
+algorithms take the sets from the ids of the rows and the columns of [Z; Q]: the kernel sweeps
+J_i (and, for infonce with ε > 0, P_i), and the positives' uniform pull is added here from
+group sums, O((M + K)·D + G·D).
 
 float32 and float64 run natively; bfloat16/float16 are upcast to float32 (the gradient is
 returned in the input dtype, the losses in float32, as the contract says).
@@ -29,6 +30,8 @@ def status() -> tuple[bool, str]:
 
 supports = every_negative_set
 supports_groups = True
+# The grouped kernel takes queue columns with ids (csrc/alpha_cl_common.h, the grouped op).
+supports_grouped_queue = True
 
 # (backend name, device type) of each compiled library.
 _COMPILED = {"cpu": ("cpp", "cpu"), "cuda": ("cuda", "cuda")}
@@ -54,12 +57,13 @@ device_status, alpha_cl_fused = entry_points("cpu", status)
 
 
 def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool,
-                  queue: torch.Tensor | None = None, groups: torch.Tensor | None = None):
+                  queue: torch.Tensor | None = None, groups=None):
     """Run the compiled `kind` ("cpu" or "cuda") kernel under the fused-op contract.
 
     Half types are upcast to float32 (statistics and products in float32), z's and the queue's
     alike; the gradient ([Z; Q] rows) is cast back to z's dtype; the losses stay in
-    promote(z.dtype, float32). With `groups` (M group ids, no queue) the grouped op runs.
+    promote(z.dtype, float32). With `groups` (fastalpha.positives.Groups over [Z; Q], or the
+    M rows' ids) the grouped op runs, with or without a queue.
     """
     backend, device_type = _COMPILED[kind]
     if z.device.type != device_type:
@@ -73,7 +77,7 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
     qc = None if queue is None else queue.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     weight = None if row_weight is None else row_weight.detach().to(device=z.device, dtype=compute_dtype).contiguous()
     if groups is not None:
-        loss_rows, grad = _call_grouped(ops, zc, spec, row_lo, row_hi, weight, need_grad, groups)
+        loss_rows, grad = _call_grouped(ops, zc, qc, spec, row_lo, row_hi, weight, need_grad, groups)
         return loss_rows, grad.to(z.dtype)
     loss_rows, grad = ops.alpha_cl_fused(
         zc, qc, row_lo, row_hi, weight, spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
@@ -82,18 +86,30 @@ def call_compiled(kind: str, z: torch.Tensor, spec: LossSpec, row_lo: int, row_h
     return loss_rows, grad.to(z.dtype)
 
 
-def _call_grouped(ops, z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, weight, need_grad: bool,
-                  ids: torch.Tensor):
-    r"""The grouped op on z in its compute dtype: the kernel's pair sweep over J_i (and P_i for
-    infonce with ε > 0) with d̄2_i and |J_i| from group sums, then the gradient of the positives'
-    pull Σ_i pull_i d̄2_i (pull_i = w_i A_i times the gradient scale, 0 for an anchor without a
-    loss term), from group sums as well (docs/design.md, "Positive sets")."""
-    groups = positives.groups_of(ids)
-    d2_mean = positives.mean_positive_distance(z, groups, row_lo, row_hi, spec.unit_rows, z.dtype).contiguous()
+def _call_grouped(ops, z: torch.Tensor, queue, spec: LossSpec, row_lo: int, row_hi: int, weight, need_grad: bool,
+                  groups):
+    r"""The grouped op on z (and the queue) in its compute dtype: the kernel's pair sweep over J_i
+    (and P_i for infonce with ε > 0) with d̄2_i and |J_i| from group sums, then the gradient of
+    the positives' pull Σ_i pull_i d̄2_i (pull_i = w_i A_i times the gradient scale), from group
+    sums as well (docs/design.md, "Positive sets").
+
+    `groups` is a fastalpha.positives.Groups over the columns [Z; Q] (row ids, column ids with
+    −1 for ignored columns, self columns), or the M rows' ids (the queue's rows then groups of
+    their own). An anchor without a loss term (no positive or no negative) gets weight 0 and
+    loss 0 here: the kernel returns a finite loss for one without a positive.
+    """
+    k = 0 if queue is None else queue.shape[0]
+    groups = positives.groups_of(groups, k)
+    cols = z if k == 0 else torch.cat([z, queue])
+    has_loss = groups.has_loss[row_lo:row_hi]
+    weight = has_loss.to(z.dtype) if weight is None else weight * has_loss
+    d2_mean = positives.mean_positive_distance(cols, groups, row_lo, row_hi, spec.unit_rows, z.dtype).contiguous()
     loss_rows, grad, pull = ops.alpha_cl_fused_grouped(
-        z, row_lo, row_hi, weight, groups.row_ids, d2_mean, groups.negative_count[row_lo:row_hi].contiguous(), spec.rule,
-        spec.temperature, spec.p, spec.gamma, spec.eps, spec.detach_alpha, spec.unit_rows, need_grad,
+        z, queue if k else None, row_lo, row_hi, weight, groups.row_ids, groups.col_ids, groups.self_col, d2_mean,
+        groups.negative_count[row_lo:row_hi].contiguous(), spec.rule, spec.temperature, spec.p, spec.gamma, spec.eps,
+        spec.detach_alpha, spec.unit_rows, need_grad,
     )
+    loss_rows = torch.where(has_loss, loss_rows, torch.zeros_like(loss_rows))
     if need_grad:
-        positives.add_positive_pull_(grad, z, groups, pull, row_lo, spec.unit_rows)
+        positives.add_positive_pull_(grad, cols, groups, pull, row_lo, spec.unit_rows)
     return loss_rows, grad

@@ -32,4 +32,6 @@ def status() -> tuple[bool, str]:
 
 supports = every_negative_set
 supports_groups = True
+# The grouped kernel takes queue columns with ids (csrc/alpha_cl_common.h, the grouped op).
+supports_grouped_queue = True
 device_status, alpha_cl_fused = entry_points("cuda", status)

@@ -14,7 +14,9 @@ running max m_i and, rescaled by e^{m_old − m_new} at every tile,
     l_i = Σ_j e^{t_ij − m_i},   s_i = Σ_j e^{t_ij − m_i} d2_ij,   acc_i = Σ_j e^{t_ij − m_i} z_j.
 
 At the end lse_i = log(e^{m_i} l_i + E_i) with the ε-term E_i = ε(M − 2) (direct, entropy) or
-ε e^{−d2_i/τ} (infonce), so that α_ij = e^{t_ij − lse_i}, A_i = Σ_j α_ij = l_i e^{m_i − lse_i}, and
+ε e^{−d2_i/τ} (infonce), kept as the shift m_i and the normaliser λ_i = lse_i − m_i =
+log(l_i + E_i e^{−m_i}) (`tiles._pair_weights` says why not as lse_i), so that
+α_ij = e^{(t_ij − m_i) − λ_i}, A_i = Σ_j α_ij = l_i e^{−λ_i}, and
 
     loss_i = A_i d2_i − Σ_j α_ij d2_ij            (every log-weight rule),
     loss_i = log(ε + ξ_i) = logaddexp(log ξ_i, log ε),  log ξ_i = m_i + d2_i/τ + log l_i   (infonce),
@@ -32,16 +34,16 @@ A_i = 1. The positive side of the gradient is the launcher's (positives.add_posi
 With GROUPS off `group_ptr` and `log_eps_ptr` are None, i.e. constexprs and not arguments:
 the other calls compile to the code they had.
 
-FIXED (statistics already known: lse_i and c_i, or μ_i and 1/k_i for sparsemax): α (and β)
+FIXED (statistics already known: m_i, λ_i and c_i, or μ_i and 1/k_i for sparsemax): α (and β)
 are evaluated directly per tile (`tiles._pair_weights`), no rescaling.
 
-Outputs per row: loss_i, lse_i (ONLINE), w_i A_i, w_i Σ_j β_ij and, with ACCUMULATE, the row
+Outputs per row: loss_i, m_i and λ_i (ONLINE, into the statistics a FIXED pass reads), w_i A_i, w_i Σ_j β_ij and, with ACCUMULATE, the row
 of w_i (βZ)_i restricted to the program's feature chunk. Nothing of size M × M is formed.
 """
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, _column_range, _distances, _gram, _group_pairs, _join,
+from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, WEIGHT_SPARSEMAX, _column_range, _distances, _gram, _group_pairs, _join,
                     _log_add_exp, _log_weight, _mma, _negatives, _pair_weights, _row_norms, _streamed)
 
 EPS_NONE = tl.constexpr(0)
@@ -51,8 +53,8 @@ EPS_INFONCE = tl.constexpr(2)
 
 @triton.jit
 def row_pass_kernel(
-    z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
-    loss_ptr, lse_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,
+    z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, log_norm_ptr, stat_b_ptr, weight_ptr,
+    loss_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,
     stride_z, stride_acc, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, log_eps_hi, log_eps_lo,
@@ -84,6 +86,10 @@ def row_pass_kernel(
     if not ONLINE:
         stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
         stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
+        if WEIGHT == WEIGHT_SPARSEMAX:
+            log_norm = stat_a          # unused: sparsemax has no normaliser
+        else:
+            log_norm = tl.load(log_norm_ptr + local, mask=row_ok, other=0.0)
     if GROUPS != GROUPS_OFF:
         g_i = tl.load(group_ptr + rows, mask=row_ok, other=-1)
         # infonce's positives replace its final ε-term and are shifted in the ONLINE statistics
@@ -150,7 +156,7 @@ def row_pass_kernel(
                 acc = _mma(p.to(z_ptr.dtype.element_ty), z_j, acc * rescale[:, None], PRECISION, UPCAST)
             m_i = m_new
         else:
-            alpha, beta = _pair_weights(d2, valid, d2_pos[:, None], stat_a[:, None], stat_b[:, None],
+            alpha, beta = _pair_weights(d2, valid, d2_pos[:, None], stat_a[:, None], log_norm[:, None], stat_b[:, None],
                                         tau, k, inv_gamma, WEIGHT, POWER, BETA)
             l_i += tl.sum(alpha, 1)
             s_i += tl.sum(alpha * d2, 1)
@@ -166,25 +172,27 @@ def row_pass_kernel(
     if ONLINE:
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         log_l = tl.log(tl.where(l_i > 0, l_i, 1.0))
-        log_sum = m_use + log_l
         if EPS != EPS_NONE:
             if GROUPS != GROUPS_OFF:
                 log_eps = log_eps_i
             else:
                 log_eps = _join(log_eps_hi, log_eps_lo, ACC)
+        # m_i + d2_i/τ = (d2_i − min_j d2_ij)/τ: the infonce logit gap, formed once.
+        gap = m_use + d2_pos / tau
+        # λ_i = lse_i − m_i, never through lse_i itself (its rounding is an ulp of |m_i|).
         if EPS == EPS_NONE:
-            lse = log_sum
+            log_norm = log_l
         elif EPS == EPS_INFONCE:
-            lse = _log_add_exp(log_sum, log_eps - d2_pos / tau)
+            log_norm = _log_add_exp(log_l, log_eps - gap)
         else:
-            lse = _log_add_exp(log_sum, log_eps)
-        to_alpha = tl.exp(m_use - lse)          # e^{t−m} · to_alpha = α
+            log_norm = _log_add_exp(log_l, log_eps - m_use)
+        to_alpha = tl.exp(-log_norm)            # e^{t−m} · to_alpha = α
         a_i = l_i * to_alpha
         if LOG_LOSS:
             # loss_i = log(ε + ξ_i) from log ξ_i = (m_i + d2_i/τ) + log l_i, where m_i + d2_i/τ =
             # (d2_i − min_j d2_ij)/τ is O(1): a tiny loss (ξ_i ≪ ε) keeps its relative precision
             # through log1p, where lse_i + d2_i/τ would cancel two O(1/τ) numbers.
-            log_xi = (m_use + d2_pos / tau) + log_l
+            log_xi = gap + log_l
             if EPS == EPS_NONE:
                 loss = log_xi
             else:
@@ -204,7 +212,8 @@ def row_pass_kernel(
         tl.store(row_a_ptr + local, w_i * a_i, mask=row_ok)
         tl.store(row_sum_ptr + local, w_i * beta_sum, mask=row_ok)
         if ONLINE:
-            tl.store(lse_ptr + local, lse, mask=row_ok)
+            tl.store(stat_a_ptr + local, m_use, mask=row_ok)
+            tl.store(log_norm_ptr + local, log_norm, mask=row_ok)
     if ACCUMULATE:
         tl.store(row_acc_ptr + local.to(tl.int64)[:, None] * stride_acc + feats[None, :],
                  acc * acc_scale[:, None], mask=row_ok[:, None] & feat_ok[None, :])

@@ -244,14 +244,21 @@ def _log_weight_slope(d2, tau, k, inv_gamma, WEIGHT: tl.constexpr, POWER: tl.con
 
 
 @triton.jit
-def _pair_weights(d2, valid, d2_pos, stat_a, stat_b, tau, k, inv_gamma,
-                  WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr):
+def _pair_weights(d2, valid, d2_pos, stat_a, log_norm, stat_b, tau, k, inv_gamma,
+                  WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr, t_shift=None):
     """(α, β) of a tile once the row statistics are known (row quantities broadcast to d2).
 
-    Log-weight rules: stat_a = lse_i = log(Σ_k w_ik + ε-term), so α = e^{t − lse};
-    with BETA, stat_b = c_i = Σ_k α_ik v_ik and β = α (1 − t' (v − c)), v = d2_i − d2_ij.
-    Sparsemax: stat_a = μ_i, stat_b = 1/k_i, α = [(μ − d2)/τ]_+, β = 2α − 1/k_i on the support.
-    Without BETA, β = α. Both are exactly 0 outside `valid`.
+    Log-weight rules: stat_a = m_i, the running maximum of t over the row as the ONLINE pass
+    left it, and log_norm = λ_i = lse_i − m_i, so α = e^{(t − m_i) − λ_i}. The shift and the
+    normaliser are kept apart because lse_i itself, rounded to the accumulation dtype, carries
+    an absolute error of half an ulp of |m_i|: with d2 ~ 10⁴ and k = 2 that is units of t, and
+    e^{t − lse} would be off by e^{units}. t − m_i is exact for the pairs that matter (Sterbenz:
+    t within a factor 2 of m_i) and λ_i = O(log C), so every pass that evaluates the same t
+    (same tile product, `_distances`, `_log_weight`, and the same `t_shift`: GROUPS_INFONCE's
+    log ε on the positives) gets the α the row pass normalised, bit for bit in its exponent.
+    With BETA, stat_b = c_i = Σ_k α_ik v_ik and β = α (1 − t' (v − c)), v = d2_i − d2_ij.
+    Sparsemax: stat_a = μ_i, stat_b = 1/k_i (log_norm unused), α = [(μ − d2)/τ]_+, β = 2α − 1/k_i
+    on the support. Without BETA, β = α. Both are exactly 0 outside `valid`.
     """
     if WEIGHT == WEIGHT_SPARSEMAX:
         alpha = tl.where(valid, tl.maximum((stat_a - d2) / tau, 0.0), 0.0)
@@ -261,7 +268,9 @@ def _pair_weights(d2, valid, d2_pos, stat_a, stat_b, tau, k, inv_gamma,
             beta = alpha
     else:
         t = _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER)
-        alpha = tl.where(valid, tl.exp(tl.where(valid, t - stat_a, 0.0)), 0.0)
+        if t_shift is not None:
+            t += t_shift
+        alpha = tl.where(valid, tl.exp(tl.where(valid, (t - stat_a) - log_norm, 0.0)), 0.0)
         if BETA:
             slope = _log_weight_slope(d2, tau, k, inv_gamma, WEIGHT, POWER)
             beta = alpha * (1.0 - slope * ((d2_pos - d2) - stat_b))

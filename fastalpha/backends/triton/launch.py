@@ -352,7 +352,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     )
     bucket = m_bucket(m)
     chunks = triton.cdiv(d, cfg.block_do)
-    loss, lse, row_a, row_sum = (z_acc.new_empty((rows,)) for _ in range(4))
+    loss, row_a, row_sum = (z_acc.new_empty((rows,)) for _ in range(3))
     row_acc = z_acc.new_empty((rows, d)) if need_grad else z_acc.new_empty((1, 1))
 
     def launch(kernel, kind, extent, n_chunks, args, kwargs):
@@ -361,11 +361,12 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False), groups is not None))
         _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
 
-    def row_pass(stat_a, stat_b, online, use_beta, accumulate, lse_out):
+    def row_pass(stat_a, log_norm, stat_b, online, use_beta, accumulate):
+        # ONLINE writes the row statistics m_i, λ_i into stat_a, log_norm; FIXED reads them.
         launch(
             row_pass_kernel, "row", rows, chunks if accumulate else 1,
-            (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
-             loss, lse_out, row_a, row_sum, row_acc,
+            (z, norms, d2_pos, stat_a, log_norm, stat_b, weight if weight is not None else empty,
+             loss, row_a, row_sum, row_acc,
              z.stride(0), row_acc.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma, *log_eps,
              group_ids, log_eps_rows),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], EPS=flags["eps_mode"],
@@ -381,16 +382,17 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
                 (z, norms, mu, inv_size, z.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, group_ids),
                 dict(BLOCK_D=cfg.block_do if cfg.single_chunk else cfg.block_k),
             )
-            stat_a, stat_b = mu, inv_size
-            row_pass(stat_a, stat_b, online=False, use_beta=beta, accumulate=need_grad, lse_out=empty)
-        elif beta:
-            row_pass(empty, empty, online=True, use_beta=False, accumulate=False, lse_out=lse)
-            stat_a, stat_b = lse, loss.clone()          # c_i = Σ_k α_ik v_ik = loss_i
-            if need_grad:
-                row_pass(stat_a, stat_b, online=False, use_beta=True, accumulate=True, lse_out=empty)
+            stat_a, log_norm, stat_b = mu, empty, inv_size
+            row_pass(stat_a, log_norm, stat_b, online=False, use_beta=beta, accumulate=need_grad)
         else:
-            row_pass(empty, empty, online=True, use_beta=False, accumulate=need_grad, lse_out=lse)
-            stat_a, stat_b = lse, empty
+            # m_i (the shift of t) and λ_i = lse_i − m_i, never lse_i: see kernels/tiles._pair_weights.
+            stat_a, log_norm = z_acc.new_empty((rows,)), z_acc.new_empty((rows,))
+            row_pass(stat_a, log_norm, empty, online=True, use_beta=False, accumulate=need_grad and not beta)
+            stat_b = empty
+            if beta:
+                stat_b = loss.clone()          # c_i = Σ_k α_ik v_ik = loss_i
+                if need_grad:
+                    row_pass(stat_a, log_norm, stat_b, online=False, use_beta=True, accumulate=True)
         if not need_grad:
             if groups is not None:
                 return _grouped_result(loss, None, row_a, has_positive, z_acc, group_set, params, row_lo, False, z.dtype)
@@ -399,7 +401,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
         col_sum, grad = z_acc.new_empty((c,)), z_acc.new_empty((c, d))
         launch(
             column_pass_kernel, "column", c, chunks,
-            (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
+            (z, norms, d2_pos, stat_a, log_norm, stat_b, weight if weight is not None else empty,
              col_sum, grad, z.stride(0), grad.stride(0), c, d, half, row_lo, row_hi, m_bucket(c), *tau, *k, *inv_gamma,
              group_ids, log_eps_rows),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], BETA=beta, HAS_WEIGHT=weight is not None,

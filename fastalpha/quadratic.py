@@ -99,44 +99,54 @@ def quadratic_loss_and_grad(z_acc: torch.Tensor, row_lo: int, row_hi: int, weigh
     return loss, grad
 
 
-def grouped_quadratic_loss_and_grad(z_acc: torch.Tensor, groups, d2_pos: torch.Tensor, row_lo: int, row_hi: int,
+def grouped_quadratic_loss_and_grad(cols: torch.Tensor, groups, d2_pos: torch.Tensor, row_lo: int, row_hi: int,
                                     weight: torch.Tensor | None, need_grad: bool, unit_rows: bool = False):
-    r"""`quadratic` with group-defined sets (fastalpha.positives): α_ij = 1/c_i on J_i = {j : g_j ≠ g_i}.
+    r"""`quadratic` with group-defined sets over the columns [Z; Q] (fastalpha.positives.Groups):
+    α_ic = 1/c_i on J_i = {c : g_c ≥ 0, g_c ≠ g_i}, c_i = |J_i|.
 
-    With c_i = |J_i| = M − |g_i|, S_g and N_g the group sums of z and of n, s and Σn the totals,
-    the negatives' sums are totals minus the anchor's group:
+    `cols` holds the C = M + K columns (the anchors are its first M rows), in the accumulation
+    dtype. With S_g and N_g the sums of z and of n over the columns of group g, and s, Σn their
+    totals over the columns that are not ignored (g_c ≥ 0), the negatives' sums are those
+    totals minus the anchor's group:
 
-        Σ_{j∈J_i} z_j = s − S_{g_i},      Σ_{j∈J_i} n_j = Σn − N_{g_i},
-        loss_i = d̄2_i − [(c_i n_i + Σ_{j∈J_i} n_j)/2 − z_i·Σ_{j∈J_i} z_j] / c_i,   (A_i = 1)
+        Σ_{c∈J_i} z_c = s − S_{g_i},      Σ_{c∈J_i} n_c = Σn − N_{g_i},
+        loss_i = d̄2_i − [(c_i n_i + Σ_{c∈J_i} n_c)/2 − z_i·Σ_{c∈J_i} z_c] / c_i,   (A_i = 1)
 
     and, with v_i = w_i / c_i over the anchors (0 elsewhere), T = Σ_i v_i z_i, V = Σ_i v_i and
-    T_g, V_g their sums over group g,
+    T_g, V_g their sums over the anchors of group g,
 
-        row side     ∂/∂z_i += w_i (Σ_{j∈J_i} z_j / c_i − z_i)
-        column side  ∂/∂z_j += (T − T_{g_j}) − (V − V_{g_j}) z_j,
+        row side     ∂/∂z_i += w_i (Σ_{c∈J_i} z_c / c_i − z_i)
+        column side  ∂/∂c   += (T − T_{g_c}) − (V − V_{g_c}) c      (0 for an ignored column),
 
-    without the −w_i z_i and V terms for unit rows (∂d2_ij/∂z_i = −z_j). `d2_pos` holds d̄2_i
-    and `weight` w_i (R,) (None: ones). The positive side, A_i = 1 spread over P_i, is the
-    caller's (positives.add_positive_pull_). Every group sum is O(M·D); needs two groups or more.
+    without the −w_i z_i and V terms for unit rows (∂d2_ic/∂z_i = −c). The column side covers the
+    queue's rows too (the gradient has C rows). `d2_pos` holds d̄2_i and `weight` w_i (R,) (None:
+    ones); an anchor without negatives must have weight 0 (its c_i is taken as 1). The positive
+    side, A_i = 1 spread over P_i, is the caller's (positives.add_positive_pull_). Every group
+    sum is O((M + K)·D): no M × K matrix.
     """
-    c, d = z_acc.shape
+    c, d = cols.shape
+    m = groups.rows
+    dtype = cols.dtype
     ids = groups.row_ids
-    count = groups.negative_count[row_lo:row_hi].to(z_acc.dtype)
-    norms = torch.ones_like(z_acc[:, 0]) if unit_rows else (z_acc * z_acc).sum(1)
-    z_rows, row_ids = z_acc[row_lo:row_hi], ids[row_lo:row_hi]
-    others = z_acc.sum(0) - groups.sums(z_acc)[row_ids]
-    other_norms = norms.sum() - groups.sums(norms)[row_ids]
+    count = groups.negative_count[row_lo:row_hi].to(dtype).clamp_min(1)
+    norms = torch.ones_like(cols[:, 0]) if unit_rows else (cols * cols).sum(1)
+    z_rows, row_ids = cols[row_lo:row_hi], ids[row_lo:row_hi]
+    column_sums, norm_sums = groups.sums(cols), groups.sums(norms)    # the last slot: ignored columns
+    others = column_sums[:-1].sum(0) - column_sums[row_ids]
+    other_norms = norm_sums[:-1].sum() - norm_sums[row_ids]
     negatives_d2 = (count * norms[row_lo:row_hi] + other_norms) / 2 - (z_rows * others).sum(1)
     loss = d2_pos - negatives_d2 / count
     if not need_grad:
-        return loss, z_acc.new_empty((0, d))
+        return loss, cols.new_empty((0, d))
 
-    w = torch.ones_like(loss) if weight is None else weight.to(z_acc.dtype)
-    v = torch.zeros(c, dtype=z_acc.dtype, device=z_acc.device)
+    w = torch.ones_like(loss) if weight is None else weight.to(dtype)
+    v = torch.zeros(m, dtype=dtype, device=cols.device)
     v[row_lo:row_hi] = w / count
-    vz = v[:, None] * z_acc
-    grad = vz.sum(0) - groups.sums(vz)[ids]
+    slot = torch.where(groups.col_ids >= 0, groups.col_ids, torch.full_like(groups.col_ids, c))
+    counted = (groups.col_ids >= 0).to(dtype)[:, None]
+    vz = v[:, None] * cols[:m]
+    grad = counted * (vz.sum(0) - groups.anchor_sums(vz)[slot])
     if not unit_rows:
-        grad -= (v.sum() - groups.sums(v)[ids])[:, None] * z_acc
+        grad -= counted * (v.sum() - groups.anchor_sums(v)[slot])[:, None] * cols
     grad[row_lo:row_hi] += w[:, None] * (others / count[:, None] - (0 if unit_rows else z_rows))
     return loss, grad

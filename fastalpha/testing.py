@@ -11,6 +11,8 @@ those terms, not the (small) result. `loss_scale` and `grad_scale` give that siz
 value and for a gradient entry, so the tolerance follows the conditioning of the sum instead
 of being loosened blindly.
 """
+import math
+
 import torch
 
 #: (rtol, atol relative to max|expected|) per compute precision.
@@ -125,4 +127,163 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, precision: str, w
             f"{what} mismatch at {precision}: worst index {idx}: got {actual[idx].item():.10g}, "
             f"expected {expected[idx].item():.10g} (|diff| {err[idx].item():.3g}, allowed {allowed[idx].item():.3g}); "
             f"{int((excess > 0).sum())} of {excess.numel()} entries out of tolerance; scale = {scale:.3g}"
+        )
+
+
+def pair_rounding_bound(z: torch.Tensor, spec, distance_precision: str, product_precision: str,
+                        row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""First-order bounds (loss_rows (M,), gradient (M, 1)) on what rounding may change in a
+    fused SimCLR call (negatives="all", no queue) on the stacked, already prepared rows `z`.
+
+    Unlike `loss_scale`/`grad_scale`, which bound the sensitivity of α over every distance up
+    to d2_max, this follows the pairs the float64 reference actually weights, so it stays
+    meaningful at large norms and small τ, where the worst case over [0, d2_max] is vacuous.
+    With u_d = rtol(`distance_precision`) (what d2 is accumulated in) and
+    u_p = rtol(`product_precision`) (the format of the products' operands):
+
+    * d2_ij = (n_i + n_j)/2 − z_i·z_j rounds relative to the terms, not to d2:
+      δd2_ij ≤ Δ_ij = u_d ((n_i + n_j)/2 + |z_i·z_j|) (u_d (1 + |z_i·z_j|) for unit rows);
+    * a log-weight moves by δt_ij ≤ |t'(d2_ij)| Δ_ij (infonce: (Δ_ij + Δ_ip)/τ), and
+      α_ij = e^{t_ij}/(Σ_k e^{t_ik} + ε-term) by at most what every t_ik moved by δt_ik + 4u_d
+      can do to it (`_softmax_perturbation`, exact, not first order), and by all of α_ij plus
+      the smallest normal number where it underflows;
+      square: δα_ij ≤ (Δ_ij + max_{k∈S_i} Δ_ik)/τ on the support S_i widened by that margin;
+    * with β (detach_alpha=False) β = α (1 − t'(v − c)), v − c = Σ_k α_ik d2_ik − d2_ij:
+      δβ ≤ δα |1 − t'(v − c)| + α (|t''| Δ |v − c| + |t'| δ(v − c)), δ(v − c) ≤ Δ_ij + Δ_ip +
+      Σ_k (α_ik Δ_ik + δα_ik |v_ik|) + 2u_d (|d2_i| + |v_ij| + |c_i|) (the kernels form (d2_i − d2_ij) − c_i);
+    * a gradient row sums w_i δω_ij (|z_i| + |z_j|) over its pairs at both ends and
+      w_i δA_i (|z_i| + |z_p(i)|) at the anchor and its partner (δA_i ≤ Σ_j δα_ij), plus
+      u_p times the magnitude of the terms it sums (every |ω| (|z_i| + |z_j|) and A (|z_i| + |z_p|));
+    * a loss row: Σ_j δα_ij |v_ij| + Σ_j α_ij (Δ_ij + Δ_ip) + u_d Σ_j α_ij |v_ij| (infonce:
+      Σ_j π_ij (Δ_ij + Δ_ip)/τ + u_d |loss_i|, π the softmax weights of its logits).
+
+    Everything is computed in float64 from the reference's own α (fastalpha.reference), never
+    from a kernel's output; the gradient bound is per row (it holds for every feature).
+    """
+    from . import reference
+
+    z = z.detach().to(torch.float64)
+    m = z.shape[0]
+    u_d = TOLERANCES[distance_precision][0]
+    u_p = TOLERANCES[product_precision][0]
+    w = torch.ones(m, dtype=torch.float64) if row_weight is None else row_weight.detach().to(torch.float64).cpu()
+    z = z.cpu()
+    mask = reference.negative_mask(m)
+    partners = reference.partner_index(m)
+    d2 = reference.squared_distances(z, z, spec.unit_rows)
+    d2_pos = d2.gather(1, partners[:, None])[:, 0]
+    dots = (z @ z.T).abs()
+    norms = torch.ones(m, dtype=torch.float64) if spec.unit_rows else z.square().sum(1)
+    delta = u_d * ((norms[:, None] + norms[None, :]) / 2 + dots)
+    delta_pos = delta.gather(1, partners[:, None])
+    alpha = reference.alpha_from_distances(d2, d2_pos, mask, spec)
+    zero = torch.zeros_like(d2)
+    v = torch.where(mask, d2_pos[:, None] - d2, zero)
+    if spec.rule == "square":
+        mu = reference.sparsemax_threshold(d2, mask, spec.temperature)
+        margin = torch.where(alpha > 0, delta, zero).amax(1, keepdim=True)
+        near = mask & (d2 < mu[:, None] + 2 * margin)
+        d_alpha = torch.where(near, (delta + margin) / spec.temperature, zero)
+    elif spec.rule == "quadratic":
+        d_alpha = 4 * u_d * alpha
+    else:
+        if spec.rule == "infonce":
+            d_t = (delta + delta_pos) / spec.temperature
+        else:
+            d_t = spec.log_weight_slope(torch.where(mask, d2, torch.ones_like(d2))).abs() * delta
+        d_t = torch.where(mask, d_t + 4 * u_d, zero)
+        d_alpha = _softmax_perturbation(alpha, d_t, mask)
+    # Below the format's smallest normal number a weight may be lost whole (exp underflows).
+    tiny = torch.finfo(torch.float64 if distance_precision == "float64" else torch.float32).tiny
+    d_alpha = d_alpha + torch.where(mask, torch.where(alpha < tiny, alpha, zero) + tiny, zero)
+    omega = reference.pair_term_weights(alpha, d2, d2_pos, mask, spec)
+    d_omega = d_alpha
+    if spec.uses_beta and spec.is_log_weight:
+        c = (alpha * v).sum(1, keepdim=True)
+        spread = v - c
+        safe = torch.where(mask, d2, torch.ones_like(d2)).requires_grad_()
+        slope = spec.log_weight_slope(safe)
+        # t'' (0 where t' is constant: entropy, k = 1).
+        curvature = torch.autograd.grad(slope.sum(), safe)[0] if slope.requires_grad else torch.zeros_like(d2)
+        slope, curvature = slope.detach().abs(), curvature.abs()
+        d_spread = (delta + delta_pos + (alpha * delta + d_alpha * v.abs()).sum(1, keepdim=True)
+                    + 2 * u_d * (d2_pos[:, None] + v.abs() + c.abs()))
+        d_omega = d_alpha * (1 + slope * spread.abs()) + alpha * (curvature * delta * spread.abs() + slope * d_spread)
+        d_omega = torch.where(mask, d_omega, zero)
+    grad = _at_both_ends(z, w, d_omega, d_alpha.sum(1)) + u_p * _at_both_ends(z, w, omega.abs(), alpha.sum(1))
+    if spec.rule == "infonce":
+        logits = torch.where(mask, v / spec.temperature, torch.full_like(d2, -math.inf))
+        soft = torch.softmax(logits, 1)
+        rows = torch.logaddexp(torch.logsumexp(logits, 1), torch.tensor(math.log(spec.eps) if spec.eps > 0 else -math.inf,
+                                                                         dtype=torch.float64))
+        loss = (soft * (delta + delta_pos)).sum(1) / spec.temperature + u_d * rows.abs()
+    else:
+        loss = (d_alpha * v.abs()).sum(1) + (alpha * (delta + delta_pos)).sum(1) + u_d * (alpha * v.abs()).sum(1)
+    return loss, (grad * spec.grad_scale)[:, None]
+
+
+def _softmax_perturbation(alpha: torch.Tensor, d_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """max |α'_ij − α_ij| over log-weights moved by at most d_t each, not only to first order.
+
+    α'_ij = α_ij e^{δ_ij} / (Σ_k α_ik e^{δ_ik} + 1 − A_i) with |δ| ≤ d_t (1 − A_i: the ε-term,
+    which does not move) lies between α_ij e^{−d_t,ij} / (Σ_k α_ik e^{d_t,ik} + 1 − A_i) and
+    min(1, α_ij e^{d_t,ij} / (Σ_k α_ik e^{−d_t,ik} + 1 − A_i)); evaluated in log space so that
+    d_t ≫ 1 (an ill-conditioned row) gives a bound of order 1 instead of an overflow.
+    """
+    log_alpha = torch.where(mask & (alpha > 0), alpha.log(), torch.full_like(alpha, -math.inf))
+    rest = (1 - alpha.sum(1, keepdim=True)).clamp_min(0)
+    log_rest = torch.where(rest > 0, rest.log(), torch.full_like(rest, -math.inf))
+    low = torch.logaddexp(torch.logsumexp(log_alpha - d_t, 1, keepdim=True), log_rest)
+    high = torch.logaddexp(torch.logsumexp(log_alpha + d_t, 1, keepdim=True), log_rest)
+    up = torch.exp(log_alpha + d_t - low).clamp_max(1.0)
+    down = torch.exp(log_alpha - d_t - high)
+    return torch.where(mask, torch.maximum(up - alpha, alpha - down), torch.zeros_like(alpha))
+
+
+def _at_both_ends(z: torch.Tensor, w: torch.Tensor, pair: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """(M,): Σ over the gradient terms of each row of w_i pair_ij (|z_i| + |z_j|) (the row and the
+    column side) and w_i anchor_i (|z_i| + |z_p(i)|) (the anchor and its partner)."""
+    m = z.shape[0]
+    partners = (torch.arange(m) + m // 2) % m
+    row_norm = z.norm(dim=1)
+    weighted = w[:, None] * pair * (row_norm[:, None] + row_norm[None, :])
+    partner = w * anchor * (row_norm + row_norm[partners])
+    return weighted.sum(1) + weighted.sum(0) + partner + torch.zeros(m, dtype=z.dtype).index_add_(0, partners, partner)
+
+
+def gradient_term_magnitude(z: torch.Tensor, spec, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(M,): the magnitude of the terms each gradient row of a SimCLR call is summed from,
+    Σ |ω_ij| (|z_i| + |z_j|) over its pairs and A (|z_i| + |z_p|) over its positive pairs, from
+    the float64 reference's weights (× 1/τ for infonce)."""
+    from . import reference
+
+    z = z.detach().to(torch.float64).cpu()
+    m = z.shape[0]
+    w = torch.ones(m, dtype=torch.float64) if row_weight is None else row_weight.detach().to(torch.float64).cpu()
+    mask = reference.negative_mask(m)
+    d2 = reference.squared_distances(z, z, spec.unit_rows)
+    d2_pos = d2.gather(1, reference.partner_index(m)[:, None])[:, 0]
+    alpha = reference.alpha_from_distances(d2, d2_pos, mask, spec)
+    omega = reference.pair_term_weights(alpha, d2, d2_pos, mask, spec)
+    return _at_both_ends(z, w, omega.abs(), alpha.sum(1)) * spec.grad_scale
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, precision: str,
+                  what: str = "value") -> None:
+    """Assert |actual − expected| ≤ bound + rtol·|expected| elementwise (`bound` broadcasts), the
+    check of a derived per-entry bound such as `pair_rounding_bound`; report the worst entry."""
+    rtol = TOLERANCES[precision][0]
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite entries at {torch.nonzero(~torch.isfinite(actual))[:5].tolist()}"
+    allowed = (bound.to(torch.float64).cpu() + rtol * expected.abs()).expand_as(expected)
+    err = (actual - expected).abs()
+    excess = err - allowed
+    if excess.numel() and excess.max() > 0:
+        idx = tuple(int(i) for i in torch.nonzero(excess == excess.max())[0])
+        raise AssertionError(
+            f"{what} mismatch at {precision}: worst index {idx}: got {actual[idx].item():.10g}, "
+            f"expected {expected[idx].item():.10g} (|diff| {err[idx].item():.3g}, allowed {allowed[idx].item():.3g}); "
+            f"{int((excess > 0).sum())} of {excess.numel()} entries out of bound; max|expected| = {expected.abs().max().item():.3g}"
         )

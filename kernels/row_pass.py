@@ -14,7 +14,9 @@ running max m_i and, rescaled by e^{m_old − m_new} at every tile,
     l_i = Σ_j e^{t_ij − m_i},   s_i = Σ_j e^{t_ij − m_i} d2_ij,   acc_i = Σ_j e^{t_ij − m_i} z_j.
 
 At the end lse_i = log(e^{m_i} l_i + E_i) with the ε-term E_i = ε(M − 2) (direct, entropy) or
-ε e^{−d2_i/τ} (infonce), so that α_ij = e^{t_ij − lse_i}, A_i = Σ_j α_ij = l_i e^{m_i − lse_i}, and
+ε e^{−d2_i/τ} (infonce), kept as the shift m_i and the normaliser λ_i = lse_i − m_i =
+log(l_i + E_i e^{−m_i}) (`tiles._pair_weights` says why not as lse_i), so that
+α_ij = e^{(t_ij − m_i) − λ_i}, A_i = Σ_j α_ij = l_i e^{−λ_i}, and
 
     loss_i = A_i d2_i − Σ_j α_ij d2_ij            (every log-weight rule),
     loss_i = log(ε + ξ_i) = logaddexp(log ξ_i, log ε),  log ξ_i = m_i + d2_i/τ + log l_i   (infonce),
@@ -22,27 +24,30 @@ At the end lse_i = log(e^{m_i} l_i + E_i) with the ε-term E_i = ε(M − 2) (di
 the latter through log1p, so that a tiny NT-Xent loss (ξ_i ≪ ε) keeps float32's relative
 precision. With UNIT (unit rows) d2 = 1 − z_i·z_j and no norm is loaded.
 
-GROUPS (group-defined positives, fastalpha.positives): the pairs are J_i = {j : g_j ≠ g_i}
-from the group ids g (`tiles._group_pairs`: g_i loaded once per row block, g_j per column
-tile), d2_i is the mean positive distance d̄2_i (`d2_pos`, from group sums), and the ε-term of
-direct/entropy is the per-row log(ε|J_i|) (`log_eps_ptr`, |J_i| = M − |group of i|). infonce
-with ε > 0 keeps its positives in the loop instead of a final ε-term: t_ij + log ε for
-g_j = g_i, j ≠ i, so that log ξ_i = m_i + d̄2_i/τ + log l_i is already log(ε η_i + ξ_i) and
-A_i = 1. The positive side of the gradient is the launcher's (positives.add_positive_pull_).
-With GROUPS off `group_ptr` and `log_eps_ptr` are None, i.e. constexprs and not arguments:
-the other calls compile to the code they had.
+GROUPS (group-defined positives, fastalpha.positives, over the columns [Z; Q]): the pairs are
+J_i = {c : g_c ≥ 0, g_c ≠ g_i} from the anchors' ids g_i (loaded once per row block) and the
+columns' ids g_c (per column tile, −1 for an ignored column: `tiles._group_pairs`); d2_i is
+the mean positive distance d̄2_i (`d2_pos`, from group sums), and the ε-term of direct/entropy
+is the per-anchor log(ε|J_i|) (`log_eps_term_ptr`). infonce with ε > 0 keeps its positives
+P_i = {c ≠ s(i) : g_c = g_i} (s(i) the anchor's own column, `self_col_ptr`) in the loop
+instead of a final ε-term: t_ic + log ε (the scalar log_eps) for them, so that
+log ξ_i = m_i + d̄2_i/τ + log l_i is already log(ε η_i + ξ_i) and A_i = 1. The positive side of
+the gradient is the launcher's (positives.add_positive_pull_). With GROUPS off the four
+group pointers are None, i.e. constexprs and not arguments: the other calls compile to the
+code they had.
 
-FIXED (statistics already known: lse_i and c_i, or μ_i and 1/k_i for sparsemax): α (and β)
+FIXED (statistics already known: m_i, λ_i and c_i, or μ_i and 1/k_i for sparsemax): α (and β)
 are evaluated directly per tile (`tiles._pair_weights`), no rescaling.
 
-Outputs per row: loss_i, lse_i (ONLINE), w_i A_i, w_i Σ_j β_ij and, with ACCUMULATE, the row
+Outputs per row: loss_i, m_i and λ_i (ONLINE, into the statistics a FIXED pass reads), w_i A_i, w_i Σ_j β_ij and, with ACCUMULATE, the row
 of w_i (βZ)_i restricted to the program's feature chunk. Nothing of size M × M is formed.
 """
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, _column_range, _distances, _gram, _group_pairs, _join,
-                    _log_add_exp, _log_weight, _mma, _negatives, _pair_weights, _row_norms, _streamed)
+from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, WEIGHT_SPARSEMAX, _anchor_groups, _batch_rows, _column_groups,
+                    _column_range, _distances, _gram, _group_pairs, _join, _log_add_exp, _log_weight, _mma, _negatives,
+                    _pair_weights, _parameters, _row_norms, _streamed)
 
 EPS_NONE = tl.constexpr(0)
 EPS_CONSTANT = tl.constexpr(1)
@@ -51,24 +56,21 @@ EPS_INFONCE = tl.constexpr(2)
 
 @triton.jit
 def row_pass_kernel(
-    z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, stat_b_ptr, weight_ptr,
-    loss_ptr, lse_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,
+    z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, log_norm_ptr, stat_b_ptr, weight_ptr,
+    loss_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,
     stride_z, stride_acc, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, log_eps_hi, log_eps_lo,
-    group_ptr, log_eps_ptr,  # GROUPS only (else None): group ids of the M rows, per-anchor log ε-term
+    # GROUPS only (else None): group ids of the M anchors and of the C columns (−1: ignored), the
+    # anchors' own columns, and (direct/entropy with ε > 0) each anchor's log(ε|J_i|).
+    row_group_ptr, col_group_ptr, self_col_ptr, log_eps_term_ptr,
     WEIGHT: tl.constexpr, POWER: tl.constexpr, EPS: tl.constexpr, LOG_LOSS: tl.constexpr,
     ONLINE: tl.constexpr, BETA: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, UNIT: tl.constexpr,
     NEGATIVES: tl.constexpr, QUEUE: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
-    # C columns: the rows of [Z; queue]; Z has M = 2·half rows (without a queue C = M, and the
-    # SimCLR call compiles to the kernel it was before queues: no extra argument, same code).
-    if QUEUE:
-        M = 2 * half
-    else:
-        M = C
+    M = _batch_rows(C, half, QUEUE)
     pid_d = tl.program_id(1)
     rows = row_lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
@@ -76,21 +78,25 @@ def row_pass_kernel(
     feats = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     feat_ok = feats < D
 
-    tau = _join(tau_hi, tau_lo, ACC)
-    k = _join(k_hi, k_lo, ACC)
-    inv_gamma = _join(inv_gamma_hi, inv_gamma_lo, ACC)
+    tau, k, inv_gamma = _parameters(tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, ACC)
     n_i = _row_norms(norm_ptr, rows, row_ok, UNIT, ACC)
     d2_pos = tl.load(d2_pos_ptr + local, mask=row_ok, other=0.0)
     if not ONLINE:
         stat_a = tl.load(stat_a_ptr + local, mask=row_ok, other=0.0)
         stat_b = tl.load(stat_b_ptr + local, mask=row_ok, other=0.0)
+        if WEIGHT == WEIGHT_SPARSEMAX:
+            log_norm = stat_a          # unused: sparsemax has no normaliser
+        else:
+            log_norm = tl.load(log_norm_ptr + local, mask=row_ok, other=0.0)
     if GROUPS != GROUPS_OFF:
-        g_i = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+        g_i, own_i = _anchor_groups(row_group_ptr, self_col_ptr, rows, row_ok, GROUPS)
         # infonce's positives replace its final ε-term and are shifted in the ONLINE statistics
-        # only (it has no FIXED pass).
+        # only (it has no FIXED pass): by log ε, the scalar log_eps (the column pass adds the same).
         tl.static_assert(EPS != EPS_INFONCE and (ONLINE or GROUPS != GROUPS_INFONCE))
-        if EPS == EPS_CONSTANT or GROUPS == GROUPS_INFONCE:
-            log_eps_i = tl.load(log_eps_ptr + local, mask=row_ok, other=0.0)
+        if EPS == EPS_CONSTANT:
+            log_eps_i = tl.load(log_eps_term_ptr + local, mask=row_ok, other=0.0)
+        if GROUPS == GROUPS_INFONCE:
+            log_eps_positive = _join(log_eps_hi, log_eps_lo, ACC)
     if SINGLE_CHUNK:
         # The whole (padded) row block stays in registers across the column loop.
         z_i = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + feats[None, :],
@@ -128,16 +134,16 @@ def row_pass_kernel(
                               mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
         d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
         if GROUPS != GROUPS_OFF:
-            g_j = tl.load(group_ptr + cols, mask=col_ok, other=-1)
-            valid, same = _group_pairs(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
-                                       g_i[:, None], g_j[None, :], GROUPS)
+            g_j = _column_groups(col_group_ptr, cols, col_ok)
+            valid, same = _group_pairs(cols[None, :], row_ok[:, None], col_ok[None, :], g_i[:, None], own_i[:, None],
+                                       g_j[None, :], GROUPS)
         else:
             valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
 
         if ONLINE:
             t = _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER)
             if GROUPS == GROUPS_INFONCE:
-                t += tl.where(same, log_eps_i[:, None], 0.0)
+                t += tl.where(same, log_eps_positive, 0.0)
             t = tl.where(valid, t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t, 1))
             # A row with no valid entry yet keeps m = −inf; shift by 0 there to avoid inf − inf.
@@ -150,7 +156,7 @@ def row_pass_kernel(
                 acc = _mma(p.to(z_ptr.dtype.element_ty), z_j, acc * rescale[:, None], PRECISION, UPCAST)
             m_i = m_new
         else:
-            alpha, beta = _pair_weights(d2, valid, d2_pos[:, None], stat_a[:, None], stat_b[:, None],
+            alpha, beta = _pair_weights(d2, valid, d2_pos[:, None], stat_a[:, None], log_norm[:, None], stat_b[:, None],
                                         tau, k, inv_gamma, WEIGHT, POWER, BETA)
             l_i += tl.sum(alpha, 1)
             s_i += tl.sum(alpha * d2, 1)
@@ -166,25 +172,27 @@ def row_pass_kernel(
     if ONLINE:
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         log_l = tl.log(tl.where(l_i > 0, l_i, 1.0))
-        log_sum = m_use + log_l
         if EPS != EPS_NONE:
             if GROUPS != GROUPS_OFF:
                 log_eps = log_eps_i
             else:
                 log_eps = _join(log_eps_hi, log_eps_lo, ACC)
+        # m_i + d2_i/τ = (d2_i − min_j d2_ij)/τ: the infonce logit gap, formed once.
+        gap = m_use + d2_pos / tau
+        # λ_i = lse_i − m_i, never through lse_i itself (its rounding is an ulp of |m_i|).
         if EPS == EPS_NONE:
-            lse = log_sum
+            log_norm = log_l
         elif EPS == EPS_INFONCE:
-            lse = _log_add_exp(log_sum, log_eps - d2_pos / tau)
+            log_norm = _log_add_exp(log_l, log_eps - gap)
         else:
-            lse = _log_add_exp(log_sum, log_eps)
-        to_alpha = tl.exp(m_use - lse)          # e^{t−m} · to_alpha = α
+            log_norm = _log_add_exp(log_l, log_eps - m_use)
+        to_alpha = tl.exp(-log_norm)            # e^{t−m} · to_alpha = α
         a_i = l_i * to_alpha
         if LOG_LOSS:
             # loss_i = log(ε + ξ_i) from log ξ_i = (m_i + d2_i/τ) + log l_i, where m_i + d2_i/τ =
             # (d2_i − min_j d2_ij)/τ is O(1): a tiny loss (ξ_i ≪ ε) keeps its relative precision
             # through log1p, where lse_i + d2_i/τ would cancel two O(1/τ) numbers.
-            log_xi = (m_use + d2_pos / tau) + log_l
+            log_xi = gap + log_l
             if EPS == EPS_NONE:
                 loss = log_xi
             else:
@@ -204,7 +212,8 @@ def row_pass_kernel(
         tl.store(row_a_ptr + local, w_i * a_i, mask=row_ok)
         tl.store(row_sum_ptr + local, w_i * beta_sum, mask=row_ok)
         if ONLINE:
-            tl.store(lse_ptr + local, lse, mask=row_ok)
+            tl.store(stat_a_ptr + local, m_use, mask=row_ok)
+            tl.store(log_norm_ptr + local, log_norm, mask=row_ok)
     if ACCUMULATE:
         tl.store(row_acc_ptr + local.to(tl.int64)[:, None] * stride_acc + feats[None, :],
                  acc * acc_scale[:, None], mask=row_ok[:, None] & feat_ok[None, :])

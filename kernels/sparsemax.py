@@ -12,7 +12,7 @@ that only counts and sums. In floating point, μ is kept non-increasing explicit
 the support monotone and the loop finite (at most C steps; a handful in practice). The
 columns are [Z; queue] (C = M + K), masked by `tiles._negatives`; for the cross and none
 sets only the tiles that `tiles._column_range` keeps are streamed. With GROUPS the mask is
-J_i from the group ids (`tiles._group_pairs`; `group_ptr` is None otherwise, a constexpr, so
+J_i from the group ids (`tiles._group_pairs`; the group pointers are None otherwise, constexprs, so
 the other calls compile as before).
 
 One program owns BLOCK_M rows and iterates until none of its rows changed its support.
@@ -20,12 +20,12 @@ One program owns BLOCK_M rows and iterates until none of its rows changed its su
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_OFF, NEG_ALL, _column_range, _distances, _gram, _group_pairs, _join, _mma, _negatives,
+from .tiles import (GROUPS_OFF, NEG_ALL, _anchor_groups, _batch_rows, _column_groups, _column_range, _distances, _gram, _group_pairs, _join, _mma, _negatives,
                     _row_norms, _streamed)
 
 
 @triton.jit
-def _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C, D, half,
+def _distance_tile(z_ptr, norm_ptr, col_group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C, D, half,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                    NEGATIVES: tl.constexpr, GROUPS: tl.constexpr):
@@ -40,9 +40,9 @@ def _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, 
         s = _gram(z_ptr, stride_z, rows, row_ok, cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST, ACC)
     d2 = _distances(s, n_i, _row_norms(norm_ptr, cols, col_ok, UNIT, ACC), UNIT)
     if GROUPS != GROUPS_OFF:
-        g_j = tl.load(group_ptr + cols, mask=col_ok, other=-1)
-        valid, _ = _group_pairs(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
-                                g_i[:, None], g_j[None, :], GROUPS)
+        g_j = _column_groups(col_group_ptr, cols, col_ok)
+        valid, _ = _group_pairs(cols[None, :], row_ok[:, None], col_ok[None, :], g_i[:, None], g_i[:, None],
+                                g_j[None, :], GROUPS)
     else:
         valid = _negatives(rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], half, M, NEGATIVES)
     return d2, valid
@@ -54,23 +54,19 @@ def sparsemax_threshold_kernel(
     stride_z, C, D, half, row_lo, row_hi,
     m_bucket,  # unused here: the coarse size class of M in the autotuning key (launch.py)
     tau_hi, tau_lo,
-    group_ptr,  # GROUPS only (else None): group ids of the M rows
+    row_group_ptr, col_group_ptr,  # GROUPS only (else None): group ids of the M anchors and the C columns
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, UNIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     NEGATIVES: tl.constexpr, QUEUE: tl.constexpr, GROUPS: tl.constexpr,
 ):
-    # C columns: the rows of [Z; queue]; Z has M = 2·half rows (C = M without a queue).
-    if QUEUE:
-        M = 2 * half
-    else:
-        M = C
+    M = _batch_rows(C, half, QUEUE)
     rows = row_lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     local = rows - row_lo
     tau = _join(tau_hi, tau_lo, ACC)
     n_i = _row_norms(norm_ptr, rows, row_ok, UNIT, ACC)
     if GROUPS != GROUPS_OFF:
-        g_i = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+        g_i, _ = _anchor_groups(row_group_ptr, row_group_ptr, rows, row_ok, GROUPS)
     else:
         g_i = rows        # unused: the NEGATIVES mask needs no group ids
     if SINGLE_CHUNK:
@@ -88,7 +84,7 @@ def sparsemax_threshold_kernel(
         j_lo, j_hi = _column_range(row_lo + tl.program_id(0) * BLOCK_M, row_hi, half, M, C, BLOCK_M, NEGATIVES)
     d2_min = tl.full((BLOCK_M,), float("inf"), ACC)
     for j0 in range(j_lo, j_hi, BLOCK_N):
-        d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C, D,
+        d2, valid = _distance_tile(z_ptr, norm_ptr, col_group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C, D,
                                    half, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST, ACC,
                                    NEGATIVES, GROUPS)
         d2_min = tl.minimum(d2_min, tl.min(tl.where(valid, d2, float("inf")), 1))
@@ -100,7 +96,7 @@ def sparsemax_threshold_kernel(
         count = tl.zeros((BLOCK_M,), tl.int32)
         total = tl.zeros((BLOCK_M,), ACC)
         for j0 in range(j_lo, j_hi, BLOCK_N):
-            d2, valid = _distance_tile(z_ptr, norm_ptr, group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C,
+            d2, valid = _distance_tile(z_ptr, norm_ptr, col_group_ptr, z_i, n_i, g_i, rows, row_ok, j0, j_hi, stride_z, M, C,
                                        D, half, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_CHUNK, UNIT, PRECISION, UPCAST,
                                        ACC, NEGATIVES, GROUPS)
             inside = valid & (d2 < mu[:, None])

@@ -9,7 +9,7 @@ recomputes, per tile, the squared distances from the Gram block (and the norms),
 masks the pairs that are not negatives (by default j = i, j = p(i) = (i + M/2) mod M, or a
 row/column outside the matrix; `_negatives` has the two-tower and queue-only sets, and the
 columns C = M + K of a queue; `_group_pairs` the sets of group-defined positives, from the
-rows' group ids), and turns d2 into the rule's log-weight t = log w(d2):
+anchors' and the columns' group ids), and turns d2 into the rule's log-weight t = log w(d2):
 
     power (entropy, direct, infonce)   t = −d2^k / τ,   k = p/2 (k = 1: entropy, infonce;
                                        k = 2: direct's default p = 4; both without exp/log)
@@ -31,11 +31,12 @@ NEG_ALL = tl.constexpr(0)      # every row of Z but i and p(i) (SimCLR)
 NEG_CROSS = tl.constexpr(1)    # the other view's rows but p(i) (two towers)
 NEG_NONE = tl.constexpr(2)     # no row of Z (queue only: MoCo)
 
-#: Group-defined positives (fastalpha.positives: labels, more than two views), the `GROUPS`
-#: constexpr. Off, the pairs are the NEGATIVES set; on, they come from the rows' group ids g.
+#: Group-defined positives (fastalpha.positives: labels, more than two views, a labelled
+#: queue), the `GROUPS` constexpr. Off, the pairs are the NEGATIVES set; on, they come from the
+#: anchors' group ids g_i, the columns' ids g_c (−1: ignored) and the anchors' own columns s(i).
 GROUPS_OFF = tl.constexpr(0)
-GROUPS_NEGATIVES = tl.constexpr(1)   # J_i = {j : g_j ≠ g_i}
-GROUPS_INFONCE = tl.constexpr(2)     # J_i and P_i = {j ≠ i : g_j = g_i} (infonce with ε > 0)
+GROUPS_NEGATIVES = tl.constexpr(1)   # J_i = {c : g_c ≥ 0, g_c ≠ g_i}
+GROUPS_INFONCE = tl.constexpr(2)     # J_i and P_i = {c ≠ s(i) : g_c = g_i} (infonce with ε > 0)
 
 
 @triton.jit
@@ -138,19 +139,55 @@ def _negatives(rows, cols, row_ok, col_ok, half, M, NEGATIVES: tl.constexpr):
 
 
 @triton.jit
-def _group_pairs(rows, cols, row_ok, col_ok, g_rows, g_cols, GROUPS: tl.constexpr):
-    """(pairs, same) of (rows[:, None], cols[None, :]) with group-defined sets (shapes broadcast).
+def _anchor_groups(row_group_ptr, self_col_ptr, rows, row_ok, GROUPS: tl.constexpr):
+    """(g_i, s_i) of the anchors `rows`: their group ids and, for GROUPS_INFONCE (whose loop
+    has P_i and must leave out the anchor's own column), their own columns s(i) (else g_i again,
+    unused). Padding rows get −1."""
+    g = tl.load(row_group_ptr + rows, mask=row_ok, other=-1)
+    if GROUPS == GROUPS_INFONCE:
+        own = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
+    else:
+        own = g
+    return g, own
 
-    `pairs` is the set the loop runs over, `same` marks g_j = g_i (the positives, and i itself).
-    GROUPS_NEGATIVES: J_i, every row of another group. GROUPS_INFONCE: J_i and P_i, every row
-    but i: infonce with ε > 0 has its positives in the denominator, log ξ_i over
-    e^{t_ij + [g_j = g_i] log ε}, so the caller shifts their log-weights by log ε.
+
+@triton.jit
+def _column_groups(col_group_ptr, cols, col_ok):
+    """Group ids of the columns `cols` of [Z; Q]: −1 for an ignored column and for padding."""
+    return tl.load(col_group_ptr + cols, mask=col_ok, other=-1)
+
+
+@triton.jit
+def _group_pairs(cols, row_ok, col_ok, g_rows, own_rows, g_cols, GROUPS: tl.constexpr):
+    """(pairs, same) of anchors × columns with group-defined sets (shapes broadcast).
+
+    Columns are [Z; Q] with ids g_c (−1: ignored, in no set); anchors have ids g_i and own
+    columns s(i) (fastalpha.positives.Groups). `pairs` is the set the loop runs over, `same`
+    marks g_c = g_i. GROUPS_NEGATIVES: J_i = {c : g_c ≥ 0, g_c ≠ g_i} (the anchor's own column
+    is in its group, or ignored: never in J_i). GROUPS_INFONCE: J_i and P_i = {c : g_c = g_i,
+    c ≠ s(i)}: infonce with ε > 0 has its positives in the denominator, log ξ_i over
+    e^{t_ic + [g_c = g_i] log ε}, so the caller shifts their log-weights by log ε.
     """
-    ok = row_ok & col_ok
+    ok = row_ok & col_ok & (g_cols >= 0)
     same = g_rows == g_cols
     if GROUPS == GROUPS_INFONCE:
-        return ok & (cols != rows), same
+        return ok & (cols != own_rows), same
     return ok & (g_rows != g_cols), same
+
+
+@triton.jit
+def _parameters(tau_hi, tau_lo, k_hi, k_lo, inv_gamma_hi, inv_gamma_lo, ACC: tl.constexpr):
+    """(τ, k, 1/γ) in the accumulation dtype from their (hi, lo) splits (`_join`)."""
+    return _join(tau_hi, tau_lo, ACC), _join(k_hi, k_lo, ACC), _join(inv_gamma_hi, inv_gamma_lo, ACC)
+
+
+@triton.jit
+def _batch_rows(C, half, QUEUE: tl.constexpr):
+    """M, the rows of Z among the C columns [Z; queue]: 2·half with a queue, C without (so the
+    call without a queue compiles as it did before queues: no extra argument, same code)."""
+    if QUEUE:
+        return 2 * half
+    return C
 
 
 @triton.jit
@@ -244,14 +281,21 @@ def _log_weight_slope(d2, tau, k, inv_gamma, WEIGHT: tl.constexpr, POWER: tl.con
 
 
 @triton.jit
-def _pair_weights(d2, valid, d2_pos, stat_a, stat_b, tau, k, inv_gamma,
-                  WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr):
+def _pair_weights(d2, valid, d2_pos, stat_a, log_norm, stat_b, tau, k, inv_gamma,
+                  WEIGHT: tl.constexpr, POWER: tl.constexpr, BETA: tl.constexpr, t_shift=None):
     """(α, β) of a tile once the row statistics are known (row quantities broadcast to d2).
 
-    Log-weight rules: stat_a = lse_i = log(Σ_k w_ik + ε-term), so α = e^{t − lse};
-    with BETA, stat_b = c_i = Σ_k α_ik v_ik and β = α (1 − t' (v − c)), v = d2_i − d2_ij.
-    Sparsemax: stat_a = μ_i, stat_b = 1/k_i, α = [(μ − d2)/τ]_+, β = 2α − 1/k_i on the support.
-    Without BETA, β = α. Both are exactly 0 outside `valid`.
+    Log-weight rules: stat_a = m_i, the running maximum of t over the row as the ONLINE pass
+    left it, and log_norm = λ_i = lse_i − m_i, so α = e^{(t − m_i) − λ_i}. The shift and the
+    normaliser are kept apart because lse_i itself, rounded to the accumulation dtype, carries
+    an absolute error of half an ulp of |m_i|: with d2 ~ 10⁴ and k = 2 that is units of t, and
+    e^{t − lse} would be off by e^{units}. t − m_i is exact for the pairs that matter (Sterbenz:
+    t within a factor 2 of m_i) and λ_i = O(log C), so every pass that evaluates the same t
+    (same tile product, `_distances`, `_log_weight`, and the same `t_shift`: GROUPS_INFONCE's
+    log ε on the positives) gets the α the row pass normalised, bit for bit in its exponent.
+    With BETA, stat_b = c_i = Σ_k α_ik v_ik and β = α (1 − t' (v − c)), v = d2_i − d2_ij.
+    Sparsemax: stat_a = μ_i, stat_b = 1/k_i (log_norm unused), α = [(μ − d2)/τ]_+, β = 2α − 1/k_i
+    on the support. Without BETA, β = α. Both are exactly 0 outside `valid`.
     """
     if WEIGHT == WEIGHT_SPARSEMAX:
         alpha = tl.where(valid, tl.maximum((stat_a - d2) / tau, 0.0), 0.0)
@@ -261,7 +305,9 @@ def _pair_weights(d2, valid, d2_pos, stat_a, stat_b, tau, k, inv_gamma,
             beta = alpha
     else:
         t = _log_weight(d2, tau, k, inv_gamma, WEIGHT, POWER)
-        alpha = tl.where(valid, tl.exp(tl.where(valid, t - stat_a, 0.0)), 0.0)
+        if t_shift is not None:
+            t += t_shift
+        alpha = tl.where(valid, tl.exp(tl.where(valid, (t - stat_a) - log_norm, 0.0)), 0.0)
         if BETA:
             slope = _log_weight_slope(d2, tau, k, inv_gamma, WEIGHT, POWER)
             beta = alpha * (1.0 - slope * ((d2_pos - d2) - stat_b))

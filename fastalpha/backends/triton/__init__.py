@@ -71,14 +71,17 @@ def supports(negatives: str, has_queue: bool) -> tuple[bool, str]:
     return True, ""
 
 
-#: Group-defined positives (labels, more than two views): the kernels' GROUPS constexpr.
+#: Group-defined positives (labels, more than two views): the kernels' GROUPS constexpr, also
+#: with queue columns (a labelled queue, V views with a queue, a cross-batch memory).
 supports_groups = True
+supports_grouped_queue = True
 
 
 def alpha_cl_fused(z: torch.Tensor, spec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None,
                    groups=None):
     """The fused-op contract of fastalpha.dispatch, by the Triton kernels (grad has M + K rows with a
-    queue; `groups`: M group ids of the rows, the positives and negatives from groups)."""
+    queue; `groups`: a positives.Groups over [Z; queue], or M group ids of the rows, the
+    positives and negatives from groups)."""
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"the triton backend is unavailable: triton is not importable: {_IMPORT_ERROR}")
     return fused_loss_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue, groups=groups)

@@ -26,14 +26,17 @@ the column pass writes all C gradient rows, and |J_i| (the ε-terms)
 is rules.negative_count(N, K, negatives). Without a queue and with negatives="all" this is the
 SimCLR call, compiled as before (C = M).
 
-Group-defined positives (`groups`: labels, more than two views; fastalpha.positives,
-negatives="all", no queue, any M ≥ 1): the kernels run with the GROUPS constexpr, which takes
-the pairs from the rows' group ids (J_i = the other groups; for infonce with ε > 0 also P_i,
-with log-weight + log ε), d2_i = d̄2_i (positives.mean_positive_distance) and per-anchor
-|J_i| = M − |group of i| in the ε-term. The gradient has the pair sides above but no partner
-term: the positives' pull, wA_i spread over P_i, comes from group sums
-(positives.add_positive_pull_). Anchors without a positive get weight 0 and loss 0.
-Memory O(M·D + M), as without groups.
+Group-defined positives (`groups`: labels, more than two views, a labelled queue;
+fastalpha.positives.Groups over the columns [Z; Q], negatives="all", any M ≥ 1): the kernels
+run with the GROUPS constexpr, which takes the pairs from the anchors' and the columns' group
+ids (J_i = the columns of other groups, an ignored column, id −1, in no set; for infonce with
+ε > 0 also P_i, every column of the anchor's group but its own, with log-weight + log ε),
+d2_i = d̄2_i (positives.mean_positive_distance over [Z; Q]) and per-anchor |J_i| in the
+ε-term. The gradient has the pair sides above, over all M + K columns, but no partner term:
+the positives' pull, wA_i spread over P_i, comes from group sums (positives.add_positive_pull_),
+the queue's rows included (their column side, which a learnable temperature uses). Anchors
+without a positive or a negative get weight 0 and loss 0. Memory O((M + K)·D + M + K), as
+without groups: no M × K matrix.
 
 For unit rows (spec.unit_rows, normalize=True) d2_ij = 1 − z_i·z_j, so ∂d2_ij/∂z_i = −z_j and
 the terms in z_i itself drop out: G = colacc, G[rows] += rowacc − wA ⊙ Z_p, G[p(rows)] −= wA ⊙ Z_rows.
@@ -220,7 +223,7 @@ def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None, gr
         raise TypeError(f"the triton backend supports {SUPPORTED_DTYPES}, got z.dtype = {z.dtype}")
     m, d = z.shape
     if groups is not None:
-        _check_groups(groups if isinstance(groups, torch.Tensor) else groups.row_ids, z, queue, negatives)
+        _check_groups(groups, z, queue, negatives)
     elif m < (2 if queue is not None else 4) or m % 2:
         raise ValueError(f"z must stack two views (M = 2N rows, N >= {1 if queue is not None else 2}), got M = {m}")
     if queue is not None and (not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[1] != d):
@@ -234,17 +237,26 @@ def _check(z: torch.Tensor, row_lo: int, row_hi: int, row_weight, queue=None, gr
 
 
 def _check_groups(groups, z: torch.Tensor, queue, negatives: str) -> None:
-    """Group ids: an integer tensor (M,) on z's device, for negatives="all" without a queue (any M ≥ 1)."""
+    """Group ids: a positives.Groups over the columns [Z; Q], or an integer tensor (M,) of the
+    rows' ids (then every queue row is a negative of every anchor), on z's device, for
+    negatives="all" (any M ≥ 1)."""
     m = z.shape[0]
-    if not isinstance(groups, torch.Tensor) or groups.dim() != 1 or groups.shape[0] != m:
-        raise ValueError(f"groups must be a 1-D tensor of M = {m} group ids, got {getattr(groups, 'shape', type(groups))}")
-    if groups.dtype == torch.bool or groups.is_floating_point() or groups.is_complex():
-        raise TypeError(f"groups must hold integer ids, got {groups.dtype}")
-    if groups.device != z.device:
-        raise ValueError(f"groups must be on z's device {z.device}, got {groups.device}")
-    if queue is not None or negatives != "all":
-        raise ValueError("group-defined positives take negatives='all' without a queue, "
-                         f"got negatives={negatives!r}{' with a queue' if queue is not None else ''}")
+    columns = m + (0 if queue is None else queue.shape[0])
+    if isinstance(groups, positives.Groups):
+        fields = (("row_ids", groups.row_ids, "M", m), ("col_ids", groups.col_ids, "M + K", columns),
+                  ("self_col", groups.self_col, "M", m))
+    else:
+        fields = (("groups", groups, "M", m),)
+    for name, ids, size, length in fields:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.shape[0] != length:
+            raise ValueError(f"{name} must be a 1-D tensor of {size} = {length} group ids, "
+                             f"got {getattr(ids, 'shape', type(ids))}")
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{name} must hold integer ids, got {ids.dtype}")
+        if ids.device != z.device:
+            raise ValueError(f"{name} must be on z's device {z.device}, got {ids.device}")
+    if negatives != "all":
+        raise ValueError(f"group-defined positives take negatives='all', got negatives={negatives!r}")
     if m < 1:
         raise ValueError("z needs M >= 1 rows")
 
@@ -301,7 +313,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             loss, grad = quadratic_loss_and_grad(z_acc, row_lo, row_hi, row_weight, need_grad, unit, m, params.negatives)
             return loss, grad.to(z.dtype)
     else:
-        group_set = positives.groups_of(groups)
+        group_set = positives.groups_of(groups, c - m)
         count = group_set.negative_count[row_lo:row_hi]
         no_negatives = not bool(group_set.negative_count.gt(0).any())
         has_positive = group_set.has_loss[row_lo:row_hi]
@@ -321,17 +333,25 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             return _grouped_result(loss, grad, row_a, has_positive, z_acc, group_set, params, row_lo, need_grad, z.dtype)
 
     flags = _rule_flags(params, count)
+    # log_eps (a scalar) is the log of the ε-term's coefficient: log(ε|J_i|) for direct/entropy,
+    # log ε for infonce; log_eps_term (per anchor) is log(ε|J_i|) where |J_i| varies (groups).
+    log_eps_term = None
     if groups is None:
-        group_mode, log_eps_rows = GROUPS_OFF, None
+        group_mode = GROUPS_OFF
     elif flags["eps_mode"] == EPS_INFONCE:
         # infonce's positives join the loop with log-weight t + log ε in place of its final ε-term.
-        group_mode, log_eps_rows = GROUPS_INFONCE, z_acc.new_full((rows,), flags["log_eps"])
-        flags.update(eps_mode=EPS_NONE, log_eps=0.0)
+        group_mode = GROUPS_INFONCE
+        flags["eps_mode"] = EPS_NONE
     else:
         group_mode = GROUPS_NEGATIVES
-        log_eps_rows = flags["log_eps"].to(acc_dtype) if flags["eps_mode"] == EPS_CONSTANT else None
-        flags["log_eps"] = 0.0                 # the kernels read the per-anchor log(ε|J_i|)
-    group_ids = None if groups is None else group_set.row_ids.to(torch.int32)
+        if flags["eps_mode"] == EPS_CONSTANT:
+            log_eps_term = flags["log_eps"].to(acc_dtype).contiguous()
+        flags["log_eps"] = 0.0
+    if groups is None:
+        row_ids = col_ids = self_col = None
+    else:
+        row_ids, col_ids, self_col = (ids.to(torch.int32).contiguous()
+                                      for ids in (group_set.row_ids, group_set.col_ids, group_set.self_col))
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
     cfg = config or block_config(d, z.dtype, precision, grouped=groups is not None)
@@ -352,7 +372,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     )
     bucket = m_bucket(m)
     chunks = triton.cdiv(d, cfg.block_do)
-    loss, lse, row_a, row_sum = (z_acc.new_empty((rows,)) for _ in range(4))
+    loss, row_a, row_sum = (z_acc.new_empty((rows,)) for _ in range(3))
     row_acc = z_acc.new_empty((rows, d)) if need_grad else z_acc.new_empty((1, 1))
 
     def launch(kernel, kind, extent, n_chunks, args, kwargs):
@@ -361,13 +381,14 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False), groups is not None))
         _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
 
-    def row_pass(stat_a, stat_b, online, use_beta, accumulate, lse_out):
+    def row_pass(stat_a, log_norm, stat_b, online, use_beta, accumulate):
+        # ONLINE writes the row statistics m_i, λ_i into stat_a, log_norm; FIXED reads them.
         launch(
             row_pass_kernel, "row", rows, chunks if accumulate else 1,
-            (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
-             loss, lse_out, row_a, row_sum, row_acc,
+            (z, norms, d2_pos, stat_a, log_norm, stat_b, weight if weight is not None else empty,
+             loss, row_a, row_sum, row_acc,
              z.stride(0), row_acc.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, *k, *inv_gamma, *log_eps,
-             group_ids, log_eps_rows),
+             row_ids, col_ids, self_col, log_eps_term),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], EPS=flags["eps_mode"],
                  LOG_LOSS=params.rule == "infonce", ONLINE=online, BETA=use_beta, ACCUMULATE=accumulate,
                  HAS_WEIGHT=weight is not None, BLOCK_DO=cfg.block_do),
@@ -378,19 +399,20 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
             mu, inv_size = z_acc.new_empty((rows,)), z_acc.new_empty((rows,))
             launch(
                 sparsemax_threshold_kernel, "sparsemax", rows, 1,
-                (z, norms, mu, inv_size, z.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, group_ids),
+                (z, norms, mu, inv_size, z.stride(0), c, d, half, row_lo, row_hi, bucket, *tau, row_ids, col_ids),
                 dict(BLOCK_D=cfg.block_do if cfg.single_chunk else cfg.block_k),
             )
-            stat_a, stat_b = mu, inv_size
-            row_pass(stat_a, stat_b, online=False, use_beta=beta, accumulate=need_grad, lse_out=empty)
-        elif beta:
-            row_pass(empty, empty, online=True, use_beta=False, accumulate=False, lse_out=lse)
-            stat_a, stat_b = lse, loss.clone()          # c_i = Σ_k α_ik v_ik = loss_i
-            if need_grad:
-                row_pass(stat_a, stat_b, online=False, use_beta=True, accumulate=True, lse_out=empty)
+            stat_a, log_norm, stat_b = mu, empty, inv_size
+            row_pass(stat_a, log_norm, stat_b, online=False, use_beta=beta, accumulate=need_grad)
         else:
-            row_pass(empty, empty, online=True, use_beta=False, accumulate=need_grad, lse_out=lse)
-            stat_a, stat_b = lse, empty
+            # m_i (the shift of t) and λ_i = lse_i − m_i, never lse_i: see kernels/tiles._pair_weights.
+            stat_a, log_norm = z_acc.new_empty((rows,)), z_acc.new_empty((rows,))
+            row_pass(stat_a, log_norm, empty, online=True, use_beta=False, accumulate=need_grad and not beta)
+            stat_b = empty
+            if beta:
+                stat_b = loss.clone()          # c_i = Σ_k α_ik v_ik = loss_i
+                if need_grad:
+                    row_pass(stat_a, log_norm, stat_b, online=False, use_beta=True, accumulate=True)
         if not need_grad:
             if groups is not None:
                 return _grouped_result(loss, None, row_a, has_positive, z_acc, group_set, params, row_lo, False, z.dtype)
@@ -399,9 +421,9 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
         col_sum, grad = z_acc.new_empty((c,)), z_acc.new_empty((c, d))
         launch(
             column_pass_kernel, "column", c, chunks,
-            (z, norms, d2_pos, stat_a, stat_b, weight if weight is not None else empty,
+            (z, norms, d2_pos, stat_a, log_norm, stat_b, weight if weight is not None else empty,
              col_sum, grad, z.stride(0), grad.stride(0), c, d, half, row_lo, row_hi, m_bucket(c), *tau, *k, *inv_gamma,
-             group_ids, log_eps_rows),
+             *log_eps, row_ids, col_ids, self_col),
             dict(WEIGHT=flags["weight"], POWER=flags["power"], BETA=beta, HAS_WEIGHT=weight is not None,
                  BLOCK_DO=cfg.block_do),
         )

@@ -26,10 +26,11 @@
 // the same-view tiles, "none" keeps only anchor × queue tiles; self and partner are masked
 // inside a tile as for "all". Every count |J_i| is negative_count.
 //
-// Group-defined positives (labels, more than two views; the grouped op, GroupColumns in
-// alpha_cl_rule.h) run the one pass only: a chunk's rows are complete, so J_i (g_j ≠ g_i, and
-// for infonce with ε > 0 the positives at d2 − τ log ε) is a per-column test in the same
-// sweeps (GroupedSets). The positive side, d̄2_i and the gradient of the uniform pull, is
+// Group-defined positives (labels, more than two views, labelled queues; the grouped op,
+// GroupColumns in alpha_cl_rule.h) run either algorithm: the one pass tests each column of a
+// full row (GroupedSets); the symmetric tiles mask a tile by the two column ids, the same test
+// for both orientations when every anchor's column id is its row id (Symmetric<T, true>,
+// symmetric_groups). For infonce with ε > 0 the positives join the sweep at d2 − τ log ε. The positive side, d̄2_i and the gradient of the uniform pull, is
 // group sums in fastalpha/positives.py: the kernel returns the pull weights w_i g A_i.
 //
 // `choose_algorithm` holds the rule between the two. Both finish each row with

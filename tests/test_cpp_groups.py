@@ -135,6 +135,9 @@ GROUPED_RULE_PARAMETERS = [
     ("infonce", dict(eps=0.5, temperature=0.2)),  # positives in it, with log ε < 0
     ("infonce", dict(eps=1.0, temperature=0.1)),  # SupCon's L_out
     ("infonce", dict(eps=3.0, temperature=0.05)),  # log ε > 0: a positive's offset −τ log ε < 0
+    # log ε = 100, beyond float32's exponential range: the tiles' fixed shift must start at the
+    # positives' offset (relative to t(0) their weights e^{100} would overflow).
+    ("infonce", dict(eps=math.exp(100.0), temperature=0.5)),
 ]
 
 

@@ -135,7 +135,7 @@ def alpha_cl_loss_distributed(
     if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
         raise ValueError("a learnable temperature is not supported with gather_distributed=True; pass its value "
                          "(float(tau)) or compute the single-process loss")
-    problem, views = _local_problem(z1, z2, labels, queue, queue_labels, spec.negatives)
+    problem, views = local_problem(z1, z2, labels, queue, queue_labels, spec.negatives)
     grouped = labels is not None or len(views) != 2
     need_grad = torch.is_grad_enabled() and any(v.requires_grad for v in views)
     layout = exchange_layout(views, problem, need_grad, labels is not None, queue, group)
@@ -257,7 +257,7 @@ def exchange_layout(views, problem, need_grad: bool, labelled: bool = False, que
     return GlobalLayout(group=group, rank=rank, sizes=sizes, views=view_counts[0], queue_rows=queue_sizes[0])
 
 
-def _local_problem(z1, z2, labels, queue, queue_labels, negatives: str):
+def local_problem(z1, z2, labels, queue, queue_labels, negatives: str):
     """((error type, message) if this rank's inputs are invalid, else None; the views)."""
     # A rank with an empty share gets its own message: it is the likely mistake (a sampler that
     # leaves a rank without rows), not a malformed tensor.

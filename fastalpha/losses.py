@@ -124,7 +124,8 @@ class InfoNCELoss(AlphaCLLoss):
         layout = None
         if self.gather_distributed and distributed.dist.is_available() and distributed.dist.is_initialized():
             # First, so that bad input on one rank raises on every rank (no rank left waiting).
-            layout = distributed.exchange_layout(out0, out1, update, self.group)
+            problem, views = distributed.local_problem(out0, out1, None, None, None, "all")
+            layout = distributed.exchange_layout(views, problem, update, group=self.group)
         check_views(out0, out1, ("out0", "out1"))
         bank = self.memory_bank
         if out0.shape[1] != bank.bank.shape[1]:

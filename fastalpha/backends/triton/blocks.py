@@ -92,11 +92,11 @@ TENSOR_CORE_TYPES = ("bf16", "fp16", "tf32")
 
 
 #: Pipeline stages of the static shape of grouped calls (labels, V ≥ 3 views: the GROUPS
-#: constexpr), per (compute type, padded D), where they differ from the table below. The one
-#: decision, and why: tf32 at D̂ = 128 with 2 stages left sm_80's grouped column pass at 128
-#: registers with 8 bytes of stack (Triton 3.8, docs/gpu-static-report.md); with 1 stage it
-#: takes 128 registers and no stack (sm_90: 168, no spill). The stage count changes no arithmetic.
-_GROUPED_STAGES = {("tf32", 128): 1}
+#: constexpr), per (compute type, padded D), where they differ from the table below. Empty: with
+#: the group loader shared by the passes (kernels/tiles.py), tf32 at D̂ = 128 runs its 2 stages
+#: without stack on sm_80 and sm_90, while 1 stage left sm_80's grouped column pass 16 bytes of
+#: stack (Triton 3.8, docs/gpu-static-report.md). The stage count changes no arithmetic.
+_GROUPED_STAGES: dict = {}
 
 
 def block_config(d: int, dtype: torch.dtype, precision: str = "ieee", grouped: bool = False) -> BlockConfig:
@@ -112,10 +112,11 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
     padded = padded_features(d)
     if kind == "fp64":
         if padded <= 64:
-            # 3 stages, not 2: with 2, ptxas (Triton 3.8, sm_90) gave the column pass with
-            # negatives="cross" 128 registers and 8 bytes of stack; with 3 it takes 148 and the
-            # other set-ups keep theirs (148-150). The pipeline depth changes no arithmetic.
-            return BlockConfig(32, 32, padded, padded, True, 4, 3)
+            # 8 warps and 3 stages: with 4 warps ptxas (Triton 3.8, sm_90) gave the column pass
+            # 8 bytes of stack at 2 stages (negatives="cross") and at 3 (negatives="none" with a
+            # queue, since every pass evaluates α from the stored shift and normaliser); 8 warps
+            # halve each thread's share of the tile. Neither changes any arithmetic.
+            return BlockConfig(32, 32, padded, padded, True, 8, 3)
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
     if kind in ("bf16", "fp16"):
         if padded <= 256:

@@ -7,7 +7,7 @@ import torch
 def check_views(z1, z2, names=("z1", "z2")) -> None:
     """Two views of one batch: 2-D float tensors of equal shape (N ≥ 1, D ≥ 1), one dtype, one device."""
     for name, z in zip(names, (z1, z2)):
-        _check_embedding(name, z, sizes=False)
+        check_embedding(name, z, sizes=False)
     a, b = names
     _check_alike(z1, a, z2, b)
     if z1.shape[0] == 0:
@@ -33,18 +33,19 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def _check_embedding(name: str, z, sizes: bool = True) -> None:
-    """One (N, D) float tensor; with `sizes`, N ≥ 1 and D ≥ 1 too."""
+def check_embedding(name: str, z, sizes: bool = True, rows: str = "N") -> None:
+    """One (rows, D) float tensor; with `sizes`, at least one row and one column too. `rows` names
+    the row count in the messages (N samples of a view, B rows of a batch)."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
     if not z.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {z.dtype}")
     if z.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+        raise ValueError(f"{name} must be 2-D ({rows}, D), got shape {tuple(z.shape)}")
     if not sizes:
         return
     if z.shape[0] == 0:
-        raise ValueError(f"{name} needs N >= 1 rows, got N = 0")
+        raise ValueError(f"{name} needs {rows} >= 1 rows, got {rows} = 0")
     if z.shape[1] == 0:
         raise ValueError(f"{name} needs D >= 1 columns, got D = 0")
 
@@ -67,7 +68,7 @@ def views_of(z1, z2, labels) -> tuple[list, list]:
                              "or labels= to take the positives of one view from its labels")
         views, names = [z1], ["z1"]
     for name, view in zip(names, views):
-        _check_embedding(name, view)
+        check_embedding(name, view)
     first, a = views[0], names[0]
     for name, view in zip(names[1:], views[1:]):
         _check_alike(first, a, view, name)

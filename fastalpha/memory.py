@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import dispatch, positives
-from .checks import check_flag
+from .checks import check_embedding, check_flag
 from .distributed import RANK_DTYPES, all_gather_single
 from .functional import grouped_loss_of_spec
 from .losses import AlphaCLLoss, SupConLoss
@@ -241,17 +241,11 @@ class CrossBatchMemory(torch.nn.Module):
 
     def _check(self, embeddings, labels, enqueue_mask) -> None:
         """Every input checked before the memory is touched: on bad input it is unchanged."""
-        if not isinstance(embeddings, torch.Tensor):
-            raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
-        if not embeddings.is_floating_point():
-            raise TypeError(f"embeddings must have a floating dtype, got {embeddings.dtype}")
-        if embeddings.dim() != 2:
-            raise ValueError(f"embeddings must be 2-D (B, D), got shape {tuple(embeddings.shape)}")
+        check_embedding("embeddings", embeddings, sizes=False, rows="B")
         batch, width = embeddings.shape
         if width != self.embedding_size:
             raise ValueError(f"embeddings must have D = embedding_size = {self.embedding_size} columns, got {width}")
-        if batch == 0:
-            raise ValueError("embeddings need B >= 1 rows, got B = 0")
+        check_embedding("embeddings", embeddings, rows="B")
         if batch > self.memory_size:
             raise ValueError(f"a batch of B = {batch} rows is larger than the memory (memory_size = "
                              f"{self.memory_size}): the memory must hold at least one batch")

@@ -65,6 +65,10 @@ def test_matches_pml_step_after_step(gen, queue_backend, dtype, temperature, bat
     for step in range(12 if masked else 7):
         x, labels = random_batch(gen, batch, dim, dtype, classes=4)
         mask = torch.rand(batch, generator=gen) < 0.6 if masked else None
+        # A first memory of one label gives anchors positives but no negatives, where pml and
+        # fastalpha differ by design (test_anchor_with_positives_and_no_negative_is_left_out): draw again.
+        while masked and step == 0 and labels[mask].unique().numel() < 2:
+            mask = torch.rand(batch, generator=gen) < 0.6
         mine, grad, pml, pml_grad = step_both(ours, theirs, x, labels, mask)
         what = f"{name} step {step} τ={temperature} B={batch} K={size}{' masked' if masked else ''}"
         assert mine.dtype == dtype
@@ -228,8 +232,10 @@ def test_pml_edge_cases(gen, labels, mask):
     mask = None if mask is None else torch.tensor(mask)
     x = torch.randn(len(labels), dim, generator=gen, dtype=F64)
     mine, grad, pml, pml_grad = step_both(ours, theirs, x, labels, mask)
-    assert_close(mine, torch.as_tensor(pml, dtype=F64), "float64", "value")
-    assert_close(grad, pml_grad, "float64", "gradient")
+    spec = make_spec("infonce", 0.1, eps=1.0)
+    # Tolerances from the problem's scale (a near-cancelling gradient is not its own scale).
+    assert_close(mine, torch.as_tensor(pml, dtype=F64), "float64", "value", scale=loss_scale(x, spec))
+    assert_close(grad, pml_grad, "float64", "gradient", scale=grad_scale(x, spec) / len(labels))
     assert_same_memory(ours, theirs)
 
 

@@ -278,7 +278,7 @@ def _grouped_loss_rows_and_grad(z, params: LossSpec, row_lo: int, row_hi: int, r
     log_eps = math.log(params.eps) if infonce_positives else None
     d2_mean = positives.mean_positive_distance(cols, groups, row_lo, row_hi, params.unit_rows, stat)
     has_loss = groups.has_loss[row_lo:row_hi]
-    weight = has_loss.to(stat) if row_weight is None else row_weight.to(stat) * has_loss
+    weight = torch.ones(row_hi - row_lo, dtype=stat, device=z.device) if row_weight is None else row_weight.to(stat)
     half_sq = torch.full((c,), 0.5, dtype=stat, device=z.device) if params.unit_rows else cols.to(stat).square().sum(1).mul_(0.5)
     loss_rows = torch.zeros(row_hi - row_lo, dtype=stat, device=z.device)
     pull = torch.zeros(row_hi - row_lo, dtype=stat, device=z.device)

@@ -186,6 +186,16 @@ def label_groups(labels: torch.Tensor, n: int, views: int) -> torch.Tensor:
     return labels.repeat(views) if labels.shape[0] == n and views > 1 else labels
 
 
+#: Rows per gather of group sums: bounds this module's temporaries at ROW_BLOCK × D beside the
+#: one (G + 1) × D sum buffer, so that the positive side adds no M × D working set of its own.
+ROW_BLOCK = 2048
+
+
+def _blocks(lo: int, hi: int):
+    """Slices of [lo, hi) of ROW_BLOCK rows."""
+    return (slice(start, min(start + ROW_BLOCK, hi)) for start in range(lo, hi, ROW_BLOCK))
+
+
 def mean_positive_distance(cols: torch.Tensor, groups: Groups, row_lo: int, row_hi: int, unit_rows: bool,
                            dtype: torch.dtype) -> torch.Tensor:
     r"""d̄2_i for the anchors [row_lo, row_hi), in `dtype`; 0 for an anchor without positives.
@@ -197,19 +207,22 @@ def mean_positive_distance(cols: torch.Tensor, groups: Groups, row_lo: int, row_
     d̄2_i = 1 − z_i·(S_{g_i} − c_{s(i)})/|P_i|. Clamped at 0 like every distance.
     """
     cs = cols.to(dtype)
-    rows = cs[row_lo:row_hi]
-    ids = groups.row_ids[row_lo:row_hi]
-    own, counted = (t[row_lo:row_hi] for t in groups.own_columns())
-    counted = counted.to(dtype)
+    own, counted = groups.own_columns()
+    column_sums = groups.sums(cs)
+    dots = cs.new_empty(row_hi - row_lo)
+    for rows in _blocks(row_lo, row_hi):
+        z = cs[rows]
+        out = slice(rows.start - row_lo, rows.stop - row_lo)
+        dots[out] = (torch.linalg.vecdot(z, column_sums[groups.row_ids[rows]])
+                     - counted[rows].to(dtype) * torch.linalg.vecdot(z, cs[own[rows]]))
     count = groups.positive_count[row_lo:row_hi].to(dtype)
     safe = count.clamp_min(1)
-    positive_sum = groups.sums(cs)[ids] - counted[:, None] * cs[own]
-    dots = (rows * positive_sum).sum(1)
     if unit_rows:
         d2 = 1 - dots / safe
     else:
+        own, counted = own[row_lo:row_hi], counted[row_lo:row_hi].to(dtype)
         norms = cs.square().sum(1)
-        norm_sums = groups.sums(norms)[ids] - counted * norms[own]
+        norm_sums = groups.sums(norms)[groups.row_ids[row_lo:row_hi]] - counted * norms[own]
         d2 = norms[row_lo:row_hi] / 2 + norm_sums / (2 * safe) - dots / safe
     return torch.where(count > 0, d2.clamp_min(0), torch.zeros_like(d2))
 
@@ -229,26 +242,35 @@ def add_positive_pull_(grad: torch.Tensor, cols: torch.Tensor, groups: Groups, p
         column c:  −(U_{g_c} − u_{o(c)} z_{o(c)})     (+ (Ū_{g_c} − u_{o(c)}) c without unit rows)
 
     where o(c) is the anchor whose own column c is. With two views (groups of two) this is the
-    partner term of the SimCLR gradient.
+    partner term of the SimCLR gradient. The two sides run one after the other, each with one
+    group-sum buffer and ROW_BLOCK-row gathers.
     """
-    m = groups.rows
     stat = grad.dtype
     cs = cols.to(stat)
-    zs = cs[:m]
-    rows = slice(row_lo, row_lo + pull.shape[0])
+    anchors = (row_lo, row_lo + pull.shape[0])
     count = groups.positive_count.to(stat)
-    u = torch.zeros(m, dtype=stat, device=cols.device)
-    u[rows] = torch.where(count[rows] > 0, pull.to(stat) / count[rows].clamp_min(1), torch.zeros_like(pull, dtype=stat))
+    u = torch.zeros(groups.rows, dtype=stat, device=cols.device)
+    lo, hi = anchors
+    u[lo:hi] = torch.where(count[lo:hi] > 0, pull.to(stat) / count[lo:hi].clamp_min(1),
+                           torch.zeros_like(pull, dtype=stat))
     own, counted = groups.own_columns()
     owner_u = torch.where(counted, u, torch.zeros_like(u))
-    uz = u[:, None] * zs
+    column_sums = groups.sums(cs)
+    for rows in _blocks(*anchors):
+        grad[rows].addcmul_(u[rows, None], column_sums[groups.row_ids[rows]], value=-1)
+        grad[rows].addcmul_(owner_u[rows, None], cs[own[rows]])
+        if not unit_rows:
+            grad[rows].addcmul_((u[rows] * count[rows])[:, None], cs[rows])
+    del column_sums
+    pulled = cs.new_zeros((groups.columns + 1, cs.shape[1]))               # U_g
+    for rows in _blocks(*anchors):
+        pulled.index_add_(0, groups.row_ids[rows], u[rows, None] * cs[rows])
     slot = _slot(groups.col_ids, groups.columns)
-    positive_sum = groups.sums(cs)[groups.row_ids] - counted.to(stat)[:, None] * cs[own]   # Σ_{p∈P_i} c_p
-    pulled = groups.anchor_sums(uz)[slot].index_add_(0, own, -owner_u[:, None] * zs)       # Σ_{i: c∈P_i} u_i z_i
-    grad[:m] -= u[:, None] * positive_sum
+    for columns in _blocks(0, groups.columns):
+        grad[columns] -= pulled[slot[columns]]
+    for rows in _blocks(*anchors):
+        grad.index_add_(0, own[rows], owner_u[rows, None] * cs[rows])
     if not unit_rows:
-        grad[:m] += (u * count)[:, None] * zs
-        pulled_weight = groups.anchor_sums(u)[slot].index_add_(0, own, -owner_u)             # Σ_{i: c∈P_i} u_i
-        grad += pulled_weight[:, None] * cs
-    grad -= pulled
+        pulled_weight = groups.anchor_sums(u)[slot].index_add_(0, own, -owner_u)   # Σ_{i: c∈P_i} u_i
+        grad.addcmul_(pulled_weight[:, None], cs)
     return grad

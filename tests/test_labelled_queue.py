@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import fastalpha
-from fastalpha import dispatch, reference
+from fastalpha import dispatch, positives, reference
 from fastalpha.positives import Groups
 from fastalpha.rules import RULES, make_spec
 from fastalpha.testing import assert_close, grad_scale, loss_scale, precision_of
@@ -376,3 +376,36 @@ def test_supcon_and_alpha_cl_modules_take_a_labelled_queue(gen):
     assert_close(got, want, "float64", "SupConLoss with a queue")
     module = fastalpha.AlphaCLLoss(rule="infonce", temperature=0.1, eps=1.0)
     assert_close(module(z, labels=labels, queue=queue, queue_labels=queue_labels), want, "float64", "AlphaCLLoss")
+
+
+@pytest.mark.parametrize("unit_rows", [True, False])
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_positive_side_in_row_blocks_matches_dense_pairs(gen, monkeypatch, unit_rows, block):
+    """positives.mean_positive_distance and add_positive_pull_ gather group sums ROW_BLOCK rows
+    at a time: with blocks that split the anchor range [lo, hi) unevenly (and an anchor range
+    that starts inside the batch), d̄2_i equals the mean of the dense pair distances over P_i and
+    the pull's gradient equals autograd of Σ_i a_i d̄2_i over the dense pairs."""
+    monkeypatch.setattr(positives, "ROW_BLOCK", block)
+    m, k, d, lo, hi = 17, 9, 5, 3, 14
+    cols = torch.randn(m + k, d, generator=gen, dtype=F64)
+    if unit_rows:
+        cols = torch.nn.functional.normalize(cols, dim=1)
+    labels = torch.randint(0, 4, (m,), generator=gen)
+    labels[lo] = 9                                                     # an anchor without a positive
+    groups = Groups.of(labels, k, torch.randint(0, 6, (k,), generator=gen))
+    pull = torch.randn(hi - lo, generator=gen, dtype=F64)
+
+    leaves = cols.clone().requires_grad_()
+    # Unit rows: d2 = 1 − z_i·c_p, whose gradient the backends take (the rows' norms are fixed).
+    d2 = (1 - leaves[lo:hi] @ leaves.T if unit_rows
+          else ((leaves[lo:hi, None, :] - leaves[None, :, :]) ** 2).sum(-1) / 2)
+    positive, _ = groups.masks(lo, hi)
+    count = positive.sum(1)
+    dense_mean = torch.where(count > 0, (d2 * positive).sum(1) / count.clamp_min(1), torch.zeros(()))
+    (want_grad,) = torch.autograd.grad((pull * dense_mean).sum(), leaves)
+
+    got = positives.mean_positive_distance(cols, groups, lo, hi, unit_rows, F64)
+    torch.testing.assert_close(got, dense_mean.detach(), rtol=1e-12, atol=1e-12)
+    grad = torch.zeros_like(cols)
+    positives.add_positive_pull_(grad, cols, groups, pull, lo, unit_rows)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)

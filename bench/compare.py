@@ -507,9 +507,10 @@ def main(argv=None) -> list[dict]:
     print(f"fastalpha bench: {report.machine_line(header)}; triton {env['triton'] or '-'}; "
           f"memory cap {settings.cap_bytes / 2**30:.1f} GiB; {len(runnable)} measurements -> {csv_path}")
     if device.type == "cpu":
-        print(f"compute ceiling: {settings.threads} concurrent single-threaded {timing.CEILING_TILE} x D x {timing.CEILING_TILE} "
-              f"tile products into cache-resident outputs (column 'ceil' = true GFLOP/s / its rate); FMA peak (column "
-              f"'peak'): {timing.fma_peak_gflops(settings.threads, torch.float32)[1]}")
+        print(f"compute ceiling: the cpp kernel's {timing.CEILING_TILE}-row tile products (fwd: S = A B^T; fwd+bwd: S twice, "
+              f"G_a += W B, G_b += W^T A) into cache-resident outputs, {settings.threads} single-threaded worker processes at "
+              f"once (column 'ceil' = true GFLOP/s / its rate); FMA peak at the reported clock (column 'peak'): "
+              f"{timing.fma_peak_gflops(settings.threads, torch.float32)[1]}")
     if load_warning(load_start):
         print(load_warning(load_start))
     for (status, reason) in dict.fromkeys(v for v in blocked.values() if v[0] == "skipped"):

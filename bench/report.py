@@ -14,12 +14,13 @@ Derived columns of an `ok` row:
                         (`true_flops`: the cpp kernel's symmetric tiles 4·M²·D fwd+bwd, its one
                         pass and the chunked/dense ones 6·M·C·D; C = M + K columns), its rate
     ceiling_gflops    the compute ceiling, measured by the process that took the measurement,
-                      just before its first one of that D and dtype (bench/runner.py): on the CPU
-                      concurrent single-threaded tile products into cache-resident outputs
-                      (timing.tile_gemm_ceiling_gflops, the products the cpp kernel runs); on a
-                      GPU torch.mm of the same shape class
+                      just before its first one of that D, dtype and mode (bench/runner.py): on
+                      the CPU the cpp kernel's tile products (the fwd or fwd+bwd mix) into
+                      cache-resident outputs, one single-threaded worker process per thread
+                      (timing.tile_gemm_ceiling_gflops); on a GPU torch.mm of the same shape class
     ceiling_fraction  = true_gflops / ceiling_gflops: how close the provider's own arithmetic
-                      runs to the products' rate (at most about 1 for a GEMM-bound kernel)
+                      runs to the products' rate (at most about 1: a fused kernel does these
+                      products and more)
     fma_peak_gflops   the cores' multiply-add peak from clock and vector width (CPU,
                       timing.fma_peak_gflops), and peak_fraction = true_gflops / it
     speedup_vs_B        = B's median / this median, B in SPEEDUP_BASELINES (eager, chunked, pml)

@@ -76,7 +76,7 @@ class Settings:
     single_call_s: float = 30.0
     rule_params: str = "default"   # "supcon": SupCon's infonce parameters in every set-up (providers.rule_kwargs)
     verdicts: dict = field(default_factory=dict)   # (provider, rule, dtype, negatives, queue?, positives) -> (status, reason)
-    ceilings: dict = field(default_factory=dict)   # (M, D, dtype) -> GFLOP/s of torch.mm
+    ceilings: dict = field(default_factory=dict)   # CPU (D, dtype, mode), GPU (M, D, dtype) -> GFLOP/s
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -119,16 +119,22 @@ def verdict(task: Task, settings: Settings) -> tuple[str, str]:
 def ceiling(task: Task, settings: Settings) -> float:
     """The compute ceiling for the task, measured once per measuring process, just before the
     first measurement that needs it, so that it sees the machine as that provider's
-    measurements do (the CPU machine is shared and its speed drifts). CPU: concurrent
-    single-threaded tile products into cache-resident outputs, per (D, dtype)
-    (timing.tile_gemm_ceiling_gflops); GPU: torch.mm of the task's shape class."""
+    measurements do (the CPU machine is shared and its speed drifts). CPU: the cpp kernel's
+    tile products into cache-resident outputs, one single-threaded worker process per thread,
+    per (D, dtype, mode) (timing.tile_gemm_ceiling_gflops; None where the machine is too
+    loaded for its workers to start together); GPU: torch.mm of the task's shape class."""
     budget = min(settings.budget_s, 2.0)
     if settings.device == "cpu":
-        key = (task.d, task.dtype)
+        key = (task.d, task.dtype, task.mode)
         if key not in settings.ceilings:
             # bf16/fp16 inputs are computed in float32 by the CPU providers that matter here.
             dtype = torch.float64 if task.dtype == "float64" else torch.float32
-            settings.ceilings[key] = timing.tile_gemm_ceiling_gflops(task.d, dtype, settings.threads, budget_s=budget)
+            try:
+                settings.ceilings[key] = timing.tile_gemm_ceiling_gflops(task.d, dtype, settings.threads, budget_s=budget,
+                                                                         mode=task.mode)
+            except RuntimeError as err:
+                print(f"compute ceiling not measured: {err}")
+                settings.ceilings[key] = None
         return settings.ceilings[key]
     key = (task.m, task.d, task.dtype)
     if key not in settings.ceilings:

@@ -16,8 +16,11 @@ calls per block.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -115,58 +118,88 @@ def matmul_ceiling_gflops(m: int, d: int, dtype: torch.dtype, device: torch.devi
 CEILING_TILE = 256
 
 
-def tile_gemm_ceiling_gflops(d: int, dtype: torch.dtype, threads: int, repeats: int = 5, budget_s: float = 2.0) -> float:
-    """GFLOP/s of tile products into cache-resident outputs on the CPU, the way the cpp kernel
-    runs them: `threads` workers at once, each a loop of single-threaded torch.mm calls
-    (T × D) @ (D × T) → T × T, T = CEILING_TILE, into its own output.
+#: The shortest window each of the ceiling's worker processes measures.
+CEILING_MIN_WINDOW_S = 0.3
 
-    This is the compute ceiling a fused CPU kernel can approach: its products are tiles (or
-    row chunks) whose outputs stay in cache, while torch.mm of an M × M output
+
+def tile_gemm_ceiling_gflops(d: int, dtype: torch.dtype, threads: int, budget_s: float = 2.0,
+                             mode: str = "fwdbwd") -> float:
+    """GFLOP/s of the cpp kernel's tile products into cache-resident outputs on the CPU, the way
+    it runs them: `threads` single-threaded workers at once, each a loop of products on its own
+    T × T tile (T = CEILING_TILE), in the kernel's mix for `mode`:
+
+        fwd      S = A Bᵀ                                    (T × D)(D × T)
+        fwdbwd   S = A Bᵀ twice (the sweep and the gradient pass), then G_a += W B and
+                 G_b += Wᵀ A                                  (T × T)(T × D)
+
+    A and B are row blocks of Z (T × D, row-major, B read transposed as the kernel reads it).
+    This is the rate a fused CPU kernel's arithmetic can approach: torch.mm of an M × M output
     (`matmul_ceiling_gflops`) is bound by writing that output to memory, which no fused kernel
-    does. One torch.mm of a tile on several threads, or torch.bmm, is no ceiling: splitting so
-    small a product costs more than it gains. The rate is measured in the run, at its thread
-    count, so it sees the machine as the providers' measurements do; the median of `repeats`
-    rounds (at least 3, fewer when `budget_s` runs out).
+    does, and one product of a tile on several threads, or torch.bmm, splits so small a
+    product that it costs more than it gains. The workers are processes, not threads: Python
+    threads calling torch.mm with one intra-op thread were measured to run one at a time on
+    this project's 2-core machine (about 100 GFLOP/s in all, as much as one worker alone), so
+    they measured one core. The workers start together once all have warmed up and each
+    measures a window of `budget_s` (at least CEILING_MIN_WINDOW_S); the ceiling is the sum of
+    their rates, measured in the run so that it sees the machine as the providers'
+    measurements do.
     """
-    import threading
-
-    calls = 8  # products per worker per round
-    gen = torch.Generator().manual_seed(0)
-    work = [(torch.randn(CEILING_TILE, d, generator=gen).to(dtype), torch.randn(d, CEILING_TILE, generator=gen).to(dtype),
-             torch.empty(CEILING_TILE, CEILING_TILE, dtype=dtype)) for _ in range(threads)]
-
-    def worker(k: int, start: threading.Barrier, done: threading.Barrier):
-        a, b, out = work[k]
-        start.wait()
-        for _ in range(calls):
-            torch.mm(a, b, out=out)
-        done.wait()
-
-    def one_round() -> float:
-        start, done = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
-        pool = [threading.Thread(target=worker, args=(k, start, done)) for k in range(threads)]
-        for t in pool:
-            t.start()
-        start.wait()
-        t0 = time.perf_counter()
-        done.wait()
-        elapsed = time.perf_counter() - t0
-        for t in pool:
-            t.join()
-        return elapsed
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)   # each product on one thread, as inside the kernel's parallel_for
+    if mode not in ("fwd", "fwdbwd"):
+        raise ValueError(f"mode must be 'fwd' or 'fwdbwd', got {mode!r}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    window = max(CEILING_MIN_WINDOW_S, budget_s)
+    code = (f"import sys; sys.path.insert(0, {root!r}); from bench import timing; "
+            f"print(timing.tile_products_rate({d}, {str(dtype).split('.')[-1]!r}, {mode!r}, {window!r}))")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env, text=True) for _ in range(threads)]
     try:
-        one_round()
-        times, spent = [], 0.0
-        while len(times) < max(repeats, 3) and (len(times) < 3 or spent < budget_s):
-            times.append(one_round())
-            spent += times[-1]
+        for worker in workers:                  # each says "ready" once imported and warmed up
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"ceiling worker failed with exit code {worker.wait()}")
+        for worker in workers:
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        results = [json.loads(worker.stdout.readline()) for worker in workers]
     finally:
-        torch.set_num_threads(previous)
-    median_s = float(np.median(times))
-    return 2.0 * threads * calls * CEILING_TILE * CEILING_TILE * d / median_s / 1e9
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    spread = max(r["start"] for r in results) - min(r["start"] for r in results)
+    if spread > 0.1 * window:
+        # A worker that started late measured partly alone: its rate is no concurrent rate.
+        raise RuntimeError(f"the ceiling's workers started {spread:.2f} s apart; the machine is too loaded to measure it")
+    return float(sum(r["gflops"] for r in results))
+
+
+def tile_products_rate(d: int, dtype_name: str, mode: str, window_s: float) -> str:
+    """One ceiling worker (`tile_gemm_ceiling_gflops`), on one thread: warms up, prints "ready",
+    waits for a line on stdin, then returns JSON of its tile-product mix's GFLOP/s over
+    `window_s` seconds and the wall-clock time it started."""
+    torch.set_num_threads(1)
+    t, dtype = CEILING_TILE, getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(t, d, generator=gen).to(dtype) for _ in range(2))
+    s, ga, gb = torch.empty(t, t, dtype=dtype), torch.zeros(t, d, dtype=dtype), torch.zeros(t, d, dtype=dtype)
+
+    def mix():
+        torch.mm(a, b.t(), out=s)
+        if mode == "fwdbwd":
+            torch.mm(a, b.t(), out=s)
+            ga.addmm_(s, b)
+            gb.addmm_(s.t(), a)
+
+    for _ in range(3):
+        mix()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.time()
+    count, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < window_s:
+        mix()
+        count += 1
+    gflops = (1 if mode == "fwd" else 4) * 2.0 * t * t * d * count / elapsed / 1e9
+    return json.dumps({"gflops": gflops, "start": start})
 
 
 #: FMA pipes per core assumed by `fma_peak_gflops`: two on the x86 server cores this project
@@ -203,6 +236,8 @@ def fma_peak_gflops(threads: int, dtype: torch.dtype) -> tuple[float | None, str
     width cannot be read. The clock is lscpu's maximum (else /proc/cpuinfo's current one); the
     lanes are AVX-512's 16 float32 (8 float64), AVX2's 8 or SSE's 4, with AMD's AVX-512 (Zen 4,
     two 256-bit halves) counted as 256 bits. bfloat16/float16 inputs are computed in float32.
+    In a virtual machine the clock read is the nominal one and the cores may run faster, so
+    this is a nominal figure; `tile_gemm_ceiling_gflops` measures the bound.
     """
     info = _cpu_info()
     flags = set(info.get("flags", "").split())

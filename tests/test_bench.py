@@ -293,8 +293,15 @@ def test_compute_ceiling_and_fma_peak_are_measured_rates(monkeypatch):
     threads, clock, lanes, 2 flops per FMA and the pipes, or says why it cannot."""
     from bench import timing
 
-    rate = timing.tile_gemm_ceiling_gflops(16, torch.float32, 1, repeats=1, budget_s=0.0)
+    rate = timing.tile_gemm_ceiling_gflops(16, torch.float32, 1, budget_s=0.0, mode="fwd")
     assert 0 < rate < float("inf")
+    with pytest.raises(ValueError, match="mode"):
+        timing.tile_gemm_ceiling_gflops(16, torch.float32, 1, mode="bwd")
+    # Workers that start apart measured partly alone: no ceiling then.
+    starts = iter([0.0, 100.0])
+    monkeypatch.setattr(timing.json, "loads", lambda text, _loads=timing.json.loads: dict(_loads(text), start=next(starts)))
+    with pytest.raises(RuntimeError, match="apart"):
+        timing.tile_gemm_ceiling_gflops(16, torch.float32, 2, budget_s=0.0, mode="fwdbwd")
     monkeypatch.setattr(timing, "_cpu_info", lambda: {"flags": "sse avx2 fma", "max MHz": "2000", "vendor_id": "GenuineIntel"})
     peak, how = timing.fma_peak_gflops(2, torch.float32)
     assert peak == pytest.approx(2 * 2.0 * 8 * 2 * timing.FMA_PIPES) and "8 lanes" in how

@@ -18,7 +18,7 @@ import torch
 
 from fastalpha import testing
 
-from .providers import loss_fn, setup_kwargs, supcon_labels
+from .providers import loss_fn, memory_loss_fn, setup_kwargs, supcon_labels
 
 CHECK_N, CHECK_D, CHECK_K = 37, 24, 29
 
@@ -87,3 +87,43 @@ def check_agreement(fn: Callable, rule: str, device: torch.device, dtype: torch.
     except AssertionError as err:
         return "wrong", f"disagrees with the float64 reference on a {what}: {err}"
     return "ok", f"agrees with the float64 reference at {level} tolerance"
+
+
+#: The memory set-up's check: batches of MEMORY_CHECK_B rows into MEMORY_CHECK_K slots, for
+#: MEMORY_CHECK_STEPS steps: the memory filling, full, and wrapped around.
+MEMORY_CHECK_B, MEMORY_CHECK_K, MEMORY_CHECK_STEPS = 24, 60, 4
+
+
+def check_memory_agreement(name: str, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> tuple[str, str]:
+    """("ok" | "wrong" | "error", reason) for provider `name`'s cross-batch memory
+    (providers.memory_loss_fn): step after step, its loss and gradient against those of the
+    float64 reference (fastalpha.CrossBatchMemory on the eager backend, the dense float64
+    reference, with a float64 memory) fed the same labelled batches."""
+    level = precision(device, dtype)
+    what = f"{MEMORY_CHECK_STEPS} steps of {MEMORY_CHECK_B} rows into a {MEMORY_CHECK_K}-slot memory"
+    try:
+        xbm = memory_loss_fn(name, CHECK_D, MEMORY_CHECK_K)
+        exact = memory_loss_fn("eager", CHECK_D, MEMORY_CHECK_K)
+        exact.to(torch.float64)
+    except Exception as err:
+        return "error", f"could not build the memory for the {what}: {type(err).__name__}: {err}"
+    for step in range(MEMORY_CHECK_STEPS):
+        rows, labels = labelled_view(MEMORY_CHECK_B, CHECK_D, generator)
+        reference = rows.clone().requires_grad_()
+        try:
+            expected = exact(reference, labels=labels)
+            (expected_grad,) = torch.autograd.grad(expected, reference)
+        except Exception as err:
+            return "error", f"the float64 reference raised at step {step} of {what}: {type(err).__name__}: {err}"
+        inputs = rows.to(device=device, dtype=dtype).requires_grad_()
+        try:
+            value = xbm(inputs, labels=labels.to(device))
+            (grad,) = torch.autograd.grad(value, inputs)
+        except Exception as err:
+            return "error", f"raised at step {step} of {what}: {type(err).__name__}: {err}"
+        try:
+            testing.assert_close(value, expected, level, f"loss at step {step}")
+            testing.assert_close(grad, expected_grad, level, f"grad at step {step}")
+        except AssertionError as err:
+            return "wrong", f"disagrees with the float64 reference in {what}: {err}"
+    return "ok", f"agrees with the float64 reference at {level} tolerance over {what}"

@@ -120,9 +120,15 @@ def _list(kind):
 
 
 def parse_setup(text: str, queue_rows: int) -> tuple[str, int, str]:
-    """"all" | "cross" | "none" with an optional "+queue", or "labels": (negatives, K, positives)."""
+    """"all" | "cross" | "none" with an optional "+queue", "labels", or "labels+memory" with an
+    optional size ("labels+memory4096"; else --queue-size): (negatives, K, positives)."""
     if text == "labels":
         return "all", 0, "labels"
+    if text.startswith("labels+memory"):
+        size = text[len("labels+memory"):]
+        if size and not size.isdigit() or size == "0":
+            raise ValueError(f"unknown set-up {text!r}; expected labels+memory or labels+memoryK with K > 0 slots")
+        return "all", int(size) if size else queue_rows, "memory"
     negatives, plus, extra = text.partition("+")
     if negatives not in providers.NEGATIVES or (plus and extra != "queue"):
         raise ValueError(f"unknown set-up {text!r}; expected labels, NEGATIVES or NEGATIVES+queue, "
@@ -149,9 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", type=_list(str), default=_PerDevice("modes"), help="comma list from fwd,fwdbwd")
     parser.add_argument("--setups", type=_list(str), default=_PerDevice("setups"),
                         help="set-ups: comma list of all (SimCLR: every other row), cross (CLIP: the other view's rows), "
-                             "each optionally +queue (K extra rows, --queue-size), none+queue (the queue only, MoCo), and labels "
+                             "each optionally +queue (K extra rows, --queue-size), none+queue (the queue only, MoCo), labels "
                              f"(SupCon: one view of M rows in classes of {providers.ROWS_PER_CLASS} plus singletons, infonce at "
-                             f"temperature {providers.SUPCON['temperature']})")
+                             f"temperature {providers.SUPCON['temperature']}), and labels+memory[K] (the labelled batch through a "
+                             "cross-batch memory of K slots, full: fastalpha.CrossBatchMemory or pml's CrossBatchMemory of SupConLoss)")
     parser.add_argument("--queue-size", type=int, default=presets.QUEUE_ROWS, help="K, rows of the queue of the +queue set-ups")
     parser.add_argument("--repeats", type=int, default=_PerDevice("repeats"), help="timed blocks per measurement (at least 3 where the time budget cuts them short)")
     parser.add_argument("--budget-s", type=float, default=_PerDevice("budget_s"), help="stop repeating a measurement after this many seconds (min 3 blocks)")

@@ -20,6 +20,10 @@ SUPCON_SIZES = [8192, 16384]
 #: The labelled batch `supcon` only checks completes (one call, cpp).
 SUPCON_LARGE_M = 131072
 SUPCON_CUDA_SIZES = [16384, 32768, 65536]
+#: The cross-batch memory rows of `supcon`: a labelled batch of XBM_BATCH rows through a full
+#: memory of each of XBM_MEMORY_SIZES slots (fastalpha.CrossBatchMemory vs pml's).
+XBM_BATCH = 1024
+XBM_MEMORY_SIZES = [4096, 16384, 65536]
 #: Memory cap of the supcon preset: pml's SupConLoss at M = 16384 fwd+bwd is predicted at
 #: 12·M²·4 bytes = 12 GiB (providers.DENSE_PEAK_FACTOR; 11.3 GiB by the factor measured up to
 #: M = 8192), which the default CPU cap of 4 GiB would record as OOM without running; the
@@ -59,12 +63,16 @@ PRESETS = {
         device="cpu",
         help=f"labels (SupCon: infonce, temperature 0.1, eps 1): cpp, chunked and pytorch-metric-learning's SupConLoss, "
              f"and cpp's SimCLR call (two views, the same parameters) at M={','.join(map(str, SUPCON_SIZES))}, "
-             f"cpp labelled at M={SUPCON_LARGE_M}; D=128, float32 fwd+bwd, memory cap {SUPCON_MEM_CAP_GB:g} GiB; "
-             f"prints issue 35's targets with PASS/FAIL (about 10 minutes on 2 cores)",
+             f"cpp labelled at M={SUPCON_LARGE_M}; a labelled batch of {XBM_BATCH} rows through a full cross-batch "
+             f"memory of {','.join(map(str, XBM_MEMORY_SIZES))} slots: fastalpha.CrossBatchMemory on cpp and chunked vs "
+             f"pml's CrossBatchMemory(SupConLoss); D=128, float32 fwd+bwd, memory cap {SUPCON_MEM_CAP_GB:g} GiB; "
+             f"prints issue 35's targets with PASS/FAIL (about 15 minutes on 2 cores)",
         groups=[
             dict(providers=["cpp", "chunked", "pml"], rules=["infonce"], sizes=SUPCON_SIZES, setups=["labels"]),
             dict(providers=["cpp"], rules=["infonce"], sizes=SUPCON_SIZES, setups=["all"]),
             dict(providers=["cpp"], rules=["infonce"], sizes=[SUPCON_LARGE_M], setups=["labels"]),
+            dict(providers=["cpp", "chunked", "pml"], rules=["infonce"], sizes=[XBM_BATCH],
+                 setups=[f"labels+memory{k}" for k in XBM_MEMORY_SIZES]),
         ],
         common=dict(dims=[128], dtypes=["float32"], modes=["fwdbwd"]),
         # SupCon's parameters for the SimCLR rows too, so that labelled / unlabelled compares

@@ -8,7 +8,8 @@ chunked         fastalpha.alpha_cl_loss(..., backend="chunked"): full-row chunks
                 plain PyTorch, gradient from the forward pass
 compile         torch.compile(dynamic=True) of the dense reference                     O(M²)
 cpp/cuda/triton fastalpha.alpha_cl_loss(..., backend=name): the fused kernels          O(M·D)
-pml             pytorch_metric_learning.losses.SupConLoss (the labels set-up only)     O(M²)
+pml             pytorch_metric_learning.losses.SupConLoss (the labels set-up), its     O(M²), O(M·K)
+                CrossBatchMemory of SupConLoss (the memory set-up)
 =============== ===================================================================== ==========
 
 Each provider gives `status(device) -> (available, reason)`, `loss_fn(rule, positives) ->
@@ -18,8 +19,11 @@ reduction="mean"; `setup` is the negatives/queue/labels arguments of a benchmark
 (see `predicted_peak_bytes`).
 
 Set-ups: the two-view ones (positives="pair": z1, z2 of N rows each, M = 2N, the partner is the
-positive, negatives "all"/"cross"/"none" and an optional queue) and the supervised one
-(positives="labels": one view of M rows and `supcon_labels(M)`, SupCon's positive sets).
+positive, negatives "all"/"cross"/"none" and an optional queue), the supervised one
+(positives="labels": one view of M rows and `supcon_labels(M)`, SupCon's positive sets) and
+the same labelled batch through a cross-batch memory of K slots (positives="memory": the
+provider's module from `memory_loss_fn`, filled before it is measured, so that every measured
+call sees a full memory; the memory is a module's state, not an argument).
 """
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ DENSE_PEAK_FACTOR = {
 NEGATIVES = ("all", "cross", "none")
 #: Ways to choose its positives: "pair" (the partner row of the other view of two) or "labels"
 #: (every other row with its label, one view: SupCon).
-POSITIVES = ("pair", "labels")
+POSITIVES = ("pair", "labels", "memory")
 
 #: The rule parameters of the labels set-up's `infonce`: SupCon's (pytorch-metric-learning's
 #: SupConLoss default τ, positives in the denominator), so that every provider computes the
@@ -142,11 +146,17 @@ def setup_support(name: str, rule: str, negatives: str, queue_rows: int, positiv
     not compute that set-up (a backend without labels, pml outside SupCon)."""
     check_provider(name)
     if name == "pml":
-        if positives != "labels" or rule != "infonce":
-            return "unavailable", "pytorch-metric-learning's SupConLoss is the labels set-up with rule infonce only"
+        if positives not in ("labels", "memory") or rule != "infonce":
+            return "unavailable", ("pytorch-metric-learning's SupConLoss (and its CrossBatchMemory) is the labels "
+                                   "(and memory) set-up with rule infonce only")
         return "ok", ""
-    needed = [arg for arg, used in (("negatives", negatives != "all"), ("queue", queue_rows > 0), ("labels", positives == "labels"))
-              if used]
+    if positives == "memory":
+        if rule != "infonce" or name == "compile":
+            return "unavailable", "the memory set-up is fastalpha.CrossBatchMemory of SupConLoss (rule infonce) on a backend"
+        if not hasattr(fastalpha, "CrossBatchMemory"):
+            return "skipped", "fastalpha has no CrossBatchMemory in this version"
+    needed = [arg for arg, used in (("negatives", negatives != "all"), ("queue", queue_rows > 0),
+                                    ("labels", positives in ("labels", "memory"))) if used]
     if not needed:
         return "ok", ""
     parameters = inspect.signature(fastalpha.alpha_cl_loss).parameters
@@ -156,7 +166,7 @@ def setup_support(name: str, rule: str, negatives: str, queue_rows: int, positiv
     supports = getattr(dispatch, "supports", None)
     if supports is None:
         return "ok", ""
-    ok, reason = supports("eager" if name == "compile" else name, negatives, queue_rows > 0, positives == "labels")
+    ok, reason = supports("eager" if name == "compile" else name, negatives, queue_rows > 0, positives in ("labels", "memory"))
     return ("ok", "") if ok else ("unavailable", reason)
 
 
@@ -187,6 +197,37 @@ def loss_fn(name: str, rule: str, positives: str = "pair", supcon: bool = False)
     if name == "compile":
         return functools.partial(_compiled_reference(), rule=rule, **params)
     return functools.partial(fastalpha.alpha_cl_loss, rule=rule, backend=name, **params)
+
+
+def memory_loss_fn(name: str, d: int, k: int) -> torch.nn.Module:
+    """The memory set-up's module of provider `name`: xbm(z, labels=y) -> SupCon loss of the batch
+    against a memory of `k` slots of width `d` (SUPCON's temperature): pml's
+    CrossBatchMemory(SupConLoss) or fastalpha.CrossBatchMemory(SupConLoss(backend=name))."""
+    check_provider(name)
+    if name == "pml":
+        from pytorch_metric_learning.losses import CrossBatchMemory, SupConLoss
+
+        return CrossBatchMemory(SupConLoss(temperature=SUPCON["temperature"]), d, memory_size=k)
+    return fastalpha.CrossBatchMemory(fastalpha.SupConLoss(temperature=SUPCON["temperature"], backend=name), d, k)
+
+
+def fill_memory(xbm: torch.nn.Module, m: int, seed: int) -> None:
+    """Write random rows into every slot of a memory from `memory_loss_fn`, labelled like the
+    measured batch of m rows (`supcon_labels`, batch after batch: the same classes recur, as in
+    training), and mark it full, the state after the first K rows of training. Written
+    directly rather than by ⌈K / m⌉ calls, which cost pml minutes at K = 65536; both modules
+    keep their memory in the attributes embedding_memory, label_memory and queue_idx."""
+    generator = torch.Generator().manual_seed(seed)
+    k, d = xbm.embedding_memory.shape
+    labels = torch.cat([supcon_labels(m, generator) for _ in range(-(-k // m))])[:k]
+    with torch.no_grad():
+        xbm.embedding_memory.copy_(torch.randn(k, d, generator=generator))
+        xbm.label_memory.copy_(labels)
+    if isinstance(xbm, fastalpha.CrossBatchMemory):
+        xbm.queue_idx.zero_()
+        xbm.filled.fill_(k)
+    else:
+        xbm.queue_idx, xbm.has_been_filled = 0, True
 
 
 def predicted_peak_bytes(name: str, m: int, d: int, dtype: torch.dtype, mode: str, device_type: str = "cpu",

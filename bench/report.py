@@ -94,9 +94,14 @@ def true_flops(provider: str, m: int, d: int, mode: str, negatives: str = "all",
     (the masked columns of "cross"/"none" are computed too). cpp's symmetric tiles: each pair of
     Z once for both anchors, pass 1 one product and pass 2 three over M²/2 pairs, 4·M²·D fwd+bwd
     and M²·D forward ("cross": the cross-view quarter of the pairs, half of that), and 8·M·K·D
-    (forward 2·M·K·D) for the queue's one-directional pairs. triton: the nominal count.
+    (forward 2·M·K·D) for the queue's one-directional pairs. triton: the nominal count. A
+    cross-batch memory (positives="memory", K slots that hold the batch too): pml compares the
+    batch with the memory only, C = K; fastalpha's call has the batch's own columns as well,
+    ignored (C = M + K).
     """
     columns = m + queue
+    if positives == "memory" and provider == "pml":
+        columns = queue
     if provider == "triton":
         return nominal_flops(m, d, mode, negatives, queue)
     if provider == "cpp" and cpp_algorithm(m, d, mode, negatives, queue, rule, positives, forced) == "symmetric":
@@ -188,6 +193,8 @@ def setup_name(r: dict) -> str:
     """"all", "cross", "none+queue65536", …; "labels" for the labelled set-up (SupCon)."""
     if r["positives"] == "labels":
         return "labels"
+    if r["positives"] == "memory":
+        return f"labels+memory{r['queue']}"
     return r["negatives"] + (f"+queue{r['queue']}" if r["queue"] else "")
 
 

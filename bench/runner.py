@@ -53,7 +53,8 @@ class Task:
     mode: str
     negatives: str = "all"
     queue: int = 0   # K rows of extra negatives (0: no queue)
-    positives: str = "pair"   # providers.POSITIVES: "labels" is one labelled view of M rows
+    positives: str = "pair"   # providers.POSITIVES: "labels" is one labelled view of M rows, "memory"
+                              # that view through a cross-batch memory of `queue` slots
 
     def key(self) -> tuple:
         return (self.provider, self.rule, self.m, self.d, self.dtype, self.mode, self.negatives, self.queue, self.positives)
@@ -109,10 +110,13 @@ def verdict(task: Task, settings: Settings) -> tuple[str, str]:
         device = torch.device(settings.device)
         gen = torch.Generator().manual_seed(settings.seed)
         supcon = settings.rule_params == "supcon"
-        fn = providers.loss_fn(task.provider, task.rule, task.positives, supcon)
-        settings.verdicts[key] = agreement.check_agreement(fn, task.rule, device, dtype_of(task.dtype), gen,
-                                                           negatives=task.negatives, with_queue=task.queue > 0,
-                                                           positives=task.positives, supcon=supcon)
+        if task.positives == "memory":
+            settings.verdicts[key] = agreement.check_memory_agreement(task.provider, device, dtype_of(task.dtype), gen)
+        else:
+            fn = providers.loss_fn(task.provider, task.rule, task.positives, supcon)
+            settings.verdicts[key] = agreement.check_agreement(fn, task.rule, device, dtype_of(task.dtype), gen,
+                                                               negatives=task.negatives, with_queue=task.queue > 0,
+                                                               positives=task.positives, supcon=supcon)
     return settings.verdicts[key]
 
 
@@ -240,14 +244,19 @@ def run_rss(task: Task, settings: Settings) -> dict:
 
 def _inputs(task: Task, settings: Settings, device: torch.device, dtype: torch.dtype):
     """The views (z1, z2 of N = M/2 rows each; with labels one view z of M rows), the same for
-    every provider, and the call to measure (with the queue, K × D, or the labels)."""
+    every provider, and the call to measure (with the queue, K × D, or the labels; the memory
+    set-up: the provider's cross-batch memory of K slots, filled first)."""
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     needs_grad = task.mode == "fwdbwd"
-    count, rows = (1, task.m) if task.positives == "labels" else (2, task.m // 2)
+    labelled = task.positives in ("labels", "memory")
+    count, rows = (1, task.m) if labelled else (2, task.m // 2)
     views = [torch.randn(rows, task.d, generator=gen, device=device).to(dtype).requires_grad_(needs_grad) for _ in range(count)]
+    labels = providers.supcon_labels(task.m, torch.Generator().manual_seed(settings.seed)).to(device) if labelled else None
+    if task.positives == "memory":
+        fn = providers.memory_loss_fn(task.provider, task.d, task.queue).to(device)
+        providers.fill_memory(fn, task.m, settings.seed + 1)
+        return views, _make_call(fn, views, task.mode, {"labels": labels})
     queue = torch.randn(task.queue, task.d, generator=gen, device=device).to(dtype) if task.queue else None
-    labels = (providers.supcon_labels(task.m, torch.Generator().manual_seed(settings.seed)).to(device)
-              if task.positives == "labels" else None)
     setup = providers.setup_kwargs(task.negatives, queue, labels)
     fn = providers.loss_fn(task.provider, task.rule, task.positives, settings.rule_params == "supcon")
     return views, _make_call(fn, views, task.mode, setup)

@@ -65,14 +65,21 @@ def test_labels_are_classes_of_eight_and_singletons():
 
 def test_supcon_preset_plans_every_provider_and_size_under_its_cap():
     """Issue 35's table: cpp, chunked and pml labelled, cpp's SimCLR call at the same M (and the
-    same SupCon parameters), cpp labelled at SUPCON_LARGE_M; the targets cover every ratio."""
+    same SupCon parameters), cpp labelled at SUPCON_LARGE_M; the targets cover every ratio; and
+    the cross-batch memory rows (cpp, chunked, pml at memories of 4096 … 65536 slots)."""
     args = compare.parse_args(["--preset", "supcon"])
     tasks = compare.plan(args)
+    memory_rows = {t for t in tasks if t.positives == "memory"}
+    assert {(t.provider, t.m, t.queue) for t in memory_rows} == \
+        {(p, presets.XBM_BATCH, k) for p in ("cpp", "chunked", "pml") for k in presets.XBM_MEMORY_SIZES}
+    assert presets.XBM_MEMORY_SIZES[0] == 4096 and presets.XBM_MEMORY_SIZES[-1] == 65536
+    tasks = [t for t in tasks if t not in memory_rows]
     assert {(t.provider, t.m, t.positives) for t in tasks} == \
         {(p, m, "labels") for p in ("cpp", "chunked", "pml") for m in presets.SUPCON_SIZES} | \
         {("cpp", m, "pair") for m in presets.SUPCON_SIZES} | {("cpp", presets.SUPCON_LARGE_M, "labels")}
     assert {(t.rule, t.d, t.dtype, t.mode, t.negatives, t.queue) for t in tasks} == \
         {("infonce", 128, "float32", "fwdbwd", "all", 0)}
+    assert {(t.rule, t.d, t.dtype, t.mode, t.negatives) for t in memory_rows} == {("infonce", 128, "float32", "fwdbwd", "all")}
     assert presets.SUPCON_SIZES == [8192, 16384] and presets.PRESETS["supcon"]["rule_params"] == "supcon"
     assert providers.rule_kwargs("infonce", "pair", supcon=True) == providers.SUPCON
     assert providers.rule_kwargs("infonce", "pair") == {} and providers.rule_kwargs("direct", "pair", supcon=True) == {}
@@ -195,3 +202,43 @@ def test_supcon_targets_report_every_ratio():
     assert "FAIL" in next(v for k, v in lines.items() if "over pml" in k and "16384" in k)   # 14x < 15x
     assert "1.11x" in next(v for k, v in lines.items() if "unlabelled time" in k and "8192" in k)
     assert "MISSING" in next(v for k, v in lines.items() if "completes" in k)
+
+
+@needs_pml
+def test_memory_set_up_checks_agreement_and_fills_the_memory(monkeypatch):
+    """The memory set-up: each provider's module agrees with the float64 reference step after
+    step (a provider computing another loss is "wrong"); `fill_memory` leaves pml's and
+    fastalpha's memories full with the same rows and labels, so that the measured call of both
+    sees the same state and computes the same loss; the set-up parses and names itself."""
+    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(5)
+    for name in ("cpp", "chunked", "pml"):
+        status, reason = agreement.check_memory_agreement(name, cpu, torch.float32, gen)
+        assert status == "ok", (name, reason)
+    real = providers.memory_loss_fn
+    monkeypatch.setattr(agreement, "memory_loss_fn",
+                        lambda name, d, k: real(name, d, k) if name == "eager" else
+                        providers.fastalpha.CrossBatchMemory(providers.fastalpha.SupConLoss(temperature=0.5), d, k))
+    status, reason = agreement.check_memory_agreement("cpp", cpu, torch.float32, gen)
+    assert status == "wrong" and "step 0" in reason, reason
+    monkeypatch.undo()
+
+    m, d, k = 24, 8, 60
+    modules = {name: providers.memory_loss_fn(name, d, k) for name in ("pml", "cpp")}
+    for module in modules.values():
+        providers.fill_memory(module, m, seed=3)
+    pml, fused = modules["pml"], modules["cpp"]
+    assert pml.has_been_filled and fused.has_been_filled and int(fused.queue_idx) == pml.queue_idx == 0
+    assert torch.equal(pml.embedding_memory, fused.embedding_memory) and torch.equal(pml.label_memory, fused.label_memory)
+    assert len(pml.label_memory.unique()) < k, "the classes should recur across the memory's batches"
+    rows = torch.randn(m, d, generator=gen)
+    labels = providers.supcon_labels(m, gen)
+    testing.assert_close(fused(rows, labels=labels), pml(rows, labels=labels), "float32", "loss on a filled memory")
+
+    assert compare.parse_setup("labels+memory4096", 77) == ("all", 4096, "memory")
+    assert compare.parse_setup("labels+memory", 77) == ("all", 77, "memory")
+    for bad in ("labels+memory0", "labels+memoryx"):
+        with pytest.raises(ValueError, match="labels\\+memory"):
+            compare.parse_setup(bad, 77)
+    assert report.setup_name(dict(negatives="all", queue=4096, positives="memory")) == "labels+memory4096"
+    assert report.true_flops("pml", 1024, 128, "fwdbwd", queue=4096, positives="memory") == 6 * 1024 * 4096 * 128
+    assert report.true_flops("chunked", 1024, 128, "fwdbwd", queue=4096, positives="memory") == 6 * 1024 * 5120 * 128

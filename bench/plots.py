@@ -3,7 +3,8 @@
 One figure per run, a grid with one row per (rule, D, dtype, mode, set-up) and two columns
 (time, memory), and a third where a group has pml rows (the labels set-up): each provider's
 speed-up (solid) and memory saving (dashed) over pml, the ratio columns of the CSV. The
-labels set-up's M is the rows of its one view. Only `ok` measurements are drawn; a provider that ran out of memory
+labels set-up's M is the rows of its one view. The cross-batch memory set-ups (one per memory
+size K) share one row per batch size, drawn against K. Only `ok` measurements are drawn; a provider that ran out of memory
 (or was predicted to) at some sizes says so in its legend entry. The memory panel draws the
 per-call peak (peak_mb, solid, filled markers) and, where measured, the RSS growth of a fresh
 process over three calls with the default allocator (rss_growth_mb, dashed, open markers).
@@ -47,11 +48,27 @@ def _size_label(m: int) -> str:
     return f"{m // 1024}k" if m >= 1024 and m % 1024 == 0 else str(m)
 
 
+def _x(r: dict) -> int:
+    """The horizontal coordinate of a row: its memory slots K in the memory set-up, else M."""
+    return r["queue"] if r["positives"] == "memory" else r["M"]
+
+
+def _panel_setup(r: dict) -> str:
+    """The set-up a row is drawn in: the memory set-ups of one batch size share a panel."""
+    return f"labels+memory, batch {r['M']}" if r["positives"] == "memory" else setup_name(r)
+
+
+def _xlabel(setup: str) -> str:
+    if setup.startswith("labels+memory"):
+        return "K memory slots"
+    return "M rows (one labelled view)" if setup == "labels" else "M = 2N rows"
+
+
 def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
     """Draw the grid into `path`; returns the path, or None when no measurement is ok."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["rule"], r["D"], r["dtype"], r["mode"], setup_name(r))].append(r)
+        groups[(r["rule"], r["D"], r["dtype"], r["mode"], _panel_setup(r))].append(r)
     groups = {k: v for k, v in groups.items() if any(r["status"] == "ok" for r in v)}
     if not groups:
         return None
@@ -65,38 +82,41 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str | None:
             ax_ratio.set_axis_off()
             ax_ratio = None
         for provider in dict.fromkeys(r["provider"] for r in group):
-            points = sorted((r for r in group if r["provider"] == provider), key=lambda r: r["M"])
+            points = sorted((r for r in group if r["provider"] == provider), key=_x)
             ok = [r for r in points if r["status"] == "ok"]
             if not ok:
                 continue
-            oom = [r["M"] for r in points if r["status"] == "OOM"]
-            label = provider + (f" (OOM at M≥{min(oom)})" if oom else "")
+            oom = [_x(r) for r in points if r["status"] == "OOM"]
+            label = provider + (f" (OOM at {_xlabel(setup).split()[0]}≥{min(oom)})" if oom else "")
             style = STYLE.get(provider, {})
-            ax_time.plot([r["M"] for r in ok], [r["median_ms"] for r in ok], label=label, **style)
-            ax_time.fill_between([r["M"] for r in ok], [r["p20_ms"] for r in ok], [r["p80_ms"] for r in ok],
+            ax_time.plot([_x(r) for r in ok], [r["median_ms"] for r in ok], label=label, **style)
+            ax_time.fill_between([_x(r) for r in ok], [r["p20_ms"] for r in ok], [r["p80_ms"] for r in ok],
                                  color=style.get("color"), alpha=0.2)
             with_mem = [r for r in ok if r["peak_mb"] is not None and r["peak_mb"] > 0]
-            ax_mem.plot([r["M"] for r in with_mem], [r["peak_mb"] for r in with_mem], label=label, **style)
+            ax_mem.plot([_x(r) for r in with_mem], [r["peak_mb"] for r in with_mem], label=label, **style)
             with_rss = [r for r in ok if r.get("rss_growth_mb") is not None and r["rss_growth_mb"] > 0]
             if with_rss:
-                ax_mem.plot([r["M"] for r in with_rss], [r["rss_growth_mb"] for r in with_rss], label=f"{provider} (fresh RSS)",
+                ax_mem.plot([_x(r) for r in with_rss], [r["rss_growth_mb"] for r in with_rss], label=f"{provider} (fresh RSS)",
                             linestyle="--", markerfacecolor="none", **style)
             if ax_ratio is not None and provider != RATIO_BASELINE:
                 for column, linestyle, what in RATIO_LINES:
                     ratio = [r for r in ok if r.get(column)]
-                    ax_ratio.plot([r["M"] for r in ratio], [r[column] for r in ratio], label=f"{provider} {what}",
+                    ax_ratio.plot([_x(r) for r in ratio], [r[column] for r in ratio], label=f"{provider} {what}",
                                   **dict(style, linestyle=linestyle))
-        subtitle = f"{rule}, D={d}, {dtype}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, set-up={setup}"
-        xlabel = "M rows (one labelled view)" if setup == "labels" else "M = 2N rows"
+        subtitle = f"{rule}, D={d}, {dtype}, {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'}, {setup}"
+        xlabel = _xlabel(setup)
         ax_time.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="median time (ms)", title=subtitle)
         ax_mem.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="memory beyond inputs (MiB)", title=subtitle)
         panels = [ax_time, ax_mem]
+        for ax in panels:
+            ax.title.set_fontsize(9)
         if ax_ratio is not None:
             ax_ratio.axhline(1.0, color="black", linewidth=0.8)
             ax_ratio.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=f"{RATIO_BASELINE} / provider (x)",
                          title=f"vs {RATIO_BASELINE}: speed-up (solid), memory saving (dashed)")
+            ax_ratio.title.set_fontsize(9)
             panels.append(ax_ratio)
-        sizes = sorted({r["M"] for r in group if r["status"] == "ok"})
+        sizes = sorted({_x(r) for r in group if r["status"] == "ok"})
         for ax in panels:
             ax.set_xticks(sizes, [_size_label(m) for m in sizes])
             ax.xaxis.set_minor_locator(ticker.NullLocator())

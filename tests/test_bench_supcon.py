@@ -240,5 +240,9 @@ def test_memory_set_up_checks_agreement_and_fills_the_memory(monkeypatch):
         with pytest.raises(ValueError, match="labels\\+memory"):
             compare.parse_setup(bad, 77)
     assert report.setup_name(dict(negatives="all", queue=4096, positives="memory")) == "labels+memory4096"
+    from bench import plots
+    rows = [dict(negatives="all", queue=k, positives="memory", M=1024) for k in (4096, 65536)]
+    assert plots._panel_setup(rows[0]) == plots._panel_setup(rows[1]) and [plots._x(r) for r in rows] == [4096, 65536]
+    assert plots._panel_setup(dict(negatives="all", queue=0, positives="labels", M=1024)) == "labels"
     assert report.true_flops("pml", 1024, 128, "fwdbwd", queue=4096, positives="memory") == 6 * 1024 * 4096 * 128
     assert report.true_flops("chunked", 1024, 128, "fwdbwd", queue=4096, positives="memory") == 6 * 1024 * 5120 * 128

@@ -439,6 +439,8 @@ def test_digits_quick_start_beats_the_untrained_encoder(tmp_path):
 
 
 TORCHRUN_TEST = "test_torchrun_two_processes_with_global_negatives"
+TORCHRUN_SUPERVISED_TEST = "test_torchrun_two_processes_supervised_three_views_and_a_labelled_bank"
+TORCHRUN_SUPERVISED = ["--supervised", "--views", "3", "--queue-size", "48"]
 
 
 def start_in_background(tmp_path_factory, items) -> None:
@@ -448,11 +450,14 @@ def start_in_background(tmp_path_factory, items) -> None:
         background.start(DIGITS_TEST, _digits_run, tmp_path_factory.mktemp("digits") / "digits")
     if TORCHRUN_TEST in selected:
         background.start(TORCHRUN_TEST, _torchrun_two_processes, tmp_path_factory.mktemp("torchrun") / "ddp")
+    if TORCHRUN_SUPERVISED_TEST in selected:
+        background.start(TORCHRUN_SUPERVISED_TEST, _torchrun_two_processes, tmp_path_factory.mktemp("torchrun") / "ddp",
+                         TORCHRUN_SUPERVISED)
 
 
-def _torchrun_two_processes(out):
+def _torchrun_two_processes(out, flags=()):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(REPO, "train", "run.py"), *SMALL, "--batch", "32", "--epochs", "1",
+                           os.path.join(REPO, "train", "run.py"), *SMALL, "--batch", "32", "--epochs", "1", *flags,
                            "--out", str(out)], capture_output=True, text=True,
                           env=dict(background.environment(), OMP_NUM_THREADS="1"), timeout=600)
     return out, proc
@@ -467,6 +472,25 @@ def test_torchrun_two_processes_with_global_negatives(tmp_path):
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     assert math.isfinite(summary["final_epoch_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.background
+def test_torchrun_two_processes_supervised_three_views_and_a_labelled_bank(tmp_path):
+    """--supervised --views 3 --queue-size under torchrun: the loss gathers rows and labels
+    across the ranks (the library's equality with one process is tests/test_distributed.py's);
+    here the harness runs it to the end, and the checkpoint's bank holds the global batches'
+    rows with their labels."""
+    out, proc = background.result(TORCHRUN_SUPERVISED_TEST, _torchrun_two_processes, tmp_path / "ddp",
+                                  TORCHRUN_SUPERVISED)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert summary["supervised"] is True and summary["views"] == 3
+    assert math.isfinite(summary["final_epoch_loss"])
+    bank = torch.load(out / "checkpoint.pt", weights_only=False)["queue"]
+    assert int(bank["count"]) >= 48 and bank["bank"].shape[0] == 48 and bank["bank"].norm(dim=1).min() > 0
+    assert bank["label_bank"].shape == (48,) and len(bank["label_bank"].unique()) > 1
 
 
 # ----------------------------------------------------------------------------- views per epoch

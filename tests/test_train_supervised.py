@@ -16,9 +16,8 @@ from train_helpers import (SYNTHETIC, assert_same_run, fake_backend, press_ctrl_
 import fastalpha
 from fastalpha import dispatch
 from fastalpha.backends import eager as eager_backend
-from train import augment, cli, data as datasets, distributed, trainer as trainer_mod
+from train import cli, data as datasets, trainer as trainer_mod
 from train.batches import BatchPlan
-from train.config import RunConfig
 
 SMALL = [*SYNTHETIC, "--linear-epochs", "2", "--no-baseline"]
 
@@ -60,27 +59,6 @@ def test_bad_positive_flags_exit_2_when_parsed(tmp_path, capsys, flags, message)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists(), "refused before the run folder was made"
-
-
-@pytest.mark.parametrize("flags", [["--supervised"], ["--views", "3"]])
-def test_several_processes_are_refused_when_parsed(tmp_path, capsys, monkeypatch, flags):
-    # What torchrun sets; the refusal comes before any process group is initialised.
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(distributed, "init", lambda *a: pytest.fail("the process group must not be started"))
-    with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path / "ddp", "--epochs", "1", *flags)
-    assert exit_info.value.code == 2
-    assert "runs in one process" in capsys.readouterr().err
-
-
-def test_a_resumed_supervised_run_under_several_processes_is_refused_before_training(tmp_path):
-    """--resume may change the process count; the trainer refuses it before building anything."""
-    assert run(tmp_path / "r", "--supervised", "--epochs", "1", "--eval", "knn", "--eval-every", "0") == 0
-    cfg = RunConfig.from_saved(read_json(tmp_path / "r" / "config.json"))
-    data = datasets.load_synthetic()
-    spec = augment.AugmentSpec(**cfg.augment)
-    with pytest.raises(ValueError, match="runs in one process"):
-        trainer_mod.Trainer(cfg, data, spec, torch.device("cpu"), distributed.Topology(2, 0, 0))
 
 
 def test_supervised_needs_labelled_pretraining_images(tmp_path, capsys, monkeypatch):
@@ -449,15 +427,3 @@ def test_resume_refuses_changed_loss_parameters(tmp_path, capsys, first, again, 
         cli.main(["--out", str(tmp_path / "r"), "--resume", "--epochs", "2", *again])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("first", [["--supervised"], ["--views", "3"]])
-def test_resuming_a_grouped_run_under_several_processes_is_refused_when_parsed(tmp_path, capsys, monkeypatch, first):
-    """The resumed run's --supervised / --views come from the checkpoint before the flag checks."""
-    assert run(tmp_path / "r", *first, "--batch", "48", "--epochs", "1", "--eval", "knn", "--eval-every", "0") == 0
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(distributed, "init", lambda *a: pytest.fail("the process group must not be started"))
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--out", str(tmp_path / "r"), "--resume", "--epochs", "2"])
-    assert exit_info.value.code == 2
-    assert "runs in one process" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def explicit_flags(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _check_args(args, parser, world_size: int = 1) -> None:
+def _check_args(args, parser) -> None:
     def positive(name, value, allow_zero=False):
         if value is not None and (value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value)):
             parser.error(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -222,7 +222,7 @@ def _check_args(args, parser, world_size: int = 1) -> None:
         parser.error("--negatives none takes the negatives from the queue only: give --queue-size K > 0")
     if args.views < 2:
         parser.error(f"--views must be >= 2 (a positive is another view of the image), got {args.views}")
-    problem = grouped_positives_error(args.supervised, args.views, args.negatives, world_size)
+    problem = grouped_positives_error(args.supervised, args.views, args.negatives)
     if problem:
         parser.error(problem)
     try:
@@ -481,7 +481,7 @@ def main(argv=None) -> int:
         except FileNotFoundError as err:
             parser.error(f"--resume: {err}")
         take_unset_flags_from(state["config"], args, explicit_flags(argv))
-    _check_args(args, parser, topology.world_size)
+    _check_args(args, parser)
     log = print if topology.is_main else (lambda *a, **k: None)
     try:
         device = resolve_device(args.device, topology)

@@ -64,14 +64,15 @@ def positives_label(supervised: bool, views: int) -> str:
     return f"{'supervised' if supervised else 'self-supervised'}, {views} views"
 
 
-def grouped_positives_error(supervised: bool, views: int, negatives: str, world_size: int) -> str | None:
+def grouped_positives_error(supervised: bool, views: int, negatives: str) -> str | None:
     """Why `--supervised` / `--views V > 2` cannot run with these settings, or None if they can.
 
     Label-defined positives and more than two views take every row of another group (another
-    label, another image) as a negative: the loss supports them with negatives "all" and in one
-    process only (fastalpha.alpha_cl_loss raises a ValueError otherwise), so the harness refuses
-    the combination before loading anything. A memory bank (--queue-size) is allowed with
-    either: its rows are extra columns, labelled with --supervised (docs/training.md, "Supervised pre-training").
+    label, another image) as a negative: the loss supports them with negatives "all" only
+    (fastalpha.alpha_cl_loss raises a ValueError otherwise), so the harness refuses the
+    combination before loading anything. Any number of processes works (the loss gathers the
+    rows and their labels across ranks), and so does a memory bank (--queue-size): its rows
+    are extra columns, labelled with --supervised (docs/training.md, "Supervised pre-training").
     """
     if not supervised and views == 2:
         return None
@@ -79,7 +80,4 @@ def grouped_positives_error(supervised: bool, views: int, negatives: str, world_
     if negatives != "all":
         rows = "labels" if supervised else "images"
         return f"{what} needs --negatives all: its negatives are the rows of the other {rows} (got --negatives {negatives})"
-    if world_size > 1:
-        return (f"{what} runs in one process: fastalpha's distributed gather supports two views without labels only "
-                f"(this run has {world_size} processes); start it without torchrun")
     return None

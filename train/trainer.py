@@ -91,10 +91,10 @@ class Trainer:
     def __init__(self, cfg, data, spec, device: torch.device, topology=distributed.Topology(), log=print):
         self.cfg, self.data, self.spec, self.device, self.topology, self.log = cfg, data, spec, device, topology, log
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
-        # The flags are checked when parsed; a resumed run (other process count) is checked here,
-        # before any weight is built, instead of failing at the first loss.
-        problem = grouped_positives_error(cfg.supervised, cfg.views, cfg.loss_kwargs.get("negatives", "all"),
-                                          topology.world_size)
+        # The flags are checked when parsed; a configuration that did not come from them (a
+        # resumed run's, a caller's) is checked here, before any weight is built, instead of
+        # failing at the first loss.
+        problem = grouped_positives_error(cfg.supervised, cfg.views, cfg.loss_kwargs.get("negatives", "all"))
         if problem:
             raise ValueError(problem)
         if cfg.supervised and data.pretrain_labels is None:

@@ -60,25 +60,22 @@ def _interpreted(name: str, device: torch.device) -> bool:
     return name == "triton" and device.type == "cpu"
 
 
+#: Every rule with its default parameters: the first cases of each table of rule cases.
+DEFAULT_RULE_CASES = [(rule, {}) for rule in RULES]
 # (rule, parameters): every parameter of every rule, and τ at both ends of its useful range.
-RULE_CASES = [
-    ("quadratic", {}),
-    ("entropy", {}),
+RULE_CASES = DEFAULT_RULE_CASES + [
     ("entropy", {"temperature": 0.05, "eps": 0.5}),
-    ("direct", {}),
     ("direct", {"p": 3.0, "eps": 0.3, "temperature": 0.7}),
     ("direct", {"p": 8.0, "temperature": 20.0}),
-    ("inverse", {}),
     ("inverse", {"gamma": 0.5, "temperature": 0.02}),
-    ("square", {}),
     ("square", {"temperature": 0.05}),
-    ("infonce", {}),
     ("infonce", {"eps": 0.0, "temperature": 0.05}),
     ("infonce", {"eps": 3.0, "temperature": 10.0}),
 ]
 
 
 def _case_id(case):
+    """A (rule, parameters) case's test id: the rule, then each parameter's first letters and value."""
     rule, extra = case
     return rule + "".join(f"-{k[:4]}{v:g}" for k, v in extra.items())
 

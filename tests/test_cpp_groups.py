@@ -103,6 +103,23 @@ def check_grouped(z, ids, spec, row_lo, row_hi, weight, precision, device="cpu")
     return rows, grad
 
 
+GROUPED_CONTRACT = [
+    pytest.mark.parametrize("layout", LAYOUTS),
+    pytest.mark.parametrize("dtype", [torch.float64, torch.float32]),
+    pytest.mark.parametrize("unit", [True, False]),
+    pytest.mark.parametrize("detach", [True, False]),
+    pytest.mark.parametrize("rule,eps", RULE_EPS),
+]
+
+
+def over_the_grouped_contract(test):
+    """`test` over every layout, dtype, unit or raw rows, α detached or not, and rule (the
+    arguments of contract_case), as if the marks of GROUPED_CONTRACT were stacked on it."""
+    for mark in reversed(GROUPED_CONTRACT):
+        test = mark(test)
+    return test
+
+
 def contract_case(gen, rule, eps, detach, unit, dtype, layout, device="cpu"):
     spec = make_spec(rule, eps=eps, normalize=unit, detach_alpha=detach)
     if beta_jumps_under_rounding(spec, dtype):
@@ -113,11 +130,7 @@ def contract_case(gen, rule, eps, detach, unit, dtype, layout, device="cpu"):
     check_grouped(z, ids, spec, lo, hi, weight, precision_of(dtype), device)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("unit", [True, False])
-@pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("rule,eps", RULE_EPS)
+@over_the_grouped_contract
 def test_kernel_matches_grouped_closed_form(gen, algorithm, rule, eps, detach, unit, dtype, layout):
     """Row sub-range, random row weights, unit or raw rows: the whole grouped contract."""
     contract_case(gen, rule, eps, detach, unit, dtype, layout)
@@ -547,11 +560,7 @@ def test_cuda_supports_groups():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("unit", [True, False])
-@pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("rule,eps", RULE_EPS)
+@over_the_grouped_contract
 def test_cuda_matches_grouped_closed_form(gen, cuda_float32, rule, eps, detach, unit, dtype, layout):
     contract_case(gen, rule, eps, detach, unit, dtype, layout, device="cuda")
 

@@ -51,10 +51,19 @@ DDP_STEPS, DDP_LR, DDP_IN = 3, 0.2, 6
 
 
 @dataclass(frozen=True)
-class Case:
+class _RuleCase:
+    """What a loss case and a DDP case name first: the backend, the rule, and whether α is a
+    stop-gradient (a flag of the case's name when it is not)."""
     backend: str
     rule: str
     detach_alpha: bool = True
+
+    def _alpha_flags(self) -> list:
+        return [] if self.detach_alpha else ["backprop-alpha"]
+
+
+@dataclass(frozen=True)
+class Case(_RuleCase):
     reduction: str = "mean"
     dtype: str = "float64"
     split: str = "unequal"
@@ -63,24 +72,20 @@ class Case:
 
     @property
     def name(self) -> str:
-        flags = [] if self.detach_alpha else ["backprop-alpha"]
+        flags = self._alpha_flags()
         flags += [] if self.normalize else ["unnormalised"]
         flags += [] if self.grad else ["no-grad"]
         return "-".join([self.backend, self.rule, self.reduction, self.dtype, self.split] + flags)
 
 
 @dataclass(frozen=True)
-class DDPCase:
-    backend: str
-    rule: str
-    detach_alpha: bool = True
+class DDPCase(_RuleCase):
     dtype: str = "float64"
     module: str = "AlphaCLLoss"
 
     @property
     def name(self) -> str:
-        flags = [] if self.detach_alpha else ["backprop-alpha"]
-        return "-".join(["ddp", self.module, self.backend, self.rule, self.dtype] + flags)
+        return "-".join(["ddp", self.module, self.backend, self.rule, self.dtype] + self._alpha_flags())
 
 
 def _loss_cases() -> list:
@@ -220,25 +225,34 @@ def _run_loss_case(case: Case, data: dict, rank: int) -> dict:
     return {"value": loss.detach(), "g1": z1.grad, "g2": z2.grad}
 
 
-def _run_ddp_case(case: DDPCase, data: dict, rank: int) -> dict:
-    dtype = getattr(torch, case.dtype)
+def _train_linear_with_ddp(data: dict, rank: int, dtype, loss_of_batch) -> dict:
+    """SGD with momentum on a DDP-wrapped Linear model from data["init"], over this rank's
+    data["batches"]: each step's loss is loss_of_batch(ddp_model, batch). Returns the losses
+    and the final weights."""
     model = torch.nn.Linear(DDP_IN, DIM, dtype=dtype)
     model.load_state_dict(data["init"])
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
-    if case.module == "InfoNCELoss":
-        loss_fn = InfoNCELoss(backend=case.backend, gather_distributed=True)
-    else:
-        loss_fn = AlphaCLLoss(rule=case.rule, detach_alpha=case.detach_alpha, backend=case.backend, gather_distributed=True)
     losses = []
-    for x1, x2 in data["batches"][rank]:
-        y = ddp(torch.cat([x1, x2]))
-        loss = loss_fn(*y.split(x1.shape[0]))
+    for batch in data["batches"][rank]:
+        loss = loss_of_batch(ddp, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
     return {"losses": torch.stack(losses), "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _run_ddp_case(case: DDPCase, data: dict, rank: int) -> dict:
+    if case.module == "InfoNCELoss":
+        loss_fn = InfoNCELoss(backend=case.backend, gather_distributed=True)
+    else:
+        loss_fn = AlphaCLLoss(rule=case.rule, detach_alpha=case.detach_alpha, backend=case.backend, gather_distributed=True)
+
+    def loss_of_views(ddp, views):
+        x1, x2 = views
+        return loss_fn(*ddp(torch.cat([x1, x2])).split(x1.shape[0]))
+    return _train_linear_with_ddp(data, rank, getattr(torch, case.dtype), loss_of_views)
 
 
 def _run_grouped_case(case: GroupedCase, data: dict, rank: int) -> dict:
@@ -260,19 +274,12 @@ def _run_grouped_case(case: GroupedCase, data: dict, rank: int) -> dict:
 
 def _run_supcon_ddp(data: dict, rank: int) -> dict:
     """A Linear model trained with DDP and SupConLoss(gather_distributed=True) on uneven shares."""
-    model = torch.nn.Linear(DDP_IN, DIM, dtype=torch.float64)
-    model.load_state_dict(data["init"])
-    ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
     loss_fn = SupConLoss(SUPCON_TAU, backend="chunked", gather_distributed=True)
-    losses = []
-    for x, labels in data["batches"][rank]:
-        loss = loss_fn(ddp(x), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-    return {"losses": torch.stack(losses), "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+    def loss_of_labelled(ddp, batch):
+        x, labels = batch
+        return loss_fn(ddp(x), labels)
+    return _train_linear_with_ddp(data, rank, torch.float64, loss_of_labelled)
 
 
 def _run_error_case(name: str, rank: int, world: int) -> dict:

@@ -280,24 +280,26 @@ BAD_MASKS = [
 ]
 
 
-@pytest.mark.parametrize("make, error, message", BAD_CALLS)
-def test_bad_input_leaves_the_memory_unchanged(gen, make, error, message):
+def assert_bad_call_leaves_the_memory_unchanged(gen, call, error, message):
+    """`call(xbm)` on a memory that has seen one batch raises `error` and changes no buffer."""
     xbm = fastalpha.CrossBatchMemory(fastalpha.SupConLoss(0.1), 4, 8, dtype=F64)
     xbm(torch.randn(5, 4, generator=gen, dtype=F64), torch.randint(0, 2, (5,), generator=gen))
     before = snapshot(xbm)
     with pytest.raises(error, match=message):
-        xbm(*make(gen))
+        call(xbm)
     assert all(torch.equal(v, before[k]) for k, v in xbm.state_dict().items())
+
+
+@pytest.mark.parametrize("make, error, message", BAD_CALLS)
+def test_bad_input_leaves_the_memory_unchanged(gen, make, error, message):
+    assert_bad_call_leaves_the_memory_unchanged(gen, lambda xbm: xbm(*make(gen)), error, message)
 
 
 @pytest.mark.parametrize("mask, error, message", BAD_MASKS)
 def test_bad_enqueue_mask_leaves_the_memory_unchanged(gen, mask, error, message):
-    xbm = fastalpha.CrossBatchMemory(fastalpha.SupConLoss(0.1), 4, 8, dtype=F64)
-    xbm(torch.randn(5, 4, generator=gen, dtype=F64), torch.randint(0, 2, (5,), generator=gen))
-    before = snapshot(xbm)
-    with pytest.raises(error, match=message):
+    def call(xbm):
         xbm(torch.randn(3, 4, generator=gen, dtype=F64), torch.zeros(3, dtype=torch.long), enqueue_mask=mask)
-    assert all(torch.equal(v, before[k]) for k, v in xbm.state_dict().items())
+    assert_bad_call_leaves_the_memory_unchanged(gen, call, error, message)
 
 
 def test_bad_construction():

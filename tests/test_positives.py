@@ -25,29 +25,18 @@ from fastalpha.rules import RULES, make_spec
 from fastalpha.testing import assert_close, grad_scale, loss_scale, precision_of
 
 import naive
-from test_backends import _backend as available_backend
+from test_backends import DEFAULT_RULE_CASES, _backend as available_backend, _case_id
 
 F64 = torch.float64
 BACKENDS = ["eager", "chunked", "cpp", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 #: (rule, parameters): every rule, and the ε of the rules that have one.
-CASES = [
-    ("quadratic", {}),
-    ("entropy", {}),
+CASES = DEFAULT_RULE_CASES + [
     ("entropy", {"eps": 0.5, "temperature": 0.2}),
-    ("direct", {}),
     ("direct", {"p": 3.0, "eps": 0.3}),
-    ("inverse", {}),
-    ("square", {}),
-    ("infonce", {}),
     ("infonce", {"eps": 0.0, "temperature": 0.1}),
     ("infonce", {"eps": 2.0, "temperature": 0.3}),
 ]
-
-
-def _case_id(case):
-    rule, extra = case
-    return rule + "".join(f"-{k[:4]}{v:g}" for k, v in extra.items())
 
 
 @pytest.fixture(params=BACKENDS)

@@ -12,21 +12,16 @@ from fastalpha.rules import RULES, make_spec
 from fastalpha.testing import assert_close, loss_scale
 
 import naive
+from test_backends import DEFAULT_RULE_CASES
 
 F64 = torch.float64
 # (rule, extra parameters) cases that exercise every parameter of every rule.
-RULE_CASES = [
-    ("quadratic", {}),
-    ("entropy", {}),
+RULE_CASES = DEFAULT_RULE_CASES + [
     ("entropy", {"temperature": 0.2}),
     ("entropy", {"temperature": 0.3, "eps": 0.7}),
-    ("direct", {}),
     ("direct", {"p": 3.0, "eps": 0.3, "temperature": 0.7}),
-    ("inverse", {}),
     ("inverse", {"gamma": 0.5, "temperature": 1.3}),
-    ("square", {}),
     ("square", {"temperature": 0.3}),
-    ("infonce", {}),
     ("infonce", {"eps": 0.0, "temperature": 0.1}),
 ]
 SHAPES = [(2, 3), (5, 7), (9, 24)]

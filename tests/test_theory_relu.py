@@ -38,6 +38,15 @@ def _x_alpha_and_top_eigenvalue(seed):
     return x_alpha, float(torch.linalg.eigvalsh(x_alpha)[-1])
 
 
+#: K, the hidden nodes of the propositions' two-layer nets.
+NODES = 6
+
+
+def _frobenius_flow(w1, w2, x_alpha, steps, lr, **options):
+    """The flow from W_1 / ||W_1||_F and W_2 / ||W_2||_F, recording only its end point."""
+    return T.relu2_flow(w1 / w1.norm(), w2 / w2.norm(), x_alpha, steps=steps, lr=lr, record_every=steps, **options)
+
+
 def test_orthogonal_mixture_has_nonpositive_off_diagonal_contrastive_covariance():
     x1, x2, labels = _mixture(1)
     assert torch.all(x1 >= 0) and torch.all((x1 > 0).sum(1) == 1) and torch.equal(x1 > 0, x2 > 0)
@@ -141,10 +150,9 @@ def test_theorem5_winner_depends_on_initialisation_and_global_value_is_max_diago
 def test_proposition_a_cooperating_nodes_collapse_to_rank_one(seed):
     x_alpha, lam = _x_alpha_and_top_eigenvalue(10)
     g = torch.Generator().manual_seed(seed)
-    k = 6
-    w1 = torch.rand(k, D, dtype=DT, generator=g)
-    w2 = 1 + 0.5 * torch.rand(5, k, dtype=DT, generator=g)  # B = W_2ᵀW_2 entrywise > 0
-    run = T.relu2_flow(w1 / w1.norm(), w2 / w2.norm(), x_alpha, steps=4000, lr=0.05 / lam, train_w2=False, record_every=4000)
+    w1 = torch.rand(NODES, D, dtype=DT, generator=g)
+    w2 = 1 + 0.5 * torch.rand(5, NODES, dtype=DT, generator=g)  # B = W_2ᵀW_2 entrywise > 0
+    run = _frobenius_flow(w1, w2, x_alpha, steps=4000, lr=0.05 / lam, train_w2=False)
     u = torch.relu(run.w1)
     m = int(u.sum(0).argmax())
     assert torch.all(T.row_concentration(run.w1) > 1 - 1e-9)
@@ -174,7 +182,7 @@ def test_proposition_a_global_bound_for_nonnegative_b():
 def test_proposition_b_decoupled_nodes_each_pick_their_own_component(seed):
     x_alpha, lam = _x_alpha_and_top_eigenvalue(13)
     g = torch.Generator().manual_seed(seed)
-    k = 6
+    k = NODES
     w1 = torch.randn(k, D, dtype=DT, generator=g).abs()
     w1 = w1 / w1.norm(dim=1, keepdim=True)
     w2, _ = torch.linalg.qr(torch.randn(10, k, dtype=DT, generator=g))  # B = I
@@ -198,10 +206,9 @@ def test_joint_training_collapses_to_rank_one_with_rank_one_w2tw2(seed):
     """Measured outcome (not a theorem): W_2 trained too, both layers Frobenius-normalised."""
     x_alpha, lam = _x_alpha_and_top_eigenvalue(14)
     g = torch.Generator().manual_seed(seed)
-    k = 6
-    w1 = torch.randn(k, D, dtype=DT, generator=g)
-    w2 = torch.randn(5, k, dtype=DT, generator=g)
-    run = T.relu2_flow(w1 / w1.norm(), w2 / w2.norm(), x_alpha, steps=6000, lr=0.05 / lam, record_every=6000)
+    w1 = torch.randn(NODES, D, dtype=DT, generator=g)
+    w2 = torch.randn(5, NODES, dtype=DT, generator=g)
+    run = _frobenius_flow(w1, w2, x_alpha, steps=6000, lr=0.05 / lam)
     u = torch.relu(run.w1)
     s = torch.linalg.svdvals(u)
     assert float(s[1] / s[0]) < 1e-6

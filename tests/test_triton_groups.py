@@ -67,27 +67,35 @@ def spec_of(rule, eps=None, unit=True, detach_alpha=True):
     return make_spec(rule, normalize=unit, detach_alpha=detach_alpha, **extra)
 
 
-def check(z, spec, ids, lo=0, hi=None, weight=None, precision="float64", config=None, what=""):
-    """Loss rows and gradient of the triton backend against the float64 reference, and the
-    values alone (need_grad=False)."""
+def check(z, spec, groups, lo=0, hi=None, weight=None, precision="float64", config=None, what="", queue=None):
+    """Loss rows and gradient of the triton backend against reference.grouped_closed_form_gradient
+    in float64, and the values alone (need_grad=False). `groups`: M group ids, or with a queue
+    of K rows a Groups over [Z; Q], whose gradient has M + K rows (the queue's column side too)."""
     hi = z.shape[0] if hi is None else hi
     w = None if weight is None else weight.to(DEVICE)
-    if config is None:
-        def run(need_grad):
-            return ops.call_fused(z.to(DEVICE), spec, "triton", lo, hi, w, need_grad, groups=ids.to(DEVICE))
+    if isinstance(groups, Groups):
+        dev_groups = Groups(*(t.to(DEVICE) for t in groups.tensors()))
     else:
-        def run(need_grad):
-            return launch.fused_loss_and_grad(z.to(DEVICE), spec, lo, hi, w, need_grad, config, groups=ids.to(DEVICE))
+        dev_groups = groups.to(DEVICE)
+    dev_queue = None if queue is None else queue.to(DEVICE)
+
+    def run(need_grad):
+        if config is None:
+            return ops.call_fused(z.to(DEVICE), spec, "triton", lo, hi, w, need_grad, queue=dev_queue, groups=dev_groups)
+        return launch.fused_loss_and_grad(z.to(DEVICE), spec, lo, hi, w, need_grad, config, queue=dev_queue,
+                                          groups=dev_groups)
     rows, grad = run(True)
     ref_rows, ref_grad = reference.grouped_closed_form_gradient(
-        z.double(), spec, ids, None if weight is None else weight.double(), lo, hi)
-    assert grad.shape == z.shape and grad.dtype == z.dtype, what
+        z.double(), spec, groups, None if weight is None else weight.double(), lo, hi,
+        None if queue is None else queue.double())
+    stacked = z if queue is None else torch.cat([z, queue])
+    assert grad.shape == stacked.shape and grad.dtype == z.dtype, what
     w_max = 1.0 if weight is None else weight.abs().max().item()
-    assert_close(rows, ref_rows, precision, f"{what} loss rows", scale=loss_scale(z, spec))
-    assert_close(grad, ref_grad, precision, f"{what} grad", scale=grad_scale(z, spec, w_max))
+    assert_close(rows, ref_rows, precision, f"{what} loss rows", scale=loss_scale(stacked, spec))
+    assert_close(grad, ref_grad, precision, f"{what} grad", scale=grad_scale(stacked, spec, w_max))
     rows_only, empty = run(False)
     assert empty.shape == (0, z.shape[1]), what
-    assert_close(rows_only, ref_rows, precision, f"{what} loss rows without the gradient", scale=loss_scale(z, spec))
+    assert_close(rows_only, ref_rows, precision, f"{what} loss rows without the gradient", scale=loss_scale(stacked, spec))
 
 
 @pytest.mark.parametrize("rule,eps", RULE_EPS)
@@ -205,32 +213,6 @@ def memory_groups(gen, m, k, set_up):
     return Groups.of(labels, k, queue_labels, queue_valid=filled, batch_columns=False, self_col=m + slots), slots
 
 
-def check_queue(z, queue, spec, groups, lo=0, hi=None, weight=None, precision="float64", config=None, what=""):
-    """Loss rows and the gradient over [Z; Q] (M + K rows: the queue's column side too) against
-    reference.grouped_closed_form_gradient in float64, and the values without the gradient."""
-    hi = z.shape[0] if hi is None else hi
-    w = None if weight is None else weight.to(DEVICE)
-    dev_groups = Groups(*(t.to(DEVICE) for t in groups.tensors()))
-
-    def run(need_grad):
-        if config is None:
-            return ops.call_fused(z.to(DEVICE), spec, "triton", lo, hi, w, need_grad, queue=queue.to(DEVICE),
-                                  groups=dev_groups)
-        return launch.fused_loss_and_grad(z.to(DEVICE), spec, lo, hi, w, need_grad, config, queue=queue.to(DEVICE),
-                                          groups=dev_groups)
-    rows, grad = run(True)
-    ref_rows, ref_grad = reference.grouped_closed_form_gradient(
-        z.double(), spec, groups, None if weight is None else weight.double(), lo, hi, queue.double())
-    stacked = torch.cat([z, queue])
-    assert grad.shape == stacked.shape and grad.dtype == z.dtype, what
-    w_max = 1.0 if weight is None else weight.abs().max().item()
-    assert_close(rows, ref_rows, precision, f"{what} loss rows", scale=loss_scale(stacked, spec))
-    assert_close(grad, ref_grad, precision, f"{what} grad", scale=grad_scale(stacked, spec, w_max))
-    rows_only, empty = run(False)
-    assert empty.shape == (0, z.shape[1]), what
-    assert_close(rows_only, ref_rows, precision, f"{what} loss rows without the gradient", scale=loss_scale(stacked, spec))
-
-
 def queue_rows(gen, z, k, slots, unit):
     """K queue rows; the memory set-up holds copies of the batch in `slots`."""
     queue = embeddings(gen, k, z.shape[1], unit, z.dtype)
@@ -249,8 +231,8 @@ def test_every_rule_with_queue_columns_matches_the_float64_reference(gen, set_up
     z = embeddings(gen, m, 4, unit)
     groups, slots = memory_groups(gen, m, k, set_up)
     spec = spec_of(rule, eps, unit, detach_alpha)
-    check_queue(z, queue_rows(gen, z, k, slots, unit), spec, groups,
-                what=f"{set_up} {rule} eps={eps} detach={detach_alpha}")
+    check(z, spec, groups, queue=queue_rows(gen, z, k, slots, unit),
+          what=f"{set_up} {rule} eps={eps} detach={detach_alpha}")
 
 
 @pytest.mark.parametrize("config", SMALL_TILES, ids=["single-chunk", "chunked"])
@@ -267,8 +249,8 @@ def test_queue_columns_in_tiles_smaller_than_the_rows(gen, config, set_up, rule,
     groups, slots = memory_groups(gen, m, k if set_up == "queue" else 2 * m, set_up)
     k = groups.columns - m
     weight = torch.rand(16, generator=gen, dtype=torch.float64) + 0.5
-    check_queue(z, queue_rows(gen, z, k, slots, unit), spec_of(rule, eps, unit, detach_alpha), groups, lo=3, hi=19,
-                weight=weight, config=config, what=f"{set_up} {rule} {config}")
+    check(z, spec_of(rule, eps, unit, detach_alpha), groups, lo=3, hi=19, weight=weight, config=config,
+          what=f"{set_up} {rule} {config}", queue=queue_rows(gen, z, k, slots, unit))
 
 
 @pytest.mark.parametrize("rule,eps", [("direct", 0.3), ("infonce", 0.3), ("square", None)])
@@ -276,8 +258,8 @@ def test_float32_with_a_labelled_queue(gen, rule, eps):
     m, k = 13, 9
     z = embeddings(gen, m, 7, unit=True, dtype=torch.float32)
     groups, _ = memory_groups(gen, m, k, "queue")
-    check_queue(z, embeddings(gen, k, 7, True, torch.float32), spec_of(rule, eps), groups, precision="float32",
-                what=f"float32 {rule}")
+    check(z, spec_of(rule, eps), groups, precision="float32", what=f"float32 {rule}",
+          queue=embeddings(gen, k, 7, True, torch.float32))
 
 
 def test_queue_of_ignored_columns_only_adds_nothing(gen):

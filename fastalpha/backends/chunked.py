@@ -130,12 +130,6 @@ supports_groups = True
 supports_grouped_queue = True
 
 
-def alpha_cl_fused(z: torch.Tensor, spec: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, queue=None,
-                   groups=None):
-    """The fused-op contract (fastalpha.dispatch) with the default chunk size."""
-    return loss_rows_and_grad(z, spec, row_lo, row_hi, row_weight, need_grad, queue=queue, groups=groups)
-
-
 def _chunk_mask(lo: int, hi: int, m: int, queue_rows: int, negatives: str, device):
     """`mask_(t, value)` for the chunk of anchors [lo, hi): sets t outside J_i to value, in place.
 
@@ -252,6 +246,11 @@ def loss_rows_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: i
         grad.sub_(col_sum[:, None] * cols.to(stat))
     grad.mul_(params.grad_scale)
     return loss_rows, grad.to(z.dtype)
+
+
+#: The fused-op contract (fastalpha.dispatch), which passes the queue and the groups as
+#: keywords: loss_rows_and_grad with its default chunk size.
+alpha_cl_fused = loss_rows_and_grad
 
 
 def _grouped_loss_rows_and_grad(z, params: LossSpec, row_lo: int, row_hi: int, row_weight, need_grad: bool, chunk_rows,

@@ -17,13 +17,14 @@ Writes <out>/deep_linear_fig2.png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
 from fastalpha import theory as T
+
+from . import script
 
 DT = torch.float64
 
@@ -46,7 +47,7 @@ def balancedness_drift(ws0, ws1):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = script.parser(__doc__)
     ap.add_argument("--layers", type=int, default=5, help="L, the number of linear layers (Fig. 2: 5)")
     ap.add_argument("--input-dim", type=int, default=16)
     ap.add_argument("--width", type=int, default=12, help="width of the hidden layers")
@@ -54,13 +55,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=64, help="N, samples per view")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1.0, help="step size in units of 1/λ_max(X_α)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--balance-scale", type=float, default=1.1, help="||W_l||_F at the start of the balancedness run")
     ap.add_argument("--balance-steps", type=int, default=300)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # tiny matrices: threads only add contention
-    t0 = time.time()
+    args, t0 = script.start(ap, argv)
 
     x_alpha, g = make_problem(args.seed, args.samples, args.input_dim, aug=0.2)
     lam = float(torch.linalg.eigvalsh(x_alpha)[-1])

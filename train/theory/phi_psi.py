@@ -12,13 +12,14 @@ Writes <out>/phi_psi_alpha.png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
 from fastalpha import theory as T
+
+from . import script
 
 DT = torch.float64
 
@@ -35,13 +36,9 @@ def theorem1_gap(preset, net, x1, x2):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = script.parser(__doc__)
     ap.add_argument("--samples", type=int, default=16, help="N, samples per view")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    t0 = time.time()
+    args, t0 = script.start(ap, argv)
     torch.manual_seed(args.seed)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(DT)
     with torch.no_grad():

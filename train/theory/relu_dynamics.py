@@ -25,13 +25,14 @@ Writes <out>/relu_theorem4_5.png and <out>/relu_fig3.png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
 from fastalpha import theory as T
+
+from . import script
 
 DT = torch.float64
 
@@ -64,16 +65,12 @@ def sticky_violations(history) -> tuple[int, int]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = script.parser(__doc__)
     ap.add_argument("--components", type=int, default=10, help="d, the number of mixture components")
     ap.add_argument("--hidden", type=int, default=10, help="K, hidden nodes for Fig. 3")
     ap.add_argument("--samples", type=int, default=128, help="N, samples per view (fixed-α runs)")
     ap.add_argument("--live-samples", type=int, default=48, help="N for the α-CL run (α recomputed each step)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # tiny matrices: threads only add contention
-    t0 = time.time()
+    args, t0 = script.start(ap, argv)
     d, k = args.components, args.hidden
     mags = torch.linspace(2.0, 1.0, d).tolist()
     g = torch.Generator().manual_seed(args.seed)

@@ -40,10 +40,13 @@ IEEE float32 and float64 have no tensor-core path (FFMA / DFMA): their tiles are
 they are not autotuned. TF32 is used only when the caller opts in through
 torch.set_float32_matmul_precision("high") (or torch.backends.cuda.matmul.allow_tf32 = True).
 
-Every tensor-core shape here, static or candidate, was compiled for sm_90 at D ∈ {32, 64, 128,
-256} by `python -m bench.static.report` (no GPU needed; sm_80 for the static table
-at D = 128), which checks that the variants issue HGMMA on sm_90 (HMMA on sm_80), spill nothing
-and fit in shared memory (docs/gpu-static-report.md). None has been timed on a GPU yet.
+Every shape here, static or candidate, is compiled for sm_90 by `python -m bench.static.report`
+(no GPU needed) in every kernel of the call space that the report has compiled
+(docs/gpu-static-report.md says which part, section by section), which checks that the
+tensor-core kernels issue warpgroup MMAs only, spill nothing and fit in shared memory. A
+shape that spills is withheld from its pass here (_WITHHELD), the one place that decides
+tiles; tests/test_triton_static.py checks that this file and the report agree. None has been
+timed on a GPU yet.
 """
 from __future__ import annotations
 

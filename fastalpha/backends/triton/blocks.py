@@ -158,7 +158,11 @@ _ALTERNATIVES = {
 #: to the stack: its 64×128 float32 accumulator, the 64×128 owned block and the 64×64 α and β
 #: tiles do not fit beside the statistics. That pass keeps the static 64×32 (180 registers);
 #: every other pass, the same call's statistics and column passes included, keeps 64×64.
-_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)]}
+#: Likewise the 16-bit row pass with β at D̂ = 128 in the 64×64 candidate with 4 warps and 3
+#: stages: `inverse` (a log and a division per pair on top of β) spilled 40 bytes (8 with
+#: negatives="cross") at 255 registers, and `entropy` and `direct` with β ran at 255 without
+#: spilling; that pass keeps the static 64×64 with 8 warps, every other pass keeps both.
+_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)], ("16-bit", 128, "row", True): [(64, 64, 4, 3)]}
 
 
 def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",

@@ -94,8 +94,8 @@ def test_autotuning_switch(monkeypatch):
 
 
 def test_the_spilling_shape_is_withheld_from_the_beta_row_pass_only():
-    """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the β row pass of `entropy`
-    (docs/gpu-static-report.md); a detach_alpha=False call records that pass with the static
+    """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the β row pass of `entropy`,
+    the 16-bit w4 s3 in that of `inverse` (docs/gpu-static-report.md); a detach_alpha=False call records that pass with the static
     shape alone, and its statistics and column passes, like the light calls, with both."""
     static, alternative = blocks.candidate_configs(128, torch.float32, "tf32")
     assert (alternative.block_m, alternative.block_n, alternative.num_warps, alternative.num_stages) == (64, 64, 8, 2)
@@ -110,7 +110,9 @@ def test_the_spilling_shape_is_withheld_from_the_beta_row_pass_only():
     got = [(item.kind, item.kwargs["BETA"], item.candidates) for item in recorded]
     assert got == [("row", False, (static, alternative)), ("row", True, (static,)), ("column", True, (static, alternative))]
     assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 2]
-    assert len(blocks.candidate_configs(128, torch.bfloat16, "ieee", "row", True)) == 2     # 16-bit keeps it
+    # The 16-bit w4 s3 candidate is withheld from the same pass (it spilled for `inverse`).
+    assert [len(blocks.candidate_configs(128, torch.bfloat16, "ieee", kind, True)) for kind in ("row", "column")] == [1, 2]
+    assert len(blocks.candidate_configs(128, torch.bfloat16, "ieee", "row", False)) == 2
 
 
 def test_fallback_launches_the_static_table_with_the_candidates_recorded(monkeypatch):

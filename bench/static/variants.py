@@ -81,6 +81,7 @@ SET_UPS = {
     "grouped": ("all", False, "every"),
     "grouped-lonely": ("all", False, "lonely"),
     "grouped+queue": ("all", True, "every"),
+    "grouped-lonely+queue": ("all", True, "lonely"),
 }
 
 #: Feature counts: per padded D̂ ∈ {64, 128, 256} one D divisible by 16 and one not (the two

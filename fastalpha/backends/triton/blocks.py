@@ -142,7 +142,11 @@ _ALTERNATIVES = {
     ("16-bit", 16): [(128, 64, 8, 2)],
     ("16-bit", 32): [(128, 64, 8, 2)],
     ("16-bit", 64): [(128, 64, 8, 2)],
-    ("16-bit", 128): [(64, 64, 4, 3)],
+    # None at D̂ = 128: the 64×64 candidate with 4 warps and 3 stages ran at 255 registers and
+    # spilled (Triton 3.8, sm_90, docs/gpu-static-report.md): 40 bytes in the β row pass of
+    # `inverse` at D = 128, and 8 bytes in row and column passes of entropy, direct and the
+    # general power, with and without β, at D = 100 (D not divisible by 16: masked loads).
+    ("16-bit", 128): [],
     ("16-bit", 256): [(64, 64, 8, 2)],
     ("tf32", 16): [(128, 32, 8, 2)],
     ("tf32", 32): [(128, 32, 8, 2)],
@@ -158,11 +162,7 @@ _ALTERNATIVES = {
 #: to the stack: its 64×128 float32 accumulator, the 64×128 owned block and the 64×64 α and β
 #: tiles do not fit beside the statistics. That pass keeps the static 64×32 (180 registers);
 #: every other pass, the same call's statistics and column passes included, keeps 64×64.
-#: Likewise the 16-bit row pass with β at D̂ = 128 in the 64×64 candidate with 4 warps and 3
-#: stages: `inverse` (a log and a division per pair on top of β) spilled 40 bytes (8 with
-#: negatives="cross") at 255 registers, and `entropy` and `direct` with β ran at 255 without
-#: spilling; that pass keeps the static 64×64 with 8 warps, every other pass keeps both.
-_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)], ("16-bit", 128, "row", True): [(64, 64, 4, 3)]}
+_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)]}
 
 
 def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",

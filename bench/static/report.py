@@ -48,10 +48,9 @@ MD_PATH = os.path.join(REPO, "docs", "gpu-static-report.md")
 TENSOR_CORE = ("bf16", "fp16", "tf32")
 #: What is compiled, in this order: (name, arch, every autotuning candidate too?, variants.calls
 #: arguments). The whole call space of variants.py (every compute type, D, rule setting, flag,
-#: gradient mode and set-up, every candidate) comes last; the sections before it put first the
-#: kernels where registers are tightest (the 16-bit D̂ = 128 w4 s3 candidate runs at 255, and
-#: the two sampled spills were bf16 at D = 128 and D = 100), so that a partial run (`--budget`)
-#: proves those first. A kernel is compiled once, in the first section that launches it;
+#: gradient mode and set-up, every candidate) comes after the sections that put first the
+#: kernels where registers are tightest (16-bit at D̂ = 128, where the spills were found, at
+#: D = 128 and D = 100), so that a partial run (`--budget`) proves those first. A kernel is compiled once, in the first section that launches it;
 #: the report says, section by section, how many of its kernels have a row.
 SECTIONS = (
     ("bf16 D=128", 90, True, dict(computes=("bf16",), features=(128,))),

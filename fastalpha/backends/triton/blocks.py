@@ -21,8 +21,8 @@ Hopper, under the interpreter, with FASTALPHA_AUTOTUNE=0, and as the first autot
 ===============  =================  ==================  =====================  =========
 compute type     single-chunk if    owned × streamed    else K / out chunk     num_warps
 ===============  =================  ==================  =====================  =========
-bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 128)     64×64, K 64, out 128   4 (D̂ ≤ 64), else 8
-                                    64×32 (D̂ = 256)
+bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 64)      64×64, K 64, out 128   4 (D̂ ≤ 64), else 8
+                                    64×32 (D̂ ≥ 128)
 float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, out 64    8
                                     64×32 (D̂ = 128)
 float32, IEEE    D̂ ≤ 64             32×32               32×32, K 32, out 128   4
@@ -123,7 +123,10 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
     if kind in ("bf16", "fp16"):
         if padded <= 256:
-            return BlockConfig(64, 64 if padded <= 128 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
+            # 64×32 from D̂ = 128 on: with 64×64 at D̂ = 128 the β passes of `inverse` ran at 255
+            # registers and spilled 8-24 bytes at D = 100 (Triton 3.8, sm_90); 64×32 runs them at
+            # ≤ 187 without a spill, as TF32 does at D̂ = 128 (docs/gpu-static-report.md).
+            return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
         return BlockConfig(64, 64, 64, 128, False, 8, 2)
     if kind == "tf32":
         if padded <= 128:

@@ -85,7 +85,7 @@ def test_rows_are_kernels_of_the_space_and_the_coverage_is_stated(rows, markdown
     assert f"**{len(rows)} kernels compiled** of the {len(planned)} " in markdown
     coverage = {name: (kernels, done) for name, _, kernels, done in report.coverage(rows)}
     # The kernels where registers are tightest are compiled first: that section is complete.
-    assert coverage["bf16 D=128"][0] == coverage["bf16 D=128"][1] > 2000, coverage["bf16 D=128"]
+    assert coverage["bf16 D=128"][0] == coverage["bf16 D=128"][1] > 1000, coverage["bf16 D=128"]
 
 
 def test_the_first_section_holds_every_rule_flag_set_up_and_candidate(planned):

@@ -95,10 +95,11 @@ def test_autotuning_switch(monkeypatch):
     assert not launch.autotune_enabled(True)                         # nor does the interpreter
 
 
-def test_the_spilling_shape_is_withheld_from_the_beta_row_pass_only():
-    """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the β row pass of `entropy`,
-    (docs/gpu-static-report.md); a detach_alpha=False call records that pass with the static
-    shape alone, and its statistics and column passes, like the light calls, with both."""
+def test_the_spilling_shapes_are_withheld_from_the_beta_passes_only():
+    """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the β row pass of `entropy`
+    and the β column pass of `direct`
+    (docs/gpu-static-report.md); a detach_alpha=False call records those passes with the
+    static shape alone, and its statistics pass, like the light calls, with both."""
     static, alternative = blocks.candidate_configs(128, torch.float32, "tf32")
     assert (alternative.block_m, alternative.block_n, alternative.num_warps, alternative.num_stages) == (64, 64, 8, 2)
     z = torch.randn(80, 128)
@@ -110,8 +111,9 @@ def test_the_spilling_shape_is_withheld_from_the_beta_row_pass_only():
     finally:
         torch.set_float32_matmul_precision(old)
     got = [(item.kind, item.kwargs["BETA"], item.candidates) for item in recorded]
-    assert got == [("row", False, (static, alternative)), ("row", True, (static,)), ("column", True, (static, alternative))]
-    assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 2]
+    assert got == [("row", False, (static, alternative)), ("row", True, (static,)), ("column", True, (static,))]
+    assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 1]
+    assert len(blocks.candidate_configs(128, torch.float32, "tf32", "column", False)) == 2
     # 16-bit at D̂ = 128 has no alternative (the w4 s3 one spilled at D = 128 and D = 100).
     assert {len(blocks.candidate_configs(d, torch.bfloat16, "ieee", kind, beta))
             for d in (100, 128) for kind in ("row", "column", "sparsemax") for beta in (False, True)} == {1}

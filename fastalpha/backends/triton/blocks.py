@@ -165,7 +165,10 @@ _ALTERNATIVES = {
 #: to the stack: its 64×128 float32 accumulator, the 64×128 owned block and the 64×64 α and β
 #: tiles do not fit beside the statistics. That pass keeps the static 64×32 (180 registers);
 #: every other pass, the same call's statistics and column passes included, keeps 64×64.
-_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)]}
+#: Likewise the column pass with β at tf32, D̂ = 128: with 64×64 `direct` with
+#: normalize=False and row weights spilled 16 bytes at 255 registers (negatives="all", with and
+#: without a queue); it keeps the static 64×32.
+_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)], ("tf32", 128, "column", True): [(64, 64, 8, 2)]}
 
 
 def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",

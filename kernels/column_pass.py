@@ -23,12 +23,13 @@ with ε > 0 (GROUPS_INFONCE) the positives are in the sums with α_ip = e^{(t_ip
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, WEIGHT_SPARSEMAX, _anchor_groups, _batch_rows, _column_groups,
+from .tiles import (SIZE_ARGUMENTS, GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, WEIGHT_SPARSEMAX, _anchor_groups, _batch_rows, _column_groups,
                     _distances, _gram, _group_pairs, _join, _mma, _negatives, _pair_weights, _parameters, _row_norms,
                     _row_range)
 
 
-@triton.jit
+# The sizes are not specialized (tiles.SIZE_ARGUMENTS says why).
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def column_pass_kernel(
     z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, log_norm_ptr, stat_b_ptr, weight_ptr,
     col_sum_ptr, col_acc_ptr,

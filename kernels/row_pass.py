@@ -45,7 +45,7 @@ of w_i (βZ)_i restricted to the program's feature chunk. Nothing of size M × M
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, WEIGHT_SPARSEMAX, _anchor_groups, _batch_rows, _column_groups,
+from .tiles import (SIZE_ARGUMENTS, GROUPS_INFONCE, GROUPS_OFF, NEG_ALL, WEIGHT_SPARSEMAX, _anchor_groups, _batch_rows, _column_groups,
                     _column_range, _distances, _gram, _group_pairs, _join, _log_add_exp, _log_weight, _mma, _negatives,
                     _pair_weights, _parameters, _row_norms, _streamed)
 
@@ -54,7 +54,8 @@ EPS_CONSTANT = tl.constexpr(1)
 EPS_INFONCE = tl.constexpr(2)
 
 
-@triton.jit
+# The sizes are not specialized (tiles.SIZE_ARGUMENTS says why).
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def row_pass_kernel(
     z_ptr, norm_ptr, d2_pos_ptr, stat_a_ptr, log_norm_ptr, stat_b_ptr, weight_ptr,
     loss_ptr, row_a_ptr, row_sum_ptr, row_acc_ptr,

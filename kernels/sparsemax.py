@@ -20,7 +20,7 @@ One program owns BLOCK_M rows and iterates until none of its rows changed its su
 import triton
 import triton.language as tl
 
-from .tiles import (GROUPS_OFF, NEG_ALL, _anchor_groups, _batch_rows, _column_groups, _column_range, _distances, _gram, _group_pairs, _join, _mma, _negatives,
+from .tiles import (SIZE_ARGUMENTS, GROUPS_OFF, NEG_ALL, _anchor_groups, _batch_rows, _column_groups, _column_range, _distances, _gram, _group_pairs, _join, _mma, _negatives,
                     _row_norms, _streamed)
 
 
@@ -48,7 +48,8 @@ def _distance_tile(z_ptr, norm_ptr, col_group_ptr, z_i, n_i, g_i, rows, row_ok, 
     return d2, valid
 
 
-@triton.jit
+# The sizes are not specialized (tiles.SIZE_ARGUMENTS says why).
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def sparsemax_threshold_kernel(
     z_ptr, norm_ptr, mu_ptr, inv_size_ptr,
     stride_z, C, D, half, row_lo, row_hi,

@@ -38,6 +38,20 @@ GROUPS_OFF = tl.constexpr(0)
 GROUPS_NEGATIVES = tl.constexpr(1)   # J_i = {c : g_c ≥ 0, g_c ≠ g_i}
 GROUPS_INFONCE = tl.constexpr(2)     # J_i and P_i = {c ≠ s(i) : g_c = g_i} (infonce with ε > 0)
 
+#: The size arguments of every pass, compiled without Triton's integer specialization
+#: (`do_not_specialize`): C = M + K columns, half = N, the anchor range [row_lo, row_hi) and
+#: the autotuning bucket (unused in the kernels). Specialized, each would be compiled apart
+#: when it equals 1 and when it is divisible by 16, so every pattern of the five over a batch
+#: size, a queue length and a distributed rank's range would be its own kernel (about 10⁶ over
+#: the static report's call space). They only bound loops and form the masks of rows and
+#: columns: the tiles' address arithmetic is rows × stride_z + features, whose alignment comes
+#: from stride_z and D (still specialized: divisible by 16 when D is) and the 16-byte aligned
+#: pointers that the launcher guarantees. What the divisibility of a size could buy is a wider
+#: load of the per-row vectors (norms, statistics, group ids: BLOCK values per program, against
+#: BLOCK × D per tile). So one compiled kernel serves every size, and the static report's
+#: kernels are all the kernels a call can launch (docs/triton.md).
+SIZE_ARGUMENTS = ["C", "half", "row_lo", "row_hi", "m_bucket"]
+
 
 @triton.jit
 def _join(hi, lo, ACC: tl.constexpr):

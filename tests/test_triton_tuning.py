@@ -30,12 +30,14 @@ TYPES = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "tf3
 def test_candidates_share_the_static_feature_split(compute, d):
     """The static shape comes first; alternatives change only the tile, warps and stages (the
     grid's feature chunks and the single-chunk choice stay), and only tensor-core single-chunk
-    cases are tuned, with owned blocks of ≥ 64 rows (Hopper's warpgroup MMA)."""
+    cases are tuned (but 16-bit D̂ = 128), with owned blocks of ≥ 64 rows (Hopper's warpgroup MMA)."""
     dtype, precision = TYPES[compute]
     static = blocks.block_config(d, dtype, precision)
     candidates = blocks.candidate_configs(d, dtype, precision)
     assert candidates[0] == static and len(set(candidates)) == len(candidates)
-    tuned = compute in blocks.TENSOR_CORE_TYPES and static.single_chunk
+    # 16-bit at D̂ = 128 is not tuned: its one alternative spilled (blocks._ALTERNATIVES).
+    tuned = (compute in blocks.TENSOR_CORE_TYPES and static.single_chunk
+             and not (compute in ("bf16", "fp16") and blocks.padded_features(d) == 128))
     assert (len(candidates) > 1) == tuned
     for cfg in candidates:
         assert (cfg.block_k, cfg.block_do, cfg.single_chunk) == (static.block_k, static.block_do, static.single_chunk)
@@ -93,10 +95,11 @@ def test_autotuning_switch(monkeypatch):
     assert not launch.autotune_enabled(True)                         # nor does the interpreter
 
 
-def test_the_spilling_shape_is_withheld_from_the_beta_row_pass_only():
+def test_the_spilling_shapes_are_withheld_from_the_beta_passes_only():
     """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the β row pass of `entropy`
-    (docs/gpu-static-report.md); a detach_alpha=False call records that pass with the static
-    shape alone, and its statistics and column passes, like the light calls, with both."""
+    and the β column pass of `direct`
+    (docs/gpu-static-report.md); a detach_alpha=False call records those passes with the
+    static shape alone, and its statistics pass, like the light calls, with both."""
     static, alternative = blocks.candidate_configs(128, torch.float32, "tf32")
     assert (alternative.block_m, alternative.block_n, alternative.num_warps, alternative.num_stages) == (64, 64, 8, 2)
     z = torch.randn(80, 128)
@@ -108,9 +111,12 @@ def test_the_spilling_shape_is_withheld_from_the_beta_row_pass_only():
     finally:
         torch.set_float32_matmul_precision(old)
     got = [(item.kind, item.kwargs["BETA"], item.candidates) for item in recorded]
-    assert got == [("row", False, (static, alternative)), ("row", True, (static,)), ("column", True, (static, alternative))]
-    assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 2]
-    assert len(blocks.candidate_configs(128, torch.bfloat16, "ieee", "row", True)) == 2     # 16-bit keeps it
+    assert got == [("row", False, (static, alternative)), ("row", True, (static,)), ("column", True, (static,))]
+    assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 1]
+    assert len(blocks.candidate_configs(128, torch.float32, "tf32", "column", False)) == 2
+    # 16-bit at D̂ = 128 has no alternative (the w4 s3 one spilled at D = 128 and D = 100).
+    assert {len(blocks.candidate_configs(d, torch.bfloat16, "ieee", kind, beta))
+            for d in (100, 128) for kind in ("row", "column", "sparsemax") for beta in (False, True)} == {1}
 
 
 def test_fallback_launches_the_static_table_with_the_candidates_recorded(monkeypatch):

@@ -1,104 +1,66 @@
-r"""The static GPU report: what ptxas made of every kernel variant a real call launches.
+r"""The static GPU report: what ptxas made of every distinct kernel that the enumerated calls launch.
 
-    python -m bench.static.report            # writes docs/gpu-static-report.{csv,md}
-    python -m bench.static.report --reuse    # recompiles only rows that are missing or stale
-    python -m bench.static.report --jobs 2   # N compiler processes
+    python -m bench.static.report --jobs 2          # writes docs/gpu-static-report.{csv,md}
+    python -m bench.static.report --reuse --jobs 2  # compiles only kernels without a current row
+    python -m bench.static.report --count           # the call space and its kernels, no compiling
 
-No GPU is needed: each variant is recorded from the launcher (aot_check.record), compiled for
-sm_90 (H100/H200) and sm_80 (A100) down to a cubin, and read back with Triton's cuobjdump.
-Per variant the report gives registers, spill bytes, shared memory, the resident CTAs and
-warps per SM that those allow, and the SASS instruction mix (HGMMA, HMMA, FFMA, DFMA, MUFU,
-local loads/stores).
+No GPU is needed. The calls of SECTIONS (bench/static/variants.py: the call space, its shape
+classes and Triton's specialization key) are recorded from the launcher; every distinct
+compiled kernel (kernel × constexprs × tile × warps × stages × specialization of the other
+arguments) is compiled once, for sm_90 (H100/H200) or sm_80 (A100), down to a cubin, and read
+back with the cuobjdump that ships with Triton. Per kernel the report gives registers, spill
+bytes (stack frame + local memory), shared memory, the resident CTAs and warps per SM that
+those allow, the products (`tt.dot` in the kernel's IR) and how many of them became warpgroup
+MMAs (`ttng.warp_group_dot`, HGMMA in SASS), and the MMA instructions of the PTX.
 
-The matrix (SECTIONS): the calls
+A tensor-core kernel (bf16, fp16, tf32) is on the fast path when, on sm_90, every product is a
+warpgroup MMA and the PTX has no `mma.sync` (on sm_80: it has `mma.sync`), it spills nothing,
+and its shared memory fits one CTA (227 KiB on sm_90, 163 KiB on sm_80). IEEE float32 and
+float64 kernels must stay off the 16-bit/TF32 tensor cores (float64 may use DMMA, `mma.sync`
+with .f64 operands, which is exact).
 
-    direct          α detached, unit rows (normalize=True): ONLINE row pass + column pass
-    infonce         NT-Xent (ε = 1), unit rows: ONLINE row pass with the log-loss, column pass
-    direct-rows     `direct` with normalize=False (d2 from the norms)
-    entropy-beta    `entropy` with detach_alpha=False: statistics pass, FIXED row pass with β
-                    (k = 1), column pass with β
-    direct-beta-w   detach_alpha=False with row weights (reduction="none" backward), k = 2
-    square-beta-w   sparsemax threshold pass, FIXED row and column passes with β, weighted
-
-in the negative set-ups SET_UPS (negatives all, cross, none, each with and without a queue
-where the set-up has a pair at all, and the grouped call of labels or V ≥ 3 views), each
-with every autotuning candidate that the launcher
-records for each of its passes (blocks.candidate_configs: autotuning may pick any of them):
-every call in every set-up for bf16, fp16 and tf32 at D ∈ {64, 128, 256}, the light calls (the
-first three) at D = 32 with SimCLR's set; IEEE float32 and float64 (D = 64, `direct`) on sm_90
-and bf16/tf32 at D = 128 on sm_80 (static table) in every set-up.
-The negative set, the queue and the groups are constexprs (NEGATIVES, QUEUE, GROUPS: the mask
-and the tile ranges of tiles.py), so every set-up is its own compiled kernel; other rules and flags change only
-elementwise code of the same kernels. A tensor-core variant
-is on the fast path when its products are all warpgroup MMAs on sm_90 (HGMMA > 0, HMMA = 0) or
-warp MMAs on sm_80 (HMMA > 0), it spills nothing and its shared memory fits one CTA (227 KiB on
-sm_90, 163 KiB on sm_80). IEEE float32 and float64 variants must stay off the tensor cores
-(FFMA / DFMA only).
-
-Each CSV row carries a hash of the kernel sources, so a test can tell a stale report from a
-current one without compiling (tests/test_triton_static.py).
+The markdown header carries `inputs_hash` (variants.inputs_hash: the kernel sources, the
+launcher, the tile tables, the enumeration and the Triton version) and every CSV row the hash
+of the kernel sources it was compiled from, so that tests/test_triton_static.py can tell a
+stale report from a current one without compiling.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import csv
 import functools
-import hashlib
 import multiprocessing
 import os
+import re
 import sys
 import time
-from dataclasses import dataclass
 
-from fastalpha import kernels
-
-from .aot_check import SASS_OPCODES, compile_launch, record, resource_usage
+from . import variants
+from .aot_check import _cuobjdump, compile_launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-#: The kernel sources hashed into every row: those of the kernels the launcher imports.
-KERNELS_DIR = os.path.dirname(os.path.abspath(kernels.__file__))
 CSV_PATH = os.path.join(REPO, "docs", "gpu-static-report.csv")
 MD_PATH = os.path.join(REPO, "docs", "gpu-static-report.md")
 
-DIMS = (32, 64, 128, 256)
-COMPUTES = ("bf16", "fp16", "tf32", "fp32", "fp64")
 TENSOR_CORE = ("bf16", "fp16", "tf32")
-#: name: (rule, detach_alpha, weighted, eps, unit rows)
-CASES = {
-    "direct": ("direct", True, False, None, True),
-    "infonce": ("infonce", True, False, 1.0, True),
-    "direct-rows": ("direct", True, False, None, False),
-    "entropy-beta": ("entropy", False, False, None, True),
-    "direct-beta-w": ("direct", False, True, None, True),
-    "square-beta-w": ("square", False, True, None, True),
-}
-LIGHT = ("direct", "infonce", "direct-rows")
-#: Queue rows K of the set-ups with a queue (any K > 0 compiles the same kernels).
-QUEUE_ROWS = 64
-#: name: (negatives, queue rows, labels). "none" without a queue has no pair: the launcher
-#: returns before any kernel. "labels" is the grouped call (label-defined positives, or more
-#: than two views: the GROUPS constexpr, negatives "all", no queue).
-SET_UPS = {
-    "all": ("all", 0, False),
-    "all+queue": ("all", QUEUE_ROWS, False),
-    "cross": ("cross", 0, False),
-    "cross+queue": ("cross", QUEUE_ROWS, False),
-    "none+queue": ("none", QUEUE_ROWS, False),
-    "labels": ("all", 0, True),
-}
-#: The matrix, section by section: (arch, compute types, D values, calls, set-ups, autotuning
-#: candidates too?), most demanding first. Every call in every set-up with every candidate for
-#: each tensor-core type at D = 64, 128 and 256; the light calls at D = 32 with SimCLR's set;
-#: IEEE float32 / float64 and sm_80 with the static table in every set-up.
+#: What is compiled, in this order: (name, arch, every autotuning candidate too?, variants.calls
+#: arguments). The whole call space of variants.py (every compute type, D, rule setting, flag,
+#: gradient mode and set-up, every candidate) comes after the sections that put first the
+#: kernels where registers are tightest (16-bit at D̂ = 128, where the spills were found, at
+#: D = 128 and D = 100), so that a partial run (`--budget`) proves those first. A kernel is compiled once, in the first section that launches it;
+#: the report says, section by section, how many of its kernels have a row.
 SECTIONS = (
-    (90, TENSOR_CORE, (256, 128, 64), tuple(CASES), tuple(SET_UPS), True),
-    (90, TENSOR_CORE, (32,), LIGHT, ("all",), True),
-    (90, ("fp32", "fp64"), (64,), ("direct",), tuple(SET_UPS), False),
-    (80, ("bf16", "tf32"), (128,), ("direct",), tuple(SET_UPS), False),
+    ("bf16 D=128", 90, True, dict(computes=("bf16",), features=(128,))),
+    ("bf16 D=100", 90, True, dict(computes=("bf16",), features=(100,))),
+    ("tf32 D=128", 90, True, dict(computes=("tf32",), features=(128,))),
+    ("fp16 D=128", 90, True, dict(computes=("fp16",), features=(128,))),
+    ("space", 90, True, dict()),
+    ("float64", 90, False, dict(computes=("fp64",), features=(64,), rules=("direct",))),
+    ("sm_80", 80, False, dict(computes=("bf16", "tf32"), features=(128,), rules=("direct",))),
 )
-ARCHS = (90, 80)
 
 #: Per-SM limits (CUDA occupancy tables): registers, shared memory per SM and per CTA (bytes),
 #: shared memory reserved per CTA by the runtime, resident warps and CTAs.
@@ -107,20 +69,19 @@ SM_LIMITS = {
     80: dict(regs=65536, smem_sm=167936, smem_cta=166912, smem_reserved=1024, warps=64, ctas=32),
 }
 
-FIELDS = ["arch", "kernel", "case", "set_up", "compute", "D", "tile", "num_warps", "num_stages", "role",
-          "regs", "spill_bytes", "smem_bytes", "ctas_per_sm", "warps_per_sm",
-          "hgmma", "hmma", "ffma", "dfma", "mufu", "ldl", "stl", "fast_path", "constexprs", "source_hash", "triton"]
-
-KERNEL_SOURCES = ("row_pass.py", "column_pass.py", "sparsemax.py", "tiles.py")
+FIELDS = ["key", "section", "arch", "kernel", "compute", "D", "rule", "set_up", "tile", "num_warps", "num_stages", "role",
+          "calls", "regs", "spill_bytes", "smem_bytes", "ctas_per_sm", "warps_per_sm", "dots", "wgmma_dots",
+          "ptx_wgmma", "ptx_mma", "ptx_dmma", "fast_path", "first_call", "specialization", "constexprs", "source_hash", "triton"]
 
 
 def source_hash() -> str:
-    """A short hash of the kernel sources: a report row compiled from other sources is stale."""
-    digest = hashlib.sha256()
-    for name in KERNEL_SOURCES:
-        with open(os.path.join(KERNELS_DIR, name), "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()[:12]
+    """The kernel sources and the Triton version: a row compiled from others is stale."""
+    return variants.kernel_source_hash()
+
+
+def inputs_hash() -> str:
+    """Everything that decides which kernels the report compiles and what they compile to."""
+    return variants.inputs_hash(repr(SECTIONS))
 
 
 def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> tuple[int, int]:
@@ -146,62 +107,85 @@ def verdict(arch: int, compute: str, usage: dict) -> str:
     if usage["shared"] > SM_LIMITS[arch]["smem_cta"]:
         problems.append("shared memory over the per-CTA limit")
     if compute in TENSOR_CORE:
-        if arch >= 90 and (usage["hgmma"] == 0 or usage["hmma"] > 0):
-            problems.append(f"HGMMA {usage['hgmma']}, HMMA {usage['hmma']}")
-        if arch < 90 and usage["hmma"] == 0:
-            problems.append("no HMMA")
-    elif usage["hgmma"] or usage["hmma"]:
-        problems.append("tensor-core instructions in an IEEE/fp64 variant")
+        if arch >= 90 and (usage["wgmma_dots"] != usage["dots"] or usage["ptx_mma"] > 0):
+            problems.append(f"{usage['wgmma_dots']} of {usage['dots']} products on wgmma, {usage['ptx_mma']} mma.sync")
+        if arch < 90 and usage["ptx_mma"] == 0:
+            problems.append("no mma.sync")
+    elif usage["ptx_wgmma"] or usage["ptx_mma"] > usage["ptx_dmma"]:
+        # float64 products may run on the float64 tensor cores (mma.sync .f64: DMMA, exact).
+        problems.append("16-bit or TF32 tensor-core instructions in an IEEE float32/float64 kernel")
     return "NO: " + "; ".join(problems) if problems else "yes"
 
 
-@dataclass(frozen=True)
-class Variant:
-    arch: int
-    compute: str
-    d: int
-    case: str
-    set_up: str          # a key of SET_UPS
-    launch: object       # launch.Launch
-    config: object       # blocks.BlockConfig
-    role: str            # "static" or "candidate"
-
-    @property
-    def constexprs(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in sorted(self.launch.kwargs.items()))
-
-    @property
-    def key(self) -> tuple:
-        c = self.config
-        return (str(self.arch), self.launch.kind, self.compute, str(self.d), f"{c.block_m}x{c.block_n}",
-                str(c.num_warps), str(c.num_stages), self.constexprs)
+def usage_of(compiled) -> dict:
+    """Registers, spills and shared memory (cuobjdump), the products and their lowering (IR, PTX)."""
+    text = _cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    ptx = compiled.asm["ptx"]
+    return {
+        "regs": int(found.get("REG", -1)),
+        # ptxas puts spilled registers on the stack frame (STACK) or in local memory (LOCAL).
+        "spill_bytes": int(found.get("STACK", 0)) + int(found.get("LOCAL", 0)),
+        "shared": compiled.metadata.shared,
+        "dots": len(re.findall(r"\btt\.dot\b", compiled.asm["ttir"])),
+        "wgmma_dots": len(re.findall(r"\bttng\.warp_group_dot\b", compiled.asm["ttgir"])),
+        "ptx_wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+        "ptx_mma": len(re.findall(r"\bmma\.sync\b", ptx)),
+        "ptx_dmma": len(re.findall(r"\bmma\.sync\.\S*\.f64\.f64\.f64\.f64\b", ptx)),
+    }
 
 
-def variants(sections=SECTIONS, archs=ARCHS):
-    """Every distinct variant of the matrix (deduplicated across calls), in report order."""
-    seen = set()
-    for arch, computes, dims, cases, set_ups, tuned in sections:
-        if arch not in archs:
-            continue
-        for compute in computes:
-            for d in dims:
-                for set_up in set_ups:
-                    negatives, queue, labels = SET_UPS[set_up]
-                    for name in cases:
-                        rule, detach, weighted, eps, unit = CASES[name]
-                        for item in record(compute, d, rule, detach, weighted, unit=unit, eps=eps,
-                                           negatives=negatives, queue=queue, labels=labels):
-                            for cfg in (item.candidates if tuned else (item.config,)):
-                                v = Variant(arch, compute, d, name, set_up, item, cfg,
-                                            "static" if cfg == item.config else "candidate")
-                                if v.key not in seen:
-                                    seen.add(v.key)
-                                    yield v
+@functools.lru_cache(maxsize=None)
+def section_kernels(index: int) -> dict:
+    """key → variants.Kernel of SECTIONS[index]."""
+    _, arch, tuned, selection = SECTIONS[index]
+    return variants.kernels(variants.calls(**selection), arch, tuned)
 
 
-def row_key(row: dict) -> tuple:
-    tile = row["tile"]
-    return (row["arch"], row["kernel"], row["compute"], row["D"], tile, row["num_warps"], row["num_stages"], row["constexprs"])
+@functools.lru_cache(maxsize=None)
+def planned() -> tuple[tuple[int, variants.Kernel], ...]:
+    """(section index, kernel) of every kernel the report compiles, deduplicated per arch."""
+    seen, out = set(), []
+    for index, (_, arch, _, _) in enumerate(SECTIONS):
+        for key, kernel in section_kernels(index).items():
+            if (arch, key) not in seen:
+                seen.add((arch, key))
+                out.append((index, kernel))
+    return tuple(out)
+
+
+def _specialization_text(spec: tuple) -> str:
+    """The specialized non-constexpr arguments, compactly: name=1 (constexpr 1) or name:16 (divisible)."""
+    out = []
+    for name, kind, attr in spec:
+        if kind == "constexpr" and attr == "1":
+            out.append(f"{name}=1")
+        elif attr == "D":
+            out.append(f"{name}:16")
+    return " ".join(out)
+
+
+def compile_kernel(index: int, kernel: variants.Kernel, digest: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    name, arch, _, _ = SECTIONS[index]
+    item, config, call = kernel.launch, kernel.config, kernel.call
+    kwargs = {**item.launch_kwargs(config), "UPCAST": False}
+    usage = usage_of(compile_launch(item.kernel, item.args, kwargs, GPUTarget("cuda", arch, 32)))
+    ctas, warps = occupancy(arch, usage["regs"], usage["shared"], config.num_warps)
+    spec = variants.specialization(item, config, arch)
+    row = dict(key=kernel.key, section=name, arch=arch, kernel=item.kind, compute=call.compute, D=call.d, rule=call.rule,
+               set_up=call.set_up, tile=f"{config.block_m}x{config.block_n}", num_warps=config.num_warps,
+               num_stages=config.num_stages, role=kernel.role, calls=kernel.calls, regs=usage["regs"],
+               spill_bytes=usage["spill_bytes"], smem_bytes=usage["shared"], ctas_per_sm=ctas, warps_per_sm=warps,
+               dots=usage["dots"], wgmma_dots=usage["wgmma_dots"], ptx_wgmma=usage["ptx_wgmma"], ptx_mma=usage["ptx_mma"],
+               ptx_dmma=usage["ptx_dmma"],
+               fast_path=verdict(arch, call.compute, usage), first_call=call.name,
+               specialization=_specialization_text(spec),
+               constexprs=" ".join(f"{k}={v}" for k, v in sorted(kwargs.items())), source_hash=digest,
+               triton=triton.__version__)
+    return {k: str(row[k]) for k in FIELDS}
 
 
 def read_rows(path: str = CSV_PATH) -> list[dict]:
@@ -211,21 +195,8 @@ def read_rows(path: str = CSV_PATH) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def compile_variant(v: Variant, digest: str) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    kwargs = v.launch.launch_kwargs(v.config)
-    usage = resource_usage(compile_launch(v.launch.kernel, v.launch.args, kwargs, GPUTarget("cuda", v.arch, 32)))
-    ctas, warps = occupancy(v.arch, usage["regs"], usage["shared"], v.config.num_warps)
-    c = v.config
-    row = dict(arch=v.arch, kernel=v.launch.kind, case=v.case, set_up=v.set_up, compute=v.compute, D=v.d, tile=f"{c.block_m}x{c.block_n}",
-               num_warps=c.num_warps, num_stages=c.num_stages, role=v.role, regs=usage["regs"],
-               spill_bytes=usage["spill_bytes"], smem_bytes=usage["shared"], ctas_per_sm=ctas, warps_per_sm=warps,
-               fast_path=verdict(v.arch, v.compute, usage), constexprs=v.constexprs, source_hash=digest,
-               triton=triton.__version__)
-    row.update({name.lower(): usage[name.lower()] for name in SASS_OPCODES})
-    return {k: str(row[k]) for k in FIELDS}
+def row_key(row: dict) -> tuple:
+    return row["arch"], row["key"]
 
 
 def write_csv(rows: list[dict], path: str = CSV_PATH) -> None:
@@ -239,192 +210,253 @@ def write_csv(rows: list[dict], path: str = CSV_PATH) -> None:
 
 def _md_table(rows: list[dict], columns: list[str]) -> list[str]:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
+    out += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     return out
+
+
+def coverage(rows: list[dict]) -> list[tuple[str, int, int, int]]:
+    """(section, calls, kernels first launched in it, of those with a row in `rows`) per section."""
+    present = {row_key(r) for r in rows}
+    first = collections.Counter(index for index, _ in planned())
+    done = collections.Counter(index for index, kernel in planned() if (str(SECTIONS[index][1]), kernel.key) in present)
+    return [(name, sum(1 for _ in variants.calls(**selection)), first[index], done[index])
+            for index, (name, _, _, selection) in enumerate(SECTIONS)]
+
+
+def coverage_lines(rows: list[dict]) -> list[str]:
+    """The report's statement of what it proves: per section, how many of its kernels are compiled."""
+    lines = []
+    for (name, calls, kernels, done), (_, arch, tuned, _) in zip(coverage(rows), SECTIONS):
+        status = "complete" if done == kernels else f"{100 * done / kernels:.1f} %, the rest not compiled"
+        lines.append(f"- **{name}** (sm_{arch}, {'static tile and every autotuning candidate' if tuned else 'static tile'}): "
+                     f"{calls} calls, {kernels} kernels not in an earlier section, **{done} compiled** ({status}).")
+    return lines
+
+
+def _space_lines() -> list[str]:
+    return coverage_lines(read_rows())
 
 
 def render_markdown(rows: list[dict], seconds: float | None = None, jobs: int = 1) -> str:
     """docs/gpu-static-report.md from the CSV rows."""
     triton_versions = sorted({r["triton"] for r in rows})
-    hashes = sorted({r["source_hash"] for r in rows})
+    definition = variants.DEFINITION
     lines = [
         "# Static GPU report of the Triton kernels",
         "",
-        "Generated by `python -m bench.static.report` (no GPU needed; full data in",
-        "`gpu-static-report.csv`). Every kernel variant that the calls below launch is compiled by",
-        f"Triton {', '.join(triton_versions)} down to a cubin for sm_90 (H100/H200) and sm_80 (A100) and read",
-        "back with the `cuobjdump` that ships with Triton: registers per thread, spill bytes (stack",
-        "frame + local memory), shared memory per CTA, the resident CTAs and warps per SM that",
-        "registers and shared memory allow (occupancy tables: 64K registers, 228 KiB (sm_90) /",
-        "164 KiB (sm_80) shared memory and 64 warps per SM), and SASS instruction counts (static",
-        "counts in the binary, not executed counts).",
+        "Generated by `python -m bench.static.report --reuse --jobs 2` (no GPU needed; one row per",
+        "distinct compiled kernel in `gpu-static-report.csv`; `--reuse` compiles only the kernels",
+        "without a current row, `--budget MINUTES` stops and writes what is done, `--count` counts the",
+        f"call space without compiling). Each kernel is compiled by Triton {', '.join(triton_versions)} down to a",
+        "cubin and read back with the `cuobjdump` that ships with Triton: registers per thread, spill bytes",
+        "(stack frame + local memory), shared memory per CTA, the resident CTAs and warps per SM",
+        "that registers and shared memory allow (occupancy tables: 64K registers, 228 KiB (sm_90) /",
+        "164 KiB (sm_80) shared memory and 64 warps per SM), the products (`dots`: `tt.dot` in the",
+        "kernel's IR) and how many became warpgroup MMAs (`wgmma_dots`), and the MMA instructions",
+        "of the PTX (`ptx_wgmma`: `wgmma.mma_async`, HGMMA in SASS; `ptx_mma`: `mma.sync`, HMMA,",
+        "of which `ptx_dmma` with float64 operands, DMMA).",
         "",
-        "Calls: `direct` (α detached, unit rows i.e. `normalize=True`: row pass + column pass, the",
-        "default call), `infonce` (NT-Xent, ε = 1), `direct-rows` (`direct` with `normalize=False`),",
-        "`entropy-beta` (`entropy` with `detach_alpha=False`: statistics pass, row pass with β, column",
-        "pass with β), `direct-beta-w` (`detach_alpha=False` with row weights) and `square-beta-w`",
-        "(sparsemax threshold pass, row and column passes with β, weighted). Negative set-ups",
-        "(`set_up`): `negatives=\"all\"`, `\"cross\"` and `\"none\"`, with a queue of",
-        f"{QUEUE_ROWS} rows (`+queue`) and, except `none`, without one; each set-up compiles its own",
-        "kernels (the NEGATIVES and QUEUE constexprs). The matrix: every call in every set-up at the",
-        "largest single-chunk D of each tensor-core type (bf16/fp16 D = 256, tf32 D = 128), where",
-        "registers and shared memory are tightest; the light calls (`direct`, `infonce`,",
-        "`direct-rows`) for bf16, fp16 and tf32 at D ∈ {32, 64, 128, 256} with `all`, at D = 64 and",
-        "128 in every set-up, and tf32's chunked D = 256 in every set-up; `direct` in IEEE float32",
-        "and float64 at D = 64 and on sm_80 (static table, bf16 and tf32 at D = 128) in every set-up.",
-        "Every autotuning candidate that the launcher records for a pass (`role` = candidate) is",
-        "compiled besides the static table (blocks.candidate_configs, without the one shape",
-        "blocks._WITHHELD keeps from the tf32 β row pass at D = 128, which spilled). Other rules",
-        "and flags change only elementwise code of the same kernels.",
+        "## The call space and its kernels",
         "",
-        "**Fast path** (`fast_path` = yes): a bf16/fp16/tf32 variant's products are all warpgroup",
-        "MMAs on sm_90 (HGMMA > 0 and HMMA = 0) or warp MMAs on sm_80 (HMMA > 0), it spills nothing,",
-        "and its shared memory fits a CTA (227 KiB sm_90, 163 KiB sm_80). IEEE float32 (`fp32`,",
-        "PyTorch's default `torch.get_float32_matmul_precision() == \"highest\"`) and float64 stay",
-        "off the tensor cores by design (FFMA / DFMA, no HGMMA/HMMA); TF32 is opt-in with",
-        "`torch.set_float32_matmul_precision(\"high\")` or `torch.backends.cuda.matmul.allow_tf32 = True`.",
+        "A call (bench/static/variants.py) is a point of",
         "",
-        f"Kernel source hash: {', '.join(hashes)}.",
+    ]
+    lines += [f"- {axis}: {values}" for axis, values in definition]
+    lines += [
         "",
-        f"**{len(rows)} variants**: {sum(r['arch'] == '90' for r in rows)} on sm_90, "
-        f"{sum(r['arch'] == '80' for r in rows)} on sm_80; "
-        f"{sum(r['role'] == 'candidate' for r in rows)} of them autotuning candidates.",
+        "and launches 1–4 kernels, each with the static tile or any autotuning candidate",
+        "(blocks.candidate_configs). Triton compiles one kernel per kernel × constexprs × tile ×",
+        "warps × stages × *specialization*: an integer argument equal to 1 becomes the constexpr 1,",
+        "one divisible by 16 is marked so (`tt.divisibility`), a tensor is marked when its address is",
+        "a multiple of 16 bytes; floats are never specialized. The kernels' size arguments (C, half,",
+        "row_lo, row_hi, m_bucket) are `do_not_specialize` and the launcher hands them only 16-byte",
+        "aligned tensors, so what is left (D and the row strides) follows from D: the space is",
+        "recorded at one size, and its kernels, deduplicated on Triton's own key (variants.kernel_key),",
+        "are every kernel a call of the space can launch, at any batch size, queue length or row",
+        "range. The sections below are compiled in this order, each kernel once, in the first",
+        "section that launches it; **a kernel without a row is not proven**:",
+        "",
+    ]
+    lines += coverage_lines(rows)
+    lines += [
+        "",
+        "**Fast path** (`fast_path` = yes): a bf16/fp16/tf32 kernel's products are all warpgroup",
+        "MMAs on sm_90 (`wgmma_dots` = `dots`, `ptx_mma` = 0) or warp MMAs on sm_80 (`ptx_mma` > 0),",
+        "it spills nothing, and its shared memory fits a CTA (227 KiB sm_90, 163 KiB sm_80). IEEE",
+        "float32 (`fp32`, PyTorch's default `torch.get_float32_matmul_precision() == \"highest\"`)",
+        "and float64 stay off the 16-bit/TF32 tensor cores by design (float64 products may run as",
+        "DMMA, exact float64); TF32 is opt-in with",
+        "`torch.set_float32_matmul_precision(\"high\")`. What spilled was withheld from the",
+        "autotuning candidates of that pass in one place (`blocks._WITHHELD`, with the reason).",
+        "",
+        f"Inputs hash: `{inputs_hash()}` (kernel sources, launcher, tile tables, enumeration, Triton",
+        f"version); kernel source hash: {', '.join(sorted({r['source_hash'] for r in rows}))}.",
+        "",
+        f"**{len(rows)} kernels compiled** of the {len(planned())} of the space and its samples "
+        f"({100 * len(rows) / len(planned()):.1f} %); {sum(r['role'] == 'candidate' for r in rows)} of them autotuning "
+        f"candidates; {sum(int(r['spill_bytes']) > 0 for r in rows)} spill; max shared memory "
+        f"{max((int(r['smem_bytes']) for r in rows), default=0) / 1024:.1f} KiB.",
         "",
         "## Summary",
         "",
     ]
     summary = []
-    for arch in sorted({r["arch"] for r in rows}, reverse=True):
-        for compute in COMPUTES:
-            sel = [r for r in rows if r["arch"] == arch and r["compute"] == compute]
-            if not sel:
-                continue
-            fast = sum(r["fast_path"] == "yes" for r in sel)
-            summary.append(dict(
-                arch=f"sm_{arch}", compute=compute, variants=str(len(sel)), fast_path=f"{fast}/{len(sel)}",
-                spilling=str(sum(int(r["spill_bytes"]) > 0 for r in sel)),
-                max_regs=str(max(int(r["regs"]) for r in sel)),
-                max_smem_KiB=f"{max(int(r['smem_bytes']) for r in sel) / 1024:.1f}",
-                min_warps_per_sm=str(min(int(r["warps_per_sm"]) for r in sel)),
-                with_hgmma=str(sum(int(r["hgmma"]) > 0 for r in sel)),
-                with_hmma=str(sum(int(r["hmma"]) > 0 for r in sel)),
-            ))
-    lines += _md_table(summary, ["arch", "compute", "variants", "fast_path", "spilling", "max_regs", "max_smem_KiB",
-                                 "min_warps_per_sm", "with_hgmma", "with_hmma"])
+    for name, _, _, _ in SECTIONS:
+        for compute in variants.COMPUTE_TYPES:
+            for kernel in ("row", "column", "sparsemax"):
+                sel = [r for r in rows if r["section"] == name and r["compute"] == compute and r["kernel"] == kernel]
+                if not sel:
+                    continue
+                summary.append(dict(
+                    section=name, compute=compute, kernel=kernel, kernels=len(sel),
+                    fast_path=f"{sum(r['fast_path'] == 'yes' for r in sel)}/{len(sel)}",
+                    spilling=sum(int(r["spill_bytes"]) > 0 for r in sel), max_regs=max(int(r["regs"]) for r in sel),
+                    max_smem_KiB=f"{max(int(r['smem_bytes']) for r in sel) / 1024:.1f}",
+                    min_warps_per_sm=min(int(r["warps_per_sm"]) for r in sel)))
+    lines += _md_table(summary, ["section", "compute", "kernel", "kernels", "fast_path", "spilling", "max_regs",
+                                 "max_smem_KiB", "min_warps_per_sm"])
     by_set_up = []
-    for set_up in SET_UPS:
+    for set_up in variants.SET_UPS:
         sel = [r for r in rows if r["set_up"] == set_up]
         if sel:
-            by_set_up.append(dict(
-                set_up=set_up, variants=str(len(sel)), fast_path=f"{sum(r['fast_path'] == 'yes' for r in sel)}/{len(sel)}",
-                spilling=str(sum(int(r["spill_bytes"]) > 0 for r in sel)), max_regs=str(max(int(r["regs"]) for r in sel)),
-                max_smem_KiB=f"{max(int(r['smem_bytes']) for r in sel) / 1024:.1f}"))
-    lines += ["", "Per negative set-up (all architectures and compute types):", ""]
-    lines += _md_table(by_set_up, ["set_up", "variants", "fast_path", "spilling", "max_regs", "max_smem_KiB"])
+            by_set_up.append(dict(set_up=set_up, kernels=len(sel),
+                                  fast_path=f"{sum(r['fast_path'] == 'yes' for r in sel)}/{len(sel)}",
+                                  max_regs=max(int(r["regs"]) for r in sel)))
+    lines += ["", "Per set-up (of the first call that launches each kernel):", ""]
+    lines += _md_table(by_set_up, ["set_up", "kernels", "fast_path", "max_regs"])
     misses = [r for r in rows if r["fast_path"] != "yes"]
-    lines += ["", f"Variants off the fast path: {len(misses)}."]
+    lines += ["", f"Kernels off the fast path: {len(misses)}."]
     if misses:
-        lines += [""] + _md_table(misses, ["arch", "kernel", "case", "set_up", "compute", "D", "tile", "num_warps",
-                                           "num_stages", "fast_path"])
-    columns = ["kernel", "case", "set_up", "compute", "D", "tile", "num_warps", "num_stages", "role", "regs", "spill_bytes",
-               "smem_bytes", "ctas_per_sm", "warps_per_sm", "hgmma", "hmma", "ffma", "dfma", "mufu", "fast_path"]
-    for arch in sorted({r["arch"] for r in rows}, reverse=True):
-        lines += ["", f"## sm_{arch}", ""]
-        lines += _md_table([r for r in rows if r["arch"] == arch], columns)
-    lines += ["", "`tile` is owned × streamed rows (blocks.py); `case` is the first call of the list that",
-              "launches the variant (later calls reuse it). The `constexprs` column of the CSV has the",
-              "rule flags of each variant."]
+        lines += [""] + _md_table(misses[:200], ["section", "kernel", "compute", "D", "tile", "num_warps", "num_stages",
+                                                 "fast_path", "first_call"])
+    heaviest = sorted(rows, key=lambda r: (-int(r["regs"]), r["key"]))[:40]
+    lines += ["", "## The 40 kernels with the most registers", ""]
+    lines += _md_table(heaviest, ["section", "kernel", "compute", "D", "tile", "num_warps", "num_stages", "role", "regs",
+                                  "spill_bytes", "smem_bytes", "first_call"])
+    lines += ["", "`tile` is owned × streamed rows (blocks.py); `first_call` is the first call of the space that",
+              "launches the kernel, `calls` (CSV) how many (call, tile) pairs launch it; the CSV's",
+              "`specialization` lists the specialized arguments (`name=1`, `name:16`) and `constexprs` the rest."]
     if seconds is not None:
-        lines += ["", f"Compiling the variants that were not reused took {seconds:.0f} s with {jobs} compiler "
+        lines += ["", f"Compiling the kernels that were not reused took {seconds / 60:.0f} min with {jobs} compiler "
                       f"process(es) on the machine that generated it."]
     return "\n".join(lines) + "\n"
 
 
-@functools.lru_cache(maxsize=8)
-def _recorded(compute: str, d: int, case: str, set_up: str) -> tuple:
-    rule, detach, weighted, eps, unit = CASES[case]
-    negatives, queue, labels = SET_UPS[set_up]
-    return tuple(record(compute, d, rule, detach, weighted, unit=unit, eps=eps, negatives=negatives, queue=queue,
-                        labels=labels))
-
-
-def _compile_job(v: Variant) -> tuple:
-    """What a compiler process needs to find a variant again: its call and its key (the
-    launches are re-recorded there; recording is deterministic)."""
-    return v.arch, v.compute, v.d, v.case, v.set_up, v.role, v.key
-
-
-def _compile_in_worker(index: int, job: tuple, digest: str):
-    arch, compute, d, case, set_up, role, key = job
+def _compile_in_worker(index: int, call, key: str, digest: str):
+    """Compile one kernel in a worker: the call is re-recorded there (recording is deterministic)."""
+    import torch
+    torch.set_num_threads(1)     # recording runs small CPU ops; threads only contend
+    _, arch, tuned, _ = SECTIONS[index]
     try:
-        v = next(Variant(arch, compute, d, case, set_up, item, cfg, role)
-                 for item in _recorded(compute, d, case, set_up) for cfg in item.candidates
-                 if Variant(arch, compute, d, case, set_up, item, cfg, role).key == key)
-        return index, compile_variant(v, digest), None
-    except Exception as err:  # report every failing variant, not just the first
-        return index, None, (f"FAILED sm_{arch} {compute} D={d} {case} {set_up} {key[1]} {key[4]}: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        found = variants.kernels([call], arch, tuned)
+        return index, compile_kernel(index, found[key], digest), None
+    except Exception as err:  # report every failing kernel, not just the first
+        return index, None, f"FAILED {SECTIONS[index][0]} {key} ({call.name}): {type(err).__name__}: " + (
+            str(err).splitlines()[0] if str(err) else "")
 
 
 def _progress(row: dict) -> str:
-    return (f"sm_{row['arch']} {row['kernel']:9s} {row['compute']} D={row['D']:>3s} {row['set_up']:11s} {row['tile']:>6s} "
+    return (f"{row['section']:13s} {row['kernel']:9s} {row['compute']} D={row['D']:>3s} {row['tile']:>6s} "
             f"w{row['num_warps']} s{row['num_stages']} regs={row['regs']:>3s} spill={row['spill_bytes']} "
-            f"smem={row['smem_bytes']:>6s} hgmma={row['hgmma']:>3s} hmma={row['hmma']:>3s}  {row['fast_path']}")
+            f"smem={row['smem_bytes']:>6s} dots={row['wgmma_dots']}/{row['dots']}  {row['fast_path']}")
+
+
+def count() -> int:
+    """Print the call space, section by section, as calls and distinct kernels (no compiling)."""
+    for line in _space_lines():
+        print(line)
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reuse", action="store_true",
-                        help="keep CSV rows whose variant and kernel-source hash are unchanged; compile the rest")
-    parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 90,80")
+                        help="keep CSV rows whose kernel and kernel-source hash are unchanged; compile the rest")
     parser.add_argument("--jobs", type=int, default=1, help="compiler processes")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="minutes of compiling, then stop and write the partial report (resume with --reuse)")
+    parser.add_argument("--pause-while", default=None,
+                        help="a path: while it exists, start no new compile (the CPU is wanted elsewhere)")
     parser.add_argument("--csv", default=CSV_PATH)
     parser.add_argument("--md", default=MD_PATH)
     parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the CSV")
+    parser.add_argument("--count", action="store_true", help="count the call space's calls and kernels; compile nothing")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this tool compiles the real kernels")
+    import torch
+    torch.set_num_threads(1)     # recording runs small CPU ops; threads only contend
+    if args.count:
+        return count()
     if args.render_only:
         with open(args.md, "w") as f:
             f.write(render_markdown(read_rows(args.csv)))
         return 0
     digest = source_hash()
-    archs = tuple(int(a) for a in args.arch.split(","))
     old = {row_key(r): r for r in read_rows(args.csv) if r["source_hash"] == digest} if args.reuse else {}
-    todo = list(variants(archs=archs))
-    done = {i: old[v.key] for i, v in enumerate(todo) if v.key in old}
+    todo = planned()
+
+    def of_the_space(i: int, row: dict) -> dict:
+        """The row with its place in today's space: section, first call, role and how many
+        (call, tile) pairs launch the kernel (a worker sees only the one call it recorded)."""
+        index, kernel = todo[i]
+        return {**row, "section": SECTIONS[index][0], "calls": str(kernel.calls), "role": kernel.role,
+                "first_call": kernel.call.name, "rule": kernel.call.rule, "set_up": kernel.call.set_up}
+
+    done = {}
+    for i, (index, kernel) in enumerate(todo):
+        row = old.get((str(SECTIONS[index][1]), kernel.key))
+        if row is not None:
+            done[i] = of_the_space(i, row)
     missing = [i for i in range(len(todo)) if i not in done]
     failures, started = 0, time.time()
 
-    def finished(index, row, error):
+    def finished(i, row, error):
         nonlocal failures
         if error:
             failures += 1
             print(error, flush=True)
             return
-        done[index] = row
+        done[i] = of_the_space(i, row)
         print(_progress(row), flush=True)
-        # Written as it goes, so that an interrupted run resumes with --reuse.
-        kept = {row_key(done[i]) for i in done}
-        write_csv([done[i] for i in sorted(done)] + [r for k, r in old.items() if k not in kept], args.csv)
+        if len(done) % 50 == 0:
+            # Written as it goes, so that an interrupted run resumes with --reuse.
+            kept = {row_key(done[j]) for j in done}
+            write_csv([done[j] for j in sorted(done)] + [r for k, r in old.items() if k not in kept], args.csv)
 
-    print(f"{len(todo)} variants, {len(done)} reused, {len(missing)} to compile with {args.jobs} process(es)", flush=True)
-    if args.jobs > 1 and missing:
-        # Spawned, not forked: a fork of a process that has run torch may hang in OpenMP.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-            futures = [pool.submit(_compile_in_worker, i, _compile_job(todo[i]), digest) for i in missing]
-            for future in concurrent.futures.as_completed(futures):
-                finished(*future.result())
-    else:
-        for i in missing:
-            finished(*_compile_in_worker(i, _compile_job(todo[i]), digest))
+    print(f"{len(todo)} kernels, {len(done)} reused, {len(missing)} to compile with {args.jobs} process(es)", flush=True)
+    jobs = iter([(i, todo[i][0], todo[i][1].call, todo[i][1].key) for i in missing])
+    deadline = None if args.budget is None else started + 60 * args.budget
+
+    def next_job():
+        """The next kernel to compile, after any pause; None when done or out of budget."""
+        while args.pause_while and os.path.exists(args.pause_while):
+            time.sleep(30)
+        if deadline is not None and time.time() > deadline:
+            return None
+        return next(jobs, None)
+
+    # Spawned, not forked: a fork of a process that has run torch may hang in OpenMP. At most
+    # two kernels per process in flight, so that a pause or the budget takes effect soon.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        running = {}
+        while True:
+            while len(running) < 2 * args.jobs and (job := next_job()) is not None:
+                i, index, call, key = job
+                running[pool.submit(_compile_in_worker, index, call, key, digest)] = i
+            if not running:
+                break
+            finished_now, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished_now:
+                _, row, error = future.result()
+                finished(running.pop(future), row, error)
     rows = [done[i] for i in sorted(done)]
     write_csv(rows, args.csv)
     with open(args.md, "w") as f:
         f.write(render_markdown(rows, time.time() - started, args.jobs))
     misses = sum(r["fast_path"] != "yes" for r in rows)
-    print(f"{len(rows)} variants, {failures} failed to compile, {misses} off the fast path -> {args.csv}, {args.md}")
+    print(f"{len(rows)} kernels, {failures} failed to compile, {misses} off the fast path -> {args.csv}, {args.md}")
     return 1 if failures or misses else 0
 
 

@@ -21,8 +21,8 @@ Hopper, under the interpreter, with FASTALPHA_AUTOTUNE=0, and as the first autot
 ===============  =================  ==================  =====================  =========
 compute type     single-chunk if    owned × streamed    else K / out chunk     num_warps
 ===============  =================  ==================  =====================  =========
-bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 128)     64×64, K 64, out 128   4 (D̂ ≤ 64), else 8
-                                    64×32 (D̂ = 256)
+bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 64)      64×64, K 64, out 128   4 (D̂ ≤ 64), else 8
+                                    64×32 (D̂ ≥ 128)
 float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, out 64    8
                                     64×32 (D̂ = 128)
 float32, IEEE    D̂ ≤ 64             32×32               32×32, K 32, out 128   4
@@ -40,10 +40,13 @@ IEEE float32 and float64 have no tensor-core path (FFMA / DFMA): their tiles are
 they are not autotuned. TF32 is used only when the caller opts in through
 torch.set_float32_matmul_precision("high") (or torch.backends.cuda.matmul.allow_tf32 = True).
 
-Every tensor-core shape here, static or candidate, was compiled for sm_90 at D ∈ {32, 64, 128,
-256} by `python -m bench.static.report` (no GPU needed; sm_80 for the static table
-at D = 128), which checks that the variants issue HGMMA on sm_90 (HMMA on sm_80), spill nothing
-and fit in shared memory (docs/gpu-static-report.md). None has been timed on a GPU yet.
+Every shape here, static or candidate, is compiled for sm_90 by `python -m bench.static.report`
+(no GPU needed) in every kernel of the call space that the report has compiled
+(docs/gpu-static-report.md says which part, section by section), which checks that the
+tensor-core kernels issue warpgroup MMAs only, spill nothing and fit in shared memory. A
+shape that spills is withheld from its pass here (_WITHHELD), the one place that decides
+tiles; tests/test_triton_static.py checks that this file and the report agree. None has been
+timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -120,7 +123,10 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
     if kind in ("bf16", "fp16"):
         if padded <= 256:
-            return BlockConfig(64, 64 if padded <= 128 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
+            # 64×32 from D̂ = 128 on: with 64×64 at D̂ = 128 the β passes of `inverse` ran at 255
+            # registers and spilled 8-24 bytes at D = 100 (Triton 3.8, sm_90); 64×32 runs them at
+            # ≤ 187 without a spill, as TF32 does at D̂ = 128 (docs/gpu-static-report.md).
+            return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
         return BlockConfig(64, 64, 64, 128, False, 8, 2)
     if kind == "tf32":
         if padded <= 128:
@@ -139,7 +145,11 @@ _ALTERNATIVES = {
     ("16-bit", 16): [(128, 64, 8, 2)],
     ("16-bit", 32): [(128, 64, 8, 2)],
     ("16-bit", 64): [(128, 64, 8, 2)],
-    ("16-bit", 128): [(64, 64, 4, 3)],
+    # None at D̂ = 128: the 64×64 candidate with 4 warps and 3 stages ran at 255 registers and
+    # spilled (Triton 3.8, sm_90, docs/gpu-static-report.md): 40 bytes in the β row pass of
+    # `inverse` at D = 128, and 8 bytes in row and column passes of entropy, direct and the
+    # general power, with and without β, at D = 100 (D not divisible by 16: masked loads).
+    ("16-bit", 128): [],
     ("16-bit", 256): [(64, 64, 8, 2)],
     ("tf32", 16): [(128, 32, 8, 2)],
     ("tf32", 32): [(128, 32, 8, 2)],
@@ -155,7 +165,10 @@ _ALTERNATIVES = {
 #: to the stack: its 64×128 float32 accumulator, the 64×128 owned block and the 64×64 α and β
 #: tiles do not fit beside the statistics. That pass keeps the static 64×32 (180 registers);
 #: every other pass, the same call's statistics and column passes included, keeps 64×64.
-_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)]}
+#: Likewise the column pass with β at tf32, D̂ = 128: with 64×64 `direct` with
+#: normalize=False and row weights spilled 16 bytes at 255 registers (negatives="all", with and
+#: without a queue); it keeps the static 64×32.
+_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)], ("tf32", 128, "column", True): [(64, 64, 8, 2)]}
 
 
 def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",

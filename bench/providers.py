@@ -69,6 +69,8 @@ NEGATIVES = ("all", "cross", "none")
 #: Ways to choose its positives: "pair" (the partner row of the other view of two) or "labels"
 #: (every other row with its label, one view: SupCon).
 POSITIVES = ("pair", "labels", "memory")
+#: The positive sets whose rows carry labels (one view of M rows and `supcon_labels(M)`).
+LABELLED = ("labels", "memory")
 
 #: The rule parameters of the labels set-up's `infonce`: SupCon's (pytorch-metric-learning's
 #: SupConLoss default τ, positives in the denominator), so that every provider computes the
@@ -146,7 +148,7 @@ def setup_support(name: str, rule: str, negatives: str, queue_rows: int, positiv
     not compute that set-up (a backend without labels, pml outside SupCon)."""
     check_provider(name)
     if name == "pml":
-        if positives not in ("labels", "memory") or rule != "infonce":
+        if positives not in LABELLED or rule != "infonce":
             return "unavailable", ("pytorch-metric-learning's SupConLoss (and its CrossBatchMemory) is the labels "
                                    "(and memory) set-up with rule infonce only")
         return "ok", ""
@@ -156,7 +158,7 @@ def setup_support(name: str, rule: str, negatives: str, queue_rows: int, positiv
         if not hasattr(fastalpha, "CrossBatchMemory"):
             return "skipped", "fastalpha has no CrossBatchMemory in this version"
     needed = [arg for arg, used in (("negatives", negatives != "all"), ("queue", queue_rows > 0),
-                                    ("labels", positives in ("labels", "memory"))) if used]
+                                    ("labels", positives in LABELLED)) if used]
     if not needed:
         return "ok", ""
     parameters = inspect.signature(fastalpha.alpha_cl_loss).parameters
@@ -166,7 +168,7 @@ def setup_support(name: str, rule: str, negatives: str, queue_rows: int, positiv
     supports = getattr(dispatch, "supports", None)
     if supports is None:
         return "ok", ""
-    ok, reason = supports("eager" if name == "compile" else name, negatives, queue_rows > 0, positives in ("labels", "memory"))
+    ok, reason = supports("eager" if name == "compile" else name, negatives, queue_rows > 0, positives in LABELLED)
     return ("ok", "") if ok else ("unavailable", reason)
 
 

@@ -248,7 +248,7 @@ def _inputs(task: Task, settings: Settings, device: torch.device, dtype: torch.d
     set-up: the provider's cross-batch memory of K slots, filled first)."""
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     needs_grad = task.mode == "fwdbwd"
-    labelled = task.positives in ("labels", "memory")
+    labelled = task.positives in providers.LABELLED
     count, rows = (1, task.m) if labelled else (2, task.m // 2)
     views = [torch.randn(rows, task.d, generator=gen, device=device).to(dtype).requires_grad_(needs_grad) for _ in range(count)]
     labels = providers.supcon_labels(task.m, torch.Generator().manual_seed(settings.seed)).to(device) if labelled else None

@@ -47,19 +47,22 @@ MD_PATH = os.path.join(REPO, "docs", "gpu-static-report.md")
 
 TENSOR_CORE = ("bf16", "fp16", "tf32")
 #: What is compiled, in this order: (name, arch, every autotuning candidate too?, variants.calls
-#: arguments). The whole call space of variants.py (every compute type, D, rule setting, flag,
-#: gradient mode and set-up, every candidate) comes after the sections that put first the
-#: kernels where registers are tightest (16-bit at D̂ = 128, where the spills were found, at
-#: D = 128 and D = 100), so that a partial run (`--budget`) proves those first. A kernel is compiled once, in the first section that launches it;
-#: the report says, section by section, how many of its kernels have a row.
+#: arguments). First the kernels where registers are tightest (16-bit at D̂ = 128, where the
+#: spills were found, at D = 128 and D = 100), then the small float64 and sm_80 samples, then
+#: the tensor-core compute types at the other feature counts (D = 256 and 64, then the unaligned
+#: D = 200, 50 and 100), and last the whole call space of variants.py (what is
+#: left: IEEE float32), so that a partial run (`--budget`) proves the kernels the fast path
+#: depends on first. A kernel is compiled once, in the first section that launches it; the
+#: report says, section by section, how many of its kernels have a row.
 SECTIONS = (
     ("bf16 D=128", 90, True, dict(computes=("bf16",), features=(128,))),
     ("bf16 D=100", 90, True, dict(computes=("bf16",), features=(100,))),
     ("tf32 D=128", 90, True, dict(computes=("tf32",), features=(128,))),
     ("fp16 D=128", 90, True, dict(computes=("fp16",), features=(128,))),
-    ("space", 90, True, dict()),
     ("float64", 90, False, dict(computes=("fp64",), features=(64,), rules=("direct",))),
     ("sm_80", 80, False, dict(computes=("bf16", "tf32"), features=(128,), rules=("direct",))),
+    *((f"tensor cores D={d}", 90, True, dict(computes=TENSOR_CORE, features=(d,))) for d in (256, 64, 200, 50, 100)),
+    ("space", 90, True, dict()),
 )
 
 #: Per-SM limits (CUDA occupancy tables): registers, shared memory per SM and per CTA (bytes),

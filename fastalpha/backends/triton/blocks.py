@@ -26,7 +26,8 @@ bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 64)      64×64, K 64, o
 float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, out 64    8
                                     64×32 (D̂ = 128)
 float32, IEEE    D̂ ≤ 64             32×32               32×32, K 32, out 128   4
-float64          D̂ ≤ 64             32×32               32×32, K 32, out 32    4
+float64          D̂ ≤ 64             16×32 (D̂ ≤ 64)      32×32, K 32, out 32    8 (D̂ ≤ 64), else 4
+                                    32×32 (D̂ > 64)
 ===============  =================  ==================  =====================  =========
 
 Single-chunk: the owned block (D̂ features) stays in registers and each streamed tile is loaded
@@ -36,7 +37,7 @@ so each program keeps a block_m × out accumulator; the Gram tile is then recomp
 output chunk (≈ (1 + D/out) GEMMs of M²D per pass instead of 2), the price of never
 materialising an M × M block.
 
-IEEE float32 and float64 have no tensor-core path (FFMA / DFMA): their tiles are 32×32 and
+IEEE float32 and float64 have no tensor-core path (FFMA / DFMA): their tiles are small and
 they are not autotuned. TF32 is used only when the caller opts in through
 torch.set_float32_matmul_precision("high") (or torch.backends.cuda.matmul.allow_tf32 = True).
 
@@ -115,11 +116,12 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
     padded = padded_features(d)
     if kind == "fp64":
         if padded <= 64:
-            # 8 warps and 3 stages: with 4 warps ptxas (Triton 3.8, sm_90) gave the column pass
-            # 8 bytes of stack at 2 stages (negatives="cross") and at 3 (negatives="none" with a
-            # queue, since every pass evaluates α from the stored shift and normaliser); 8 warps
-            # halve each thread's share of the tile. Neither changes any arithmetic.
-            return BlockConfig(32, 32, padded, padded, True, 8, 3)
+            # 16 owned × 32 streamed rows, 8 warps: with the size arguments unspecialized, every
+            # 32×32 shape (4 or 8 warps, 1-3 stages) left the column pass 8-32 bytes of stack
+            # (Triton 3.8, sm_90: ptxas holds it at 128 registers), and 16×16 with 4 warps the row
+            # pass 16; 16×32 with 8 warps runs the row pass at ≤ 179 registers and the column
+            # pass at 128 without a spill. The shape changes no arithmetic.
+            return BlockConfig(16, 32, padded, padded, True, 8, 2)
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
     if kind in ("bf16", "fp16"):
         if padded <= 256:
@@ -160,15 +162,19 @@ _ALTERNATIVES = {
 
 #: Alternatives withheld from one pass: (group, padded D, kernel, β pass) → shapes of
 #: _ALTERNATIVES. The one decision, and why: on sm_90 (Triton 3.8, docs/gpu-static-report.md)
-#: the row pass with β (detach_alpha=False) at tf32, D̂ = 128, in 64×64 tiles with 8 warps
-#: needs all 255 registers and for `entropy` (k = 1) spills 8 bytes (16 with negatives="cross")
-#: to the stack: its 64×128 float32 accumulator, the 64×128 owned block and the 64×64 α and β
-#: tiles do not fit beside the statistics. That pass keeps the static 64×32 (180 registers);
-#: every other pass, the same call's statistics and column passes included, keeps 64×64.
-#: Likewise the column pass with β at tf32, D̂ = 128: with 64×64 `direct` with
-#: normalize=False and row weights spilled 16 bytes at 255 registers (negatives="all", with and
-#: without a queue); it keeps the static 64×32.
-_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)], ("tf32", 128, "column", True): [(64, 64, 8, 2)]}
+#: the row pass at tf32, D̂ = 128, in 64×64 tiles with 8 warps needs all 255 registers: its
+#: 64×128 float32 accumulator and owned block and the 64×64 α tile do not fit beside the
+#: statistics. With β (detach_alpha=False) `entropy` (k = 1) spilled 8 bytes (16 with
+#: negatives="cross") to the stack; without β the general power (`direct` with p = 3, with and
+#: without ε) with normalize=False and negatives="cross" spilled 16-24 bytes. The row pass keeps
+#: the static 64×32 (≤ 220 registers). Likewise the column pass with β at tf32, D̂ = 128: 64×64
+#: `direct` with normalize=False and row weights spilled 16 bytes at 255 registers
+#: (negatives="all", with and without a queue); it keeps the static 64×32. The column pass
+#: without β keeps 64×64. At 16 bits and D̂ = 256 the β row pass in the 64×64 candidate ran at
+#: 255 registers and spilled 8-16 bytes (`entropy` with normalize=False, `direct` with
+#: negatives="cross"); it keeps the static 64×32.
+_WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)], ("tf32", 128, "row", False): [(64, 64, 8, 2)],
+             ("tf32", 128, "column", True): [(64, 64, 8, 2)], ("16-bit", 256, "row", True): [(64, 64, 8, 2)]}
 
 
 def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",

@@ -138,7 +138,8 @@ def test_blocks_and_the_report_agree(rows):
         beta = flags.get("BETA") == "True"
         grouped = flags["GROUPS"] != "constexpr[0]"
         shapes = {(f"{c.block_m}x{c.block_n}", str(c.num_warps), str(c.num_stages))
-                  for c in blocks.candidate_configs(int(r["D"]), dtype, precision, r["kernel"], beta, grouped)}
+                  for c in blocks.candidate_configs(int(r["D"]), dtype, precision, r["kernel"], beta, grouped,
+                                                    int(r["arch"]) // 10)}
         assert (r["tile"], r["num_warps"], r["num_stages"]) in shapes, f"{r['first_call']} {r['kernel']}: {r['tile']}"
         group = "tf32" if r["compute"] == "tf32" else "16-bit"
         for owned, streamed, warps, stages in blocks._WITHHELD.get(

@@ -30,10 +30,11 @@ TYPES = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "tf3
 def test_candidates_share_the_static_feature_split(compute, d):
     """The static shape comes first; alternatives change only the tile, warps and stages (the
     grid's feature chunks and the single-chunk choice stay), and only tensor-core single-chunk
-    cases are tuned (but 16-bit D̂ = 128), with owned blocks of ≥ 64 rows (Hopper's warpgroup MMA)."""
+    cases are tuned (but 16-bit D̂ = 128), with owned blocks of ≥ 64 rows (Hopper's warpgroup MMA).
+    The column pass without β, which no shape is withheld from, stands for every pass."""
     dtype, precision = TYPES[compute]
     static = blocks.block_config(d, dtype, precision)
-    candidates = blocks.candidate_configs(d, dtype, precision)
+    candidates = blocks.candidate_configs(d, dtype, precision, "column")
     assert candidates[0] == static and len(set(candidates)) == len(candidates)
     # 16-bit at D̂ = 128 is not tuned: its one alternative spilled (blocks._ALTERNATIVES).
     tuned = (compute in blocks.TENSOR_CORE_TYPES and static.single_chunk
@@ -95,12 +96,12 @@ def test_autotuning_switch(monkeypatch):
     assert not launch.autotune_enabled(True)                         # nor does the interpreter
 
 
-def test_the_spilling_shapes_are_withheld_from_the_beta_passes_only():
-    """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the β row pass of `entropy`
-    and the β column pass of `direct`
-    (docs/gpu-static-report.md); a detach_alpha=False call records those passes with the
-    static shape alone, and its statistics pass, like the light calls, with both."""
-    static, alternative = blocks.candidate_configs(128, torch.float32, "tf32")
+def test_the_spilling_shapes_are_withheld_from_their_passes_only():
+    """blocks._WITHHELD: tf32 at D = 128 in 64 × 64 tiles spills in the row passes (with β for
+    `entropy`, without β for the general power) and the β column pass of `direct`
+    (docs/gpu-static-report.md); a detach_alpha=False call records its row passes and its β
+    column pass with the static shape alone; the column pass without β keeps both."""
+    static, alternative = blocks.candidate_configs(128, torch.float32, "tf32", "column", False)
     assert (alternative.block_m, alternative.block_n, alternative.num_warps, alternative.num_stages) == (64, 64, 8, 2)
     z = torch.randn(80, 128)
     old = torch.get_float32_matmul_precision()
@@ -111,12 +112,41 @@ def test_the_spilling_shapes_are_withheld_from_the_beta_passes_only():
     finally:
         torch.set_float32_matmul_precision(old)
     got = [(item.kind, item.kwargs["BETA"], item.candidates) for item in recorded]
-    assert got == [("row", False, (static, alternative)), ("row", True, (static,)), ("column", True, (static,))]
+    assert got == [("row", False, (static,)), ("row", True, (static,)), ("column", True, (static,))]
     assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 1]
-    assert len(blocks.candidate_configs(128, torch.float32, "tf32", "column", False)) == 2
-    # 16-bit at D̂ = 128 has no alternative (the w4 s3 one spilled at D = 128 and D = 100).
+    # 16-bit at D̂ = 128 has no alternative (the w4 s3 one spilled at D = 128 and D = 100); at
+    # D̂ = 256 the β row pass alone loses its 64×64.
     assert {len(blocks.candidate_configs(d, torch.bfloat16, "ieee", kind, beta))
             for d in (100, 128) for kind in ("row", "column", "sparsemax") for beta in (False, True)} == {1}
+    assert [len(blocks.candidate_configs(256, torch.float16, "ieee", "row", beta)) for beta in (False, True)] == [2, 1]
+    assert len(blocks.candidate_configs(256, torch.float16, "ieee", "column", True)) == 2
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "grouped"])
+def test_a_gpu_before_hopper_launches_the_bounded_static_shape(grouped):
+    """On sm_80 (blocks.block_config with arch 8) a call launches the static shape alone, with
+    ptxas's register bound, and grouped TF32 at D̂ = 128 at one stage; Hopper's shapes are
+    unbounded and keep two."""
+    z = torch.randn(24, 100)
+    ids = torch.arange(24) % 6 if grouped else None
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        recorded = {}
+        for arch in (8, 9):
+            with launch.recording_launches(arch) as recorded[arch]:
+                launch.fused_loss_and_grad(z, make_spec("direct", normalize=False), 0, 24, None, True,
+                                           **({"groups": ids} if grouped else {}))
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert [item.kind for item in recorded[8]] == [item.kind for item in recorded[9]]
+    for before, hopper in zip(recorded[8], recorded[9]):
+        assert before.candidates == (before.config,)
+        options = before.launch_kwargs(before.config)
+        assert options["maxnreg"] == blocks.PRE_HOPPER_MAX_REGISTERS
+        assert options["num_stages"] == (1 if grouped else 2)
+        assert "maxnreg" not in hopper.launch_kwargs(hopper.config) and hopper.config.num_stages == 2
+        assert (before.config.block_m, before.config.block_n) == (hopper.config.block_m, hopper.config.block_n)
 
 
 def test_fallback_launches_the_static_table_with_the_candidates_recorded(monkeypatch):

@@ -108,8 +108,9 @@ class Call:
         return f"{self.compute} D={self.d} {self.rule} detach={self.detach} normalize={self.unit} {self.grad} {self.set_up}"
 
 
-def record(call: Call) -> list:
-    """The launches (launch.Launch) of one call, recorded on small CPU tensors (nothing runs)."""
+def record(call: Call, arch: int = 90) -> list:
+    """The launches (launch.Launch) of one call on an sm_`arch` GPU, recorded on small CPU
+    tensors (nothing runs)."""
     from fastalpha.backends.triton import launch
     from fastalpha.rules import make_spec
 
@@ -134,7 +135,7 @@ def record(call: Call) -> list:
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        with launch.recording_launches() as recorded:
+        with launch.recording_launches(arch // 10) as recorded:
             launch.fused_loss_and_grad(z, spec, 0, m, weight if weighted else None, need_grad, **extra)
     finally:
         torch.set_float32_matmul_precision(old)
@@ -215,7 +216,7 @@ def kernels(points, arch: int = 90, tuned: bool = True) -> dict:
     candidate of each launch (else the static tile only, as on GPUs that do not autotune)."""
     found: dict = {}
     for call in points:
-        for item in record(call):
+        for item in record(call, arch):
             for config in (item.candidates if tuned else (item.config,)):
                 key = kernel_key(item, config, arch)
                 if key in found:

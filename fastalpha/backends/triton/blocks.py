@@ -15,8 +15,10 @@ mirror image of the row pass, instead of the other way round.
 
 Shapes depend on the feature dimension D and the compute type only (input dtype, and for
 float32 whether products run in TF32 or IEEE), never on M, so one compiled kernel serves every
-batch size. With D̂ = max(16, next power of two ≥ D), the static table (used on GPUs other than
-Hopper, under the interpreter, with FASTALPHA_AUTOTUNE=0, and as the first autotuning candidate):
+batch size; GPUs before Hopper run the static shape alone, with ptxas's register bound set and
+fewer stages where it spilled (block_config). With D̂ = max(16, next power of two ≥ D), the
+static table (used on GPUs other than Hopper, under the interpreter, with FASTALPHA_AUTOTUNE=0,
+and as the first autotuning candidate):
 
 ===============  =================  ==================  =====================  =========
 compute type     single-chunk if    owned × streamed    else K / out chunk     num_warps
@@ -65,6 +67,7 @@ class BlockConfig:
     single_chunk: bool  # all features in one chunk
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # ptxas's register bound per thread (maxnreg); None: its own choice
 
     def tile(self, kernel: str) -> dict:
         """The block constexprs of `kernel` ("row", "column" or "sparsemax") for this config.
@@ -98,16 +101,30 @@ TENSOR_CORE_TYPES = ("bf16", "fp16", "tf32")
 #: Pipeline stages of the static shape of grouped calls (labels, V ≥ 3 views: the GROUPS
 #: constexpr), per (compute type, padded D), where they differ from the table below. Empty: with
 #: the group loader shared by the passes (kernels/tiles.py), tf32 at D̂ = 128 runs its 2 stages
-#: without stack on sm_80 and sm_90, while 1 stage left sm_80's grouped column pass 16 bytes of
-#: stack (Triton 3.8, docs/gpu-static-report.md). The stage count changes no arithmetic.
+#: without stack on sm_90. The stage count changes no arithmetic.
 _GROUPED_STAGES: dict = {}
 
+#: GPUs before Hopper (compute capability major < 9) run the static shape alone, compiled with
+#: these changes (Triton 3.8, sm_80, docs/gpu-static-report.md). Left to itself ptxas held the
+#: TF32 column pass at D̂ = 128 at 128 registers and spilled 24 bytes (negatives="cross"); bound
+#: at 255 it takes 216 and spills nothing. The grouped TF32 row pass at D̂ = 128 (an anchor
+#: without a positive, normalize=False) needed 255 registers and 8 bytes of stack at 2 stages;
+#: at 1 stage it runs at 253 without a spill. Neither changes any arithmetic.
+PRE_HOPPER_MAX_REGISTERS = 255
+_PRE_HOPPER_GROUPED_STAGES = {("tf32", 128): 1}
+HOPPER = 9
 
-def block_config(d: int, dtype: torch.dtype, precision: str = "ieee", grouped: bool = False) -> BlockConfig:
+
+def block_config(d: int, dtype: torch.dtype, precision: str = "ieee", grouped: bool = False,
+                 arch: int = HOPPER) -> BlockConfig:
     """The static tile shapes for `d` features, input `dtype` and dot `precision` ("ieee" or "tf32"),
-    of a grouped call when `grouped` (_GROUPED_STAGES)."""
+    of a grouped call when `grouped` (_GROUPED_STAGES), on a GPU of compute capability major
+    `arch` (HOPPER also stands for the interpreter; earlier GPUs: _PRE_HOPPER_GROUPED_STAGES)."""
     static = _static_config(d, dtype, precision)
-    stages = _GROUPED_STAGES.get((compute_type(dtype, precision), padded_features(d))) if grouped else None
+    key = (compute_type(dtype, precision), padded_features(d))
+    if arch < HOPPER:
+        static = replace(static, max_registers=PRE_HOPPER_MAX_REGISTERS)
+    stages = (_PRE_HOPPER_GROUPED_STAGES if arch < HOPPER else _GROUPED_STAGES).get(key) if grouped else None
     return static if stages is None else replace(static, num_stages=stages)
 
 
@@ -178,16 +195,17 @@ _WITHHELD = {("tf32", 128, "row", True): [(64, 64, 8, 2)], ("tf32", 128, "row", 
 
 
 def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kernel: str = "row",
-                      beta: bool = False, grouped: bool = False) -> list[BlockConfig]:
+                      beta: bool = False, grouped: bool = False, arch: int = HOPPER) -> list[BlockConfig]:
     """The shapes autotuning may pick for these features and compute type; the static shape first.
 
     `kernel` ("row", "column" or "sparsemax") and `beta` (a pass with β, detach_alpha=False)
     name the pass, for the few shapes withheld from one (_WITHHELD). A single candidate (IEEE
-    float32, float64, features above the single-chunk limit) means that case is not tuned.
+    float32, float64, features above the single-chunk limit, GPUs before Hopper) means that case
+    is not tuned.
     """
-    static = block_config(d, dtype, precision, grouped)
+    static = block_config(d, dtype, precision, grouped, arch)
     kind = compute_type(dtype, precision)
-    if kind not in TENSOR_CORE_TYPES or not static.single_chunk:
+    if kind not in TENSOR_CORE_TYPES or not static.single_chunk or arch < HOPPER:
         return [static]
     group = "tf32" if kind == "tf32" else "16-bit"
     padded = padded_features(d)

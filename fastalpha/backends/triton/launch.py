@@ -70,7 +70,7 @@ from ...kernels.tiles import (GROUPS_INFONCE, GROUPS_NEGATIVES, GROUPS_OFF, NEG_
                               WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX)
 from ...quadratic import grouped_quadratic_loss_and_grad, quadratic_loss_and_grad
 from ...rules import LossSpec, negative_count
-from .blocks import BlockConfig, block_config, candidate_configs, m_bucket
+from .blocks import HOPPER, BlockConfig, block_config, candidate_configs, m_bucket
 
 #: `negatives=` of the spec → the kernels' NEGATIVES constexpr (tiles._negatives).
 NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
@@ -78,8 +78,10 @@ NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-#: When a list, kernel launches are appended to it instead of run (see bench/static/report.py).
+#: When a list, kernel launches are appended to it instead of run (see bench/static/report.py),
+#: as the launcher would issue them on a GPU of compute capability major _recorded_arch.
 _recorded_launches: list | None = None
+_recorded_arch: int = HOPPER
 
 #: Launch-time tuning budget per candidate: triton.testing.do_bench warm-up and repetition
 #: times in ms. With 2 candidates per kernel the first call of a new key costs 2 compiles plus
@@ -104,7 +106,7 @@ class Launch:
     candidates: tuple
 
     def launch_kwargs(self, config: BlockConfig) -> dict:
-        return {**self.kwargs, **config.tile(self.kind), "num_warps": config.num_warps, "num_stages": config.num_stages}
+        return {**self.kwargs, **config.tile(self.kind), **_launch_options(config)}
 
 
 #: GPU architectures (compute capability major) whose autotuning candidates the static report
@@ -137,8 +139,16 @@ def _prune(kind: str):
     return prune
 
 
+def _launch_options(cfg: BlockConfig) -> dict:
+    """num_warps, num_stages and, where the shape bounds it, maxnreg (ptxas's register bound)."""
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.max_registers is not None:
+        options["maxnreg"] = cfg.max_registers
+    return options
+
+
 def _as_triton_config(kind: str, cfg: BlockConfig):
-    return triton.Config(cfg.tile(kind), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return triton.Config(cfg.tile(kind), **_launch_options(cfg))
 
 
 def _tuning_bench(fn, quantiles=None):
@@ -201,14 +211,23 @@ def _run(launch: Launch, tune: bool) -> None:
 
 
 @contextlib.contextmanager
-def recording_launches():
-    """Record a Launch for every kernel launch instead of running it."""
-    global _recorded_launches
-    _recorded_launches = []
+def recording_launches(arch: int = HOPPER):
+    """Record a Launch for every kernel launch instead of running it, with the tiles of a GPU
+    of compute capability major `arch` (blocks.block_config)."""
+    global _recorded_launches, _recorded_arch
+    _recorded_launches, _recorded_arch = [], arch
     try:
         yield _recorded_launches
     finally:
-        _recorded_launches = None
+        _recorded_launches, _recorded_arch = None, HOPPER
+
+
+def _arch_of(z: torch.Tensor) -> int:
+    """The compute capability major whose tiles a launch on z's device uses (blocks.HOPPER for
+    the interpreter and CPU tensors, whose tiles are Hopper's static table)."""
+    if _recorded_launches is not None:
+        return _recorded_arch
+    return torch.cuda.get_device_capability(z.device)[0] if z.is_cuda and not interpreted() else HOPPER
 
 
 def interpreted() -> bool:
@@ -368,7 +387,8 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
                                       for ids in (group_set.row_ids, group_set.col_ids, group_set.self_col))
     negatives = NEGATIVE_MODES[params.negatives]
     precision = dot_precision(z.dtype)
-    cfg = config or block_config(d, z.dtype, precision, grouped=groups is not None)
+    arch = _arch_of(z)
+    cfg = config or block_config(d, z.dtype, precision, groups is not None, arch)
     tune = config is None and autotune_enabled(z.is_cuda, torch.cuda.get_device_capability(z.device) if z.is_cuda else (0, 0))
     empty = z_acc.new_empty((rows,))
     norms = empty if unit else (z_acc * z_acc).sum(1)     # unit rows: never read, d2 = 1 − z_i·z_j
@@ -392,7 +412,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     def launch(kernel, kind, extent, n_chunks, args, kwargs):
         # The candidates of this pass: what the pruning hook (_prune) hands the autotuner.
         candidates = (cfg,) if config is not None else tuple(
-            candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False), groups is not None))
+            candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False), groups is not None, arch))
         _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
 
     def row_pass(stat_a, log_norm, stat_b, online, use_beta, accumulate):

@@ -115,11 +115,11 @@ def test_the_spilling_shapes_are_withheld_from_their_passes_only():
     assert got == [("row", False, (static,)), ("row", True, (static,)), ("column", True, (static,))]
     assert [len(blocks.candidate_configs(128, torch.float32, "tf32", kind, True)) for kind in ("row", "column")] == [1, 1]
     # 16-bit at D̂ = 128 has no alternative (the w4 s3 one spilled at D = 128 and D = 100); at
-    # D̂ = 256 the β row pass alone loses its 64×64.
+    # D̂ = 256 the β passes alone lose their 64×64.
     assert {len(blocks.candidate_configs(d, torch.bfloat16, "ieee", kind, beta))
             for d in (100, 128) for kind in ("row", "column", "sparsemax") for beta in (False, True)} == {1}
-    assert [len(blocks.candidate_configs(256, torch.float16, "ieee", "row", beta)) for beta in (False, True)] == [2, 1]
-    assert len(blocks.candidate_configs(256, torch.float16, "ieee", "column", True)) == 2
+    assert [len(blocks.candidate_configs(256, torch.float16, "ieee", kind, beta))
+            for kind in ("row", "column") for beta in (False, True)] == [2, 1, 2, 1]
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "grouped"])

@@ -189,8 +189,11 @@ def specialization(launch_item, config, arch: int = 90) -> tuple:
     kwargs = {**launch_item.launch_kwargs(config), "UPCAST": False}
     names, binder = _binder(launch_item.kernel, arch)
     _, spec, options = binder(*launch_item.args, **kwargs)
+    # Options that are set join the key as Triton's cache key has them (maxnreg only where a
+    # shape bounds the registers, so that the others' keys do not change).
     return tuple((name, str(kind), str(attr)) for name, (kind, attr) in zip(names, spec)) + (
-        ("num_warps", str(options["num_warps"]), ""), ("num_stages", str(options["num_stages"]), ""))
+        ("num_warps", str(options["num_warps"]), ""), ("num_stages", str(options["num_stages"]), "")) + tuple(
+        (name, str(options[name]), "") for name in ("maxnreg",) if options.get(name) is not None)
 
 
 def kernel_key(launch_item, config, arch: int = 90) -> str:

@@ -120,6 +120,10 @@ def test_the_spilling_shapes_are_withheld_from_their_passes_only():
             for d in (100, 128) for kind in ("row", "column", "sparsemax") for beta in (False, True)} == {1}
     assert [len(blocks.candidate_configs(256, torch.float16, "ieee", kind, beta))
             for kind in ("row", "column") for beta in (False, True)] == [2, 1, 2, 1]
+    # Where D is not a multiple of 16 at D̂ = 256, 16-bit streams 16 columns and is not tuned.
+    assert {len(blocks.candidate_configs(200, dtype, "ieee", kind, beta)) for dtype in (torch.bfloat16, torch.float16)
+            for kind in ("row", "column") for beta in (False, True)} == {1}
+    assert blocks.block_config(200, torch.bfloat16).block_n == 16 and blocks.block_config(256, torch.bfloat16).block_n == 32
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "grouped"])

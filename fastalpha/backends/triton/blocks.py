@@ -25,6 +25,7 @@ compute type     single-chunk if    owned × streamed    else K / out chunk     
 ===============  =================  ==================  =====================  =========
 bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 64)      64×64, K 64, out 128   4 (D̂ ≤ 64), else 8
                                     64×32 (D̂ ≥ 128)
+                                    64×16 (D̂ = 256, 16 ∤ D)
 float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, out 64    8
                                     64×32 (D̂ = 128)
 float32, IEEE    D̂ ≤ 64             32×32               32×32, K 32, out 128   4
@@ -141,6 +142,11 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
             return BlockConfig(16, 32, padded, padded, True, 8, 2)
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
     if kind in ("bf16", "fp16"):
+        if padded == 256 and d % 16:
+            # 64×16 at D̂ = 256 when D is not a multiple of 16 (masked loads): with 64×32 the row
+            # pass of `entropy` and `direct` ran at 255 registers and spilled 8-16 bytes at D = 200
+            # (Triton 3.8, sm_90), with and without β; 64×16 runs them at ≤ 254 without a spill.
+            return BlockConfig(64, 16, padded, padded, True, 8, 2)
         if padded <= 256:
             # 64×32 from D̂ = 128 on: with 64×64 at D̂ = 128 the β passes of `inverse` ran at 255
             # registers and spilled 8-24 bytes at D = 100 (Triton 3.8, sm_90); 64×32 runs them at
@@ -177,6 +183,12 @@ _ALTERNATIVES = {
 }
 
 
+#: The alternatives where D is not a multiple of 16, where they differ: none for 16-bit at
+#: D̂ = 256, whose 64×64 candidate ran at 255 registers and spilled 8-16 bytes at D = 200 in the
+#: row and column passes of `entropy` and `direct` without β (Triton 3.8, sm_90).
+_UNALIGNED_ALTERNATIVES = {("16-bit", 256): []}
+
+
 #: Alternatives withheld from one pass: (group, padded D, kernel, β pass) → shapes of
 #: _ALTERNATIVES. The one decision, and why: on sm_90 (Triton 3.8, docs/gpu-static-report.md)
 #: the row pass at tf32, D̂ = 128, in 64×64 tiles with 8 warps needs all 255 registers: its
@@ -211,8 +223,10 @@ def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kerne
     group = "tf32" if kind == "tf32" else "16-bit"
     padded = padded_features(d)
     withheld = _WITHHELD.get((group, padded, kernel, bool(beta)), ())
+    alternatives = _UNALIGNED_ALTERNATIVES.get((group, padded), _ALTERNATIVES[(group, padded)]) if d % 16 else (
+        _ALTERNATIVES[(group, padded)])
     return [static] + [BlockConfig(owned, streamed, static.block_k, static.block_do, True, warps, stages)
-                       for owned, streamed, warps, stages in _ALTERNATIVES[(group, padded)]
+                       for owned, streamed, warps, stages in alternatives
                        if (owned, streamed, warps, stages) not in withheld]
 
 

@@ -189,11 +189,11 @@ def specialization(launch_item, config, arch: int = 90) -> tuple:
     kwargs = {**launch_item.launch_kwargs(config), "UPCAST": False}
     names, binder = _binder(launch_item.kernel, arch)
     _, spec, options = binder(*launch_item.args, **kwargs)
-    # Options that are set join the key as Triton's cache key has them (maxnreg only where a
-    # shape bounds the registers, so that the others' keys do not change).
+    # maxnreg joins the key only where a shape sets it (Triton's cache key has it), so that the
+    # other kernels' keys do not change.
+    bound = (("maxnreg", str(options["maxnreg"]), ""),) if options.get("maxnreg") is not None else ()
     return tuple((name, str(kind), str(attr)) for name, (kind, attr) in zip(names, spec)) + (
-        ("num_warps", str(options["num_warps"]), ""), ("num_stages", str(options["num_stages"]), "")) + tuple(
-        (name, str(options[name]), "") for name in ("maxnreg",) if options.get(name) is not None)
+        ("num_warps", str(options["num_warps"]), ""), ("num_stages", str(options["num_stages"]), "")) + bound
 
 
 def kernel_key(launch_item, config, arch: int = 90) -> str:

@@ -99,33 +99,32 @@ def compute_type(dtype: torch.dtype, precision: str = "ieee") -> str:
 TENSOR_CORE_TYPES = ("bf16", "fp16", "tf32")
 
 
-#: Pipeline stages of the static shape of grouped calls (labels, V ≥ 3 views: the GROUPS
-#: constexpr), per (compute type, padded D), where they differ from the table below. Empty: with
-#: the group loader shared by the passes (kernels/tiles.py), tf32 at D̂ = 128 runs its 2 stages
-#: without stack on sm_90. The stage count changes no arithmetic.
-_GROUPED_STAGES: dict = {}
-
-#: GPUs before Hopper (compute capability major < 9) run the static shape alone, compiled with
-#: these changes (Triton 3.8, sm_80, docs/gpu-static-report.md). Left to itself ptxas held the
-#: TF32 column pass at D̂ = 128 at 128 registers and spilled 24 bytes (negatives="cross"); bound
-#: at 255 it takes 216 and spills nothing. The grouped TF32 row pass at D̂ = 128 (an anchor
-#: without a positive, normalize=False) needed 255 registers and 8 bytes of stack at 2 stages;
-#: at 1 stage it runs at 253 without a spill. Neither changes any arithmetic.
-PRE_HOPPER_MAX_REGISTERS = 255
-_PRE_HOPPER_GROUPED_STAGES = {("tf32", 128): 1}
+#: GPUs before Hopper (compute capability major < HOPPER) run the static shape alone, compiled
+#: with ptxas's register bound at PRE_HOPPER_MAX_REGISTERS: left to itself ptxas held the TF32
+#: column pass at D̂ = 128 at 128 registers and spilled 24 bytes on sm_80 (negatives="cross");
+#: bound at 255 it takes 216 and spills nothing (Triton 3.8, docs/gpu-static-report.md).
 HOPPER = 9
+PRE_HOPPER_MAX_REGISTERS = 255
+
+#: Pipeline stages of the static shape of grouped calls (labels, V ≥ 3 views: the GROUPS
+#: constexpr), per (before Hopper?, compute type, padded D), where they differ from the table
+#: below. On sm_80 the grouped TF32 row pass at D̂ = 128 (an anchor without a positive,
+#: normalize=False) needed 255 registers and 8 bytes of stack at 2 stages, and runs at 253
+#: without a spill at 1; on sm_90 its 2 stages spill nothing. The stage count changes no
+#: arithmetic.
+_GROUPED_STAGES = {(True, "tf32", 128): 1}
 
 
 def block_config(d: int, dtype: torch.dtype, precision: str = "ieee", grouped: bool = False,
                  arch: int = HOPPER) -> BlockConfig:
     """The static tile shapes for `d` features, input `dtype` and dot `precision` ("ieee" or "tf32"),
     of a grouped call when `grouped` (_GROUPED_STAGES), on a GPU of compute capability major
-    `arch` (HOPPER also stands for the interpreter; earlier GPUs: _PRE_HOPPER_GROUPED_STAGES)."""
+    `arch` (HOPPER also stands for the interpreter and CPU tensors)."""
     static = _static_config(d, dtype, precision)
-    key = (compute_type(dtype, precision), padded_features(d))
-    if arch < HOPPER:
+    before_hopper = arch < HOPPER
+    if before_hopper:
         static = replace(static, max_registers=PRE_HOPPER_MAX_REGISTERS)
-    stages = (_PRE_HOPPER_GROUPED_STAGES if arch < HOPPER else _GROUPED_STAGES).get(key) if grouped else None
+    stages = _GROUPED_STAGES.get((before_hopper, compute_type(dtype, precision), padded_features(d))) if grouped else None
     return static if stages is None else replace(static, num_stages=stages)
 
 
@@ -223,8 +222,9 @@ def candidate_configs(d: int, dtype: torch.dtype, precision: str = "ieee", kerne
     group = "tf32" if kind == "tf32" else "16-bit"
     padded = padded_features(d)
     withheld = _WITHHELD.get((group, padded, kernel, bool(beta)), ())
-    alternatives = _UNALIGNED_ALTERNATIVES.get((group, padded), _ALTERNATIVES[(group, padded)]) if d % 16 else (
-        _ALTERNATIVES[(group, padded)])
+    alternatives = _ALTERNATIVES[(group, padded)]
+    if d % 16:
+        alternatives = _UNALIGNED_ALTERNATIVES.get((group, padded), alternatives)
     return [static] + [BlockConfig(owned, streamed, static.block_k, static.block_do, True, warps, stages)
                        for owned, streamed, warps, stages in alternatives
                        if (owned, streamed, warps, stages) not in withheld]

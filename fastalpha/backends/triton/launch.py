@@ -111,7 +111,7 @@ class Launch:
 
 #: GPU architectures (compute capability major) whose autotuning candidates the static report
 #: proves (HGMMA, no spills): Hopper. Other GPUs run the static table.
-TUNED_ARCHS = (9,)
+TUNED_ARCHS = (HOPPER,)
 
 
 def autotune_enabled(is_cuda: bool, capability: tuple = (9, 0)) -> bool:
@@ -389,7 +389,7 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
     precision = dot_precision(z.dtype)
     arch = _arch_of(z)
     cfg = config or block_config(d, z.dtype, precision, groups is not None, arch)
-    tune = config is None and autotune_enabled(z.is_cuda, torch.cuda.get_device_capability(z.device) if z.is_cuda else (0, 0))
+    tune = config is None and autotune_enabled(z.is_cuda, (arch,))
     empty = z_acc.new_empty((rows,))
     norms = empty if unit else (z_acc * z_acc).sum(1)     # unit rows: never read, d2 = 1 − z_i·z_j
     if groups is None:

@@ -124,6 +124,12 @@ def test_the_spilling_shapes_are_withheld_from_their_passes_only():
     assert {len(blocks.candidate_configs(200, dtype, "ieee", kind, beta)) for dtype in (torch.bfloat16, torch.float16)
             for kind in ("row", "column") for beta in (False, True)} == {1}
     assert blocks.block_config(200, torch.bfloat16).block_n == 16 and blocks.block_config(256, torch.bfloat16).block_n == 32
+    # At D̂ = 64 with D not a multiple of 16, 16-bit owns 64 and streams 32 with 4 warps, and
+    # its candidate streams 32 (128×64 spilled at D = 50); D = 64 keeps 64×64 and 128×64.
+    for dtype in (torch.bfloat16, torch.float16):
+        for d, shapes in ((50, [(64, 32, 4), (128, 32, 8)]), (64, [(64, 64, 4), (128, 64, 8)])):
+            assert {tuple((c.block_m, c.block_n, c.num_warps) for c in blocks.candidate_configs(d, dtype, "ieee", kind, beta))
+                    for kind in ("row", "column", "sparsemax") for beta in (False, True)} == {tuple(shapes)}
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "grouped"])

@@ -24,7 +24,8 @@ and as the first autotuning candidate):
 compute type     single-chunk if    owned × streamed    else K / out chunk     num_warps
 ===============  =================  ==================  =====================  =========
 bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 64)      64×64, K 64, out 128   4 (D̂ ≤ 64), else 8
-                                    64×32 (D̂ ≥ 128)
+                                    64×32 (D̂ = 64, 16 ∤ D;
+                                           D̂ ≥ 128)
                                     64×16 (D̂ = 256, 16 ∤ D)
 float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, out 64    8
                                     64×32 (D̂ = 128)
@@ -146,6 +147,11 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
             # pass of `entropy` and `direct` ran at 255 registers and spilled 8-16 bytes at D = 200
             # (Triton 3.8, sm_90), with and without β; 64×16 runs them at ≤ 254 without a spill.
             return BlockConfig(64, 16, padded, padded, True, 8, 2)
+        if padded == 64 and d % 16:
+            # 64×32 with 4 warps at D̂ = 64 when D is not a multiple of 16: with 64×64 the β row
+            # pass of `inverse` ran at 255 registers and spilled 8 bytes at D = 50 (Triton 3.8,
+            # sm_90); 64×32 runs the β passes of `inverse` and the general power at ≤ 194.
+            return BlockConfig(64, 32, padded, padded, True, 4, 2)
         if padded <= 256:
             # 64×32 from D̂ = 128 on: with 64×64 at D̂ = 128 the β passes of `inverse` ran at 255
             # registers and spilled 8-24 bytes at D = 100 (Triton 3.8, sm_90); 64×32 runs them at
@@ -182,10 +188,12 @@ _ALTERNATIVES = {
 }
 
 
-#: The alternatives where D is not a multiple of 16, where they differ: none for 16-bit at
-#: D̂ = 256, whose 64×64 candidate ran at 255 registers and spilled 8-16 bytes at D = 200 in the
-#: row and column passes of `entropy` and `direct` without β (Triton 3.8, sm_90).
-_UNALIGNED_ALTERNATIVES = {("16-bit", 256): []}
+#: The alternatives where D is not a multiple of 16 (masked feature loads), where they differ
+#: (Triton 3.8, sm_90): none for 16-bit at D̂ = 256, whose 64×64 candidate ran at 255 registers
+#: and spilled 8-16 bytes at D = 200 in the row and column passes of `entropy` and `direct`
+#: without β; at D̂ = 64 128×32 instead of 128×64, which spilled 16 bytes in the β row pass of
+#: `inverse` at D = 50 (128×32: ≤ 198 registers in the β passes of `inverse` and the general power).
+_UNALIGNED_ALTERNATIVES = {("16-bit", 64): [(128, 32, 8, 2)], ("16-bit", 256): []}
 
 
 #: Alternatives withheld from one pass: (group, padded D, kernel, β pass) → shapes of

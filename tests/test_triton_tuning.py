@@ -130,6 +130,8 @@ def test_the_spilling_shapes_are_withheld_from_their_passes_only():
         for d, shapes in ((50, [(64, 32, 4), (128, 32, 8)]), (64, [(64, 64, 4), (128, 64, 8)])):
             assert {tuple((c.block_m, c.block_n, c.num_warps) for c in blocks.candidate_configs(d, dtype, "ieee", kind, beta))
                     for kind in ("row", "column", "sparsemax") for beta in (False, True)} == {tuple(shapes)}
+    # TF32 streams half the tile where D is not a multiple of 16 at D̂ = 64 and 128.
+    assert [blocks.block_config(d, torch.float32, "tf32").block_n for d in (50, 64, 100, 128)] == [32, 64, 16, 32]
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "grouped"])

@@ -28,7 +28,9 @@ bf16, fp16       D̂ ≤ 256            64×64 (D̂ ≤ 64)      64×64, K 64, o
                                            D̂ ≥ 128)
                                     64×16 (D̂ = 256, 16 ∤ D)
 float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, out 64    8
-                                    64×32 (D̂ = 128)
+                                    64×32 (D̂ = 128;
+                                           D̂ = 64, 16 ∤ D)
+                                    64×16 (D̂ = 128, 16 ∤ D)
 float32, IEEE    D̂ ≤ 64             32×32               32×32, K 32, out 128   4
 float64          D̂ ≤ 64             16×32 (D̂ ≤ 64)      32×32, K 32, out 32    8 (D̂ ≤ 64), else 4
                                     32×32 (D̂ > 64)
@@ -159,6 +161,13 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
             return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
         return BlockConfig(64, 64, 64, 128, False, 8, 2)
     if kind == "tf32":
+        if padded in (64, 128) and d % 16:
+            # Half the streamed tile where D is not a multiple of 16 (Triton 3.8, sm_90): the β
+            # column pass of `inverse` ran at 255 registers and spilled 8 bytes at D = 50 in
+            # 64×64, the β row pass of `inverse` 24-80 bytes at D = 100 in 64×32; 64×32 at D̂ = 64
+            # runs the passes of `inverse`, `entropy` and the general power at ≤ 211, 64×16 at
+            # D̂ = 128 those of `inverse` and the general power at ≤ 217.
+            return BlockConfig(64, 32 if padded == 64 else 16, padded, padded, True, 8, 2)
         if padded <= 128:
             return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 8, 2)
         return BlockConfig(64, 64, 64, 64, False, 8, 2)

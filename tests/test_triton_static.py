@@ -127,7 +127,7 @@ def _constexprs(row: dict) -> dict:
 
 
 def test_blocks_and_the_report_agree(rows):
-    """Every row's tile is a candidate blocks.py gives its pass, and no shape that blocks.py
+    """Every row's tile is a candidate or a fallback shape blocks.py gives its pass, and no shape that blocks.py
     withholds (_WITHHELD, for a spill) has a row: the one place that decides tiles and the
     report describe the same kernels."""
     dtypes = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "tf32": (torch.float32, "tf32"),
@@ -137,9 +137,10 @@ def test_blocks_and_the_report_agree(rows):
         dtype, precision = dtypes[r["compute"]]
         beta = flags.get("BETA") == "True"
         grouped = flags["GROUPS"] != "constexpr[0]"
+        arch = int(r["arch"]) // 10
         shapes = {(f"{c.block_m}x{c.block_n}", str(c.num_warps), str(c.num_stages))
-                  for c in blocks.candidate_configs(int(r["D"]), dtype, precision, r["kernel"], beta, grouped,
-                                                    int(r["arch"]) // 10)}
+                  for c in blocks.candidate_configs(int(r["D"]), dtype, precision, r["kernel"], beta, grouped, arch)
+                  + list(blocks.fallback_configs(int(r["D"]), dtype, precision, grouped, arch))}
         assert (r["tile"], r["num_warps"], r["num_stages"]) in shapes, f"{r['first_call']} {r['kernel']}: {r['tile']}"
         group = "tf32" if r["compute"] == "tf32" else "16-bit"
         for owned, streamed, warps, stages in blocks._WITHHELD.get(
@@ -359,6 +360,13 @@ from bench.static import report
 rows = report.read_rows()
 keys = {r["key"] for r in sorted(rows, key=lambda r: -int(r["regs"]))[:12]}
 keys |= {next(r["key"] for r in rows if r["section"] == name) for name in {r["section"] for r in rows}}
+# IEEE float32 kernels whose first shape spilled: the compile must choose the same later shape.
+from fastalpha.backends.triton import blocks
+def first_shape(r):
+    c = blocks.fallback_configs(int(r["D"]), torch.float32)[0]
+    return f"{c.block_m}x{c.block_n}", str(c.num_warps), str(c.num_stages)
+keys |= {r["key"] for r in [r for r in rows if r["compute"] == "fp32"
+                            and (r["tile"], r["num_warps"], r["num_stages"]) != first_shape(r)][:3]}
 for index, kernel in report.planned():
     if kernel.key in keys:
         keys.discard(kernel.key)
@@ -379,20 +387,32 @@ def _compile_subprocess(code: str, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _shape(shape) -> tuple:
+    """(tile, num_warps, num_stages) of a report row or a blocks.BlockConfig, as the CSV writes them."""
+    if isinstance(shape, dict):
+        return shape["tile"], shape["num_warps"], shape["num_stages"]
+    return f"{shape.block_m}x{shape.block_n}", str(shape.num_warps), str(shape.num_stages)
+
+
 @pytest.mark.slow
 @pytest.mark.background
 def test_fresh_compile_reproduces_the_report(rows):
     """The report is what this machine's compiler makes of the code, not just trusted: the
-    heaviest kernels and one of each section compile here to the committed registers, spills,
-    shared memory and MMA counts."""
+    heaviest kernels, one of each section and three IEEE float32 kernels that run a later shape
+    of their list compile here to the committed shape, registers, spills, shared memory and MMA
+    counts."""
     pytest.importorskip("triton.backends.nvidia")
     out = background.result(FRESH_TEST, _compile_subprocess, FRESH_COMPILE, 1500)
     assert out.returncode == 0, out.stdout + out.stderr
     fresh = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(fresh) >= 12, out.stdout + out.stderr
+    later = [r for r in fresh if r["compute"] == "fp32" and _shape(r) != _shape(blocks.fallback_configs(int(r["D"]),
+                                                                                                  torch.float32)[0])]
+    assert len(later) == 3, "three IEEE float32 kernels that run a later shape of their list"
     committed = {report.row_key(r): r for r in rows}
     for row in fresh:
         old = committed[report.row_key(row)]
-        fields = ("regs", "spill_bytes", "smem_bytes", "dots", "wgmma_dots", "ptx_wgmma", "ptx_mma", "fast_path")
+        fields = ("tile", "num_warps", "num_stages", "regs", "spill_bytes", "smem_bytes", "dots", "wgmma_dots",
+                  "ptx_wgmma", "ptx_mma", "fast_path")
         if old["triton"] == row["triton"]:
             assert {f: row[f] for f in fields} == {f: old[f] for f in fields}, row["first_call"]

@@ -46,6 +46,92 @@ def test_candidates_share_the_static_feature_split(compute, d):
             assert cfg.block_m >= 64 and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 4
 
 
+@pytest.mark.parametrize("compute", list(TYPES))
+@pytest.mark.parametrize("d", [3, 50, 64, 100, 128, 200, 256])
+@pytest.mark.parametrize("arch", [8, 9])
+def test_only_ieee_float32_chooses_among_static_shapes(compute, d, arch):
+    """blocks.fallback_configs: the static shape first, then (IEEE float32 alone) other tiles,
+    warps and stages with the static feature split and register bound."""
+    dtype, precision = TYPES[compute]
+    static = blocks.block_config(d, dtype, precision, arch=arch)
+    shapes = blocks.fallback_configs(d, dtype, precision, arch=arch)
+    assert shapes[0] == static and len(set(shapes)) == len(shapes)
+    assert (len(shapes) > 1) == (compute == "fp32")
+    for cfg in shapes:
+        assert (cfg.block_k, cfg.block_do, cfg.single_chunk, cfg.max_registers) == (
+            static.block_k, static.block_do, static.single_chunk, static.max_registers)
+
+
+class _Compiled:
+    """What `JITFunction.warmup` returns, as far as launch._spill_free reads it."""
+
+    def __init__(self, spills: int):
+        self.n_spills, self.loaded = None, spills
+
+    def _init_handles(self):
+        self.n_spills = self.loaded     # known once the binary is loaded, as in Triton
+
+
+class _Kernel:
+    """A kernel whose compiled shapes in `spilling` spill; it records what it compiles and launches."""
+
+    def __init__(self, spilling):
+        self.spilling, self.compiled, self.launched = set(spilling), [], []
+
+    @staticmethod
+    def shape(kwargs):
+        return kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]
+
+    def warmup(self, *args, grid, **kwargs):
+        self.compiled.append(self.shape(kwargs))
+        return _Compiled(8 if self.shape(kwargs) in self.spilling else 0)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append(self.shape(kwargs))
+
+
+def test_ieee_float32_launches_the_first_shape_that_spills_nothing(monkeypatch):
+    """Off the interpreter an IEEE float32 launch compiles blocks.fallback_configs in order
+    (warmup: nothing runs) and launches the first whose kernel spills nothing, deciding once per
+    specialization of its arguments; the first shape if every one spills; under the
+    interpreter, and where there is one shape, the static shape without compiling."""
+    import dataclasses
+    z = torch.randn(40, 100)
+    with launch.recording_launches() as recorded:
+        launch.fused_loss_and_grad(z, make_spec("inverse", detach_alpha=False), 0, 40, None, True)
+    shapes = blocks.fallback_configs(100, torch.float32)
+    assert all(item.fallbacks == shapes and item.config == shapes[0] for item in recorded) and len(shapes) > 2
+    row = next(item for item in recorded if item.kind == "row")
+    tiles = [(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in shapes]
+    monkeypatch.setattr(launch, "_SPILL_FREE", {})
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+
+    kernel = _Kernel(spilling=tiles[:2])
+    item = dataclasses.replace(row, kernel=kernel)
+    launch._run(item, False)
+    assert kernel.compiled == tiles[:3] and kernel.launched == [tiles[2]]
+    launch._run(item, False)
+    assert kernel.compiled == tiles[:3] and kernel.launched == [tiles[2]] * 2      # decided once
+    # D = 96 instead of 100 (divisible by 16) is another specialization: decided afresh.
+    other = dataclasses.replace(item, args=tuple(96 if type(a) is int and a == 100 else a for a in item.args))
+    assert other.args != item.args
+    kernel.spilling = set(tiles[:1])
+    launch._run(other, False)
+    assert kernel.compiled == tiles[:3] + tiles[:2] and kernel.launched[-1] == tiles[1]
+
+    everything = _Kernel(spilling=tiles)
+    monkeypatch.setattr(launch, "_SPILL_FREE", {})
+    launch._run(dataclasses.replace(row, kernel=everything), False)
+    assert everything.compiled == tiles and everything.launched == [tiles[0]]
+
+    alone = _Kernel(spilling=tiles)
+    launch._run(dataclasses.replace(row, kernel=alone, fallbacks=(row.config,)), False)
+    monkeypatch.setattr(launch, "_SPILL_FREE", {})
+    monkeypatch.setattr(launch, "interpreted", lambda: True)
+    launch._run(dataclasses.replace(row, kernel=alone), False)
+    assert alone.compiled == [] and alone.launched == [tiles[0]] * 2
+
+
 def test_m_bucket_is_coarse():
     assert blocks.m_bucket(4) == blocks.m_bucket(1024) == 5
     assert blocks.m_bucket(1025) == blocks.m_bucket(4096) == 6
@@ -190,6 +276,25 @@ def _distinct_candidate_tiles():
             for cfg in blocks.candidate_configs(d, dtype, precision)[1:]:
                 tiles.add((cfg.block_m, cfg.block_n))
     return sorted(tiles)
+
+
+@pytest.mark.parametrize("d", [24, 100])
+def test_every_ieee_float32_shape_computes_the_reference(gen, d):
+    """Each shape an IEEE float32 launch may choose (blocks.fallback_configs: single-chunk at
+    D = 24, feature chunks at D = 100) on M = 70 rows, row range [3, 61), general rows, α
+    differentiated, row weights: float32 against the float64 reference."""
+    m = 70
+    z = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    weight = torch.rand(58, generator=gen, dtype=torch.float64)
+    spec = make_spec("inverse", normalize=False, detach_alpha=False)
+    ref_rows, ref_grad = reference.closed_form_gradient(z, spec, weight, 3, 61)
+    shapes = blocks.fallback_configs(d, torch.float32)
+    assert len(shapes) > 2 and shapes[0].single_chunk == (d <= 64)
+    for cfg in shapes:
+        rows, grad = launch.fused_loss_and_grad(z.float(), spec, 3, 61, weight.float(), True, cfg)
+        where = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+        assert_close(rows, ref_rows, precision_of(torch.float32), f"loss rows {where}")
+        assert_close(grad, ref_grad, precision_of(torch.float32), f"grad {where}")
 
 
 @pytest.mark.parametrize("owned,streamed", _distinct_candidate_tiles())

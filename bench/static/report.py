@@ -34,6 +34,7 @@ import functools
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 
@@ -173,9 +174,16 @@ def compile_kernel(index: int, kernel: variants.Kernel, digest: str) -> dict:
     from triton.backends.compiler import GPUTarget
 
     name, arch, _, _ = SECTIONS[index]
-    item, config, call = kernel.launch, kernel.config, kernel.call
-    kwargs = {**item.launch_kwargs(config), "UPCAST": False}
-    usage = usage_of(compile_launch(item.kernel, item.args, kwargs, GPUTarget("cuda", arch, 32)))
+    item, call = kernel.launch, kernel.call
+    # Where the launch chooses among shapes, the one it launches: the first without a spill,
+    # else the first (launch._spill_free).
+    tried = []
+    for config in variants.fallbacks_of(item, kernel.config) or (kernel.config,):
+        kwargs = {**item.launch_kwargs(config), "UPCAST": False}
+        tried.append((config, kwargs, usage_of(compile_launch(item.kernel, item.args, kwargs, GPUTarget("cuda", arch, 32)))))
+        if tried[-1][2]["spill_bytes"] == 0:
+            break
+    config, kwargs, usage = tried[-1] if tried[-1][2]["spill_bytes"] == 0 else tried[0]
     ctas, warps = occupancy(arch, usage["regs"], usage["shared"], config.num_warps)
     spec = variants.specialization(item, config, arch)
     row = dict(key=kernel.key, section=name, arch=arch, kernel=item.kind, compute=call.compute, D=call.d, rule=call.rule,
@@ -268,7 +276,9 @@ def render_markdown(rows: list[dict], seconds: float | None = None, jobs: int = 
     lines += [
         "",
         "and launches 1–4 kernels, each with the static tile or any autotuning candidate",
-        "(blocks.candidate_configs). Triton compiles one kernel per kernel × constexprs × tile ×",
+        "(blocks.candidate_configs); an IEEE float32 launch, which is not tuned, compiles the shapes",
+        "of blocks.fallback_configs in order and runs the first that spills nothing, and its row is",
+        "that shape's kernel (its `tile`, `num_warps`, `num_stages`). Triton compiles one kernel per kernel × constexprs × tile ×",
         "warps × stages × *specialization*: an integer argument equal to 1 becomes the constexpr 1,",
         "one divisible by 16 is marked so (`tt.divisibility`), a tensor is marked when its address is",
         "a multiple of 16 bytes; floats are never specialized. The kernels' size arguments (C, half,",
@@ -364,6 +374,10 @@ def _progress(row: dict) -> str:
             f"smem={row['smem_bytes']:>6s} dots={row['wgmma_dots']}/{row['dots']}  {row['fast_path']}")
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def count() -> int:
     """Print the call space, section by section, as calls and distinct kernels (no compiling)."""
     for line in _space_lines():
@@ -423,9 +437,13 @@ def main(argv=None) -> int:
         done[i] = of_the_space(i, row)
         print(_progress(row), flush=True)
         if len(done) % 50 == 0:
-            # Written as it goes, so that an interrupted run resumes with --reuse.
-            kept = {row_key(done[j]) for j in done}
-            write_csv([done[j] for j in sorted(done)] + [r for k, r in old.items() if k not in kept], args.csv)
+            save_so_far()
+
+    def save_so_far():
+        """The CSV with every row compiled so far and the old rows not yet recompiled, so that
+        an interrupted run (a kill, Ctrl-C, the end of a session) resumes with --reuse."""
+        kept = {row_key(done[j]) for j in done}
+        write_csv([done[j] for j in sorted(done)] + [r for k, r in old.items() if k not in kept], args.csv)
 
     reused = len(done)
     print(f"{len(todo)} kernels, {reused} reused, {len(missing)} to compile with {args.jobs} process(es)", flush=True)
@@ -443,18 +461,25 @@ def main(argv=None) -> int:
     # Spawned, not forked: a fork of a process that has run torch may hang in OpenMP. At most
     # two kernels per process in flight, so that a pause or the budget takes effect soon.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        running = {}
-        while True:
-            while len(running) < 2 * args.jobs and (job := next_job()) is not None:
-                i, index, call, key = job
-                running[pool.submit(_compile_in_worker, index, call, key, digest)] = i
-            if not running:
-                break
-            finished_now, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished_now:
-                _, row, error = future.result()
-                finished(running.pop(future), row, error)
+    # SIGTERM (kill, a session's end) unwinds like Ctrl-C, so that what was compiled is saved.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            running = {}
+            while True:
+                while len(running) < 2 * args.jobs and (job := next_job()) is not None:
+                    i, index, call, key = job
+                    running[pool.submit(_compile_in_worker, index, call, key, digest)] = i
+                if not running:
+                    break
+                finished_now, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished_now:
+                    _, row, error = future.result()
+                    finished(running.pop(future), row, error)
+    except KeyboardInterrupt:
+        save_so_far()
+        print(f"interrupted: {len(done) - reused} kernels compiled, saved to {args.csv} (resume with --reuse)")
+        return 130
     rows = [done[i] for i in sorted(done)]
     write_csv(rows, args.csv)
     with open(args.md, "w") as f:

@@ -5,7 +5,9 @@ A call of the launcher (fastalpha.backends.triton.launch.fused_loss_and_grad) is
     compute type × D × rule × detach_alpha × normalize × gradient mode × set-up
 
 and launches 1–4 kernels, each with the static tile or, autotuned on Hopper, any of its
-candidates (blocks.candidate_configs). What Triton compiles is keyed on the kernel, its
+candidates (blocks.candidate_configs); IEEE float32's static tile is the first of an ordered
+list (blocks.fallback_configs), of which the launcher runs the first that spills nothing, so
+its kernel here is the list (`fallbacks_of`, compiled in order by report.compile_kernel). What Triton compiles is keyed on the kernel, its
 constexprs, num_warps / num_stages and the *specialization* of the other arguments
 (triton.runtime.jit, Triton 3.8): an integer argument equal to 1 becomes the constexpr 1, one
 divisible by 16 gets `tt.divisibility = 16`; a tensor gets it when its address is a multiple
@@ -196,9 +198,19 @@ def specialization(launch_item, config, arch: int = 90) -> tuple:
         ("num_warps", str(options["num_warps"]), ""), ("num_stages", str(options["num_stages"]), "")) + bound
 
 
+def fallbacks_of(launch_item, config) -> tuple:
+    """The shapes that the launch of `config` chooses from when it compiles them in order
+    (launch._spill_free: IEEE float32's static shape), else ()."""
+    fallbacks = getattr(launch_item, "fallbacks", ())
+    return fallbacks if len(fallbacks) > 1 and config == launch_item.config else ()
+
+
 def kernel_key(launch_item, config, arch: int = 90) -> str:
-    """A short stable name of one compiled kernel: its pass, arch and a hash of its specialization."""
-    text = repr((arch, launch_item.kind, specialization(launch_item, config, arch)))
+    """A short stable name of one compiled kernel: its pass, arch and a hash of its specialization
+    (and, where the launch chooses among shapes, of the shapes in their order)."""
+    fallbacks = fallbacks_of(launch_item, config)
+    shapes = (tuple((c.block_m, c.block_n, c.num_warps, c.num_stages) for c in fallbacks),) if fallbacks else ()
+    text = repr((arch, launch_item.kind, specialization(launch_item, config, arch)) + shapes)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

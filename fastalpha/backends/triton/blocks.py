@@ -31,7 +31,9 @@ float32, TF32    D̂ ≤ 128            64×64 (D̂ ≤ 64)      64×64, K 64, o
                                     64×32 (D̂ = 128;
                                            D̂ = 64, 16 ∤ D)
                                     64×16 (D̂ = 128, 16 ∤ D)
-float32, IEEE    D̂ ≤ 64             32×32               32×32, K 32, out 128   4
+float32, IEEE    D̂ ≤ 64             32×16 (D̂ ≤ 64)      32×32, K 32, out 128   4
+                                    (the first of a list:
+                                     fallback_configs)
 float64          D̂ ≤ 64             16×32 (D̂ ≤ 64)      32×32, K 32, out 32    8 (D̂ ≤ 64), else 4
                                     32×32 (D̂ > 64)
 ===============  =================  ==================  =====================  =========
@@ -44,7 +46,8 @@ output chunk (≈ (1 + D/out) GEMMs of M²D per pass instead of 2), the price of
 materialising an M × M block.
 
 IEEE float32 and float64 have no tensor-core path (FFMA / DFMA): their tiles are small and
-they are not autotuned. TF32 is used only when the caller opts in through
+they are not autotuned. IEEE float32 has an ordered list of shapes instead, of which a launch
+takes the first whose compiled kernel spills nothing (fallback_configs). TF32 is used only when the caller opts in through
 torch.set_float32_matmul_precision("high") (or torch.backends.cuda.matmul.allow_tf32 = True).
 
 Every shape here, static or candidate, is compiled for sm_90 by `python -m bench.static.report`
@@ -131,6 +134,33 @@ def block_config(d: int, dtype: torch.dtype, precision: str = "ieee", grouped: b
     return static if stages is None else replace(static, num_stages=stages)
 
 
+def _aligned_tensor_core_config(group: str, padded: int) -> BlockConfig:
+    """The static tensor-core shape ("16-bit" or "tf32") at D̂ = `padded` where D is a multiple of 16."""
+    if group == "16-bit":
+        if padded <= 256:
+            # 64×32 from D̂ = 128 on: with 64×64 at D̂ = 128 the β passes of `inverse` ran at 255
+            # registers and spilled 8-24 bytes at D = 100 (Triton 3.8, sm_90); 64×32 runs them at
+            # ≤ 187 without a spill, as TF32 does at D̂ = 128 (docs/gpu-static-report.md).
+            return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
+        return BlockConfig(64, 64, 64, 128, False, 8, 2)
+    if padded <= 128:
+        return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 8, 2)
+    return BlockConfig(64, 64, 64, 64, False, 8, 2)
+
+
+#: (group, D̂) whose static shape streams half the aligned tile where D is not a multiple of 16
+#: (masked feature loads), and why (Triton 3.8, sm_90; the halved tiles run without a spill):
+#: 16-bit at D̂ = 64 (64×32 w4: with 64×64 the β row pass of `inverse` ran at 255 registers and
+#: spilled 8 bytes at D = 50; 64×32 runs the β passes of `inverse` and the general power at
+#: ≤ 194) and D̂ = 256 (64×16: with 64×32 the row pass of `entropy` and `direct` ran at 255
+#: registers and spilled 8-16 bytes at D = 200, with and without β; 64×16 at ≤ 254); TF32 at
+#: D̂ = 64 (64×32: the β column pass of `inverse` spilled 8 bytes at D = 50 in 64×64) and
+#: D̂ = 128 (64×16: the β row pass of `inverse` spilled 24-80 bytes at D = 100 in 64×32); 64×32
+#: at D̂ = 64 runs the passes of `inverse`, `entropy` and the general power at ≤ 211, 64×16 at
+#: D̂ = 128 those of `inverse` and the general power at ≤ 217.
+_UNALIGNED_HALVED = {("16-bit", 64), ("16-bit", 256), ("tf32", 64), ("tf32", 128)}
+
+
 def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
     kind = compute_type(dtype, precision)
     padded = padded_features(d)
@@ -143,37 +173,42 @@ def _static_config(d: int, dtype: torch.dtype, precision: str) -> BlockConfig:
             # pass at 128 without a spill. The shape changes no arithmetic.
             return BlockConfig(16, 32, padded, padded, True, 8, 2)
         return BlockConfig(32, 32, 32, 32, False, 4, 1)
-    if kind in ("bf16", "fp16"):
-        if padded == 256 and d % 16:
-            # 64×16 at D̂ = 256 when D is not a multiple of 16 (masked loads): with 64×32 the row
-            # pass of `entropy` and `direct` ran at 255 registers and spilled 8-16 bytes at D = 200
-            # (Triton 3.8, sm_90), with and without β; 64×16 runs them at ≤ 254 without a spill.
-            return BlockConfig(64, 16, padded, padded, True, 8, 2)
-        if padded == 64 and d % 16:
-            # 64×32 with 4 warps at D̂ = 64 when D is not a multiple of 16: with 64×64 the β row
-            # pass of `inverse` ran at 255 registers and spilled 8 bytes at D = 50 (Triton 3.8,
-            # sm_90); 64×32 runs the β passes of `inverse` and the general power at ≤ 194.
-            return BlockConfig(64, 32, padded, padded, True, 4, 2)
-        if padded <= 256:
-            # 64×32 from D̂ = 128 on: with 64×64 at D̂ = 128 the β passes of `inverse` ran at 255
-            # registers and spilled 8-24 bytes at D = 100 (Triton 3.8, sm_90); 64×32 runs them at
-            # ≤ 187 without a spill, as TF32 does at D̂ = 128 (docs/gpu-static-report.md).
-            return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 4 if padded <= 64 else 8, 2)
-        return BlockConfig(64, 64, 64, 128, False, 8, 2)
-    if kind == "tf32":
-        if padded in (64, 128) and d % 16:
-            # Half the streamed tile where D is not a multiple of 16 (Triton 3.8, sm_90): the β
-            # column pass of `inverse` ran at 255 registers and spilled 8 bytes at D = 50 in
-            # 64×64, the β row pass of `inverse` 24-80 bytes at D = 100 in 64×32; 64×32 at D̂ = 64
-            # runs the passes of `inverse`, `entropy` and the general power at ≤ 211, 64×16 at
-            # D̂ = 128 those of `inverse` and the general power at ≤ 217.
-            return BlockConfig(64, 32 if padded == 64 else 16, padded, padded, True, 8, 2)
-        if padded <= 128:
-            return BlockConfig(64, 64 if padded <= 64 else 32, padded, padded, True, 8, 2)
-        return BlockConfig(64, 64, 64, 64, False, 8, 2)
+    if kind in TENSOR_CORE_TYPES:
+        group = "tf32" if kind == "tf32" else "16-bit"
+        aligned = _aligned_tensor_core_config(group, padded)
+        if d % 16 and (group, padded) in _UNALIGNED_HALVED:
+            return replace(aligned, block_n=aligned.block_n // 2)
+        return aligned
+    owned, streamed, warps, stages = _IEEE_FLOAT32_SHAPES[padded <= 64][0]
     if padded <= 64:
-        return BlockConfig(32, 32, padded, padded, True, 4, 2)
-    return BlockConfig(32, 32, 32, 128, False, 4, 2)
+        return BlockConfig(owned, streamed, padded, padded, True, warps, stages)
+    return BlockConfig(owned, streamed, 32, 128, False, warps, stages)
+
+
+#: IEEE float32 (FFMA products, not autotuned): the shapes the launcher tries in this order,
+#: launching the first whose compiled kernel spills nothing (launch._spill_free), as
+#: (owned, streamed, num_warps, num_stages), single-chunk (D̂ ≤ 64) or not; the feature chunks
+#: stay those of the static shape, the first. Why a list and not one shape (Triton 3.8, sm_90):
+#: in every shape tried ptxas kept one or two loop-invariant values of some kernels on the stack
+#: (a store mask, row addresses: 8-56 bytes, at register counts that are occupancy steps of
+#: 128-thread CTAs), up to 5 % of the kernels in the best shapes and a different few in each;
+#: neither maxnreg nor ptxas's --register-usage-level or --minnctapersm removed them all
+#: (docs/triton.md). The shape changes no arithmetic: only the order of the row sums' tiles.
+_IEEE_FLOAT32_SHAPES = {
+    True: ((32, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 4, 1)),
+    False: ((32, 32, 4, 1), (32, 32, 8, 1), (16, 16, 4, 1), (32, 16, 4, 1), (32, 32, 4, 2)),
+}
+
+
+def fallback_configs(d: int, dtype: torch.dtype, precision: str = "ieee", grouped: bool = False,
+                     arch: int = HOPPER) -> tuple[BlockConfig, ...]:
+    """The shapes an untuned launch tries in order, the static one first: several for IEEE
+    float32 (_IEEE_FLOAT32_SHAPES), else the static shape alone."""
+    static = block_config(d, dtype, precision, grouped, arch)
+    if compute_type(dtype, precision) != "fp32":
+        return (static,)
+    return tuple(replace(static, block_m=owned, block_n=streamed, num_warps=warps, num_stages=stages)
+                 for owned, streamed, warps, stages in _IEEE_FLOAT32_SHAPES[static.single_chunk])
 
 
 #: Autotuning alternatives to the static shape, per (compute type, padded D), as

@@ -48,7 +48,8 @@ tensor cores for bf16/fp16, in TF32 for float32 when torch.get_float32_matmul_pr
 Tile shapes (blocks.py): on a Hopper GPU each kernel is wrapped in `triton.autotune` over the
 candidates of blocks.candidate_configs, keyed on D, the dtypes, the rule's constexprs and a
 coarse M bucket; on other GPUs, under the interpreter, or with FASTALPHA_AUTOTUNE=0, the
-static table is used.
+static table is used. IEEE float32, which is not tuned, compiles its shapes in the order of
+blocks.fallback_configs and launches the first that spills nothing (_spill_free).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ from ...kernels.tiles import (GROUPS_INFONCE, GROUPS_NEGATIVES, GROUPS_OFF, NEG_
                               WEIGHT_INVERSE, WEIGHT_POWER, WEIGHT_SPARSEMAX)
 from ...quadratic import grouped_quadratic_loss_and_grad, quadratic_loss_and_grad
 from ...rules import LossSpec, negative_count
-from .blocks import HOPPER, BlockConfig, block_config, candidate_configs, m_bucket
+from .blocks import HOPPER, BlockConfig, block_config, candidate_configs, fallback_configs, m_bucket
 
 #: `negatives=` of the spec → the kernels' NEGATIVES constexpr (tiles._negatives).
 NEGATIVE_MODES = {"all": NEG_ALL, "cross": NEG_CROSS, "none": NEG_NONE}
@@ -95,7 +96,8 @@ class Launch:
 
     `kind` is "row", "column" or "sparsemax"; `kwargs` hold the rule and shape constexprs
     except the tile (BLOCK_M/BLOCK_N, num_warps, num_stages), which comes from `config` (the
-    static shape) or, when autotuned, from any of `candidates`.
+    static shape) or, when autotuned, from any of `candidates`; untuned, from the first of
+    `fallbacks` (`config` first) whose compiled kernel spills nothing (_spill_free).
     """
     kernel: object
     kind: str
@@ -104,6 +106,7 @@ class Launch:
     kwargs: dict
     config: BlockConfig
     candidates: tuple
+    fallbacks: tuple = ()
 
     def launch_kwargs(self, config: BlockConfig) -> dict:
         return {**self.kwargs, **config.tile(self.kind), **_launch_options(config)}
@@ -207,7 +210,41 @@ def _run(launch: Launch, tune: bool) -> None:
     if tune and len(launch.candidates) > 1:
         tuned_kernel(launch.kind)[launch.grid](*launch.args, **launch.kwargs)
     else:
-        launch.kernel[launch.grid](*launch.args, **launch.launch_kwargs(launch.config))
+        launch.kernel[launch.grid](*launch.args, **launch.launch_kwargs(_spill_free(launch)))
+
+
+#: (kind, shapes, constexprs, argument classes) → the shape _spill_free chose.
+_SPILL_FREE: dict = {}
+
+
+def _argument_class(value):
+    """What Triton specializes a launch argument on: a tensor's dtype, an integer's equality to
+    1 and divisibility by 16 (every tensor is 16-byte aligned: _aligned)."""
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return type(value).__name__
+    return (value == 1, value % 16 == 0)
+
+
+def _spill_free(launch: Launch) -> BlockConfig:
+    """The first of `launch.fallbacks` whose compiled kernel keeps nothing in local memory
+    (ptxas's spills), else the first; `launch.config` where there is no choice or nothing is
+    compiled (the interpreter). Each shape is compiled without running (`warmup`), once per
+    specialization of the launch."""
+    if len(launch.fallbacks) < 2 or interpreted():
+        return launch.config
+    key = (launch.kind, launch.fallbacks, tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items())),
+           tuple(_argument_class(a) for a in launch.args))
+    if key not in _SPILL_FREE:
+        _SPILL_FREE[key] = launch.fallbacks[0]
+        for config in launch.fallbacks:
+            compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.launch_kwargs(config))
+            compiled._init_handles()
+            if compiled.n_spills == 0:
+                _SPILL_FREE[key] = config
+                break
+    return _SPILL_FREE[key]
 
 
 @contextlib.contextmanager
@@ -413,7 +450,9 @@ def fused_loss_and_grad(z: torch.Tensor, params: LossSpec, row_lo: int, row_hi: 
         # The candidates of this pass: what the pruning hook (_prune) hands the autotuner.
         candidates = (cfg,) if config is not None else tuple(
             candidate_configs(d, z.dtype, precision, kind, kwargs.get("BETA", False), groups is not None, arch))
-        _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates), tune)
+        fallbacks = (cfg,) if config is not None else fallback_configs(d, z.dtype, precision, groups is not None, arch)
+        _run(Launch(kernel, kind, _grid(kind, extent, n_chunks), args, {**kwargs, **common}, cfg, candidates, fallbacks),
+             tune)
 
     def row_pass(stat_a, log_norm, stat_b, online, use_beta, accumulate):
         # ONLINE writes the row statistics m_i, λ_i into stat_a, log_norm; FIXED reads them.

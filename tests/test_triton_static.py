@@ -138,7 +138,7 @@ def test_blocks_and_the_report_agree(rows):
         beta = flags.get("BETA") == "True"
         grouped = flags["GROUPS"] != "constexpr[0]"
         arch = int(r["arch"]) // 10
-        shapes = {(f"{c.block_m}x{c.block_n}", str(c.num_warps), str(c.num_stages))
+        shapes = {report.shape_columns(c)
                   for c in blocks.candidate_configs(int(r["D"]), dtype, precision, r["kernel"], beta, grouped, arch)
                   + list(blocks.fallback_configs(int(r["D"]), dtype, precision, grouped, arch))}
         assert (r["tile"], r["num_warps"], r["num_stages"]) in shapes, f"{r['first_call']} {r['kernel']}: {r['tile']}"
@@ -362,11 +362,9 @@ keys = {r["key"] for r in sorted(rows, key=lambda r: -int(r["regs"]))[:12]}
 keys |= {next(r["key"] for r in rows if r["section"] == name) for name in {r["section"] for r in rows}}
 # IEEE float32 kernels whose first shape spilled: the compile must choose the same later shape.
 from fastalpha.backends.triton import blocks
-def first_shape(r):
-    c = blocks.fallback_configs(int(r["D"]), torch.float32)[0]
-    return f"{c.block_m}x{c.block_n}", str(c.num_warps), str(c.num_stages)
-keys |= {r["key"] for r in [r for r in rows if r["compute"] == "fp32"
-                            and (r["tile"], r["num_warps"], r["num_stages"]) != first_shape(r)][:3]}
+later = [r for r in rows if r["compute"] == "fp32" and (r["tile"], r["num_warps"], r["num_stages"])
+         != report.shape_columns(blocks.fallback_configs(int(r["D"]), torch.float32)[0])]
+keys |= {r["key"] for r in later[:3]}
 for index, kernel in report.planned():
     if kernel.key in keys:
         keys.discard(kernel.key)
@@ -387,13 +385,6 @@ def _compile_subprocess(code: str, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _shape(shape) -> tuple:
-    """(tile, num_warps, num_stages) of a report row or a blocks.BlockConfig, as the CSV writes them."""
-    if isinstance(shape, dict):
-        return shape["tile"], shape["num_warps"], shape["num_stages"]
-    return f"{shape.block_m}x{shape.block_n}", str(shape.num_warps), str(shape.num_stages)
-
-
 @pytest.mark.slow
 @pytest.mark.background
 def test_fresh_compile_reproduces_the_report(rows):
@@ -406,8 +397,8 @@ def test_fresh_compile_reproduces_the_report(rows):
     assert out.returncode == 0, out.stdout + out.stderr
     fresh = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(fresh) >= 12, out.stdout + out.stderr
-    later = [r for r in fresh if r["compute"] == "fp32" and _shape(r) != _shape(blocks.fallback_configs(int(r["D"]),
-                                                                                                  torch.float32)[0])]
+    later = [r for r in fresh if r["compute"] == "fp32" and (r["tile"], r["num_warps"], r["num_stages"])
+             != report.shape_columns(blocks.fallback_configs(int(r["D"]), torch.float32)[0])]
     assert len(later) == 3, "three IEEE float32 kernels that run a later shape of their list"
     committed = {report.row_key(r): r for r in rows}
     for row in fresh:

@@ -169,26 +169,35 @@ def _specialization_text(spec: tuple) -> str:
     return " ".join(out)
 
 
+def shape_columns(config) -> tuple[str, str, str]:
+    """A tile shape (blocks.BlockConfig) as the CSV's `tile`, `num_warps` and `num_stages`."""
+    return f"{config.block_m}x{config.block_n}", str(config.num_warps), str(config.num_stages)
+
+
 def compile_kernel(index: int, kernel: variants.Kernel, digest: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from fastalpha.backends.triton.launch import first_spill_free
+
     name, arch, _, _ = SECTIONS[index]
     item, call = kernel.launch, kernel.call
-    # Where the launch chooses among shapes, the one it launches: the first without a spill,
-    # else the first (launch._spill_free).
-    tried = []
-    for config in variants.fallbacks_of(item, kernel.config) or (kernel.config,):
+    usages = {}
+
+    def spills(config) -> int:
         kwargs = {**item.launch_kwargs(config), "UPCAST": False}
-        tried.append((config, kwargs, usage_of(compile_launch(item.kernel, item.args, kwargs, GPUTarget("cuda", arch, 32)))))
-        if tried[-1][2]["spill_bytes"] == 0:
-            break
-    config, kwargs, usage = tried[-1] if tried[-1][2]["spill_bytes"] == 0 else tried[0]
+        usages[config] = usage_of(compile_launch(item.kernel, item.args, kwargs, GPUTarget("cuda", arch, 32)))
+        return usages[config]["spill_bytes"]
+
+    # Where the launch chooses among shapes, the one it launches (launch._spill_free).
+    config = first_spill_free(variants.fallbacks_of(item, kernel.config) or (kernel.config,), spills)
+    kwargs, usage = {**item.launch_kwargs(config), "UPCAST": False}, usages[config]
+    tile, num_warps, num_stages = shape_columns(config)
     ctas, warps = occupancy(arch, usage["regs"], usage["shared"], config.num_warps)
     spec = variants.specialization(item, config, arch)
     row = dict(key=kernel.key, section=name, arch=arch, kernel=item.kind, compute=call.compute, D=call.d, rule=call.rule,
-               set_up=call.set_up, tile=f"{config.block_m}x{config.block_n}", num_warps=config.num_warps,
-               num_stages=config.num_stages, role=kernel.role, calls=kernel.calls, regs=usage["regs"],
+               set_up=call.set_up, tile=tile, num_warps=num_warps, num_stages=num_stages, role=kernel.role,
+               calls=kernel.calls, regs=usage["regs"],
                spill_bytes=usage["spill_bytes"], smem_bytes=usage["shared"], ctas_per_sm=ctas, warps_per_sm=warps,
                dots=usage["dots"], wgmma_dots=usage["wgmma_dots"], ptx_wgmma=usage["ptx_wgmma"], ptx_mma=usage["ptx_mma"],
                ptx_dmma=usage["ptx_dmma"],
@@ -278,8 +287,8 @@ def render_markdown(rows: list[dict], seconds: float | None = None, jobs: int = 
         "and launches 1–4 kernels, each with the static tile or any autotuning candidate",
         "(blocks.candidate_configs); an IEEE float32 launch, which is not tuned, compiles the shapes",
         "of blocks.fallback_configs in order and runs the first that spills nothing, and its row is",
-        "that shape's kernel (its `tile`, `num_warps`, `num_stages`). Triton compiles one kernel per kernel × constexprs × tile ×",
-        "warps × stages × *specialization*: an integer argument equal to 1 becomes the constexpr 1,",
+        "that shape's kernel (its `tile`, `num_warps`, `num_stages`). Triton compiles one kernel per",
+        "kernel × constexprs × tile × warps × stages × *specialization*: an integer argument equal to 1 becomes the constexpr 1,",
         "one divisible by 16 is marked so (`tt.divisibility`), a tensor is marked when its address is",
         "a multiple of 16 bytes; floats are never specialized. The kernels' size arguments (C, half,",
         "row_lo, row_hi, m_bucket) are `do_not_specialize` and the launcher hands them only 16-byte",

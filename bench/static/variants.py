@@ -7,8 +7,8 @@ A call of the launcher (fastalpha.backends.triton.launch.fused_loss_and_grad) is
 and launches 1–4 kernels, each with the static tile or, autotuned on Hopper, any of its
 candidates (blocks.candidate_configs); IEEE float32's static tile is the first of an ordered
 list (blocks.fallback_configs), of which the launcher runs the first that spills nothing, so
-its kernel here is the list (`fallbacks_of`, compiled in order by report.compile_kernel). What Triton compiles is keyed on the kernel, its
-constexprs, num_warps / num_stages and the *specialization* of the other arguments
+its kernel here is the list (`fallbacks_of`, compiled in order by report.compile_kernel).
+What Triton compiles is keyed on the kernel, its constexprs, num_warps / num_stages and the *specialization* of the other arguments
 (triton.runtime.jit, Triton 3.8): an integer argument equal to 1 becomes the constexpr 1, one
 divisible by 16 gets `tt.divisibility = 16`; a tensor gets it when its address is a multiple
 of 16 bytes; None is a constexpr; floats are never specialized. In these kernels
@@ -201,7 +201,7 @@ def specialization(launch_item, config, arch: int = 90) -> tuple:
 def fallbacks_of(launch_item, config) -> tuple:
     """The shapes that the launch of `config` chooses from when it compiles them in order
     (launch._spill_free: IEEE float32's static shape), else ()."""
-    fallbacks = getattr(launch_item, "fallbacks", ())
+    fallbacks = launch_item.fallbacks
     return fallbacks if len(fallbacks) > 1 and config == launch_item.config else ()
 
 

@@ -47,8 +47,9 @@ materialising an M × M block.
 
 IEEE float32 and float64 have no tensor-core path (FFMA / DFMA): their tiles are small and
 they are not autotuned. IEEE float32 has an ordered list of shapes instead, of which a launch
-takes the first whose compiled kernel spills nothing (fallback_configs). TF32 is used only when the caller opts in through
-torch.set_float32_matmul_precision("high") (or torch.backends.cuda.matmul.allow_tf32 = True).
+takes the first whose compiled kernel spills nothing (fallback_configs). TF32 is used only
+when the caller opts in through torch.set_float32_matmul_precision("high") (or
+torch.backends.cuda.matmul.allow_tf32 = True).
 
 Every shape here, static or candidate, is compiled for sm_90 by `python -m bench.static.report`
 (no GPU needed) in every kernel of the call space that the report has compiled

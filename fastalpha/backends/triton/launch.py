@@ -237,14 +237,18 @@ def _spill_free(launch: Launch) -> BlockConfig:
     key = (launch.kind, launch.fallbacks, tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items())),
            tuple(_argument_class(a) for a in launch.args))
     if key not in _SPILL_FREE:
-        _SPILL_FREE[key] = launch.fallbacks[0]
-        for config in launch.fallbacks:
+        def spills(config):
             compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.launch_kwargs(config))
             compiled._init_handles()
-            if compiled.n_spills == 0:
-                _SPILL_FREE[key] = config
-                break
+            return compiled.n_spills
+        _SPILL_FREE[key] = first_spill_free(launch.fallbacks, spills)
     return _SPILL_FREE[key]
+
+
+def first_spill_free(shapes, spills) -> BlockConfig:
+    """The first of `shapes` for which `spills(shape)` (bytes in local memory) is 0, trying them
+    in order; the first shape if all spill. The launcher's rule, which the static report applies too."""
+    return next((shape for shape in shapes if spills(shape) == 0), shapes[0])
 
 
 @contextlib.contextmanager
